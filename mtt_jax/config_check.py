@@ -1,0 +1,99 @@
+"""Checks a resolved config before any work is done (DESIGN §7: bad input fails first, in one line).
+
+`validate` raises `ConfigError` whose message names the bad field, its value and the valid choices;
+`mtt_jax.main` prints it and exits with status 2, before creating or touching the workdir's contents.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from mtt_jax import data, sharding, tasks as tasks_lib, weighting
+from mtt_jax.models import TASK_ATTENTION
+from mtt_jax.models.trunk import REMAT_POLICIES
+
+DTYPES = ("float32", "bfloat16")
+NONFINITE = ("skip", "halt")
+POSITIONAL = ("sinusoidal", "learned")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line."""
+
+
+def _choice(field: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def _positive(config, *fields: str) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{field}={value!r} must be a positive integer")
+
+
+def validate(config, num_devices: int) -> None:
+    _positive(config, "total_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
+              "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
+              "model.patch_size", "model.memory_tokens")
+    _check_tasks(config)
+    _check_model(config)
+    _check_weighting(config)
+    _choice("dtype", config.dtype, DTYPES)
+    _choice("nonfinite", config.nonfinite, NONFINITE)
+    try:
+        shape = sharding.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tensor") from None
+    shards = shape[0] * shape[1]
+    for field in ("batch_size", "eval_batch_size"):
+        if config[field] % shards:
+            raise ConfigError(f"{field}={config[field]} is not divisible by the {shards} data x fsdp "
+                              f"shards of mesh {shape}; choose a multiple of {shards}")
+
+
+def _check_tasks(config) -> None:
+    _choice("data.source", config.data.source, sorted(data.SOURCES))
+    available = data.AVAILABLE_TASKS[config.data.source]
+    names = tuple(config.tasks) if not isinstance(config.tasks, str) else (config.tasks,)
+    if not names:
+        raise ConfigError(f"tasks is empty; choose from: {', '.join(available)}")
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"unknown task {name!r} for data.source={config.data.source!r}; "
+                              f"choose from: {', '.join(available)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tasks={names} lists a task twice")
+    options = tuple(config.data.options.keys()) if config.data.get("options") else ()
+    valid_options = data.source_options(config.data.source)
+    for option in options:
+        _choice(f"data.options.{option} (option of {config.data.source})", option, valid_options)
+    layout = data.SOURCES[config.data.source].layout
+    for name in names:
+        if layout == "single" and tasks_lib.get(name).kind == "tagging":
+            raise ConfigError(f"task {name!r} is token tagging, which needs the multi-input layout")
+
+
+def _check_model(config) -> None:
+    m = config.model
+    _choice("model.task_attention", m.task_attention, TASK_ATTENTION)
+    _choice("model.positional", m.positional, POSITIONAL)
+    _choice("model.remat", m.remat, tuple(REMAT_POLICIES))
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    if not 0.0 <= m.dropout_rate < 1.0:
+        raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+
+
+def _check_weighting(config) -> None:
+    w = config.weighting
+    _choice("weighting.name", w.name, sorted(weighting.METHODS))
+    num_tasks = len(config.tasks)
+    if w.name == "fixed" and w.weights and len(w.weights) != num_tasks:
+        raise ConfigError(f"weighting.weights={tuple(w.weights)} has {len(w.weights)} entries for "
+                          f"{num_tasks} tasks {tuple(config.tasks)}; give one weight per task")
+    if w.name == "fixed" and any(x < 0 for x in w.weights):
+        raise ConfigError(f"weighting.weights={tuple(w.weights)} must be non-negative")

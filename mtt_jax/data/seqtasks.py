@@ -1,0 +1,152 @@
+"""SeqTasks: synthetic token-sequence tasks of known relatedness (multi-input layout).
+
+A controlled testbed in the spirit of the synthetic tasks used to study when tasks help each other
+(Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts",
+KDD 2018, tune relatedness synthetically; Standley et al., "Which Tasks Should Be Learned Together in
+Multi-task Learning?", ICML 2020, measure it). Each task has its own independently drawn examples, as
+in GLUE-style multi-input MTL, so a task's data stream is the same whichever tasks it is trained with.
+
+Vocabulary: ``VOCAB_SIZE`` = 32 ids; 0 is padding, 1..31 are content. Content token ``t`` has group
+``(t - 1) % 4`` and value ``(t - 1) // 4``. Sequences use values 0..6 only (tokens 1..28): 31 content
+ids hold 7 full rows of 4 groups, and drawing values from the same range in every group makes the value
+of a token independent of its group. Ids 29..31 are valid but never generated.
+
+Generation of one sequence: length uniform in ``[L // 2, L]``, padding at the end; a dominant group is
+drawn uniformly; each position takes the dominant group with probability 0.4 and each other group with
+probability 0.2, and a value uniform in 0..6. Labels are computed from the tokens actually drawn.
+
+Tasks, and what each one tests:
+
+- ``majority`` (4 classes): the most frequent group, ties to the lowest group. Tests counting.
+- ``majority_parity`` (2 classes): ``majority % 2``. A function of ``majority``, so the closely related
+  pair: a trunk that counts groups serves both.
+- ``mean_value`` (regression): the mean value over non-pad tokens, standardized with exact constants of
+  the generative distribution (``mean_value_moments``). Tests averaging; values are independent of
+  groups, so it is unrelated to the majority tasks.
+- ``repeat_tag`` (tagging, 2 classes): per position, 1 if the same token id appeared earlier in the
+  sequence, else 0 (0 at pads). Tests content-based attention (matching a token against all earlier
+  ones); unrelated to the others.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from mtt_jax.data import base
+
+VOCAB_SIZE = 32
+PAD_ID = 0
+NUM_GROUPS = 4
+NUM_VALUES = (VOCAB_SIZE - 1) // NUM_GROUPS  # 7: values 0..6 exist in every group
+DOMINANT_GROUP_PROBABILITY = 0.4
+TASK_NAMES = ("majority", "majority_parity", "mean_value", "repeat_tag")
+_EVAL_KEY = 2024  # fixed: the eval set never depends on the run seed
+
+
+def token_group(tokens: np.ndarray) -> np.ndarray:
+    """Group ``(t - 1) % 4`` of content tokens (meaningless at pads)."""
+    return (tokens - 1) % NUM_GROUPS
+
+
+def token_value(tokens: np.ndarray) -> np.ndarray:
+    """Value ``(t - 1) // 4`` of content tokens (meaningless at pads)."""
+    return (tokens - 1) // NUM_GROUPS
+
+
+def sample_sequences(rng: np.random.Generator, num_sequences: int, length: int) -> np.ndarray:
+    """Draws ``int32[N, length]`` token sequences as described in the module docstring."""
+    lengths_N = rng.integers(length // 2, length + 1, size=num_sequences)
+    dominant_N = rng.integers(0, NUM_GROUPS, size=num_sequences)
+    shape = (num_sequences, length)
+    takes_dominant = rng.random(shape) < DOMINANT_GROUP_PROBABILITY
+    other_group = (dominant_N[:, None] + rng.integers(1, NUM_GROUPS, size=shape)) % NUM_GROUPS
+    group_NxL = np.where(takes_dominant, dominant_N[:, None], other_group)
+    value_NxL = rng.integers(0, NUM_VALUES, size=shape)
+    tokens_NxL = 1 + group_NxL + NUM_GROUPS * value_NxL
+    is_content = np.arange(length)[None, :] < lengths_N[:, None]
+    return np.where(is_content, tokens_NxL, PAD_ID).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def mean_value_moments(length: int) -> tuple[float, float]:
+    """Exact mean and standard deviation of the raw ``mean_value`` target for max length ``length``.
+
+    Values are i.i.d. uniform on 0..K-1 (K = ``NUM_VALUES``) independently of groups and of the length
+    n, so the mean of n values has expectation (K - 1) / 2 and variance ((K^2 - 1) / 12) * E[1 / n],
+    with n uniform on ``[length // 2, length]``.
+    """
+    value_mean = (NUM_VALUES - 1) / 2
+    value_variance = (NUM_VALUES**2 - 1) / 12
+    mean_inverse_length = float(np.mean(1.0 / np.arange(length // 2, length + 1)))
+    return value_mean, float(np.sqrt(value_variance * mean_inverse_length))
+
+
+def label_sequences(tokens_NxL: np.ndarray) -> dict[str, np.ndarray]:
+    """Labels of every task for the given sequences (max length taken from the array's width)."""
+    is_content = tokens_NxL != PAD_ID
+    group_onehot = (token_group(tokens_NxL)[..., None] == np.arange(NUM_GROUPS)) & is_content[..., None]
+    majority = np.argmax(group_onehot.sum(axis=1), axis=1).astype(np.int32)  # argmax: lowest on ties
+
+    value_mean, value_std = mean_value_moments(tokens_NxL.shape[1])
+    raw_mean = (token_value(tokens_NxL) * is_content).sum(axis=1) / is_content.sum(axis=1)
+    mean_value = ((raw_mean - value_mean) / value_std).astype(np.float32)
+
+    same_token = tokens_NxL[:, :, None] == tokens_NxL[:, None, :]  # [N, position, earlier position]
+    is_earlier = np.tri(tokens_NxL.shape[1], k=-1, dtype=bool)
+    repeat_tag = ((same_token & is_earlier).any(axis=2) & is_content).astype(np.int32)
+
+    return {"majority": majority,
+            "majority_parity": majority % 2,
+            "mean_value": mean_value,
+            "repeat_tag": repeat_tag}
+
+
+class SeqTasks(base.Source):
+    """Four token-sequence tasks (counting, its parity, averaging, repeat detection); multi-input."""
+
+    name = "seqtasks"
+    layout = "multi"
+    all_task_names = TASK_NAMES
+
+    def __init__(self, task_names: Sequence[str], seed: int, *, length: int = 32,
+                 num_eval_examples: int = 1024):
+        self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
+        self.seed = base.check_positive("seed", seed, minimum=0)
+        self.length = base.check_positive("length", length, minimum=2)
+        self._num_eval_examples = base.check_positive("num_eval_examples", num_eval_examples)
+        self.input_spec = base.InputSpec(kind="tokens", shape=(self.length,), vocab_size=VOCAB_SIZE)
+        self._eval_inputs_TxNxL, self._eval_labels = self._examples(
+            lambda task_key: base.eval_rng(_EVAL_KEY, self.length, task_key), self._num_eval_examples)
+
+    @property
+    def num_eval_examples(self) -> int:
+        return self._num_eval_examples
+
+    def train_batch(self, step: int, batch_size: int) -> dict:
+        base.check_positive("batch_size", batch_size)
+        inputs_TxBxL, labels = self._examples(
+            lambda task_key: base.train_rng(self.seed, step, task_key), batch_size)
+        return {"inputs": inputs_TxBxL, "labels": labels,
+                "mask": {task: np.ones(batch_size, np.float32) for task in self.task_names}}
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+        for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
+            yield {"inputs": self._eval_inputs_TxNxL[:, rows],
+                   "labels": {task: labels[rows] for task, labels in self._eval_labels.items()},
+                   "mask": {task: mask.copy() for task in self.task_names}}
+
+    def _examples(self, rng_for_task, num_examples: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Independent examples per requested task, each from the generator of its fixed task key.
+
+        The key is the task's position in ``TASK_NAMES``, not in the request, so a task sees the same
+        examples whichever other tasks are requested with it.
+        """
+        inputs, labels = [], {}
+        for task in self.task_names:
+            tokens_NxL = sample_sequences(rng_for_task(TASK_NAMES.index(task)), num_examples, self.length)
+            inputs.append(tokens_NxL)
+            labels[task] = label_sequences(tokens_NxL)[task]
+        return np.stack(inputs), labels

@@ -1,0 +1,135 @@
+"""Transformer building blocks with logical axis names on every kernel (DESIGN §4).
+
+Kernels carry the logical names ``embed``, ``mlp``, ``heads``, ``kv`` and ``vocab``; the mesh rules in
+`mtt_jax.sharding` map them onto the ``data``/``fsdp``/``tensor`` mesh axes. Activations are
+constrained with ``batch``, ``length`` and ``embed``. Parameters are kept in f32; ``dtype`` is the
+compute dtype (bf16 for mixed precision).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def kernel_init(names: tuple[str | None, ...], init=nn.initializers.xavier_uniform()):
+    return nn.with_logical_partitioning(init, names)
+
+
+def zeros_init(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    return nn.LayerNorm(dtype=dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=zeros_init(("embed",)))
+
+
+def constrain(x: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class HeadsProjection(nn.Module):
+    """``[..., D] -> [..., H, K]`` (``to_heads``) or ``[..., H, K] -> [..., D]``, kernels named logically.
+
+    Written out rather than with ``nn.DenseGeneral``, whose flattened kernel initialisation does not
+    carry three logical axis names.
+    """
+    num_heads: int
+    head_dim: int
+    to_heads: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.to_heads:
+            kernel = self.param("kernel", kernel_init(("embed", "heads", "kv")),
+                                (x.shape[-1], self.num_heads, self.head_dim))
+            bias = self.param("bias", zeros_init(("heads", "kv")), (self.num_heads, self.head_dim))
+            equation = "...d,dhk->...hk"
+        else:
+            d_model = self.num_heads * self.head_dim
+            kernel = self.param("kernel", kernel_init(("heads", "kv", "embed")),
+                                (self.num_heads, self.head_dim, d_model))
+            bias = self.param("bias", zeros_init(("embed",)), (d_model,))
+            equation = "...hk,hkd->...d"
+        y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Scaled dot-product self-attention (Vaswani et al. 2017, eq. 1) over ``x_BxLxD``.
+
+    Uses `jax.nn.dot_product_attention`, which selects the cuDNN fused kernel on GPUs where the shapes
+    and dtype allow and falls back to XLA elsewhere.
+    """
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None = None) -> jax.Array:
+        d_model = x_BxLxD.shape[-1]
+        if d_model % self.num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={self.num_heads}")
+        head_dim = d_model // self.num_heads
+
+        def project(name):
+            return HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(x_BxLxD)
+
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
+        mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :].astype(bool)
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask)
+        return HeadsProjection(self.num_heads, head_dim, to_heads=False, dtype=self.dtype,
+                               name="out")(out_BxLxHxK)
+
+
+class FeedForward(nn.Module):
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, train: bool) -> jax.Array:
+        d_model = x_BxLxD.shape[-1]
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="wi",
+                     kernel_init=kernel_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)))(x_BxLxD)
+        h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+        return nn.Dense(d_model, dtype=self.dtype, name="wo",
+                        kernel_init=kernel_init(("mlp", "embed")), bias_init=zeros_init(("embed",)))(h)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN Transformer block (Xiong et al. 2020): x + Attn(LN(x)), then x + FFN(LN(x))."""
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool) -> jax.Array:
+        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+        h = MultiHeadSelfAttention(self.num_heads, self.dtype, name="attention")(
+            layer_norm("ln_attention", self.dtype)(x_BxLxD), key_mask_BxL)
+        x_BxLxD = constrain(x_BxLxD + drop(h))
+        h = FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
+            layer_norm("ln_mlp", self.dtype)(x_BxLxD), train)
+        return constrain(x_BxLxD + drop(h))
+
+
+def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
+    """The fixed encoding of Vaswani et al. (2017), §3.5: sin on even, cos on odd channels."""
+    position = jnp.arange(length, dtype=jnp.float32)[:, None]
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+    angles = position * inv_freq[None, :]
+    table = jnp.zeros((length, d_model), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(angles))
+    return table.at[:, 1::2].set(jnp.cos(angles[:, : d_model // 2]))

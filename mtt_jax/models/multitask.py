@@ -1,0 +1,132 @@
+"""The multi-task Transformer: shared trunk, task encoder, task attention, per-task heads (DESIGN §4).
+
+The forward pass is split in two so that tests and diagnostics can act on the task streams directly:
+
+- `encode`: inputs -> task streams. single-input: ``streams_BxTxD`` (one vector per task and example);
+  multi-input: ``(x_TxBxLxD, token_mask_TxBxL)`` (every position of every task's examples).
+- `decode`: task streams -> task attention (optional) -> per-task heads.
+
+``task_attention = "none"`` is the hard-parameter-sharing baseline: task i's outputs then depend on task
+i's stream only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtt_jax.data.base import InputSpec
+from mtt_jax.models.heads import TaskHead, masked_mean_pool
+from mtt_jax.models.layers import Dtype
+from mtt_jax.models.task_attention import MultiInputTaskAttention, SingleInputTaskAttention
+from mtt_jax.models.task_encoder import TaskEncoder, add_task_features, prepend_task_tokens
+from mtt_jax.models.trunk import PatchEmbed, PositionalEncoding, TokenEmbed, Trunk
+from mtt_jax.tasks import TaskSpec
+
+TASK_ATTENTION = ("none", "cross")
+Streams = Any
+
+
+class MultiTaskTransformer(nn.Module):
+    tasks: tuple[TaskSpec, ...]
+    layout: str                      # "single" or "multi" (DESIGN §3)
+    input_spec: InputSpec
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    mlp_dim: int = 256
+    dropout_rate: float = 0.0
+    patch_size: int = 2
+    positional: str = "sinusoidal"
+    task_encoder: bool = True
+    task_attention: str = "cross"
+    task_attention_self: bool = False
+    memory_tokens: int = 4
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.input_spec.kind == "image":
+            self.embed = PatchEmbed(self.patch_size, self.d_model, self.dtype)
+        else:
+            self.embed = TokenEmbed(self.input_spec.vocab_size, self.d_model, self.dtype)
+        max_length = max(512, self.input_spec.shape[0])
+        self.positions = PositionalEncoding(self.positional, max_length)
+        if self.task_encoder:
+            self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
+        self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
+                           self.dtype)
+        if self.task_attention == "cross":
+            kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
+                          dropout_rate=self.dropout_rate, dtype=self.dtype)
+            self.cross_task = (SingleInputTaskAttention(**kwargs) if self.layout == "single"
+                               else MultiInputTaskAttention(memory_tokens=self.memory_tokens, **kwargs))
+        elif self.task_attention != "none":
+            raise ValueError(f"task_attention={self.task_attention!r}; choose one of {TASK_ATTENTION}")
+        self.heads = {t.name: TaskHead(t, self.dtype, name=f"head_{t.name}") for t in self.tasks}
+
+    def __call__(self, inputs: jax.Array, train: bool = False):
+        return self.decode(self.encode(inputs, train), train)
+
+    def encode(self, inputs: jax.Array, train: bool = False) -> Streams:
+        if self.layout == "single":
+            return self._encode_single(inputs, train)
+        return self._encode_multi(inputs, train)
+
+    def decode(self, streams: Streams, train: bool = False) -> tuple[dict[str, jax.Array], dict]:
+        """Returns ``({task: output}, aux)``; aux holds ``task_attention`` (the T x T mass) if on."""
+        aux = {}
+        if self.layout == "single":
+            streams_BxTxD = streams
+            if self.task_attention == "cross":
+                streams_BxTxD, aux["task_attention"] = self.cross_task(streams_BxTxD, train)
+            outputs = {t.name: self.heads[t.name](streams_BxTxD[:, i]) for i, t in enumerate(self.tasks)}
+            return outputs, aux
+        x_TxBxLxD, token_mask_TxBxL = streams
+        if self.task_attention == "cross":
+            x_TxBxLxD, aux["task_attention"] = self.cross_task(x_TxBxLxD, token_mask_TxBxL, train)
+        outputs = {}
+        for i, t in enumerate(self.tasks):
+            features = x_TxBxLxD[i]
+            if t.kind != "tagging":
+                features = masked_mean_pool(features, token_mask_TxBxL[i])
+            outputs[t.name] = self.heads[t.name](features)
+        return outputs, aux
+
+    def _encode_single(self, image_BxHxW: jax.Array, train: bool) -> jax.Array:
+        """One shared sequence per example; each task's stream is its task token (or the mean output)."""
+        num_tasks = len(self.tasks)
+        x_BxNxD = self.positions(self.embed(image_BxHxW))
+        if self.task_encoder:
+            x_BxLxD = prepend_task_tokens(x_BxNxD, self.task_features())
+            return self.trunk(x_BxLxD, None, train)[:, :num_tasks]
+        pooled_BxD = self.trunk(x_BxNxD, None, train).mean(axis=1)
+        return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
+
+    def _encode_multi(self, tokens_TxBxL: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        """Each task's own examples, with that task's features added at every position."""
+        num_tasks, batch, length = tokens_TxBxL.shape
+        token_mask_TxBxL = tokens_TxBxL != 0
+        x_TxBxLxD = self.positions(self.embed(tokens_TxBxL))
+        if self.task_encoder:
+            x_TxBxLxD = add_task_features(x_TxBxLxD, self.task_features())
+        flat_mask = token_mask_TxBxL.reshape(num_tasks * batch, length)
+        x = self.trunk(x_TxBxLxD.reshape(num_tasks * batch, length, self.d_model), flat_mask, train)
+        x_TxBxLxD = nn.with_logical_constraint(x.reshape(num_tasks, batch, length, self.d_model),
+                                               ("task", "batch", "length", "embed"))
+        return x_TxBxLxD, token_mask_TxBxL
+
+
+def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: InputSpec,
+                dtype: Dtype = jnp.float32) -> MultiTaskTransformer:
+    """The model a config describes (``config.model.*``)."""
+    m = config.model
+    return MultiTaskTransformer(
+        tasks=tasks, layout=layout, input_spec=input_spec, num_layers=m.num_layers, d_model=m.d_model,
+        num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
+        positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
+        task_attention_self=m.task_attention_self, memory_tokens=m.memory_tokens, remat=m.remat,
+        dtype=dtype)

@@ -1,0 +1,92 @@
+"""Task attention (founding document §3.3): queries from one task's stream, keys/values from the others.
+
+Scaled dot-product attention (Vaswani et al. 2017, eq. 1) in which the query of task i is computed from
+task i's stream and the keys and values from the streams of tasks j != i (``include_self`` adds task i
+itself). The result is added residually (pre-LN) to task i's stream. The T x T matrix of attention mass
+("how much of task i's attention goes to task j", rows sum to 1) is returned as a diagnostic.
+
+Two layouts (DESIGN §3, §4):
+
+- `SingleInputTaskAttention`: the T task streams of the same example attend to each other.
+- `MultiInputTaskAttention`: each task has its own examples, so task i's positions attend over learned
+  per-task memory tokens of the other tasks; no example ever sees another example, and predictions do not
+  depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtt_jax.models.layers import Dtype, HeadsProjection, kernel_init, layer_norm
+
+
+def _task_mask(num_tasks: int, include_self: bool) -> jax.Array:
+    """``[T, T]`` boolean: may task i (row) attend to task j (column)."""
+    allowed = jnp.ones((num_tasks, num_tasks), bool)
+    return allowed if include_self else ~jnp.eye(num_tasks, dtype=bool)
+
+
+def _softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax in f32 over the last axis, with masked entries at exactly 0."""
+    logits = jnp.where(mask, logits.astype(jnp.float32), -1e30)
+    return jax.nn.softmax(logits, axis=-1) * mask
+
+
+class SingleInputTaskAttention(nn.Module):
+    """Task streams ``[B, T, D]`` of one example attend to each other across tasks."""
+    num_heads: int
+    include_self: bool = False
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, streams_BxTxD: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        _, num_tasks, d_model = streams_BxTxD.shape
+        head_dim = d_model // self.num_heads
+        project = lambda name, y: HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(y)
+        h_BxTxD = layer_norm("ln", self.dtype)(streams_BxTxD)
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (project(n, h_BxTxD) for n in ("query", "key", "value"))
+        logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(head_dim)
+        weights_BxHxTxS = _softmax(logits_BxHxTxS, _task_mask(num_tasks, self.include_self))
+        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS.astype(self.dtype), v_BxTxHxK)
+        out_BxTxD = HeadsProjection(self.num_heads, head_dim, False, self.dtype, name="out")(out_BxTxHxK)
+        out_BxTxD = nn.Dropout(self.dropout_rate)(out_BxTxD, deterministic=not train)
+        mass_TxT = weights_BxHxTxS.mean(axis=(0, 1))
+        return streams_BxTxD + out_BxTxD, mass_TxT
+
+
+class MultiInputTaskAttention(nn.Module):
+    """Task i's positions ``[T, B, L, D]`` attend over learned memory tokens of the other tasks."""
+    num_heads: int
+    memory_tokens: int = 4
+    include_self: bool = False
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_TxBxLxD: jax.Array, token_mask_TxBxL: jax.Array,
+                 train: bool) -> tuple[jax.Array, jax.Array]:
+        num_tasks, _, _, d_model = x_TxBxLxD.shape
+        memory_TxMxD = self.param("memory", kernel_init((None, None, "embed"), nn.initializers.normal(1.0)),
+                                  (num_tasks, self.memory_tokens, d_model))
+        head_dim = d_model // self.num_heads
+        project = lambda name, y: HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(y)
+        q_TxBxLxHxK = project("query", layer_norm("ln", self.dtype)(x_TxBxLxD))
+        memory_TxMxD = layer_norm("ln_memory", self.dtype)(memory_TxMxD.astype(self.dtype))
+        k_SxMxHxK, v_SxMxHxK = project("key", memory_TxMxD), project("value", memory_TxMxD)
+        logits = jnp.einsum("tblhk,smhk->tblhsm", q_TxBxLxHxK, k_SxMxHxK) / jnp.sqrt(head_dim)
+        shape = logits.shape
+        mask_TxS = _task_mask(num_tasks, self.include_self)
+        mask = jnp.broadcast_to(mask_TxS[:, None, None, None, :, None], shape).reshape(shape[:4] + (-1,))
+        weights = _softmax(logits.reshape(shape[:4] + (-1,)), mask).reshape(shape)
+        out_TxBxLxHxK = jnp.einsum("tblhsm,smhk->tblhk", weights.astype(self.dtype), v_SxMxHxK)
+        out_TxBxLxD = HeadsProjection(self.num_heads, head_dim, False, self.dtype, name="out")(
+            out_TxBxLxHxK)
+        out_TxBxLxD = nn.Dropout(self.dropout_rate)(out_TxBxLxD, deterministic=not train)
+        # Mass over real (non-pad) query positions and heads: rows are tasks i, columns tasks j.
+        mass_TxBxLxS = weights.sum(-1).mean(3)
+        valid = token_mask_TxBxL.astype(jnp.float32)[..., None]
+        mass_TxS = (mass_TxBxLxS * valid).sum((1, 2)) / jnp.maximum(valid.sum((1, 2)), 1.0)
+        return x_TxBxLxD + out_TxBxLxD, mass_TxS

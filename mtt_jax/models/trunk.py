@@ -1,0 +1,89 @@
+"""The shared Transformer trunk: embedding, positional encoding, N pre-LN blocks, final LayerNorm."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtt_jax.models.layers import (Dtype, EncoderBlock, constrain, kernel_init, layer_norm,
+                                   sinusoidal_positions)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class TokenEmbed(nn.Module):
+    """Token ids ``[B, L]`` (0 = pad) -> ``[B, L, D]``, scaled by sqrt(D) as in Vaswani et al. (2017)."""
+    vocab_size: int
+    d_model: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        table = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, name="embedding",
+                         embedding_init=kernel_init(("vocab", "embed"), nn.initializers.normal(1.0)))
+        return table(tokens_BxL) * jnp.sqrt(self.d_model).astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Image ``[B, H, W]`` -> non-overlapping ``patch x patch`` patches -> ``[B, HW/p^2, D]`` (ViT)."""
+    patch_size: int
+    d_model: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_BxHxW: jax.Array) -> jax.Array:
+        b, h, w = image_BxHxW.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image {h}x{w} is not divisible into {p}x{p} patches")
+        patches = image_BxHxW.reshape(b, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4)
+        patches_BxNxP = patches.reshape(b, (h // p) * (w // p), p * p).astype(self.dtype)
+        return nn.Dense(self.d_model, dtype=self.dtype, name="projection",
+                        kernel_init=kernel_init((None, "embed")),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+                        )(patches_BxNxP)
+
+
+class PositionalEncoding(nn.Module):
+    """Adds sinusoidal (fixed) or learned positional encodings to ``x_BxLxD``."""
+    kind: str = "sinusoidal"
+    max_length: int = 512
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        length, d_model = x_BxLxD.shape[-2:]
+        if self.kind == "sinusoidal":
+            table = sinusoidal_positions(self.max_length, d_model)
+        elif self.kind == "learned":
+            table = self.param("table", kernel_init((None, "embed"), nn.initializers.normal(0.02)),
+                               (self.max_length, d_model))
+        else:
+            raise ValueError(f"positional={self.kind!r}; choose 'sinusoidal' or 'learned'")
+        return x_BxLxD + table[:length].astype(x_BxLxD.dtype)
+
+
+class Trunk(nn.Module):
+    """N pre-LN encoder blocks and a final LayerNorm over an embedded sequence ``x_BxLxD``."""
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool) -> jax.Array:
+        block_cls = EncoderBlock
+        if REMAT_POLICIES[self.remat] is not None:
+            block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+        x_BxLxD = nn.Dropout(self.dropout_rate)(constrain(x_BxLxD), deterministic=not train)
+        for i in range(self.num_layers):
+            x_BxLxD = block_cls(self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype,
+                                name=f"block_{i}")(x_BxLxD, key_mask_BxL, train)
+        return layer_norm("ln_final", self.dtype)(x_BxLxD)

@@ -1,0 +1,113 @@
+"""Mesh, logical axis rules and shardings for the train state and the batch (DESIGN §6).
+
+The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters,
+gradients and optimizer state sharded, ZeRO-3 style) and ``tensor`` (Megatron-style model parallelism
+over MLP hidden units, attention heads and the vocabulary). Modules name their axes logically
+(`mtt_jax.models.layers`); the rules below map logical names to mesh axes. A mesh axis is used at most
+once per array: flax skips a rule whose mesh axis is already taken, so activations ``(batch, length,
+embed)`` put ``fsdp`` on the batch and replicate ``embed``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# In the manner of T5X's standard_logical_axis_rules.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("task", None),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolves ``-1`` (at most one) so that the product of the axes is ``num_devices``."""
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"but {num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(mesh_config, len(devices))
+    # Auto axes: shardings are propagated by the compiler from the constraints we give (GSPMD).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_rules(rules: Sequence[Sequence[Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+    """Rules as a tuple of ``(logical_name, mesh_axes)``; config lists become tuples."""
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree whose leaves may be flax logically partitioned boxes.
+
+    Leaves without logical names (step counters, scalars) are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh, layout: str) -> Any:
+    """Examples are split over ``data`` x ``fsdp``; multi-input inputs keep the task axis whole."""
+    def spec(path, leaf):
+        multi_inputs = layout == "multi" and path[0].key == "inputs"
+        axes = (None, BATCH_AXES) if multi_inputs else (BATCH_AXES,)
+        return NamedSharding(mesh, P(*axes, *([None] * (np.ndim(leaf) - len(axes)))))
+    return jax.tree_util.tree_map_with_path(spec, host_batch)
+
+
+def batch_axis(path, layout: str) -> int:
+    return 1 if layout == "multi" and path[0].key == "inputs" else 0
+
+
+def process_slice(host_batch: Any, layout: str) -> Any:
+    """This process's contiguous share of the global batch's examples."""
+    count, index = jax.process_count(), jax.process_index()
+
+    def take(path, leaf):
+        axis = batch_axis(path, layout)
+        size = leaf.shape[axis] // count
+        return np.take(leaf, np.arange(index * size, (index + 1) * size), axis=axis)
+    return jax.tree_util.tree_map_with_path(take, host_batch)
+
+
+def shard_batch(global_host_batch: Any, shardings: Any, layout: str) -> Any:
+    """Global jax.Arrays from each process's slice of a global numpy batch."""
+    local = process_slice(global_host_batch, layout)
+    return jax.tree.map(
+        lambda sharding, local_leaf, global_leaf: jax.make_array_from_process_local_data(
+            sharding, local_leaf, global_leaf.shape),
+        shardings, local, global_host_batch)
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise ValueError(f"{what}={batch_size} is not divisible by data x fsdp = {shards} shards")

@@ -1,0 +1,91 @@
+"""End-of-run outputs (DESIGN §8): ``summary.md`` with the per-task table, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from mtt_jax.tasks import TaskSpec
+
+
+def per_task_table(tasks: Sequence[TaskSpec], metrics: dict) -> str:
+    """Markdown table: one row per task, its metrics and the trivial (input-blind) baseline."""
+    lines = ["| task | kind | metric | value | trivial baseline |", "|---|---|---|---|---|"]
+    for t in tasks:
+        for name in t.metric_names:
+            value = metrics.get(f"{t.name}/{name}", float("nan"))
+            baseline = metrics.get(f"{t.name}/baseline_{name}")
+            baseline_text = f"{baseline:.4f}" if baseline is not None else ""
+            lines.append(f"| {t.name} | {t.kind} | {name} | {value:.4f} | {baseline_text} |")
+    return "\n".join(lines)
+
+
+def attention_table(tasks: Sequence[TaskSpec], matrix) -> str:
+    """The T x T task-attention mass: row i = how task i's attention splits over tasks j."""
+    names = [t.name for t in tasks]
+    lines = ["| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for name, row in zip(names, matrix):
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, config,
+                  wall_seconds: float, skipped_steps: int = 0) -> None:
+    parts = [f"# Run summary\n",
+             f"- tasks: {', '.join(t.name for t in tasks)} ({config.data.source})",
+             f"- steps: {config.total_steps}, batch {config.batch_size}, seed {config.seed}, "
+             f"weighting {config.weighting.name}, task encoder {config.model.task_encoder}, "
+             f"task attention {config.model.task_attention}, dtype {config.dtype}",
+             f"- training wall time: {wall_seconds:.1f} s; skipped non-finite steps: {skipped_steps}",
+             f"- final eval loss (sum over tasks): {final_eval.get('loss', float('nan')):.4f}\n",
+             "## Per-task eval metrics\n", per_task_table(tasks, final_eval)]
+    if "task_attention" in final_eval:
+        parts += ["\n## Task attention (mean attention mass, rows sum to 1)\n",
+                  attention_table(tasks, final_eval["task_attention"])]
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write("\n".join(parts) + "\n")
+    write_plots(workdir, tasks)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
+    """``curves.png``: per-task train loss and eval main metric over steps; ``task_attention.png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for t in tasks:
+        ax_loss.plot([r["step"] for r in train], [r[f"{t.name}/loss"] for r in train], label=t.name)
+        ax_metric.plot([r["step"] for r in evals], [r[f"{t.name}/{t.main_metric}"] for r in evals],
+                       marker="o", label=f"{t.name} ({t.main_metric})")
+    ax_loss.set(xlabel="step", ylabel="train loss", yscale="log", title="Train loss per task")
+    ax_metric.set(xlabel="step", ylabel="eval metric", title="Eval main metric per task")
+    for ax in (ax_loss, ax_metric):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
+    plt.close(fig)
+    if evals and "task_attention" in evals[-1]:
+        matrix = np.asarray(evals[-1]["task_attention"])
+        fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 1.2 * len(tasks) + 1.5))
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        names = [t.name for t in tasks]
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set(xlabel="attends to (keys/values)", ylabel="task (queries)", title="Task attention mass")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "task_attention.png"), dpi=100)
+        plt.close(fig)

@@ -1,0 +1,166 @@
+"""The training loop, readable top to bottom: Tasks, Mesh, Input, Model, Shard, Update, Evals, Loop.
+
+    state, final_eval = train_and_evaluate(config, workdir)
+
+The batch of step s is a pure function of (seed, s) and the dropout RNG of step s is folded from the
+step, so the loop holds no hidden state beyond ``state``. Metrics of step s are read after step s + 1
+has been dispatched, so the host never waits on the device inside the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mtt_jax import data, sharding, summary, tasks as tasks_lib, train_step as steps, weighting
+from mtt_jax.models import build_model
+from mtt_jax.writers import MetricWriter, Progress
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised with ``nonfinite = "halt"`` when a step's loss or gradient is not finite."""
+
+
+def train_and_evaluate(config, workdir: str, quiet: bool = False) -> tuple[steps.TrainState, dict]:
+    is_primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    # --- Tasks and data --------------------------------------------------------------------------
+    tasks = tuple(tasks_lib.get(name) for name in config.tasks)
+    source = data.make_source(config.data.source, config.tasks, seed=config.seed,
+                              **dict(config.data.get("options", {})))
+    layout = source.layout
+
+    # --- Mesh --------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.get("axis_rules"))
+    sharding.check_batch_divisible(config.batch_size, mesh)
+
+    # --- Model, optimizer, weighting method ---------------------------------------------------------
+    model = build_model(config, tasks, layout, source.input_spec, DTYPES[config.dtype])
+    method = weighting.make_method(config.weighting, len(tasks))
+    tx = steps.make_optimizer(config.optimizer, config.total_steps)
+    schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
+
+    # --- Shard: shapes from eval_shape, state created directly sharded ------------------------------
+    sample_batch = source.train_batch(0, config.batch_size)
+    batch_shardings = sharding.batch_shardings(sample_batch, mesh, layout)
+    init = lambda rng: steps.init_state(rng, model, method, tx, jnp.asarray(sample_batch["inputs"]))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state_shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(config.seed)),
+                                                  mesh, rules)
+        state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_shardings)(
+            jax.random.key(config.seed))
+
+    # --- Update and eval steps ----------------------------------------------------------------------
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(
+        steps.bind(steps.train_step, model=model, tasks=tasks, layout=layout, method=method, tx=tx),
+        in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,))
+    eval_step = jax.jit(steps.bind(steps.eval_step, model=model, tasks=tasks, layout=layout),
+                        in_shardings=(state_shardings, sharding.batch_shardings(
+                            source.train_batch(0, config.eval_batch_size), mesh, layout)))
+
+    # --- Writers --------------------------------------------------------------------------------------
+    if is_primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    writer = MetricWriter(workdir, enabled=is_primary)
+    progress = Progress(config.total_steps, enabled=is_primary and not quiet)
+
+    def evaluate(step: int) -> dict:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            metrics = run_eval(eval_step, state, source, tasks, config.eval_batch_size, mesh, layout)
+        writer.write(step, "eval", metrics)
+        progress.message(f"eval @ {step}: " + "  ".join(
+            f"{t.name}/{t.main_metric} {metrics[f'{t.name}/{t.main_metric}']:.4f}" for t in tasks))
+        return metrics
+
+    def log_train(step: int, metrics: dict, steps_per_second: float) -> None:
+        metrics = jax.device_get(metrics)
+        record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                  "learning_rate": float(schedule(step - 1)), "steps_per_second": steps_per_second,
+                  "skipped": int(not metrics["finite"])}
+        for i, t in enumerate(tasks):
+            record[f"{t.name}/loss"] = float(metrics["task_losses"][i])
+            record[f"weight/{t.name}"] = float(metrics["weights"][i])
+        writer.write(step, "train", record)
+        progress.update(step, record["loss"], force_line=True)
+
+    # --- Loop -----------------------------------------------------------------------------------------
+    first_step = int(state.step)
+    progress.message(f"training {config.total_steps} steps on {mesh.devices.size} device(s), "
+                     f"mesh {dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
+    pending = None  # (step, metrics) of the previous step, read one step late
+    last_eval, start = {}, time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(first_step, config.total_steps):
+            batch = sharding.shard_batch(source.train_batch(step, config.batch_size), batch_shardings,
+                                         layout)
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                handle_metrics(*pending, config, log_train, progress)
+            pending = (step + 1, metrics)
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.total_steps:
+                handle_metrics(*pending, config, log_train, progress)
+                pending = None
+                last_eval = evaluate(step + 1)
+    wall = time.perf_counter() - start
+    writer.close()
+    if is_primary:
+        summary.write_summary(workdir, tasks, last_eval, config, wall_seconds=wall,
+                              skipped_steps=int(state.skipped_steps))
+    return state, last_eval
+
+
+def handle_metrics(step: int, metrics: dict, config, log_train, progress: Progress) -> None:
+    """Logs a finished step's metrics (every ``log_every``) and applies the non-finite policy."""
+    if config.nonfinite == "halt" and not bool(metrics["finite"]):
+        raise NonFiniteLossError(f"non-finite loss or gradient at step {step}; halting "
+                                 f"(the update was not applied; set nonfinite='skip' to continue)")
+    if step % config.log_every == 0 or step == config.total_steps:
+        log_train(step, metrics, progress.steps_per_second(step))
+
+
+def run_eval(eval_step, state, source, tasks, batch_size: int, mesh, layout: str) -> dict:
+    """Scores the whole fixed eval set: per-task loss and metrics, and the mean task-attention map."""
+    shardings = None
+    predictions = {t.name: [] for t in tasks}
+    labels = {t.name: [] for t in tasks}
+    token_masks = {t.name: [] for t in tasks}
+    loss_sum, count, attention = 0.0, 0.0, []
+    for host_batch in source.eval_batches(batch_size):
+        shardings = shardings or sharding.batch_shardings(host_batch, mesh, layout)
+        out = eval_step(state, sharding.shard_batch(host_batch, shardings, layout))
+        out = multihost_utils.process_allgather(out, tiled=True)
+        loss_sum, count = loss_sum + out["loss_sum"], count + out["count"]
+        if "task_attention" in out:
+            attention.append(out["task_attention"])
+        for i, t in enumerate(tasks):
+            keep = host_batch["mask"][t.name] > 0
+            predictions[t.name].append(np.asarray(out["predictions"][t.name])[keep])
+            labels[t.name].append(host_batch["labels"][t.name][keep])
+            if t.kind == "tagging":
+                task_inputs = host_batch["inputs"][i] if layout == "multi" else host_batch["inputs"]
+                token_masks[t.name].append(task_inputs[keep] != 0)
+    metrics = {"loss": float(np.sum(loss_sum / np.maximum(count, 1)))}
+    for i, t in enumerate(tasks):
+        pred, label = np.concatenate(predictions[t.name]), np.concatenate(labels[t.name])
+        mask = np.concatenate(token_masks[t.name]) if t.kind == "tagging" else None
+        metrics[f"{t.name}/loss"] = float(loss_sum[i] / max(count[i], 1))
+        for name, value in tasks_lib.compute_metrics(t, pred, label, mask).items():
+            metrics[f"{t.name}/{name}"] = value
+        for name, value in tasks_lib.trivial_baseline(t, label, mask).items():
+            metrics[f"{t.name}/baseline_{name}"] = value
+    if attention:
+        metrics["task_attention"] = np.mean(attention, axis=0).round(4).tolist()
+    return metrics
+

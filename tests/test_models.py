@@ -1,0 +1,142 @@
+"""The model does what the design says: task features differ per task, and task attention is the only
+path between task streams."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtt_jax import tasks as tasks_lib
+from mtt_jax.data.base import InputSpec
+from mtt_jax.models import MultiTaskTransformer
+from mtt_jax.models.task_encoder import TaskEncoder
+from mtt_jax.models.task_attention import SingleInputTaskAttention
+
+DIGITS = (tasks_lib.get("left_digit"), tasks_lib.get("right_digit"))
+SEQ = tuple(tasks_lib.get(n) for n in ("majority", "majority_parity", "mean_value", "repeat_tag"))
+IMAGE = InputSpec("image", (12, 12))
+TOKENS = InputSpec("tokens", (16,), vocab_size=32)
+
+
+def small_model(tasks, layout, spec, **kwargs):
+    return MultiTaskTransformer(tasks=tasks, layout=layout, input_spec=spec, num_layers=1, d_model=32,
+                                num_heads=4, mlp_dim=64, **kwargs)
+
+
+def images(batch=4, seed=0):
+    return jax.random.uniform(jax.random.key(seed), (batch, 12, 12))
+
+
+def tokens(batch=3, seed=0):
+    x = jax.random.randint(jax.random.key(seed), (len(SEQ), batch, 16), 1, 32)
+    return x.at[:, :, 12:].set(0)  # padding at the end
+
+
+def test_task_encoder_gives_each_task_different_features():
+    encoder = TaskEncoder(num_tasks=4, d_model=16)
+    features = encoder.apply(encoder.init(jax.random.key(0)))
+    assert features.shape == (4, 16)
+    distances = jnp.linalg.norm(features[:, None] - features[None], axis=-1)
+    off_diagonal = distances[~jnp.eye(4, dtype=bool)]
+    assert float(off_diagonal.min()) > 1e-3
+
+
+@pytest.mark.parametrize("layout,tasks,spec,inputs", [
+    ("single", DIGITS, IMAGE, images()), ("multi", SEQ, TOKENS, tokens())])
+def test_output_shapes_per_task_kind(layout, tasks, spec, inputs):
+    model = small_model(tasks, layout, spec)
+    variables = model.init(jax.random.key(0), inputs)
+    outputs, aux = model.apply(variables, inputs)
+    b = inputs.shape[0] if layout == "single" else inputs.shape[1]
+    expected = {"classification": lambda t: (b, t.num_classes), "regression": lambda t: (b,),
+                "tagging": lambda t: (b, 16, t.num_classes)}
+    for t in tasks:
+        assert outputs[t.name].shape == expected[t.kind](t)
+        assert outputs[t.name].dtype == jnp.float32
+    mass = aux["task_attention"]
+    assert mass.shape == (len(tasks), len(tasks))
+    np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.diag(mass), 0.0, atol=1e-6)  # keys/values from the OTHER tasks
+
+
+def _decode_after_perturbing_stream(model, variables, streams, j):
+    noise = jax.random.normal(jax.random.key(7), streams[:, j].shape)  # not a constant: LN removes it
+    perturbed = streams.at[:, j].add(noise)
+    base, _ = model.apply(variables, streams, method=model.decode)
+    moved, _ = model.apply(variables, perturbed, method=model.decode)
+    return base, moved
+
+
+@pytest.mark.parametrize("task_attention,should_change", [("cross", True), ("none", False)])
+def test_single_input_only_task_attention_connects_streams(task_attention, should_change):
+    model = small_model(DIGITS, "single", IMAGE, task_attention=task_attention)
+    variables = model.init(jax.random.key(0), images())
+    streams = model.apply(variables, images(), method=model.encode)
+    assert streams.shape == (4, 2, 32)
+    base, moved = _decode_after_perturbing_stream(model, variables, streams, j=1)
+    change_i = float(jnp.abs(moved["left_digit"] - base["left_digit"]).max())
+    assert (change_i > 1e-4) == should_change, change_i
+    assert float(jnp.abs(moved["right_digit"] - base["right_digit"]).max()) > 1e-4  # its own stream
+
+
+@pytest.mark.parametrize("task_attention,should_change", [("cross", True), ("none", False)])
+def test_multi_input_task_attention_reads_other_tasks_memory(task_attention, should_change):
+    model = small_model(SEQ, "multi", TOKENS, task_attention=task_attention)
+    x = tokens()
+    variables = model.init(jax.random.key(0), x)
+    base, _ = model.apply(variables, x)
+    if task_attention == "cross":   # perturb task 3's (repeat_tag's) memory tokens
+        params = nn.unbox(variables["params"])
+        memory = params["cross_task"]["memory"]
+        params["cross_task"]["memory"] = memory.at[3].add(jax.random.normal(jax.random.key(7),
+                                                                            memory[3].shape))
+        moved, _ = model.apply({"params": params}, x)
+    else:                           # no cross-task path: perturb task 3's inputs instead
+        moved, _ = model.apply(variables, x.at[3, :, :12].set(7))
+    change = max(float(jnp.abs(moved[n] - base[n]).max()) for n in ("majority", "mean_value"))
+    assert (change > 1e-4) == should_change, change
+
+
+def test_multi_input_predictions_do_not_depend_on_other_examples():
+    """Task attention reads learned memory, never other examples: batch composition is irrelevant."""
+    model = small_model(SEQ, "multi", TOKENS)
+    x = tokens(batch=3)
+    variables = model.init(jax.random.key(0), x)
+    full, _ = model.apply(variables, x)
+    alone, _ = model.apply(variables, x[:, :1])
+    for t in SEQ:
+        np.testing.assert_allclose(full[t.name][:1], alone[t.name], atol=1e-5)
+
+
+def test_padding_does_not_change_predictions():
+    model = small_model(SEQ, "multi", TOKENS)
+    x = tokens(batch=2)
+    variables = model.init(jax.random.key(0), x)
+    base, _ = model.apply(variables, x)
+    longer_pad = jnp.concatenate([x, jnp.zeros_like(x)], axis=-1)  # same content, 16 more pads
+    model32 = small_model(SEQ, "multi", InputSpec("tokens", (32,), vocab_size=32))
+    padded, _ = model32.apply(variables, longer_pad)
+    for t in SEQ:
+        if t.kind != "tagging":
+            np.testing.assert_allclose(base[t.name], padded[t.name], atol=1e-4)
+
+
+def test_single_input_attention_mass_rows_with_self():
+    attention = SingleInputTaskAttention(num_heads=2, include_self=True)
+    streams = jax.random.normal(jax.random.key(1), (5, 3, 8))
+    variables = attention.init(jax.random.key(0), streams, False)
+    out, mass = attention.apply(variables, streams, False)
+    assert out.shape == streams.shape
+    np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
+    assert float(np.diag(mass).min()) > 0.0
+
+
+def test_every_kernel_has_logical_axis_names():
+    model = small_model(SEQ, "multi", TOKENS, positional="learned")
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens())["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    unnamed = [x for x in leaves if not isinstance(x, nn.Partitioned)]
+    assert not unnamed
+    names = {n for x in leaves for n in x.names if n}
+    assert {"embed", "mlp", "heads", "kv", "vocab"} <= names
