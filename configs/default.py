@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 256
     c.model.dropout_rate = 0.0
     c.model.patch_size = 2
-    c.model.positional = "sinusoidal"     # or "learned"
+    c.model.positional = "learned"        # or "sinusoidal"
     c.model.task_encoder = True           # task identity -> Dense -> task features
     c.model.task_attention = "cross"      # or "none": the plain shared-trunk baseline
     c.model.task_attention_self = False   # also attend to the task's own stream

@@ -19,6 +19,7 @@ def get_config(variant: str = ""):
     c.model.d_model = 64
     c.model.num_layers = 2
     c.model.mlp_dim = 256
+    c.model.positional = "sinusoidal"
     if variant == "tiny":
         c.total_steps, c.batch_size, c.eval_every, c.log_every = 20, 8, 10, 5
         c.data.options.num_eval_examples = 32

@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Seque
     (total, (losses_T, weights_T, weighting_state, aux)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(

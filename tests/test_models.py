@@ -24,6 +24,15 @@ def small_model(tasks, layout, spec, **kwargs):
                                 num_heads=4, mlp_dim=64, **kwargs)
 
 
+def init_with_random_heads(model, inputs):
+    """Heads start at zero (so the initial loss is ln C); give them random kernels to see dependence."""
+    params = nn.unbox(model.init(jax.random.key(0), inputs)["params"])
+    for name in [k for k in params if k.startswith("head_")]:
+        kernel = params[name]["dense"]["kernel"]
+        params[name]["dense"]["kernel"] = jax.random.normal(jax.random.key(3), kernel.shape)
+    return {"params": params}
+
+
 def images(batch=4, seed=0):
     return jax.random.uniform(jax.random.key(seed), (batch, 12, 12))
 
@@ -31,6 +40,12 @@ def images(batch=4, seed=0):
 def tokens(batch=3, seed=0):
     x = jax.random.randint(jax.random.key(seed), (len(SEQ), batch, 16), 1, 32)
     return x.at[:, :, 12:].set(0)  # padding at the end
+
+
+def test_heads_start_at_zero_so_the_initial_loss_is_log_num_classes():
+    model = small_model(DIGITS, "single", IMAGE)
+    outputs, _ = model.apply(model.init(jax.random.key(0), images()), images())
+    np.testing.assert_allclose(outputs["left_digit"], 0.0)
 
 
 def test_task_encoder_gives_each_task_different_features():
@@ -71,7 +86,7 @@ def _decode_after_perturbing_stream(model, variables, streams, j):
 @pytest.mark.parametrize("task_attention,should_change", [("cross", True), ("none", False)])
 def test_single_input_only_task_attention_connects_streams(task_attention, should_change):
     model = small_model(DIGITS, "single", IMAGE, task_attention=task_attention)
-    variables = model.init(jax.random.key(0), images())
+    variables = init_with_random_heads(model, images())
     streams = model.apply(variables, images(), method=model.encode)
     assert streams.shape == (4, 2, 32)
     base, moved = _decode_after_perturbing_stream(model, variables, streams, j=1)
@@ -84,10 +99,10 @@ def test_single_input_only_task_attention_connects_streams(task_attention, shoul
 def test_multi_input_task_attention_reads_other_tasks_memory(task_attention, should_change):
     model = small_model(SEQ, "multi", TOKENS, task_attention=task_attention)
     x = tokens()
-    variables = model.init(jax.random.key(0), x)
+    variables = init_with_random_heads(model, x)
     base, _ = model.apply(variables, x)
     if task_attention == "cross":   # perturb task 3's (repeat_tag's) memory tokens
-        params = nn.unbox(variables["params"])
+        params = variables["params"]
         memory = params["cross_task"]["memory"]
         params["cross_task"]["memory"] = memory.at[3].add(jax.random.normal(jax.random.key(7),
                                                                             memory[3].shape))
@@ -102,7 +117,7 @@ def test_multi_input_predictions_do_not_depend_on_other_examples():
     """Task attention reads learned memory, never other examples: batch composition is irrelevant."""
     model = small_model(SEQ, "multi", TOKENS)
     x = tokens(batch=3)
-    variables = model.init(jax.random.key(0), x)
+    variables = init_with_random_heads(model, x)
     full, _ = model.apply(variables, x)
     alone, _ = model.apply(variables, x[:, :1])
     for t in SEQ:
@@ -112,7 +127,7 @@ def test_multi_input_predictions_do_not_depend_on_other_examples():
 def test_padding_does_not_change_predictions():
     model = small_model(SEQ, "multi", TOKENS)
     x = tokens(batch=2)
-    variables = model.init(jax.random.key(0), x)
+    variables = init_with_random_heads(model, x)
     base, _ = model.apply(variables, x)
     longer_pad = jnp.concatenate([x, jnp.zeros_like(x)], axis=-1)  # same content, 16 more pads
     model32 = small_model(SEQ, "multi", InputSpec("tokens", (32,), vocab_size=32))

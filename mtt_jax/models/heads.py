@@ -22,7 +22,7 @@ class TaskHead(nn.Module):
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
         out = nn.Dense(self.spec.num_outputs, dtype=self.dtype, name="dense",
-                       kernel_init=kernel_init(("embed", None)), bias_init=zeros_init((None,)))(features)
+                       kernel_init=zeros_init(("embed", None)), bias_init=zeros_init((None,)))(features)
         out = out.astype(jnp.float32)
         return out[..., 0] if self.spec.kind == "regression" else out
 

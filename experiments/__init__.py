@@ -1,0 +1,1 @@
+"""Paper reproductions, one module per table or figure (`python -m experiments.<name>`)."""

@@ -1,0 +1,47 @@
+"""The command line end to end, and bad configs stopping before any work with one line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(workdir, *overrides, config="configs/default.py:tiny"):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return subprocess.run([sys.executable, "-m", "mtt_jax.main", f"--config={config}",
+                           f"--workdir={workdir}", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_runs_end_to_end_on_a_tiny_override(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, "--config.total_steps=6", "--config.eval_every=3", "--config.log_every=3",
+                     "--config.weighting.name=fixed", "--config.weighting.weights=(1.0,0.5)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("config.json", "metrics.jsonl", "summary.md"):
+        assert (workdir / name).exists()
+    lines = [l for l in result.stdout.splitlines() if l.startswith("step ")]
+    assert lines and all("steps/s" in l and "ETA" in l and "loss" in l for l in lines)
+    assert "\r" not in result.stdout  # not a terminal: whole lines, no progress-bar redraws
+    assert '"weight/right_digit": 0.5' in (workdir / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.tasks=('left_digit','middle_digit')", "unknown task 'middle_digit'"),
+    ("--config.weighting.name=magic", "weighting.name='magic' is not valid; choose one of:"),
+    ("--config.weighting.weights=(1.0,2.0,3.0)", "has 3 entries for 2 tasks"),
+    ("--config.total_steps=0", "total_steps=0 must be a positive integer"),
+    ("--config.mesh.data=3", "needs 3 devices"),
+    ("--config.model.task_attention=everything", "model.task_attention='everything' is not valid"),
+])
+def test_bad_config_exits_before_any_work(tmp_path, override, expected):
+    workdir = tmp_path / "never_created"
+    extra = ["--config.weighting.name=fixed"] if "weights" in override else []
+    result = run_cli(workdir, override, *extra)
+    assert result.returncode == 2
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-1500:]
+    assert not workdir.exists()
