@@ -56,8 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                      # -1: all devices left over
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.num_devices = -1               # use the first N devices (-1: all)
     c.dtype = "float32"                   # compute dtype; params stay f32
-    c.nonfinite = "skip"                  # skip | halt
+    c.grad_accum_steps = 1                # microbatches per step (batch_size is the total)
+    c.nonfinite = "skip"                  # skip | halt: a non-finite loss is never applied
+
+    c.checkpoint_every = 500
+    c.keep = 3
     return c
 
 

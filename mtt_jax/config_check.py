@@ -38,21 +38,27 @@ def _positive(config, *fields: str) -> None:
 def validate(config, num_devices: int) -> None:
     _positive(config, "total_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
               "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
-              "model.patch_size", "model.memory_tokens")
+              "model.patch_size", "model.memory_tokens", "grad_accum_steps", "checkpoint_every",
+              "keep")
     _check_tasks(config)
     _check_model(config)
     _check_weighting(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
+    requested = config.mesh.get("num_devices", -1)
+    if requested > num_devices:
+        raise ConfigError(f"mesh.num_devices={requested} but only {num_devices} devices are available")
     try:
-        shape = sharding.mesh_shape(config.mesh, num_devices)
+        shape = sharding.mesh_shape(config.mesh, requested if requested > 0 else num_devices)
     except ValueError as e:
         raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tensor") from None
     shards = shape[0] * shape[1]
-    for field in ("batch_size", "eval_batch_size"):
-        if config[field] % shards:
-            raise ConfigError(f"{field}={config[field]} is not divisible by the {shards} data x fsdp "
-                              f"shards of mesh {shape}; choose a multiple of {shards}")
+    for field, divisor in (("batch_size", shards * config.grad_accum_steps),
+                           ("eval_batch_size", shards)):
+        if config[field] % divisor:
+            raise ConfigError(f"{field}={config[field]} is not divisible by {divisor} (data x fsdp = "
+                              f"{shards} shards of mesh {shape}, times grad_accum_steps for the "
+                              f"train batch); choose a multiple of {divisor}")
 
 
 def _check_tasks(config) -> None:

@@ -51,7 +51,10 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh over all devices, or the first ``mesh_config.num_devices``."""
     devices = list(devices if devices is not None else jax.devices())
+    if mesh_config.get("num_devices", -1) > 0:
+        devices = devices[:mesh_config["num_devices"]]
     shape = mesh_shape(mesh_config, len(devices))
     # Auto axes: shardings are propagated by the compiler from the constraints we give (GSPMD).
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),

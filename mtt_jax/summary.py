@@ -32,6 +32,14 @@ def attention_table(tasks: Sequence[TaskSpec], matrix) -> str:
     return "\n".join(lines)
 
 
+def discard(workdir: str) -> None:
+    """Removes the end-of-run outputs of an earlier (possibly interrupted) attempt."""
+    for name in ("summary.md", "curves.png", "task_attention.png"):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, config,
                   wall_seconds: float, skipped_steps: int = 0) -> None:
     parts = [f"# Run summary\n",

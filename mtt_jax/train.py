@@ -1,23 +1,27 @@
-"""The training loop, readable top to bottom: Tasks, Mesh, Input, Model, Shard, Update, Evals, Loop.
+"""The training loop, readable top to bottom: Tasks, Mesh, Model, Shard, Checkpoint, Update, Evals, Loop.
 
     state, final_eval = train_and_evaluate(config, workdir)
 
 The batch of step s is a pure function of (seed, s) and the dropout RNG of step s is folded from the
-step, so the loop holds no hidden state beyond ``state``. Metrics of step s are read after step s + 1
-has been dispatched, so the host never waits on the device inside the loop.
+step, so the loop holds no hidden state beyond ``state``: a run restored from its checkpoint continues
+exactly as if it had never stopped. Metrics of step s are read after step s + 1 has been dispatched, so
+the host never waits on the device inside the loop.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mtt_jax import data, sharding, summary, tasks as tasks_lib, train_step as steps, weighting
+from mtt_jax import checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
+from mtt_jax import weighting, workdir as workdir_lib
 from mtt_jax.models import build_model
 from mtt_jax.writers import MetricWriter, Progress
 
@@ -28,66 +32,87 @@ class NonFiniteLossError(RuntimeError):
     """Raised with ``nonfinite = "halt"`` when a step's loss or gradient is not finite."""
 
 
-def train_and_evaluate(config, workdir: str, quiet: bool = False) -> tuple[steps.TrainState, dict]:
+def train_and_evaluate(config, workdir: str, quiet: bool = False,
+                       overwrite: bool = False) -> tuple[steps.TrainState, dict]:
     is_primary = jax.process_index() == 0
+    resuming = workdir_lib.prepare(workdir, config, overwrite)
     os.makedirs(workdir, exist_ok=True)
 
-    # --- Tasks and data --------------------------------------------------------------------------
+    # --- Tasks and data -----------------------------------------------------------------------------
     tasks = tuple(tasks_lib.get(name) for name in config.tasks)
     source = data.make_source(config.data.source, config.tasks, seed=config.seed,
                               **dict(config.data.get("options", {})))
     layout = source.layout
 
-    # --- Mesh --------------------------------------------------------------------------------------
+    # --- Mesh -----------------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.get("axis_rules"))
     sharding.check_batch_divisible(config.batch_size, mesh)
 
-    # --- Model, optimizer, weighting method ---------------------------------------------------------
+    # --- Model, optimizer, weighting method -----------------------------------------------------------
     model = build_model(config, tasks, layout, source.input_spec, DTYPES[config.dtype])
     method = weighting.make_method(config.weighting, len(tasks))
     tx = steps.make_optimizer(config.optimizer, config.total_steps)
     schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
 
-    # --- Shard: shapes from eval_shape, state created directly sharded ------------------------------
+    # --- Shard: shapes from eval_shape, shardings from logical names ----------------------------------
     sample_batch = source.train_batch(0, config.batch_size)
     batch_shardings = sharding.batch_shardings(sample_batch, mesh, layout)
     init = lambda rng: steps.init_state(rng, model, method, tx, jnp.asarray(sample_batch["inputs"]))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state_shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(config.seed)),
-                                                  mesh, rules)
-        state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_shardings)(
-            jax.random.key(config.seed))
+        abstract_boxed = jax.eval_shape(init, jax.random.key(config.seed))
+    state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
 
-    # --- Update and eval steps ----------------------------------------------------------------------
+    # --- Checkpoint: restore the newest readable one, or create the state directly sharded ----------
+    checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint_every, config.keep)
+    state = None
+    if resuming:
+        state = checkpointer.restore_latest(
+            checkpoint.abstract_like(nn.unbox(abstract_boxed), state_shardings))
+    if state is None:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_shardings)(
+                jax.random.key(config.seed))
+
+    # --- Update and eval steps --------------------------------------------------------------------------
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(
-        steps.bind(steps.train_step, model=model, tasks=tasks, layout=layout, method=method, tx=tx),
+        steps.bind(steps.train_step, model=model, tasks=tasks, layout=layout, method=method, tx=tx,
+                   grad_accum_steps=config.grad_accum_steps),
         in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
         donate_argnums=(0,))
+    eval_batch_shardings = sharding.batch_shardings(
+        source.train_batch(0, config.eval_batch_size), mesh, layout)
     eval_step = jax.jit(steps.bind(steps.eval_step, model=model, tasks=tasks, layout=layout),
-                        in_shardings=(state_shardings, sharding.batch_shardings(
-                            source.train_batch(0, config.eval_batch_size), mesh, layout)))
+                        in_shardings=(state_shardings, eval_batch_shardings), out_shardings=replicated)
 
-    # --- Writers --------------------------------------------------------------------------------------
+    # --- Writers ------------------------------------------------------------------------------------------
+    first_step = int(state.step)
     if is_primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    writer = MetricWriter(workdir, enabled=is_primary)
-    progress = Progress(config.total_steps, enabled=is_primary and not quiet)
+        workdir_lib.write_config(workdir, config)
+        summary.discard(workdir)  # a summary describes a finished run only
+    writer = MetricWriter(workdir, enabled=is_primary, resume_after_step=first_step)
+    progress = Progress(config.total_steps, first_step, enabled=is_primary and not quiet)
 
     def evaluate(step: int) -> dict:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            metrics = run_eval(eval_step, state, source, tasks, config.eval_batch_size, mesh, layout)
+        metrics = run_eval(eval_step, state, source, tasks, config.eval_batch_size,
+                           eval_batch_shardings, layout)
         writer.write(step, "eval", metrics)
         progress.message(f"eval @ {step}: " + "  ".join(
             f"{t.name}/{t.main_metric} {metrics[f'{t.name}/{t.main_metric}']:.4f}" for t in tasks))
         return metrics
 
-    def log_train(step: int, metrics: dict, steps_per_second: float) -> None:
+    def log_train(step: int, metrics: dict) -> None:
         metrics = jax.device_get(metrics)
+        if config.nonfinite == "halt" and not metrics["finite"]:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step}; halted without applying it (last good "
+                f"checkpoint kept in {checkpointer.directory}; nonfinite='skip' steps over such batches)")
+        if step % config.log_every and step != config.total_steps:
+            return
         record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                  "learning_rate": float(schedule(step - 1)), "steps_per_second": steps_per_second,
+                  "learning_rate": float(schedule(step - 1)),
+                  "steps_per_second": progress.steps_per_second(step),
                   "skipped": int(not metrics["finite"])}
         for i, t in enumerate(tasks):
             record[f"{t.name}/loss"] = float(metrics["task_losses"][i])
@@ -95,52 +120,68 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False) -> tuple[steps
         writer.write(step, "train", record)
         progress.update(step, record["loss"], force_line=True)
 
-    # --- Loop -----------------------------------------------------------------------------------------
-    first_step = int(state.step)
-    progress.message(f"training {config.total_steps} steps on {mesh.devices.size} device(s), "
-                     f"mesh {dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
+    # --- Loop -----------------------------------------------------------------------------------------------
+    progress.message(f"{f'resuming at step {first_step} of' if first_step else 'training'} "
+                     f"{config.total_steps} steps on {mesh.devices.size} device(s), mesh "
+                     f"{dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
     pending = None  # (step, metrics) of the previous step, read one step late
-    last_eval, start = {}, time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(first_step, config.total_steps):
-            batch = sharding.shard_batch(source.train_batch(step, config.batch_size), batch_shardings,
-                                         layout)
-            state, metrics = train_step(state, batch)
+    last_eval, start, step = {}, time.perf_counter(), first_step
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), checkpoint.PreemptionFlag() as preemption:
+        try:
+            for step in range(first_step, config.total_steps):
+                batch = sharding.shard_batch(source.train_batch(step, config.batch_size),
+                                             batch_shardings, layout)
+                state, metrics = train_step(state, batch)
+                if pending is not None:
+                    log_train(*pending)
+                pending = (step + 1, metrics)
+                checkpointer.maybe_save(step + 1, state)
+                if (step + 1) % config.eval_every == 0 or step + 1 == config.total_steps:
+                    log_train(*pending)
+                    pending = None
+                    last_eval = evaluate(step + 1)
+                if preemption_requested(preemption, step + 1, config.log_every):
+                    checkpointer.maybe_save(step + 1, state, force=True)
+                    checkpointer.close()
+                    writer.close()
+                    progress.message(f"SIGTERM: saved the checkpoint at step {step + 1}; exiting. "
+                                     f"Run the same command to resume.")
+                    return state, last_eval
             if pending is not None:
-                handle_metrics(*pending, config, log_train, progress)
-            pending = (step + 1, metrics)
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.total_steps:
-                handle_metrics(*pending, config, log_train, progress)
-                pending = None
-                last_eval = evaluate(step + 1)
-    wall = time.perf_counter() - start
+                log_train(*pending)
+        except NonFiniteLossError:
+            checkpointer.close()
+            writer.close()
+            raise
+    checkpointer.maybe_save(config.total_steps, state, force=True)
+    checkpointer.close()
     writer.close()
+    if not last_eval and is_primary:  # restarted after the run had finished: nothing new to evaluate
+        last_eval = next((r for r in reversed(summary.read_metrics(workdir)) if r["split"] == "eval"), {})
     if is_primary:
-        summary.write_summary(workdir, tasks, last_eval, config, wall_seconds=wall,
+        summary.write_summary(workdir, tasks, last_eval, config,
+                              wall_seconds=time.perf_counter() - start,
                               skipped_steps=int(state.skipped_steps))
     return state, last_eval
 
 
-def handle_metrics(step: int, metrics: dict, config, log_train, progress: Progress) -> None:
-    """Logs a finished step's metrics (every ``log_every``) and applies the non-finite policy."""
-    if config.nonfinite == "halt" and not bool(metrics["finite"]):
-        raise NonFiniteLossError(f"non-finite loss or gradient at step {step}; halting "
-                                 f"(the update was not applied; set nonfinite='skip' to continue)")
-    if step % config.log_every == 0 or step == config.total_steps:
-        log_train(step, metrics, progress.steps_per_second(step))
+def preemption_requested(flag: checkpoint.PreemptionFlag, step: int, every: int) -> bool:
+    """Every process must stop at the same step: with several, they agree every ``every`` steps."""
+    if jax.process_count() == 1:
+        return flag.requested
+    if step % every:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag.requested))))
 
 
-def run_eval(eval_step, state, source, tasks, batch_size: int, mesh, layout: str) -> dict:
+def run_eval(eval_step, state, source, tasks, batch_size: int, shardings, layout: str) -> dict:
     """Scores the whole fixed eval set: per-task loss and metrics, and the mean task-attention map."""
-    shardings = None
     predictions = {t.name: [] for t in tasks}
     labels = {t.name: [] for t in tasks}
     token_masks = {t.name: [] for t in tasks}
     loss_sum, count, attention = 0.0, 0.0, []
     for host_batch in source.eval_batches(batch_size):
-        shardings = shardings or sharding.batch_shardings(host_batch, mesh, layout)
-        out = eval_step(state, sharding.shard_batch(host_batch, shardings, layout))
-        out = multihost_utils.process_allgather(out, tiled=True)
+        out = jax.device_get(eval_step(state, sharding.shard_batch(host_batch, shardings, layout)))
         loss_sum, count = loss_sum + out["loss_sum"], count + out["count"]
         if "task_attention" in out:
             attention.append(out["task_attention"])
@@ -162,5 +203,5 @@ def run_eval(eval_step, state, source, tasks, batch_size: int, mesh, layout: str
             metrics[f"{t.name}/baseline_{name}"] = value
     if attention:
         metrics["task_attention"] = np.mean(attention, axis=0).round(4).tolist()
+    logging.info("eval: %s", {k: v for k, v in metrics.items() if k != "task_attention"})
     return metrics
-

@@ -31,7 +31,7 @@ class TrainState:
     params: PyTree            # {"model": ..., "weighting": ...}
     opt_state: PyTree
     weighting_state: PyTree
-    rng: jax.Array
+    rng: jax.Array            # raw key data (uint32), so that checkpoints hold plain arrays
     skipped_steps: jax.Array  # updates not applied because the loss or gradient was not finite
 
 
@@ -64,7 +64,7 @@ def init_state(rng: jax.Array, model: nn.Module, method: WeightingMethod,
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, sample_inputs, train=False)
     params = {"model": variables["params"], "weighting": method.init_params()}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      weighting_state=method.init_state(), rng=state_rng,
+                      weighting_state=method.init_state(), rng=jax.random.key_data(state_rng),
                       skipped_steps=jnp.zeros((), jnp.int32))
 
 
@@ -86,22 +86,58 @@ def task_losses(tasks: Sequence[TaskSpec], outputs: dict, batch: dict, layout: s
     return jnp.stack(losses)
 
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],
-               layout: str, method: WeightingMethod,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One update. A non-finite loss or gradient leaves params, optimizer and weighting untouched."""
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+def microbatches(batch: dict, layout: str, num_micro: int) -> dict:
+    """Splits the examples into ``num_micro`` strided microbatches on a new leading axis.
 
-    def objective(params):
-        outputs, aux = model.apply({"params": params["model"]}, batch["inputs"], train=True,
-                                   rngs={"dropout": dropout_rng})
-        losses_T = task_losses(tasks, outputs, batch, layout)
+    Microbatch j holds examples j, j + k, j + 2k, ...: with the example axis sharded over devices, every
+    device keeps a share of every microbatch (contiguous blocks would put each one on a few devices).
+    """
+    def split(path, leaf):
+        axis = 1 if layout == "multi" and path[0].key == "inputs" else 0
+        size = leaf.shape[axis]
+        shape = leaf.shape[:axis] + (size // num_micro, num_micro) + leaf.shape[axis + 1:]
+        return jnp.moveaxis(leaf.reshape(shape), axis + 1, 0)
+    return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],
+               layout: str, method: WeightingMethod, tx: optax.GradientTransformation,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One update. A non-finite loss or gradient leaves params, optimizer and weighting untouched.
+
+    With ``grad_accum_steps = k`` the batch is processed as k microbatches whose gradients and losses
+    are averaged (equal to one big step when every example is kept), in a ``lax.scan`` so that memory
+    holds one microbatch's activations.
+    """
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def objective(params, micro_batch, rng):
+        outputs, aux = model.apply({"params": params["model"]}, micro_batch["inputs"], train=True,
+                                   rngs={"dropout": rng})
+        losses_T = task_losses(tasks, outputs, micro_batch, layout)
         total, weights_T, weighting_state = method.combine(
             params["weighting"], state.weighting_state, losses_T, state.step)
         return total, (losses_T, weights_T, weighting_state, aux)
 
-    (total, (losses_T, weights_T, weighting_state, aux)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if grad_accum_steps == 1:
+        (total, (losses_T, weights_T, weighting_state, aux)), grads = grad_fn(
+            state.params, batch, dropout_rng)
+    else:
+        def accumulate(carry, micro):
+            index, micro_batch = micro
+            (total, extras), grads = grad_fn(state.params, micro_batch,
+                                             jax.random.fold_in(dropout_rng, index))
+            summed = jax.tree.map(jnp.add, carry, (total, extras[0], grads))
+            return summed, extras[1:]
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), jnp.zeros(len(tasks)), state.params))
+        indices = jnp.arange(grad_accum_steps)
+        (total, losses_T, grads), (weights_T, weighting_state, aux) = jax.lax.scan(
+            accumulate, zeros, (indices, microbatches(batch, layout, grad_accum_steps)))
+        total, losses_T, grads = jax.tree.map(lambda x: x / grad_accum_steps, (total, losses_T, grads))
+        # Weights and method state of the last microbatch; the task-attention map averaged.
+        weights_T, weighting_state = jax.tree.map(lambda x: x[-1], (weights_T, weighting_state))
+        aux = jax.tree.map(lambda x: x.mean(0), aux)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)

@@ -26,11 +26,15 @@ def _jsonable(value: Any) -> Any:
 class MetricWriter:
     """Appends one JSON object per call to ``metrics.jsonl`` and logs scalars to TensorBoard."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_after_step: int = 0):
+        """``resume_after_step``: a resumed run first drops records of steps after its checkpoint,
+        which the interrupted attempt wrote but the resumed run will write again."""
         self.enabled = enabled
         self._jsonl = self._tensorboard = None
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(workdir, "metrics.jsonl")
+            _truncate_after(path, resume_after_step)
+            self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
@@ -47,6 +51,22 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            continue
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 class Progress:
