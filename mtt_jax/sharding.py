@@ -21,12 +21,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# In the manner of T5X's standard_logical_axis_rules.
+# In the manner of T5X's standard_logical_axis_rules. Flax applies the rules in order and skips one whose
+# mesh axes are already taken in the array, so ``mlp -> (fsdp, tensor)`` shards the MLP bias over both
+# axes, while in the kernels ``embed`` has claimed ``fsdp`` first and ``mlp`` falls back to ``tensor``.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("task", None),
     ("length", None),
     ("embed", "fsdp"),
+    ("mlp", ("fsdp", "tensor")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),

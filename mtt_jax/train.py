@@ -10,14 +10,17 @@ the host never waits on the device inside the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from mtt_jax import checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
@@ -32,17 +35,38 @@ class NonFiniteLossError(RuntimeError):
     """Raised with ``nonfinite = "halt"`` when a step's loss or gradient is not finite."""
 
 
-def train_and_evaluate(config, workdir: str, quiet: bool = False,
-                       overwrite: bool = False) -> tuple[steps.TrainState, dict]:
-    is_primary = jax.process_index() == 0
-    resuming = workdir_lib.prepare(workdir, config, overwrite)
-    os.makedirs(workdir, exist_ok=True)
+@dataclasses.dataclass
+class Setup:
+    """What a config builds before the first step: data, mesh, model, method, optimizer, shardings."""
+    tasks: tuple
+    source: data.Source
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: nn.Module
+    method: weighting.WeightingMethod
+    tx: optax.GradientTransformation
+    init: Callable            # rng -> boxed TrainState
+    abstract_state: Any       # boxed (logically named) abstract TrainState
+    state_shardings: Any
+    batch_shardings: Any
+    seed: int = 0
 
+    @property
+    def layout(self) -> str:
+        return self.source.layout
+
+    def create_state(self) -> steps.TrainState:
+        """The initial state, created directly sharded (no host copy of the full parameters)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return jax.jit(lambda rng: nn.unbox(self.init(rng)), out_shardings=self.state_shardings)(
+                jax.random.key(self.seed))
+
+
+def build(config) -> Setup:
     # --- Tasks and data -----------------------------------------------------------------------------
     tasks = tuple(tasks_lib.get(name) for name in config.tasks)
     source = data.make_source(config.data.source, config.tasks, seed=config.seed,
                               **dict(config.data.get("options", {})))
-    layout = source.layout
 
     # --- Mesh -----------------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -50,41 +74,58 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     sharding.check_batch_divisible(config.batch_size, mesh)
 
     # --- Model, optimizer, weighting method -----------------------------------------------------------
-    model = build_model(config, tasks, layout, source.input_spec, DTYPES[config.dtype])
+    model = build_model(config, tasks, source.layout, source.input_spec, DTYPES[config.dtype])
     method = weighting.make_method(config.weighting, len(tasks))
     tx = steps.make_optimizer(config.optimizer, config.total_steps)
-    schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
 
     # --- Shard: shapes from eval_shape, shardings from logical names ----------------------------------
     sample_batch = source.train_batch(0, config.batch_size)
-    batch_shardings = sharding.batch_shardings(sample_batch, mesh, layout)
     init = lambda rng: steps.init_state(rng, model, method, tx, jnp.asarray(sample_batch["inputs"]))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_boxed = jax.eval_shape(init, jax.random.key(config.seed))
-    state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
+        abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+    return Setup(tasks=tasks, source=source, mesh=mesh, rules=rules, model=model, method=method, tx=tx,
+                 init=init, abstract_state=abstract_state,
+                 state_shardings=sharding.tree_shardings(abstract_state, mesh, rules),
+                 batch_shardings=sharding.batch_shardings(sample_batch, mesh, source.layout),
+                 seed=config.seed)
+
+
+def compile_train_step(setup: Setup, grad_accum_steps: int = 1) -> Callable:
+    """``(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state donated."""
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        steps.bind(steps.train_step, model=setup.model, tasks=setup.tasks, layout=setup.layout,
+                   method=setup.method, tx=setup.tx, grad_accum_steps=grad_accum_steps),
+        in_shardings=(setup.state_shardings, setup.batch_shardings),
+        out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
+
+
+def train_and_evaluate(config, workdir: str, quiet: bool = False,
+                       overwrite: bool = False) -> tuple[steps.TrainState, dict]:
+    is_primary = jax.process_index() == 0
+    resuming = workdir_lib.prepare(workdir, config, overwrite)
+    os.makedirs(workdir, exist_ok=True)
+    setup = build(config)
+    tasks, source, mesh, rules, layout = setup.tasks, setup.source, setup.mesh, setup.rules, setup.layout
+    schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
 
     # --- Checkpoint: restore the newest readable one, or create the state directly sharded ----------
     checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint_every, config.keep)
     state = None
     if resuming:
         state = checkpointer.restore_latest(
-            checkpoint.abstract_like(nn.unbox(abstract_boxed), state_shardings))
+            checkpoint.abstract_like(nn.unbox(setup.abstract_state), setup.state_shardings))
     if state is None:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=state_shardings)(
-                jax.random.key(config.seed))
+        state = setup.create_state()
 
     # --- Update and eval steps --------------------------------------------------------------------------
+    train_step = compile_train_step(setup, config.grad_accum_steps)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_step = jax.jit(
-        steps.bind(steps.train_step, model=model, tasks=tasks, layout=layout, method=method, tx=tx,
-                   grad_accum_steps=config.grad_accum_steps),
-        in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,))
     eval_batch_shardings = sharding.batch_shardings(
         source.train_batch(0, config.eval_batch_size), mesh, layout)
-    eval_step = jax.jit(steps.bind(steps.eval_step, model=model, tasks=tasks, layout=layout),
-                        in_shardings=(state_shardings, eval_batch_shardings), out_shardings=replicated)
+    eval_step = jax.jit(steps.bind(steps.eval_step, model=setup.model, tasks=tasks, layout=layout),
+                        in_shardings=(setup.state_shardings, eval_batch_shardings),
+                        out_shardings=replicated)
 
     # --- Writers ------------------------------------------------------------------------------------------
     first_step = int(state.step)
@@ -130,7 +171,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
         try:
             for step in range(first_step, config.total_steps):
                 batch = sharding.shard_batch(source.train_batch(step, config.batch_size),
-                                             batch_shardings, layout)
+                                             setup.batch_shardings, layout)
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     log_train(*pending)

@@ -1,0 +1,134 @@
+"""Scale-out (DESIGN §6): the same numbers on 1 device and on 8 with any mesh; fsdp memory; gradient
+accumulation; bf16."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config, seqtasks as seqtasks_config
+from mtt_jax import sharding, train
+from mtt_jax.train_step import TrainState
+
+
+def seq_config(**mesh):
+    config = seqtasks_config.get_config("tiny")
+    config.model.num_heads = 4
+    config.eval_every, config.log_every = 20, 5
+    for key, value in mesh.items():
+        config.mesh[key] = value
+    return config
+
+
+def run_metrics(config, workdir):
+    _, final = train.train_and_evaluate(config, str(workdir), quiet=True)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        train_losses = [json.loads(l)["loss"] for l in f if '"train"' in l]
+    return np.asarray(train_losses), final
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    return run_metrics(seq_config(num_devices=1, data=1), tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_eight_devices_match_one_device(one_device, tmp_path, data, fsdp, tensor):
+    losses, final = run_metrics(seq_config(data=data, fsdp=fsdp, tensor=tensor), tmp_path)
+    ref_losses, ref_final = one_device
+    assert len(losses) == 4
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-4)
+    for key, value in ref_final.items():
+        if isinstance(value, float):
+            np.testing.assert_allclose(final[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_mesh_shape_resolution_and_errors():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def per_device_bytes(tree):
+    leaves = jax.tree.leaves(tree)
+    device = leaves[0].addressable_shards[0].device
+    return sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+    config = default_config.get_config()
+    config.mesh.data, config.mesh.fsdp = 1, 8
+    setup = train.build(config)
+    state = setup.create_state()
+    tree = (state.params, state.opt_state)
+    total = sum(x.nbytes for x in jax.tree.leaves(tree))
+    per_device = per_device_bytes(tree)
+    print(f"fsdp=8: {per_device} of {total} bytes per device ({per_device / total:.4f})")
+    assert per_device <= total / 8 * 1.05
+    kernel = state.params["model"]["trunk"]["block_0"]["mlp"]["wi"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_tensor_parallel_shards_mlp_and_heads():
+    config = default_config.get_config()
+    config.mesh.data, config.mesh.tensor = 4, 2
+    setup = train.build(config)
+    specs = jax.tree.map(lambda s: s.spec, setup.state_shardings.params["model"]["trunk"]["block_0"])
+    P = jax.sharding.PartitionSpec  # the fsdp axis has size 1 in this mesh
+    assert specs["mlp"]["wi"]["kernel"] == P("fsdp", "tensor")
+    assert specs["mlp"]["wi"]["bias"] == P(("fsdp", "tensor"))
+    assert specs["attention"]["query"]["kernel"] == P("fsdp", "tensor", None)
+    assert specs["attention"]["out"]["kernel"] == P("tensor", None, "fsdp")
+
+
+def test_grad_accumulation_equals_one_big_step():
+    """grad_accum_steps = 4 with microbatches of 8 == one step on the batch of 32."""
+    config = default_config.get_config("tiny")
+    config.batch_size = 32
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.source.train_batch(3, 32), setup.batch_shardings, "single")
+    results = []
+    for accum in (1, 4):
+        state, metrics = train.compile_train_step(setup, accum)(setup.create_state(), batch)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (params_1, metrics_1), (params_4, metrics_4) = results
+    np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1)
+
+
+def test_nonfinite_batch_is_not_applied():
+    config = default_config.get_config("tiny")
+    setup = train.build(config)
+    host = setup.source.train_batch(0, config.batch_size)
+    host["inputs"][0, 0, 0] = np.nan
+    before = jax.device_get(setup.create_state())
+    state, metrics = train.compile_train_step(setup)(setup.create_state(),
+                                                     sharding.shard_batch(host, setup.batch_shardings,
+                                                                          "single"))
+    assert not bool(metrics["finite"])
+    assert int(state.skipped_steps) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
+
+
+def test_bf16_computes_in_bf16_with_f32_params_and_losses():
+    config = default_config.get_config("tiny")
+    config.dtype = "bfloat16"
+    setup = train.build(config)
+    state = setup.create_state()
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    batch = setup.source.train_batch(0, config.batch_size)
+    outputs, _ = setup.model.apply({"params": state.params["model"]}, jnp.asarray(batch["inputs"]))
+    assert outputs["left_digit"].dtype == jnp.float32  # heads cast back for the loss
+    jaxpr = jax.make_jaxpr(lambda p: setup.model.apply({"params": p}, jnp.asarray(batch["inputs"])))(
+        state.params["model"])
+    assert "bf16" in str(jaxpr)
+    _, metrics = train.compile_train_step(setup)(state, sharding.shard_batch(
+        batch, setup.batch_shardings, "single"))
+    assert metrics["loss"].dtype == jnp.float32 and bool(metrics["finite"])
