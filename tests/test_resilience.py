@@ -1,0 +1,166 @@
+"""Reliability (DESIGN §7): resume after SIGKILL equals an uninterrupted run, SIGTERM saves and exits 0,
+a damaged latest checkpoint falls back to the one before, non-finite losses skip or halt, and several
+processes compute what one does."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import seqtasks as seqtasks_config
+from launch import local
+from mtt_jax import checkpoint, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--config=configs/seqtasks.py:tiny", "--config.total_steps=60", "--config.checkpoint_every=10",
+        "--config.eval_every=30", "--config.log_every=5", "--quiet"]
+
+
+def cli(workdir, *extra, devices=2):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "mtt_jax.main", f"--workdir={workdir}", *ARGS, *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def records(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def wait_for_step(workdir, step, process, timeout=240):
+    """Polls metrics.jsonl until a train record at ``step`` or later appears."""
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = [json.loads(l)["step"] for l in f if l.strip().endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    process = cli(workdir)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    return workdir
+
+
+def test_sigkill_then_same_command_matches_uninterrupted_run(uninterrupted, tmp_path):
+    process = cli(tmp_path)
+    wait_for_step(tmp_path, 25, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(tmp_path / "summary.md")
+    resumed = cli(tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    ours, reference = records(tmp_path, "eval")[-1], records(uninterrupted, "eval")[-1]
+    assert ours["step"] == reference["step"] == 60
+    for key, value in reference.items():
+        if isinstance(value, float):
+            np.testing.assert_allclose(ours[key], value, rtol=1e-5, err_msg=key)
+    # The log holds each step once: records the killed attempt wrote after its checkpoint were dropped.
+    steps = [r["step"] for r in records(tmp_path, "train")]
+    assert steps == sorted(set(steps)) == list(range(5, 61, 5))
+
+
+def test_sigterm_saves_at_the_step_reached_and_exits_zero(tmp_path):
+    process = cli(tmp_path, "--config.checkpoint_every=1000")
+    wait_for_step(tmp_path, 12, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert len(saved) == 1 and 12 <= saved[0] < 60
+    assert not os.path.exists(tmp_path / "summary.md")  # an interrupted run is not presented as done
+    resumed = cli(tmp_path, "--config.checkpoint_every=1000")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and os.path.exists(tmp_path / "summary.md"), err[-2000:]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, caplog):
+    config = seqtasks_config.get_config("tiny")
+    config.total_steps, config.checkpoint_every = 60, 10
+    setup = train.build(config)
+    ckpt_dir = os.path.join(uninterrupted, "checkpoints")
+    latest = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    # Truncate every data file of the newest checkpoint to half its size.
+    for root, _, files in os.walk(os.path.join(ckpt_dir, str(latest))):
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+    checkpointer = checkpoint.Checkpointer(str(uninterrupted), 10, 3)
+    abstract = checkpoint.abstract_like(jax.tree.map(lambda x: x, train.nn.unbox(setup.abstract_state)),
+                                        setup.state_shardings)
+    state = checkpointer.restore_latest(abstract)
+    checkpointer.close()
+    assert state is not None and int(state.step) == latest - 10
+    assert any("unreadable" in r.message for r in caplog.records)
+
+
+def inject_nan_at(monkeypatch, bad_step):
+    make_source = data.make_source
+
+    def patched(*args, **kwargs):
+        source = make_source(*args, **kwargs)
+        original = source.train_batch
+
+        def train_batch(step, batch_size):
+            batch = original(step, batch_size)
+            if step == bad_step:
+                batch["labels"]["mean_value"] = batch["labels"]["mean_value"] * np.nan
+            return batch
+        source.train_batch = train_batch
+        return source
+    monkeypatch.setattr(data, "make_source", patched)
+
+
+def test_injected_nan_is_skipped(monkeypatch, tmp_path):
+    inject_nan_at(monkeypatch, bad_step=7)
+    config = seqtasks_config.get_config("tiny")
+    config.log_every = 1
+    state, final = train.train_and_evaluate(config, str(tmp_path), quiet=True)
+    assert int(state.skipped_steps) == 1 and int(state.step) == config.total_steps
+    skipped = [r["step"] for r in records(tmp_path, "train") if r["skipped"]]
+    assert skipped == [8]  # the update of batch 7 is step 8's record
+    assert np.isfinite(final["mean_value/mse"])
+
+
+def test_injected_nan_halts_with_checkpoint_kept(monkeypatch, tmp_path):
+    inject_nan_at(monkeypatch, bad_step=13)
+    config = seqtasks_config.get_config("tiny")
+    config.nonfinite, config.checkpoint_every = "halt", 10
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss or gradient at step 14"):
+        train.train_and_evaluate(config, str(tmp_path), quiet=True)
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [10]
+
+
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+    args = ["--config=configs/seqtasks.py:tiny", "--quiet"]
+    out = io.StringIO()
+    status = local.launch(2, 4, args + [f"--workdir={tmp_path / 'two'}"], timeout=300, out=out)
+    assert status == 0, out.getvalue()[-3000:]
+    config = seqtasks_config.get_config("tiny")
+    _, single = train.train_and_evaluate(config, str(tmp_path / "one"), quiet=True)
+    two = records(tmp_path / "two", "eval")[-1]
+    assert len(jax.devices()) == 8
+    for key, value in single.items():
+        if isinstance(value, float):
+            np.testing.assert_allclose(two[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    ones = [r["loss"] for r in records(tmp_path / "one", "train")]
+    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "two", "train")], ones, rtol=1e-4)
