@@ -96,6 +96,19 @@ class MultiTaskTransformer(nn.Module):
             outputs[t.name] = self.heads[t.name](features)
         return outputs, aux
 
+    def encode_task(self, tokens_BxL: jax.Array, task_index: jax.Array,
+                    train: bool = False) -> jax.Array:
+        """Multi-input, one task's examples ``[B, L]`` -> ``[B, L, D]``; ``task_index`` may be traced.
+
+        Equal to slice ``task_index`` of `encode`; it lets the step ``vmap`` the trunk over the task
+        axis with one parameter copy per task, which yields every task's gradient in one backward pass.
+        """
+        token_mask_BxL = tokens_BxL != 0
+        x_BxLxD = self.positions(self.embed(tokens_BxL))
+        if self.task_encoder:
+            x_BxLxD = x_BxLxD + self.task_features()[task_index].astype(x_BxLxD.dtype)
+        return self.trunk(x_BxLxD, token_mask_BxL, train)
+
     def _encode_single(self, image_BxHxW: jax.Array, train: bool) -> jax.Array:
         """One shared sequence per example; each task's stream is its task token (or the mean output)."""
         num_tasks = len(self.tasks)

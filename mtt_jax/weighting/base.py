@@ -1,14 +1,26 @@
-"""The interface every loss-weighting method implements (DESIGN §5).
+"""The interface every multi-task weighting method implements (DESIGN §5).
 
-A method is a pure, immutable object built from ``config.weighting``. It owns two pytrees:
+A method is a pure, immutable object built from ``config.weighting`` (options = the paper's
+hyperparameters). It owns two pytrees:
 
 - ``params``: trainable method parameters (e.g. uncertainty's log-variances); they live in the train
   state's params under ``"weighting"`` and are updated by the main optimizer, like the model.
-- ``state``: non-trainable method state (EMAs, previous losses); it lives in the train state as
-  ``weighting_state`` and is checkpointed with it.
+- ``state``: non-trainable method state (EMAs, epoch means, logits a method updates by its own rule and
+  that rule's optimizer state); it lives in the train state as ``weighting_state`` and is checkpointed
+  with it. Shapes and dtypes are fixed at init, so the step compiles once.
 
-`combine` maps the per-task losses ``L_t`` to the scalar the step differentiates, the task weights
-``w_t`` that are logged as ``weight/<task>``, and the new state. Everything inside is jax and runs in f32.
+What a method consumes is declared by ``requires``; the step calls exactly one of:
+
+- ``"losses"``: ``combine`` maps the per-task losses ``L_t`` to the scalar the step differentiates. The
+  logged weights are the applied ones, ``d total / d L_t``.
+- ``"gram"``: ``gram_weights`` maps the Gram matrix ``K = G G^T`` of the per-task gradients on the shared
+  parameters to coefficients ``c_t``; the step applies ``d = sum_t c_t g_t`` (e.g. by differentiating
+  ``sum_t stop_gradient(c_t) L_t``). The coefficients are what is logged.
+- ``"grads"``: ``aggregate`` maps the per-task gradients themselves (leaves with a leading ``T`` axis)
+  to the update direction for the shared parameters.
+
+``step`` is the int32 count of updates so far (0-based); ``rng`` a typed PRNG key, or None for
+deterministic methods. Everything inside is jax, in f32, and compiles under ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -24,21 +36,95 @@ PyTree = Any
 
 class WeightingMethod(abc.ABC):
     name: str = ""
+    requires: str = "losses"                 # "losses" | "gram" | "grads"
+    needs_losses_after_step: bool = False    # FAMO: call `after_step` with the same batch's new losses
 
     def __init__(self, num_tasks: int):
+        if num_tasks < 1:
+            raise ValueError(f"{type(self).__name__} needs num_tasks >= 1, got {num_tasks}")
         self.num_tasks = num_tasks
 
     def init_params(self) -> PyTree:
+        """Parameters trained by the main optimizer; ``{}`` if none."""
         return {}
 
     def init_state(self) -> PyTree:
+        """Non-trainable state with fixed shapes; ``{}`` if none."""
         return {}
 
-    @abc.abstractmethod
-    def combine(self, params: PyTree, state: PyTree, losses_T: jax.Array,
-                step: jax.Array) -> tuple[jax.Array, jax.Array, PyTree]:
-        """Returns ``(total_loss, weights_T, new_state)``."""
+    def init_state_for(self, shared_shapes: PyTree) -> PyTree:
+        """The state, for methods whose state mirrors the shared parameters (DB-MTL's gradient EMA).
+
+        ``shared_shapes`` is a pytree of ``jax.ShapeDtypeStruct`` (or arrays) shaped like one task's
+        gradient on the shared parameters. Callers that support ``requires == "grads"`` should always
+        use this; other methods ignore the shapes.
+        """
+        del shared_shapes
+        return self.init_state()
+
+    def transform_losses(self, params: PyTree, losses_T: jax.Array) -> jax.Array:
+        """Losses to take the per-task gradients of (gram / grads methods); identity unless a method
+        rescales them with learned parameters first (IMTL-L)."""
+        del params
+        return losses_T
+
+    def combine(self, params: PyTree, state: PyTree, losses_T: jax.Array, step: jax.Array,
+                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, PyTree]:
+        """``requires == "losses"``: returns ``(total_loss, weights_T, new_state)``."""
+        raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not losses only")
+
+    def gram_weights(self, state: PyTree, gram_TxT: jax.Array, losses_T: jax.Array, step: jax.Array,
+                     rng: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+        """``requires == "gram"``: returns ``(coeffs_T, new_state)``; the step applies sum_t c_t g_t."""
+        raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not the Gram matrix")
+
+    def aggregate(self, state: PyTree, grads_T: PyTree, losses_T: jax.Array, step: jax.Array,
+                  rng: jax.Array | None = None) -> tuple[PyTree, jax.Array, PyTree]:
+        """``requires == "grads"``: returns ``(direction, weights_T, new_state)``; ``direction`` is
+        shaped like one task's gradient, ``weights_T`` is for logging."""
+        raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not per-task grads")
+
+    def after_step(self, state: PyTree, losses_before_T: jax.Array,
+                   losses_after_T: jax.Array) -> PyTree:
+        """Called after the parameter update with the same batch's losses before and after
+        (only when ``needs_losses_after_step``)."""
+        del losses_before_T, losses_after_T
+        return state
 
     @staticmethod
     def weighted_sum(weights_T: jax.Array, losses_T: jax.Array) -> jax.Array:
         return jnp.sum(jax.lax.stop_gradient(weights_T) * losses_T.astype(jnp.float32))
+
+
+def require_rng(method: WeightingMethod, rng: jax.Array | None) -> jax.Array:
+    """The key of a stochastic method; a missing key is a wiring error, caught at trace time."""
+    if rng is None:
+        raise ValueError(f"weighting {method.name!r} is stochastic: pass rng (a jax.random.key)")
+    return rng
+
+
+def as_gram(gram_TxT: jax.Array, num_tasks: int) -> jax.Array:
+    """The Gram matrix in f32, its shape checked at trace time."""
+    gram_TxT = jnp.asarray(gram_TxT, jnp.float32)
+    if gram_TxT.shape != (num_tasks, num_tasks):
+        raise ValueError(f"Gram matrix has shape {gram_TxT.shape}, expected {(num_tasks, num_tasks)}")
+    return gram_TxT
+
+
+def clamp_losses(losses_T: jax.Array, min_loss: float) -> jax.Array:
+    """``max(L_t, min_loss)`` in f32, for methods that take ``log L`` or divide by ``L`` (need L > 0)."""
+    return jnp.maximum(losses_T.astype(jnp.float32), min_loss)
+
+
+def validate_choice(method: str, option: str, value, choices) -> None:
+    if value not in choices:
+        choices = ", ".join(map(str, choices))
+        raise ValueError(f"weighting.{method}.{option}={value!r}; choose one of: {choices}")
+
+
+def validate_range(method: str, option: str, value: float, low: float, high: float = float("inf"),
+                   *, low_open: bool = False) -> None:
+    ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"weighting.{method}.{option}={value!r} must be in {bracket}{low}, {high}]")

@@ -1,4 +1,4 @@
-"""Loss-based weighting methods: the weights depend on the losses (or on nothing), not on gradients."""
+"""Loss-based weighting without memory: the weights depend on the current losses (or on nothing)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,36 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.weighting.base import WeightingMethod
+from mtt_jax.weighting.base import WeightingMethod, clamp_losses, require_rng, validate_range
 
 
 class EqualWeighting(WeightingMethod):
-    """EW / linear scalarization: ``L = sum_t L_t`` (weight 1 per task, LibMTL's convention)."""
+    """EW / linear scalarization: ``L = sum_t L_t``.
+
+    Weight 1 per task (LibMTL's convention; its docstring says 1/T), so ``d = sum_t g_t``: sum scale.
+    """
     name = "ew"
 
-    def combine(self, params, state, losses_T, step):
+    def combine(self, params, state, losses_T, step, rng=None):
         weights_T = jnp.ones((self.num_tasks,), jnp.float32)
         return self.weighted_sum(weights_T, losses_T), weights_T, state
 
 
 class FixedWeighting(WeightingMethod):
-    """Fixed weights from the config: ``L = sum_t w_t L_t`` (founding document §3.4); empty = all 1."""
+    """Fixed weights from the config: ``L = sum_t w_t L_t`` (founding document §3.4); empty = all 1.
+
+    The weights come from ``weighting.weights`` (or ``weighting.fixed.weights``); sum scale for all-ones.
+    """
     name = "fixed"
 
-    def __init__(self, num_tasks: int, weights: Sequence[float]):
+    def __init__(self, num_tasks: int, weights: Sequence[float] = ()):
         super().__init__(num_tasks)
         weights = tuple(weights) or (1.0,) * num_tasks  # empty: all ones
         if len(weights) != num_tasks:
             raise ValueError(f"weighting.weights has {len(weights)} entries for {num_tasks} tasks")
         self.weights = tuple(float(w) for w in weights)
 
-    def combine(self, params, state, losses_T, step):
+    def combine(self, params, state, losses_T, step, rng=None):
         weights_T = jnp.asarray(self.weights, jnp.float32)
         return self.weighted_sum(weights_T, losses_T), weights_T, state
 
@@ -53,8 +59,45 @@ class UncertaintyWeighting(WeightingMethod):
     def init_params(self):
         return {"log_var": jnp.full((self.num_tasks,), self.init_log_var, jnp.float32)}
 
-    def combine(self, params, state, losses_T, step):
+    def combine(self, params, state, losses_T, step, rng=None):
         log_var_T = params["log_var"]
         losses_T = losses_T.astype(jnp.float32)
         total = jnp.sum(0.5 * jnp.exp(-log_var_T) * losses_T + 0.5 * log_var_T)
         return total, jax.lax.stop_gradient(0.5 * jnp.exp(-log_var_T)), state
+
+
+class RandomLossWeighting(WeightingMethod):
+    """RLW (Lin, Ye, Zhang & Tsang, TMLR 2022, Alg. 1 with the Normal sampler): every step draws
+    ``z ~ N(0, I_T)`` from ``rng`` and uses ``w = softmax(z)``.
+
+    Weights sum to 1: mean-like scale, T x smaller than EW. Paper = LibMTL (Normal; LibMTL 1.1.5 also had
+    Uniform/Dirichlet/Bernoulli samplers, not offered here). Stochastic: needs ``rng``.
+    """
+    name = "rlw"
+
+    def combine(self, params, state, losses_T, step, rng=None):
+        z_T = jax.random.normal(require_rng(self, rng), (self.num_tasks,), jnp.float32)
+        weights_T = jax.nn.softmax(z_T)
+        return self.weighted_sum(weights_T, losses_T), weights_T, state
+
+
+class GeometricLossWeighting(WeightingMethod):
+    """GLS (Chennupati et al., CVPR-W 2019, eq. 2): minimise the geometric mean ``(prod_t L_t)^(1/T)``.
+
+    Computed stably as ``exp(mean_t log L_t)``; its gradient is ``d = gm / T * sum_t g_t / L_t``, so the
+    logged (applied) weights are ``gm / (T L_t)`` -- not LibMTL's ``L_t / (T prod L)``, which is wrong.
+    Needs ``L_t > 0``: losses are clamped at ``min_loss`` (default 1e-8; below it the task gets no
+    gradient). Scale: for equal losses the weights are 1/T each (mean-like).
+    """
+    name = "gls"
+
+    def __init__(self, num_tasks: int, min_loss: float = 1e-8):
+        super().__init__(num_tasks)
+        validate_range(self.name, "min_loss", min_loss, 0.0, low_open=True)
+        self.min_loss = float(min_loss)
+
+    def combine(self, params, state, losses_T, step, rng=None):
+        losses_T = clamp_losses(losses_T, self.min_loss)
+        total = jnp.exp(jnp.mean(jnp.log(losses_T)))
+        weights_T = jax.lax.stop_gradient(total / (self.num_tasks * losses_T))
+        return total, weights_T, state

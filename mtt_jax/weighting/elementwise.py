@@ -1,0 +1,107 @@
+"""Methods that need the per-task gradients themselves, coordinate by coordinate or across steps:
+GradDrop and DB-MTL.
+
+``grads_T`` is a pytree shaped like the shared parameters with a leading task axis on every leaf; the
+returned direction is shaped like one task's gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtt_jax.weighting.base import PyTree, WeightingMethod, clamp_losses, require_rng, validate_range
+
+
+def _per_task_sum(tree_T: PyTree, fn) -> jax.Array:
+    """``sum`` over all leaves and all non-task axes of ``fn(leaf)``: a ``[T]`` vector."""
+    leaves = jax.tree.leaves(tree_T)
+    return sum(jnp.sum(fn(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
+
+
+class GradDrop(WeightingMethod):
+    """GradDrop (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
+    Dropout", NeurIPS 2020, eq. 1-3).
+
+    Per coordinate: purity ``P = (1 + sum_t g_t / sum_t |g_t|) / 2``, one ``U ~ Uniform(0, 1)`` shared by
+    the tasks; task t keeps ``g_t`` if ``g_t > 0`` and ``P > U`` or ``g_t < 0`` and ``P < U``; dropped
+    components are scaled by ``leak`` (default 0, LibMTL); ``d = sum_t kept g_t`` (sum scale; not in the
+    span of the gradients). The paper applies this to gradients at an activation layer, with
+    ``g_t * sign(activation)`` summed over the batch; this version works on the shared-parameter gradients
+    it is given -- it is the paper's rule only if the step supplies representation gradients.
+    Logged weights: the fraction of each task's L1 gradient mass that was kept. Stochastic.
+    """
+    name = "graddrop"
+    requires = "grads"
+
+    def __init__(self, num_tasks: int, leak: float = 0.0):
+        super().__init__(num_tasks)
+        validate_range(self.name, "leak", leak, 0.0, 1.0)
+        self.leak = float(leak)
+
+    def aggregate(self, state, grads_T, losses_T, step, rng=None):
+        leaves, treedef = jax.tree.flatten(grads_T)
+        keys = jax.random.split(require_rng(self, rng), max(len(leaves), 1))
+
+        def drop(grad_T, key):
+            grad_T = grad_T.astype(jnp.float32)
+            total = jnp.sum(grad_T, axis=0)
+            mass = jnp.sum(jnp.abs(grad_T), axis=0)
+            purity = 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0))
+            uniform = jax.random.uniform(key, total.shape, jnp.float32)
+            keep_T = ((purity > uniform) & (grad_T > 0)) | ((purity < uniform) & (grad_T < 0))
+            return jnp.where(keep_T, grad_T, self.leak * grad_T)
+
+        kept_T = jax.tree.unflatten(treedef, [drop(g, k) for g, k in zip(leaves, keys)])
+        direction = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), kept_T)
+        kept_mass_T = _per_task_sum(kept_T, jnp.abs)
+        mass_T = _per_task_sum(grads_T, lambda leaf: jnp.abs(leaf.astype(jnp.float32)))
+        return direction, kept_mass_T / jnp.where(mass_T > 0, mass_T, 1.0), state
+
+
+class DBMTL(WeightingMethod):
+    """DB-MTL (Lin et al., "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029, 2023, Alg. 1).
+
+    Loss balancing: the gradients of ``log L_t`` are ``g_t / L_t`` (losses clamped at ``min_loss``,
+    1e-8). Gradient balancing: an EMA buffer ``b_t <- (1 - beta_k) g_t / L_t + beta_k b_t`` with
+    ``beta_k = beta / k^sigma`` (k = step + 1), zero-initialised without bias correction, and
+    ``d = sum_t (max_s |b_s| / |b_t|) b_t``: every buffer rescaled to the largest norm. The logged
+    weights are those factors. Defaults ``beta=0.9``, ``sigma=0`` (LibMTL). Scale: the first steps are
+    small -- 0.1x the steady state at step 1, 0.19x at step 2.
+
+    The buffer mirrors the shared parameters, so the state must be built with
+    ``init_state_for(shared_shapes)`` (a pytree of ``jax.ShapeDtypeStruct`` shaped like one task's
+    gradient); the buffer is ``[T, *shape]`` f32 per leaf.
+    """
+    name = "db_mtl"
+    requires = "grads"
+
+    def __init__(self, num_tasks: int, beta: float = 0.9, sigma: float = 0.0, min_loss: float = 1e-8):
+        super().__init__(num_tasks)
+        validate_range(self.name, "beta", beta, 0.0, 1.0)
+        validate_range(self.name, "sigma", sigma, 0.0)
+        validate_range(self.name, "min_loss", min_loss, 0.0, low_open=True)
+        self.beta, self.sigma, self.min_loss = float(beta), float(sigma), float(min_loss)
+
+    def init_state(self) -> PyTree:
+        raise ValueError("weighting 'db_mtl' keeps a gradient EMA shaped like the shared parameters: "
+                         "build its state with init_state_for(shared_shapes)")
+
+    def init_state_for(self, shared_shapes: PyTree) -> PyTree:
+        zeros = lambda s: jnp.zeros((self.num_tasks, *s.shape), jnp.float32)
+        return {"buffer": jax.tree.map(zeros, shared_shapes)}
+
+    def aggregate(self, state, grads_T, losses_T, step, rng=None):
+        step_count = jnp.asarray(step, jnp.float32) + 1.0
+        beta = self.beta / step_count ** self.sigma
+        inverse_T = 1.0 / clamp_losses(losses_T, self.min_loss)
+
+        def update(buffer_T, grad_T):
+            log_grad_T = grad_T.astype(jnp.float32) * inverse_T.reshape((-1,) + (1,) * (grad_T.ndim - 1))
+            return (1.0 - beta) * log_grad_T + beta * buffer_T
+
+        buffer = jax.tree.map(update, state["buffer"], grads_T)
+        norms_T = jnp.sqrt(_per_task_sum(buffer, jnp.square))
+        scale_T = jnp.where(norms_T > 0, jnp.max(norms_T) / jnp.where(norms_T > 0, norms_T, 1.0), 0.0)
+        direction = jax.tree.map(lambda leaf: jnp.tensordot(scale_T, leaf, axes=1), buffer)
+        return direction, scale_T, {"buffer": buffer}

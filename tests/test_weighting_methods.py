@@ -1,0 +1,539 @@
+"""The weighting zoo on hand-checkable cases: per-task gradient matrices G (T x P) built in numpy,
+``K = G G^T`` handed to the method, and ``d = G^T c`` compared with the paper's formula or a float64
+reference. Every (method, T, options) is jitted once and reused."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mtt_jax import weighting
+from mtt_jax.weighting import projection
+
+GRAM_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "gram")
+GRADS_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "grads")
+
+
+def make(name, num_tasks=3, **options):
+    config = ml_collections.ConfigDict({"name": name, name: options})
+    return weighting.make_method(config, num_tasks)
+
+
+@functools.cache
+def compiled(name, num_tasks, options=()):
+    """``(method, jitted entry point)`` for ``requires``; cached so each variant compiles once."""
+    method = make(name, num_tasks, **dict(options))
+    entry = {"losses": method.combine, "gram": method.gram_weights, "grads": method.aggregate}
+    return method, jax.jit(entry[method.requires])
+
+
+def gram_direction(name, g_TxP, losses=None, step=0, seed=0, state=None, **options):
+    """``(d, coeffs, new_state)`` of a Gram method on the gradient rows of ``g_TxP``."""
+    g_TxP = np.asarray(g_TxP, np.float64)
+    num = g_TxP.shape[0]
+    method, fn = compiled(name, num, tuple(sorted(options.items())))
+    state = method.init_state() if state is None else state
+    losses = np.ones(num) if losses is None else losses
+    coeffs, state = fn(state, jnp.asarray(g_TxP @ g_TxP.T, jnp.float32), jnp.asarray(losses, jnp.float32),
+                       jnp.int32(step), jax.random.key(seed))
+    coeffs = np.asarray(coeffs, np.float64)
+    return coeffs @ g_TxP, coeffs, state
+
+
+def as_tree(g_TxP):
+    """Per-task gradients as a two-leaf pytree with a leading task axis (P = 6)."""
+    g_TxP = jnp.asarray(g_TxP, jnp.float32)
+    return {"kernel": g_TxP[:, :4].reshape(-1, 2, 2), "bias": g_TxP[:, 4:]}
+
+
+def flat(tree):
+    return np.concatenate([np.asarray(tree["kernel"]).reshape(-1), np.asarray(tree["bias"]).reshape(-1)])
+
+
+def grads_direction(name, g_TxP, losses=None, step=0, seed=0, state=None, **options):
+    num = g_TxP.shape[0]
+    method, fn = compiled(name, num, tuple(sorted(options.items())))
+    if state is None:
+        state = method.init_state_for(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                                   as_tree(g_TxP)))
+    losses = np.ones(num) if losses is None else losses
+    d, w, state = fn(state, as_tree(g_TxP), jnp.asarray(losses, jnp.float32), jnp.int32(step),
+                     jax.random.key(seed))
+    return flat(d), np.asarray(w), state
+
+
+def random_gradients(seed, num=3, dim=6, scales=(1.0, 3.0, 0.5)):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(num, dim)) * np.asarray(scales[:num])[:, None]
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+# --- Registry -------------------------------------------------------------------------------------------
+
+def test_registry_names_options_and_errors():
+    assert sorted(weighting.METHODS) == sorted([
+        "ew", "fixed", "uncertainty", "dwa", "rlw", "gls", "famo", "stch", "mgda", "pcgrad", "gradvac",
+        "imtl", "cagrad", "nash_mtl", "aligned_mtl", "upgrad", "fairgrad", "gradnorm", "graddrop",
+        "db_mtl"])
+    assert weighting.DEFAULT_OPTIONS["cagrad"]["c"] == 0.5
+    assert weighting.DEFAULT_OPTIONS["gradvac"]["beta"] == 0.5
+    assert weighting.DEFAULT_OPTIONS["dwa"] == {"temperature": 2.0, "epoch_steps": 100}
+    assert make("cagrad", c=0.4).c == 0.4
+    with pytest.raises(ValueError, match=r"^unknown option\(s\) weighting.cagrad.alpha; valid options "
+                                         r"for 'cagrad': c, rescale, max_iters$"):
+        make("cagrad", alpha=1.0)
+    with pytest.raises(ValueError, match="choose one of: aligned_mtl, cagrad"):
+        make("nope")
+    with pytest.raises(ValueError, match="normalization='l1'; choose one of: none, l2, loss, loss"):
+        make("mgda", normalization="l1")
+    # The sub-config wins over the older top-level field; the top-level one still works.
+    config = ml_collections.ConfigDict({"name": "uncertainty", "init_log_var": 0.0,
+                                        "uncertainty": {"init_log_var": 1.0}})
+    assert weighting.make_method(config, 2).init_log_var == 1.0
+    config = ml_collections.ConfigDict({"name": "fixed", "weights": (1.0, 2.0)})
+    assert weighting.make_method(config, 2).weights == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("name", sorted(weighting.METHODS))
+def test_every_method_jits_with_three_tasks(name):
+    method, fn = compiled(name, 3)
+    g_TxP = random_gradients(0)
+    losses, rng, step = jnp.asarray([0.7, 1.3, 2.1]), jax.random.key(1), jnp.int32(5)
+    if method.requires == "losses":
+        params, state = method.init_params(), method.init_state()
+        total, weights, state = fn(params, state, losses, step, rng)
+        grad = jax.grad(lambda l: fn(params, method.init_state(), l, step, rng)[0])(losses)
+        outputs = [total, weights, grad, state]
+        if method.needs_losses_after_step:
+            outputs.append(jax.jit(method.after_step)(state, losses, 0.9 * losses))
+    elif method.requires == "gram":
+        d, coeffs, state = gram_direction(name, g_TxP, losses, step=5, seed=1)
+        outputs = [d, coeffs, state]
+    else:
+        d, weights, state = grads_direction(name, g_TxP, losses, step=5, seed=1)
+        outputs = [d, weights, state]
+    leaves = jax.tree.leaves(outputs)
+    assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+    assert np.asarray(outputs[1]).shape == (3,)
+
+
+# --- Identical, orthogonal and directly opposed gradients -----------------------------------------------
+
+IDENTICAL_SCALE = {  # d = factor * g for T = 3 identical gradients g with |g| = 2 and losses 1
+    "mgda": 1.0, "imtl": 1.0, "upgrad": 1.0, "cagrad": 1.5 / 1.25,          # mean-like; CAGrad (1+c)/(1+c^2)
+    "pcgrad": 3.0, "gradvac": 3.0, "aligned_mtl": 3.0, "gradnorm": 3.0,     # sums
+    "graddrop": 3.0, "db_mtl": 0.3,                                         # DB-MTL: 0.1 x at step 1
+    "nash_mtl": 0.5,                                                        # clipped to |d| = 1
+    "fairgrad": np.sqrt(3.0) / 2.0,                                         # |d|^2 = T without clipping
+}
+
+
+@pytest.mark.parametrize("name", GRAM_METHODS + GRADS_METHODS)
+def test_identical_gradients_give_a_multiple_of_g(name):
+    g = unit(np.arange(1.0, 7.0)) * 2.0
+    g_TxP = np.tile(g, (3, 1))
+    run = gram_direction if name in GRAM_METHODS else grads_direction
+    d = run(name, g_TxP)[0]
+    np.testing.assert_allclose(d, IDENTICAL_SCALE[name] * g, rtol=2e-5, atol=2e-5)
+
+
+ORTHO_NORMS = np.array([1.0, 2.0, 4.0])
+ORTHO_EXPECTED_COEFFS = {
+    "mgda": ORTHO_NORMS ** -2 / np.sum(ORTHO_NORMS ** -2),        # min-norm: a_t ~ 1 / |g_t|^2
+    "imtl": ORTHO_NORMS ** -1 / np.sum(ORTHO_NORMS ** -1),        # equal projections: a_t ~ 1 / |g_t|
+    "nash_mtl": ORTHO_NORMS ** -1 / np.sqrt(3.0),                 # a_t = 1 / |g_t|, then |d| = sqrt(3) -> 1
+    "fairgrad": ORTHO_NORMS ** -1,                                # alpha = 1: K w = 1 / w
+    "aligned_mtl": ORTHO_NORMS.min() / ORTHO_NORMS,               # every direction rescaled to min norm
+    "upgrad": np.full(3, 1 / 3), "pcgrad": np.ones(3), "gradvac": np.ones(3), "gradnorm": np.ones(3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORTHO_EXPECTED_COEFFS))
+def test_orthogonal_gradients(name):
+    g_TxP = np.eye(3, 5) * ORTHO_NORMS[:, None]
+    _, coeffs, _ = gram_direction(name, g_TxP)
+    np.testing.assert_allclose(coeffs, ORTHO_EXPECTED_COEFFS[name], rtol=1e-5, atol=1e-7)
+
+
+def test_directly_opposed_gradients():
+    g = unit(np.array([1.0, -2.0, 0.5, 3.0, 0.0, 1.0]))
+    g_TxP = np.stack([g, -2.0 * g])
+    d, a, _ = gram_direction("mgda", g_TxP)
+    np.testing.assert_allclose(a, [2 / 3, 1 / 3], atol=1e-6)
+    np.testing.assert_allclose(d, 0.0, atol=1e-6)
+    d, a, _ = gram_direction("imtl", g_TxP)  # d . u_1 = d . u_2 = -d . u_1 forces d = 0
+    np.testing.assert_allclose(a, [2 / 3, 1 / 3], atol=1e-5)
+    for name in ("pcgrad", "gradvac"):  # both project onto each other's normal: nothing is left
+        np.testing.assert_allclose(gram_direction(name, g_TxP)[0], 0.0, atol=1e-6)
+    # CAGrad, c = 0.5: g0 = -g/2, w = (1, 0), lambda = c|g0|/|g_w| = 1/4, d = (g0 + g/4) / 1.25.
+    np.testing.assert_allclose(gram_direction("cagrad", g_TxP)[0], -0.2 * g, atol=1e-6)
+    # Aligned-MTL: rank 1, B = v v^T with v ~ (1, -2): a = (-1/5, 2/5) and d = -g.
+    np.testing.assert_allclose(gram_direction("aligned_mtl", g_TxP)[1], [-0.2, 0.4], atol=1e-6)
+    np.testing.assert_allclose(gram_direction("upgrad", g_TxP)[0], 0.0, atol=1e-3)
+    for name in ("nash_mtl", "fairgrad"):  # no solution exists; the ridge keeps the answer finite
+        d, a, _ = gram_direction(name, g_TxP)
+        assert np.all(np.isfinite(a)) and np.all(a > 0)
+    assert np.linalg.norm(gram_direction("nash_mtl", g_TxP)[0]) <= 1.0 + 1e-5
+    # GradDrop keeps, per coordinate, exactly one task's component.
+    d, _, _ = grads_direction("graddrop", g_TxP, seed=3)
+    assert np.all(np.isclose(d, g, atol=1e-7) | np.isclose(d, -2 * g, atol=1e-7))
+
+
+# --- MGDA -----------------------------------------------------------------------------------------------
+
+def reference_min_norm(k_TxT):
+    """Exact float64 min-norm point: best feasible KKT solution over all supports."""
+    num, best = len(k_TxT), None
+    for size in range(1, num + 1):
+        for support in itertools.combinations(range(num), size):
+            s = list(support)
+            kkt = np.block([[k_TxT[np.ix_(s, s)], -np.ones((size, 1))],
+                            [np.ones((1, size)), np.zeros((1, 1))]])
+            a_s = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=None)[0][:size]
+            if np.all(a_s >= -1e-12):
+                a = np.zeros(num)
+                a[s] = np.maximum(a_s, 0) / np.maximum(a_s, 0).sum()
+                if best is None or a @ k_TxT @ a < best @ k_TxT @ best - 1e-15:
+                    best = a
+    return best
+
+
+def test_mgda_two_task_closed_form():
+    for seed in range(5):
+        g_TxP = random_gradients(seed, num=2, scales=(1.0, 0.2 + seed))
+        g1, g2 = g_TxP
+        a1 = np.clip((g2 - g1) @ g2 / np.sum((g1 - g2) ** 2), 0.0, 1.0)
+        _, a, _ = gram_direction("mgda", g_TxP)
+        np.testing.assert_allclose(a, [a1, 1 - a1], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mgda_matches_exact_min_norm_point(seed):
+    g_TxP = random_gradients(seed, num=4, dim=3 + seed, scales=(1.0, 10.0, 0.3, 2.0))  # seed 0: rank 3 < T
+    d, a, _ = gram_direction("mgda", g_TxP)
+    expected = reference_min_norm(g_TxP @ g_TxP.T) @ g_TxP
+    assert np.all(a >= 0) and abs(a.sum() - 1) < 1e-6
+    np.testing.assert_allclose(d, expected, atol=1e-5 * np.abs(g_TxP).max())
+    assert np.all(g_TxP @ d >= d @ d - 1e-5 * np.abs(g_TxP).max() ** 2)  # common descent: g_t.d >= |d|^2
+
+
+def test_mgda_normalizations_combine_normalized_gradients():
+    g_TxP, losses = random_gradients(1, num=3), np.array([0.5, 2.0, 1.0])
+    norms = np.linalg.norm(g_TxP, axis=1)
+    for option, n in (("l2", norms), ("loss", losses), ("loss+", losses * norms)):
+        normalized = g_TxP / n[:, None]
+        _, coeffs, _ = gram_direction("mgda", g_TxP, losses=losses, normalization=option)
+        np.testing.assert_allclose(coeffs * n, reference_min_norm(normalized @ normalized.T), atol=1e-5)
+
+
+# --- PCGrad and GradVac ---------------------------------------------------------------------------------
+
+def test_pcgrad_two_task_projection_by_hand():
+    g_TxP = np.array([[1.0, 0.0], [-1.0, 1.0]])
+    # p1 = g1 - (g1.g2 / |g2|^2) g2 = (1/2, 1/2); p2 = g2 - (g2.g1 / |g1|^2) g1 = (0, 1).
+    d, coeffs, _ = gram_direction("pcgrad", g_TxP)
+    np.testing.assert_allclose(d, [0.5, 1.5], atol=1e-6)
+    np.testing.assert_allclose(coeffs, [2.0, 1.5], atol=1e-6)
+
+
+def reference_surgery(g_TxP, orders, targets=None, beta=0.5):
+    """Plain-vector PCGrad (targets None) or GradVac, visiting in the given orders."""
+    g_TxP = np.asarray(g_TxP, np.float64)
+    targets = None if targets is None else np.array(targets, np.float64)
+    d = np.zeros(g_TxP.shape[1])
+    for i, order in enumerate(orders):
+        p = g_TxP[i].copy()
+        for j in order:
+            if j == i:
+                continue
+            gj = g_TxP[j]
+            if targets is None:
+                if p @ gj < 0:
+                    p = p - (p @ gj) / (gj @ gj) * gj
+                continue
+            cos, t = p @ gj / np.linalg.norm(p) / np.linalg.norm(gj), targets[i, j]
+            if cos < t:
+                p = p + np.linalg.norm(p) * (t * np.sqrt(1 - cos ** 2) - cos * np.sqrt(1 - t ** 2)) / (
+                    np.linalg.norm(gj) * np.sqrt(1 - t ** 2)) * gj
+            targets[i, j] = (1 - beta) * t + beta * cos
+        d += p
+    return d, targets
+
+
+def test_pcgrad_and_gradvac_match_vector_surgery_in_the_same_order():
+    g_TxP = random_gradients(7, num=4, scales=(1.0, 2.0, 0.5, 1.5)) + np.array([[0.3, -2, 0, 0, 1, 0]])
+    orders = np.asarray(projection.visiting_orders(make("pcgrad", 4), jax.random.key(11)))
+    d, _, _ = gram_direction("pcgrad", g_TxP, seed=11)
+    np.testing.assert_allclose(d, reference_surgery(g_TxP, orders)[0], atol=1e-5)
+    # GradVac's first step (targets 0) is PCGrad without self-projection; targets become beta * cos.
+    d1, _, state = gram_direction("gradvac", g_TxP, seed=11)
+    np.testing.assert_allclose(d1, reference_surgery(g_TxP, orders)[0], atol=1e-5)
+    _, targets = reference_surgery(g_TxP, orders, np.zeros((4, 4)))
+    np.testing.assert_allclose(state["target_cos"], targets, atol=1e-6)
+    # The second step uses those targets (and a new order).
+    orders2 = np.asarray(projection.visiting_orders(make("gradvac", 4), jax.random.key(12)))
+    d2, _, _ = gram_direction("gradvac", 0.5 * g_TxP[::-1], seed=12, state=state)
+    np.testing.assert_allclose(d2, reference_surgery(0.5 * g_TxP[::-1], orders2, targets)[0], atol=1e-5)
+
+
+def test_pcgrad_order_is_random_for_three_tasks():
+    g_TxP = np.array([[1.0, 0.0, 0.0], [-0.8, 1.0, 0.2], [-0.5, -1.0, 1.0]])
+    directions = {tuple(np.round(gram_direction("pcgrad", g_TxP, seed=s)[0], 5)) for s in range(12)}
+    assert len(directions) > 1
+
+
+# --- IMTL, Nash-MTL, FairGrad, Aligned-MTL --------------------------------------------------------------
+
+def test_imtl_matches_the_paper_closed_form_and_equal_projections():
+    g_TxP = random_gradients(3, num=3)
+    u_TxP = g_TxP / np.linalg.norm(g_TxP, axis=1, keepdims=True)
+    dmat, umat = g_TxP[0] - g_TxP[1:], u_TxP[0] - u_TxP[1:]
+    a_rest = g_TxP[0] @ umat.T @ np.linalg.inv(dmat @ umat.T)  # eq. 8
+    d, a, _ = gram_direction("imtl", g_TxP)
+    np.testing.assert_allclose(a, np.r_[1 - a_rest.sum(), a_rest], rtol=1e-4, atol=1e-6)
+    assert abs(a.sum() - 1.0) < 1e-5
+    projections = u_TxP @ d
+    np.testing.assert_allclose(projections, projections[0], rtol=1e-5)
+
+
+def test_imtl_direction_is_invariant_to_rescaling_one_task():
+    g_TxP = random_gradients(4, num=3)
+    scaled = g_TxP * np.array([[1.0], [7.0], [1.0]])
+    d, d_scaled = gram_direction("imtl", g_TxP)[0], gram_direction("imtl", scaled)[0]
+    np.testing.assert_allclose(unit(d_scaled), unit(d), atol=1e-5)
+    assert not np.allclose(np.linalg.norm(d_scaled), np.linalg.norm(d), rtol=1e-2)  # only the length moves
+
+
+def test_imtl_loss_balance_transforms_losses():
+    method = make("imtl", 3)
+    params = {"loss_scale": jnp.asarray([0.0, 1.0, -1.0])}
+    losses = jnp.asarray([2.0, 0.5, 3.0])
+    np.testing.assert_allclose(method.transform_losses(params, losses),
+                               np.exp([0.0, 1.0, -1.0]) * [2.0, 0.5, 3.0] - [0.0, 1.0, -1.0], rtol=1e-6)
+    assert make("imtl", 3, loss_balance=False).init_params() == {}
+
+
+def test_nash_mtl_bargaining_solution_invariance_and_clipping():
+    g_TxP = random_gradients(5, num=3)
+    kmat = g_TxP @ g_TxP.T
+    _, alpha, state = gram_direction("nash_mtl", g_TxP, max_norm=0.0)  # no clipping
+    np.testing.assert_allclose(alpha * (kmat @ alpha), 1.0, atol=1e-4)
+    np.testing.assert_allclose(state["alpha"], alpha, rtol=1e-6)
+    # Rescaling one task's gradient by k divides its alpha by k: d is unchanged (paper's invariance).
+    scaled = g_TxP * np.array([[1.0], [1.0], [10.0]])
+    d, _, _ = gram_direction("nash_mtl", g_TxP)
+    d_scaled, _, _ = gram_direction("nash_mtl", scaled)
+    np.testing.assert_allclose(d_scaled, d, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(d), 1.0, atol=1e-5)  # |d|^2 = T > 1, clipped to max_norm
+
+
+def test_nash_mtl_reuses_alpha_between_updates():
+    g_TxP = random_gradients(6, num=3)
+    _, alpha, state = gram_direction("nash_mtl", g_TxP, max_norm=0.0, update_weights_every=2)
+    _, reused, _ = gram_direction("nash_mtl", 3.0 * g_TxP, step=1, state=state, max_norm=0.0,
+                                  update_weights_every=2)
+    np.testing.assert_allclose(reused, alpha, rtol=1e-6)
+    _, fresh, _ = gram_direction("nash_mtl", 3.0 * g_TxP, step=2, state=state, max_norm=0.0,
+                                 update_weights_every=2)
+    np.testing.assert_allclose(fresh, alpha / 3.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 0.5])
+def test_fairgrad_solves_its_fixed_point(alpha):
+    g_TxP = random_gradients(8, num=3)
+    kmat = g_TxP @ g_TxP.T
+    _, w, _ = gram_direction("fairgrad", g_TxP, alpha=alpha)
+    assert np.all(w > 0)
+    np.testing.assert_allclose(kmat @ w, w ** (-1.0 / alpha), rtol=1e-4)
+    if alpha == 1.0:  # the Nash-MTL fixed point
+        np.testing.assert_allclose(w, gram_direction("nash_mtl", g_TxP, max_norm=0.0)[1], rtol=1e-4)
+
+
+def test_aligned_mtl_equalizes_singular_values():
+    g_TxP = random_gradients(9, num=3)
+    kmat = g_TxP @ g_TxP.T
+    eigvals, eigvecs = np.linalg.eigh(kmat)
+    aligner = np.sqrt(eigvals.min()) * eigvecs @ np.diag(eigvals ** -0.5) @ eigvecs.T
+    d, a, _ = gram_direction("aligned_mtl", g_TxP)
+    np.testing.assert_allclose(np.linalg.svd(aligner @ g_TxP, compute_uv=False), np.sqrt(eigvals.min()),
+                               rtol=1e-6)
+    np.testing.assert_allclose(a, aligner.sum(axis=1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d, (aligner @ g_TxP).sum(axis=0), rtol=1e-4, atol=1e-5)
+
+
+# --- CAGrad and UPGrad ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cagrad_solves_its_dual_and_c0_is_the_mean(seed):
+    g_TxP = random_gradients(seed, num=3) + np.array([[0.0] * 5 + [2.0], [0.0] * 6, [-1.0] + [0.0] * 5])
+    _, coeffs0, _ = gram_direction("cagrad", g_TxP, c=0.0)
+    np.testing.assert_allclose(coeffs0, 1 / 3)
+    c = 0.5
+    d, coeffs, _ = gram_direction("cagrad", g_TxP)
+    g0 = g_TxP.mean(axis=0)
+    # Certificate: with d' = d (1 + c^2), |d' - g0| = c |g0| and the worst-task improvement
+    # min_t g_t . d' equals the dual value F(w) = g_w . g0 + c |g0| |g_w| (zero duality gap).
+    primal = d * (1 + c ** 2)
+    np.testing.assert_allclose(np.linalg.norm(primal - g0), c * np.linalg.norm(g0), rtol=1e-5)
+    w = (coeffs * (1 + c ** 2) - 1 / 3)
+    w = w / w.sum()
+    g_w = w @ g_TxP
+    dual = g_w @ g0 + c * np.linalg.norm(g0) * np.linalg.norm(g_w)
+    assert abs(dual - np.min(g_TxP @ primal)) < 1e-5 * g0 @ g0
+    _, coeffs_r0, _ = gram_direction("cagrad", g_TxP, rescale=0)
+    np.testing.assert_allclose(coeffs_r0, coeffs * (1 + c ** 2), rtol=1e-5)
+
+
+def reference_upgrad(k_TxT, reg=1e-4):
+    """min v^T K_hat v s.t. v >= e_i / T for each i, by enumerating active sets (float64)."""
+    num = len(k_TxT)
+    k_hat = k_TxT / np.trace(k_TxT) + reg * np.eye(num)
+    total = np.zeros(num)
+    for i in range(num):
+        lower = np.eye(num)[i] / num
+        for size in range(num + 1):
+            for free in itertools.combinations(range(num), size):
+                x = np.zeros(num)
+                f = list(free)
+                if f:
+                    x[f] = np.linalg.solve(k_hat[np.ix_(f, f)], -(k_hat @ lower)[f])
+                y = k_hat @ (x + lower)
+                if np.all(x >= -1e-12) and np.all(np.delete(y, f) >= -1e-12):
+                    break
+            else:
+                continue
+            break
+        total += x + lower
+    return total
+
+
+def test_upgrad_weights_are_at_least_the_mean_and_match_reference():
+    no_conflict = np.abs(random_gradients(2, num=3))
+    np.testing.assert_allclose(gram_direction("upgrad", no_conflict)[1], 1 / 3, rtol=1e-6)
+    g_TxP = random_gradients(10, num=4, scales=(1.0, 2.0, 0.5, 1.0))
+    d, w, _ = gram_direction("upgrad", g_TxP)
+    assert np.all(w >= 1 / 4 - 1e-7)
+    np.testing.assert_allclose(w, reference_upgrad(g_TxP @ g_TxP.T), rtol=1e-3)
+    assert np.all(g_TxP @ d >= -1e-4 * np.linalg.norm(d) * np.linalg.norm(g_TxP, axis=1))  # no conflict
+
+
+# --- GradNorm, DB-MTL, GradDrop -------------------------------------------------------------------------
+
+def test_gradnorm_records_initial_losses_and_balances_norms():
+    g_TxP = np.eye(3, 4) * np.array([[1.0], [4.0], [1.0]])  # task 1's gradient is 4x larger
+    losses = np.array([1.0, 2.0, 3.0])
+    _, w, state = gram_direction("gradnorm", g_TxP, losses=losses)
+    np.testing.assert_allclose(w, 1.0)
+    np.testing.assert_allclose(state["initial_losses"], losses)
+    for step in range(1, 40):
+        _, w, state = gram_direction("gradnorm", g_TxP, losses=losses, step=step, state=state)
+    np.testing.assert_allclose(w.sum(), 3.0, rtol=1e-6)
+    assert w[1] < 0.6 and w[0] > 1.1 and w[2] > 1.1  # equal progress: weights move to equalise w_t |g_t|
+    np.testing.assert_allclose(state["initial_losses"], losses)
+
+
+def test_db_mtl_first_steps_are_small_and_buffers_share_the_max_norm():
+    g_TxP = random_gradients(12, num=3)
+    losses = np.array([0.5, 2.0, 1.0])
+    d1, scale1, state = grads_direction("db_mtl", g_TxP, losses=losses)
+    log_grads = g_TxP / losses[:, None]
+    norms = np.linalg.norm(log_grads, axis=1)
+    expected = (norms.max() / norms) @ log_grads
+    np.testing.assert_allclose(d1, 0.1 * expected, rtol=1e-5)
+    np.testing.assert_allclose(scale1, norms.max() / norms, rtol=1e-5)
+    d2, _, _ = grads_direction("db_mtl", g_TxP, losses=losses, step=1, state=state)
+    np.testing.assert_allclose(d2, 0.19 * expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="init_state_for"):
+        make("db_mtl").init_state()
+
+
+def test_graddrop_keeps_consistent_signs_and_leak_one_is_the_sum():
+    g_TxP = np.array([[1.0, -2.0, 0.5, 3.0, -1.0, 2.0], [2.0, -1.0, 0.5, 1.0, -3.0, 1.0]])
+    d, kept, _ = grads_direction("graddrop", g_TxP)  # no sign conflict: purity is 0 or 1
+    np.testing.assert_allclose(d, g_TxP.sum(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(kept, 1.0)
+    conflict = g_TxP * np.array([[1.0], [-1.0]])
+    np.testing.assert_allclose(grads_direction("graddrop", conflict, leak=1.0)[0], conflict.sum(axis=0),
+                               rtol=1e-6)
+    draws = {tuple(grads_direction("graddrop", conflict, seed=s)[0]) for s in range(6)}
+    assert len(draws) > 1
+
+
+# --- Loss-based methods ---------------------------------------------------------------------------------
+
+def run_combine(name, losses, step=0, seed=0, state=None, params=None, **options):
+    method, fn = compiled(name, len(losses), tuple(sorted(options.items())))
+    state = method.init_state() if state is None else state
+    params = method.init_params() if params is None else params
+    total, weights, state = fn(params, state, jnp.asarray(losses, jnp.float32), jnp.int32(step),
+                               jax.random.key(seed))
+    return float(total), np.asarray(weights), state
+
+
+def test_dwa_is_ew_for_two_epochs_then_uses_epoch_mean_ratios():
+    state, epoch_losses = None, {0: [1.0, 2.0, 3.0], 1: [0.5, 2.0, 1.5], 2: [0.4, 1.0, 1.0]}
+    for step in range(15):  # epoch_steps = 5
+        epoch = step // 5
+        losses = np.asarray(epoch_losses[epoch]) * (1.0 + 0.1 * (step % 5 % 2))  # 1, 1.1, 1, 1.1, 1
+        _, w, state = run_combine("dwa", losses, step=step, state=state, epoch_steps=5)
+        if epoch < 2:
+            np.testing.assert_allclose(w, 1.0)
+    ratio = np.asarray(epoch_losses[1]) / np.asarray(epoch_losses[0])  # the 1.04 mean factor cancels
+    expected = 3 * np.exp(ratio / 2) / np.exp(ratio / 2).sum()
+    np.testing.assert_allclose(w, expected, rtol=1e-5)
+
+
+def test_rlw_weights_are_a_softmax_of_a_normal_draw():
+    _, w0, _ = run_combine("rlw", [1.0, 2.0, 3.0], seed=0)
+    _, w1, _ = run_combine("rlw", [1.0, 2.0, 3.0], seed=1)
+    np.testing.assert_allclose(w0.sum(), 1.0, rtol=1e-6)
+    assert not np.allclose(w0, w1)
+    np.testing.assert_allclose(w0, jax.nn.softmax(jax.random.normal(jax.random.key(0), (3,))), rtol=1e-6)
+
+
+def test_gls_total_is_the_geometric_mean_and_weights_are_its_gradient():
+    losses = np.array([0.5, 2.0, 4.0])
+    total, w, _ = run_combine("gls", losses)
+    gm = np.prod(losses) ** (1 / 3)
+    assert total == pytest.approx(gm, rel=1e-6)
+    np.testing.assert_allclose(w, gm / (3 * losses), rtol=1e-6)
+    method = make("gls")
+    grad = jax.grad(lambda l: method.combine({}, {}, l, 0)[0])(jnp.asarray(losses, jnp.float32))
+    np.testing.assert_allclose(grad, w, rtol=1e-5)
+
+
+def test_famo_weights_and_logit_update_direction():
+    method = make("famo")
+    losses = np.array([1.0, 2.0, 4.0])
+    _, w, state = run_combine("famo", losses)
+    np.testing.assert_allclose(w, (1 / losses) / np.sum(1 / losses), rtol=1e-6)  # z uniform at start
+    # Task 0's loss halved, task 1's did not move, task 2's fell by 10%: task 1 gains, task 0 loses.
+    after = jax.jit(method.after_step)
+    state = after(state, jnp.asarray(losses), jnp.asarray(losses * np.array([0.5, 1.0, 0.9])))
+    logits = np.asarray(state["logits"])  # Adam's first step has size w_lr in every coordinate
+    assert logits[0] < 0 < logits[2] <= logits[1]
+    _, w2, _ = run_combine("famo", losses, state=state)
+    assert w2[1] / w2[0] > w[1] / w[0]
+    np.testing.assert_allclose(w2.sum(), 1.0, rtol=1e-6)
+
+
+def test_stch_warms_up_on_log_losses_then_uses_the_nadir():
+    state = None
+    for step in range(6):  # epoch_steps = 2, warmup_epochs = 2: steps 0-3 warm up; nadir = epoch 1 mean
+        losses = np.array([1.0, 2.0, 4.0]) / (1 + step)
+        total, w, state = run_combine("stch", losses, step=step, state=state, epoch_steps=2, warmup_epochs=2)
+        if step < 4:
+            assert total == pytest.approx(np.sum(np.log(losses)), rel=1e-5)
+            np.testing.assert_allclose(w, 1 / losses, rtol=1e-6)
+    nadir = np.array([1.0, 2.0, 4.0]) * (1 / 3 + 1 / 4) / 2
+    np.testing.assert_allclose(state["nadir"], nadir, rtol=1e-6)
+    scaled = np.log(losses / nadir)
+    assert total == pytest.approx(3 * np.log(np.sum(np.exp(scaled))), rel=1e-5)
+    np.testing.assert_allclose(w, 3 * np.exp(scaled) / np.exp(scaled).sum() / losses, rtol=1e-5)
