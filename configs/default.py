@@ -8,6 +8,8 @@ Every field can be overridden on the command line, e.g. ``--config.weighting.nam
 
 import ml_collections
 
+from mtt_jax.weighting import DEFAULT_OPTIONS
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Fields shared by every experiment family; families override what differs."""
@@ -39,9 +41,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"                # none | full | dots | dots_no_batch
 
     c.weighting = ml_collections.ConfigDict()
-    c.weighting.name = "ew"               # ew | fixed | uncertainty
+    c.weighting.name = "ew"               # any of mtt_jax.weighting.METHODS
     c.weighting.weights = ()              # fixed: one weight per task (empty = all 1)
     c.weighting.init_log_var = -0.5       # uncertainty: initial s = log sigma^2 (LibMTL's default)
+    c.weighting.rep_grad = False          # gradient methods see d L_t / d representation (MGDA-UB)
+    c.weighting.diagnostics_every = 100   # loss-based methods: per-task gradients for diagnostics
+    # Method options live in weighting.<name>, e.g. --config.weighting.cagrad.c=0.4; the defaults are
+    # the paper's (mtt_jax.weighting.DEFAULT_OPTIONS).
+    for name, options in DEFAULT_OPTIONS.items():
+        if options and name not in ("fixed", "uncertainty"):
+            c.weighting[name] = ml_collections.ConfigDict(options)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3

@@ -97,6 +97,18 @@ def _check_model(config) -> None:
 def _check_weighting(config) -> None:
     w = config.weighting
     _choice("weighting.name", w.name, sorted(weighting.METHODS))
+    try:
+        method = weighting.make_method(w, len(config.tasks))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if w.get("rep_grad", False) and method.requires != "losses":
+        if data.SOURCES[config.data.source].layout == "multi":
+            raise ConfigError("weighting.rep_grad=True needs the single-input layout: in the multi-input "
+                              "layout the tasks' representation gradients are disjoint blocks")
+        if config.grad_accum_steps > 1:
+            raise ConfigError("weighting.rep_grad=True does not support grad_accum_steps > 1")
+    if w.get("diagnostics_every", 0) < 0:
+        raise ConfigError(f"weighting.diagnostics_every={w.diagnostics_every} must be >= 0 (0: off)")
     num_tasks = len(config.tasks)
     if w.name == "fixed" and w.weights and len(w.weights) != num_tasks:
         raise ConfigError(f"weighting.weights={tuple(w.weights)} has {len(w.weights)} entries for "

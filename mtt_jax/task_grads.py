@@ -43,23 +43,24 @@ class TaskGradients:
 
     ``grads_T`` are the per-task gradients the method sees (shared parameters, or the representation with
     ``rep_grad``); ``apply(coeffs_T)`` maps coefficients to the encoder gradient ``sum_t c_t g_t``;
-    ``task_side_grads`` is the decoder gradient of ``sum_t L_t``.
+    ``to_params(direction)`` maps a direction shaped like one task's gradient to the encoder gradient
+    (the identity, or the encoder's VJP with ``rep_grad``); ``task_side_grads`` is the decoder gradient
+    of ``sum_t L_t``.
     """
     losses_T: jax.Array
     grads_T: PyTree
     apply: Callable[[jax.Array], PyTree]
     task_side_grads: PyTree
     aux: dict
+    to_params: Callable[[PyTree], PyTree] = lambda direction: direction
 
 
 def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks: Sequence[TaskSpec],
-                       layout: str, rng: jax.Array, loss_fn: Callable, rep_grad: bool = False,
-                       loss_scale_T: jax.Array | None = None) -> TaskGradients:
-    """``loss_fn(outputs, batch) -> losses_T``. ``loss_scale_T`` multiplies each task's gradient
-    (the derivative of a method's elementwise loss transform, e.g. IMTL-L)."""
+                       layout: str, rng: jax.Array, loss_fn: Callable,
+                       rep_grad: bool = False) -> TaskGradients:
+    """``loss_fn(outputs, batch) -> losses_T``; see the module docstring."""
     shared, task_side = split_params(model_params)
     num_tasks = len(tasks)
-    scale_T = jnp.ones((num_tasks,), jnp.float32) if loss_scale_T is None else loss_scale_T
 
     if layout == "multi":
         def encode(copies):
@@ -88,18 +89,18 @@ def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks:
     if layout == "multi":
         # L_t depends on z only through z[t]: one backward of sum_t L_t gives every d L_t / d z_t.
         dz, task_side_grads = decode_vjp(jnp.ones_like(losses_T))
-        dz = dz * scale_T.astype(dz.dtype)[:, None, None, None]
-        if rep_grad:
+        if rep_grad:  # (the representation gradients of different tasks are disjoint blocks here)
             apply = lambda c: _sum_copies(encoder_vjp(c.astype(dz.dtype)[:, None, None, None] * dz)[0])
             return TaskGradients(losses_T, dz, apply, task_side_grads, aux)
         grads_T = encoder_vjp(dz)[0]
         return TaskGradients(losses_T, grads_T, lambda c: _combine(c, grads_T), task_side_grads, aux)
 
     task_side_grads = decode_vjp(jnp.ones_like(losses_T))[1]
-    dz_T = jax.vmap(lambda e: decode_vjp(e)[0])(jnp.diag(scale_T))  # [T, *z.shape]
+    dz_T = jax.vmap(lambda e: decode_vjp(e)[0])(jnp.eye(num_tasks, dtype=losses_T.dtype))
     if rep_grad:
         apply = lambda c: encoder_vjp(jnp.tensordot(c.astype(dz_T.dtype), dz_T, axes=1))[0]
-        return TaskGradients(losses_T, dz_T, apply, task_side_grads, aux)
+        return TaskGradients(losses_T, dz_T, apply, task_side_grads, aux,
+                             to_params=lambda direction: encoder_vjp(direction)[0])
     grads_T = jax.vmap(lambda d: encoder_vjp(d)[0])(dz_T)
     return TaskGradients(losses_T, grads_T, lambda c: _combine(c, grads_T), task_side_grads, aux)
 

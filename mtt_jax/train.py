@@ -90,12 +90,14 @@ def build(config) -> Setup:
                  seed=config.seed)
 
 
-def compile_train_step(setup: Setup, grad_accum_steps: int = 1) -> Callable:
+def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool = False,
+                       diagnostics_every: int = 0) -> Callable:
     """``(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state donated."""
     replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         steps.bind(steps.train_step, model=setup.model, tasks=setup.tasks, layout=setup.layout,
-                   method=setup.method, tx=setup.tx, grad_accum_steps=grad_accum_steps),
+                   method=setup.method, tx=setup.tx, grad_accum_steps=grad_accum_steps,
+                   rep_grad=rep_grad, diagnostics_every=diagnostics_every),
         in_shardings=(setup.state_shardings, setup.batch_shardings),
         out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
@@ -119,7 +121,10 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
         state = setup.create_state()
 
     # --- Update and eval steps --------------------------------------------------------------------------
-    train_step = compile_train_step(setup, config.grad_accum_steps)
+    diagnostics_every = config.weighting.get("diagnostics_every", 0)
+    train_step = compile_train_step(setup, config.grad_accum_steps,
+                                    config.weighting.get("rep_grad", False), diagnostics_every)
+    gradient_method = setup.method.requires != "losses"
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     eval_batch_shardings = sharding.batch_shardings(
         source.train_batch(0, config.eval_batch_size), mesh, layout)
@@ -149,7 +154,8 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {step}; halted without applying it (last good "
                 f"checkpoint kept in {checkpointer.directory}; nonfinite='skip' steps over such batches)")
-        if step % config.log_every and step != config.total_steps:
+        diagnostics_step = bool(diagnostics_every) and step % diagnostics_every == 0
+        if step % config.log_every and step != config.total_steps and not diagnostics_step:
             return
         record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                   "learning_rate": float(schedule(step - 1)),
@@ -158,6 +164,13 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
         for i, t in enumerate(tasks):
             record[f"{t.name}/loss"] = float(metrics["task_losses"][i])
             record[f"weight/{t.name}"] = float(metrics["weights"][i])
+        if "task_grad_norms" in metrics and (gradient_method or diagnostics_step):
+            for i, t in enumerate(tasks):
+                record[f"grad_norm/{t.name}"] = float(metrics["task_grad_norms"][i])
+            for key in ("cosine_mean", "cosine_min", "conflict_fraction"):
+                record[key] = float(metrics[key])
+            if diagnostics_step:
+                record["grad_cosine"] = np.round(metrics["grad_cosine"], 4).tolist()
         writer.write(step, "train", record)
         progress.update(step, record["loss"], force_line=True)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtt_jax import tasks as tasks_lib
+from mtt_jax import task_grads, tasks as tasks_lib
 from mtt_jax.tasks import TaskSpec
 from mtt_jax.weighting import WeightingMethod
 
@@ -63,8 +63,11 @@ def init_state(rng: jax.Array, model: nn.Module, method: WeightingMethod,
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, sample_inputs, train=False)
     params = {"model": variables["params"], "weighting": method.init_params()}
+    shared, _ = task_grads.split_params(nn.unbox(variables["params"]))
+    shared_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shared)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      weighting_state=method.init_state(), rng=jax.random.key_data(state_rng),
+                      weighting_state=method.init_state_for(shared_shapes),
+                      rng=jax.random.key_data(state_rng),
                       skipped_steps=jnp.zeros((), jnp.int32))
 
 
@@ -102,55 +105,141 @@ def microbatches(batch: dict, layout: str, num_micro: int) -> dict:
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],
                layout: str, method: WeightingMethod, tx: optax.GradientTransformation,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               grad_accum_steps: int = 1, rep_grad: bool = False,
+               diagnostics_every: int = 0) -> tuple[TrainState, dict]:
     """One update. A non-finite loss or gradient leaves params, optimizer and weighting untouched.
+
+    Loss-based methods differentiate their combined loss. Gram and per-task-gradient methods get the
+    per-task gradients of the shared encoder (`mtt_jax.task_grads`) and set its update; the task side
+    (task attention, heads) gets the gradient of ``sum_t L_t``. Gradient-conflict diagnostics come for
+    free with those methods and, for loss-based ones, are computed every ``diagnostics_every`` steps.
 
     With ``grad_accum_steps = k`` the batch is processed as k microbatches whose gradients and losses
     are averaged (equal to one big step when every example is kept), in a ``lax.scan`` so that memory
     holds one microbatch's activations.
     """
-    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_rng, method_rng = jax.random.split(step_rng)
+    loss_fn = lambda outputs, b: task_losses(tasks, outputs, b, layout)
+    if method.requires == "losses":
+        grads, total, losses_T, weights_T, weighting_state, aux = _loss_method_grads(
+            state, batch, model, loss_fn, method, dropout_rng, method_rng, layout, grad_accum_steps)
+        gram_TxT = None
+        if diagnostics_every:
+            gram_TxT = jax.lax.cond(
+                (state.step + 1) % diagnostics_every == 0,
+                lambda: task_grads.gram_matrix(task_grads.per_task_gradients(
+                    model, state.params["model"], batch, tasks, layout, dropout_rng, loss_fn,
+                    rep_grad).grads_T),
+                lambda: jnp.zeros((len(tasks), len(tasks)), jnp.float32))
+    else:
+        grads, total, losses_T, weights_T, weighting_state, aux, gram_TxT = _gradient_method_grads(
+            state, batch, model, tasks, loss_fn, method, dropout_rng, method_rng, layout,
+            grad_accum_steps, rep_grad)
 
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if method.needs_losses_after_step:  # FAMO: the same batch's losses after the update
+        outputs, _ = model.apply({"params": params["model"]}, batch["inputs"], train=True,
+                                 rngs={"dropout": dropout_rng})
+        weighting_state = method.after_step(weighting_state, losses_T, loss_fn(outputs, batch))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        weighting_state=keep_if_finite(weighting_state, state.weighting_state),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = {"loss": total, "task_losses": losses_T, "weights": weights_T, "grad_norm": grad_norm,
+               "finite": finite, **aux}
+    if gram_TxT is not None:
+        metrics.update(task_grads.conflict_diagnostics(gram_TxT))
+    return new_state, metrics
+
+
+def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method_rng, layout,
+                       grad_accum_steps):
+    """Gradient of the method's combined loss, over microbatches when asked."""
     def objective(params, micro_batch, rng):
         outputs, aux = model.apply({"params": params["model"]}, micro_batch["inputs"], train=True,
                                    rngs={"dropout": rng})
-        losses_T = task_losses(tasks, outputs, micro_batch, layout)
+        losses_T = loss_fn(outputs, micro_batch)
         total, weights_T, weighting_state = method.combine(
-            params["weighting"], state.weighting_state, losses_T, state.step)
+            params["weighting"], state.weighting_state, losses_T, state.step, method_rng)
         return total, (losses_T, weights_T, weighting_state, aux)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if grad_accum_steps == 1:
         (total, (losses_T, weights_T, weighting_state, aux)), grads = grad_fn(
             state.params, batch, dropout_rng)
-    else:
+        return grads, total, losses_T, weights_T, weighting_state, aux
+
+    def accumulate(carry, micro):
+        index, micro_batch = micro
+        (total, extras), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(dropout_rng, index))
+        return jax.tree.map(jnp.add, carry, (total, extras[0], grads)), extras[1:]
+    num_tasks = len(jax.tree.leaves(batch["mask"]))
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), jnp.zeros(num_tasks), state.params))
+    (total, losses_T, grads), (weights_T, weighting_state, aux) = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches(batch, layout, grad_accum_steps)))
+    total, losses_T, grads = jax.tree.map(lambda x: x / grad_accum_steps, (total, losses_T, grads))
+    # Weights and method state of the last microbatch; the task-attention map averaged.
+    weights_T, weighting_state = jax.tree.map(lambda x: x[-1], (weights_T, weighting_state))
+    aux = jax.tree.map(lambda x: x.mean(0), aux)
+    return grads, total, losses_T, weights_T, weighting_state, aux
+
+
+def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_rng, method_rng, layout,
+                           grad_accum_steps, rep_grad):
+    """Per-task gradients of the shared encoder combined by a Gram or per-task-gradient method."""
+    def gradients(micro_batch, rng):
+        result = task_grads.per_task_gradients(model, state.params["model"], micro_batch, tasks, layout,
+                                               rng, loss_fn, rep_grad)
+        return result
+
+    if grad_accum_steps == 1:
+        result = gradients(batch, dropout_rng)
+        losses_T, grads_T, task_side, aux = (result.losses_T, result.grads_T, result.task_side_grads,
+                                             result.aux)
+        apply, to_params = result.apply, result.to_params
+    else:  # rep_grad with accumulation is refused by config_check
         def accumulate(carry, micro):
             index, micro_batch = micro
-            (total, extras), grads = grad_fn(state.params, micro_batch,
-                                             jax.random.fold_in(dropout_rng, index))
-            summed = jax.tree.map(jnp.add, carry, (total, extras[0], grads))
-            return summed, extras[1:]
-        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), jnp.zeros(len(tasks)), state.params))
-        indices = jnp.arange(grad_accum_steps)
-        (total, losses_T, grads), (weights_T, weighting_state, aux) = jax.lax.scan(
-            accumulate, zeros, (indices, microbatches(batch, layout, grad_accum_steps)))
-        total, losses_T, grads = jax.tree.map(lambda x: x / grad_accum_steps, (total, losses_T, grads))
-        # Weights and method state of the last microbatch; the task-attention map averaged.
-        weights_T, weighting_state = jax.tree.map(lambda x: x[-1], (weights_T, weighting_state))
+            r = gradients(micro_batch, jax.random.fold_in(dropout_rng, index))
+            return jax.tree.map(jnp.add, carry, (r.losses_T, r.grads_T, r.task_side_grads)), r.aux
+        shapes = jax.eval_shape(lambda: gradients(batch, dropout_rng))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             (shapes.losses_T, shapes.grads_T, shapes.task_side_grads))
+        (losses_T, grads_T, task_side), aux = jax.lax.scan(
+            accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches(batch, layout, grad_accum_steps)))
+        losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,
+                                                    (losses_T, grads_T, task_side))
         aux = jax.tree.map(lambda x: x.mean(0), aux)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
-        weighting_state=keep_if_finite(weighting_state, state.weighting_state),
-        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-    metrics = {"loss": total, "task_losses": losses_T, "weights": weights_T, "grad_norm": grad_norm,
-               "finite": finite, **aux}
-    return new_state, metrics
+        apply = lambda c: jax.tree.map(lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), grads_T)
+        to_params = lambda direction: direction
+
+    # A method's elementwise loss transform (IMTL-L) scales each task's gradient by its derivative.
+    weighting_params = state.params["weighting"]
+    transform = lambda p, l: method.transform_losses(p, l).sum()
+    scale_T = jax.grad(transform, argnums=1)(weighting_params, losses_T)
+    weighting_grads = jax.grad(transform, argnums=0)(weighting_params, losses_T)
+    transformed_T = method.transform_losses(weighting_params, losses_T)
+    grads_T = jax.tree.map(lambda g: g * scale_T.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
+                           grads_T)
+    gram_TxT = task_grads.gram_matrix(grads_T)
+    if method.requires == "gram":
+        coeffs_T, weighting_state = method.gram_weights(state.weighting_state, gram_TxT, transformed_T,
+                                                        state.step, method_rng)
+        shared_grads, weights_T = apply(coeffs_T * scale_T), coeffs_T
+    else:
+        direction, weights_T, weighting_state = method.aggregate(state.weighting_state, grads_T,
+                                                                 transformed_T, state.step, method_rng)
+        shared_grads = to_params(direction)
+    grads = {"model": {**shared_grads, **task_side}, "weighting": weighting_grads}
+    total = jnp.sum(jax.lax.stop_gradient(weights_T) * transformed_T)
+    return grads, total, losses_T, weights_T, weighting_state, aux, gram_TxT
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],
