@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
         if options and name not in ("fixed", "uncertainty"):
             c.weighting[name] = ml_collections.ConfigDict(options)
 
+    c.affinity = ml_collections.ConfigDict()
+    c.affinity.every = 0                  # TAG lookahead affinity every N steps (0: off)
+    c.affinity.lr = 0.0                   # lookahead step size (0: the current learning rate)
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 100

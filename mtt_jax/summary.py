@@ -23,12 +23,12 @@ def per_task_table(tasks: Sequence[TaskSpec], metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def attention_table(tasks: Sequence[TaskSpec], matrix) -> str:
-    """The T x T task-attention mass: row i = how task i's attention splits over tasks j."""
+def attention_table(tasks: Sequence[TaskSpec], matrix, fmt: str = ".3f") -> str:
+    """A T x T task matrix as markdown (task attention mass, affinity): row i, column j."""
     names = [t.name for t in tasks]
     lines = ["| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for name, row in zip(names, matrix):
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines.append(f"| {name} | " + " | ".join(format(v, fmt) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -53,9 +53,31 @@ def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, con
     if "task_attention" in final_eval:
         parts += ["\n## Task attention (mean attention mass, rows sum to 1)\n",
                   attention_table(tasks, final_eval["task_attention"])]
+    affinity_path = os.path.join(workdir, "affinity.json")
+    if os.path.exists(affinity_path):
+        with open(affinity_path) as f:
+            saved = json.load(f)
+        parts += [f"\n## Task affinity (TAG lookahead, mean of {saved['measurements']}; row i -> column j)\n",
+                  attention_table(tasks, saved["affinity"], "+.2e")]
+        for k, grouping in saved["best_groupings"].items():
+            parts.append(f"- best {k} groups: {grouping['groups']} (score {grouping['score']:.4f})")
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write("\n".join(parts) + "\n")
     write_plots(workdir, tasks)
+
+
+def write_affinity(workdir: str, tasks: Sequence[TaskSpec], mean_affinity, count: int) -> None:
+    """``affinity.json``: the run's mean TAG affinity and the best grouping for each number of groups."""
+    from mtt_jax.affinity import best_grouping
+    names = [t.name for t in tasks]
+    groupings = {}
+    for k in range(2, len(tasks)):
+        groups, score = best_grouping(mean_affinity, k)
+        groupings[str(k)] = {"groups": [[names[i] for i in g] for g in groups], "score": score}
+    with open(os.path.join(workdir, "affinity.json"), "w") as f:
+        json.dump({"tasks": names, "measurements": count,
+                   "affinity": np.round(mean_affinity, 6).tolist(), "best_groupings": groupings}, f,
+                  indent=2)
 
 
 def read_metrics(workdir: str) -> list[dict]:

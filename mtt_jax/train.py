@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mtt_jax import checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
+from mtt_jax import affinity, checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
 from mtt_jax import weighting, workdir as workdir_lib
 from mtt_jax.models import build_model
 from mtt_jax.writers import MetricWriter, Progress
@@ -102,6 +102,19 @@ def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool =
         out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
+def compile_affinity(setup: Setup, config, schedule) -> Callable:
+    """TAG lookahead affinity of the current state on a batch (`mtt_jax.affinity`), jitted."""
+    loss_fn = lambda outputs, b: steps.task_losses(setup.tasks, outputs, b, setup.layout)
+    fixed_lr = config.affinity.get("lr", 0.0)
+
+    def affinity_fn(state, batch):
+        lr = fixed_lr if fixed_lr > 0 else schedule(state.step)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        return affinity.lookahead_affinity(setup.model, state.params["model"], batch, setup.tasks,
+                                           setup.layout, rng, loss_fn, lr)
+    return jax.jit(affinity_fn, in_shardings=(setup.state_shardings, setup.batch_shardings))
+
+
 def train_and_evaluate(config, workdir: str, quiet: bool = False,
                        overwrite: bool = False) -> tuple[steps.TrainState, dict]:
     is_primary = jax.process_index() == 0
@@ -125,6 +138,9 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     train_step = compile_train_step(setup, config.grad_accum_steps,
                                     config.weighting.get("rep_grad", False), diagnostics_every)
     gradient_method = setup.method.requires != "losses"
+    affinity_every = config.affinity.every if config.get("affinity") else 0
+    affinity_fn = compile_affinity(setup, config, schedule) if affinity_every else None
+    affinity_sum, affinity_count = 0.0, 0
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     eval_batch_shardings = sharding.batch_shardings(
         source.train_batch(0, config.eval_batch_size), mesh, layout)
@@ -185,6 +201,10 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
             for step in range(first_step, config.total_steps):
                 batch = sharding.shard_batch(source.train_batch(step, config.batch_size),
                                              setup.batch_shardings, layout)
+                if affinity_fn is not None and (step + 1) % affinity_every == 0:
+                    affinity = np.asarray(jax.device_get(affinity_fn(state, batch)))
+                    affinity_sum, affinity_count = affinity_sum + affinity, affinity_count + 1
+                    writer.write(step, "affinity", {"affinity": np.round(affinity, 5).tolist()})
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     log_train(*pending)
@@ -212,6 +232,8 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     writer.close()
     if not last_eval and is_primary:  # restarted after the run had finished: nothing new to evaluate
         last_eval = next((r for r in reversed(summary.read_metrics(workdir)) if r["split"] == "eval"), {})
+    if is_primary and affinity_count:
+        summary.write_affinity(workdir, tasks, affinity_sum / affinity_count, affinity_count)
     if is_primary:
         summary.write_summary(workdir, tasks, last_eval, config,
                               wall_seconds=time.perf_counter() - start,
