@@ -27,13 +27,14 @@ def test_grouping_search_recovers_two_blocks():
 def test_lookahead_affinity_matches_its_definition(layout):
     model, params, batch, tasks, loss_fn = setup(layout)
     lr = 1e-4  # small: the test heads are random, so gradients are large
-    z = affinity.lookahead_affinity(model, params, batch, tasks, layout, jax.random.key(0), loss_fn, lr)
+    z = jax.jit(lambda p: affinity.lookahead_affinity(model, p, batch, tasks, layout, jax.random.key(0),
+                                                      loss_fn, lr))(params)
     assert z.shape == (len(tasks), len(tasks))
     assert (np.diag(z) > 0).all()  # a small step on a task's own gradient lowers its loss
     # Row 0 by hand: step on task 0's gradient of the shared encoder only.
     shared = {k: v for k, v in params.items() if k in ("embed", "positions", "task_features", "trunk")}
     rest = {k: v for k, v in params.items() if k not in shared}
-    losses = lambda sp: loss_fn(model.apply({"params": {**sp, **rest}}, batch["inputs"])[0], batch)
-    g0 = jax.grad(lambda sp: losses(sp)[0])(shared)
+    losses = jax.jit(lambda sp: loss_fn(model.apply({"params": {**sp, **rest}}, batch["inputs"])[0], batch))
+    g0 = jax.jit(jax.grad(lambda sp: losses(sp)[0]))(shared)
     after = losses(jax.tree.map(lambda p, g: p - lr * g, shared, g0))
     np.testing.assert_allclose(z[0], 1 - after / losses(shared), rtol=1e-3, atol=1e-6)

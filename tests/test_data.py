@@ -8,7 +8,8 @@ from mtt_jax import data
 from mtt_jax.data import multidigits, seqtasks
 
 DIGIT_TASKS = ("left_digit", "right_digit")
-SEQ_TASKS = ("majority", "majority_parity", "mean_value", "repeat_tag")
+SEQ_TASKS = ("majority", "majority_parity", "mean_value", "repeat_tag",
+             "first_group", "max_value", "distinct_count", "last_group_tag")
 
 
 def assert_batches_equal(a: dict, b: dict) -> None:
@@ -155,8 +156,18 @@ def reference_labels(tokens: np.ndarray) -> dict:
     repeat = [0] * len(tokens)
     for i, t in enumerate(content):
         repeat[i] = int(t in content[:i])
+    first_group = (content[0] - 1) % 4
+    max_value = max((t - 1) // 4 for t in content)
+    distinct = []
+    for t in content:
+        if t not in distinct:
+            distinct.append(t)
+    last_group = [0] * len(tokens)
+    for i in range(1, len(content)):
+        last_group[i] = (content[i - 1] - 1) % 4
     return {"majority": majority, "majority_parity": majority % 2, "mean_value": mean_value,
-            "repeat_tag": repeat}
+            "repeat_tag": repeat, "first_group": first_group, "max_value": max_value,
+            "distinct_count": len(distinct), "last_group_tag": last_group}
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +179,11 @@ def test_seqtasks_batch_shapes_and_dtypes(seq_source):
     assert seq_source.layout == "multi"
     assert seq_source.input_spec == data.InputSpec(kind="tokens", shape=(32,), vocab_size=32)
     batch = seq_source.train_batch(step=0, batch_size=16)
-    assert batch["inputs"].shape == (4, 16, 32) and batch["inputs"].dtype == np.int32
+    assert batch["inputs"].shape == (8, 16, 32) and batch["inputs"].dtype == np.int32
     expected = {"majority": ((16,), np.int32), "majority_parity": ((16,), np.int32),
-                "mean_value": ((16,), np.float32), "repeat_tag": ((16, 32), np.int32)}
+                "mean_value": ((16,), np.float32), "repeat_tag": ((16, 32), np.int32),
+                "first_group": ((16,), np.int32), "max_value": ((16,), np.int32),
+                "distinct_count": ((16,), np.float32), "last_group_tag": ((16, 32), np.int32)}
     for task, (shape, dtype) in expected.items():
         assert batch["labels"][task].shape == shape and batch["labels"][task].dtype == dtype
         assert batch["mask"][task].dtype == np.float32
@@ -190,12 +203,15 @@ def test_seqtasks_tokens_lengths_and_padding(seq_source):
 def test_seqtasks_labels_match_reference_loop(seq_source):
     batch = seq_source.train_batch(step=3, batch_size=64)
     value_mean, value_std = seqtasks.mean_value_moments(32)
+    count_mean, count_std = seqtasks.distinct_count_moments(32)
     for t, task in enumerate(SEQ_TASKS):
         for i in range(64):
             expected = reference_labels(batch["inputs"][t, i])[task]
             got = batch["labels"][task][i]
             if task == "mean_value":
                 assert got == pytest.approx((expected - value_mean) / value_std, abs=1e-5)
+            elif task == "distinct_count":
+                assert got == pytest.approx((expected - count_mean) / count_std, abs=1e-5)
             else:
                 np.testing.assert_array_equal(got, expected)
 
@@ -210,12 +226,70 @@ def test_seqtasks_label_ranges_and_balance(seq_source):
     assert set(np.unique(tags)) == {0, 1}
     assert np.all(tags[batch["inputs"][3] == 0] == 0)
     assert 0.2 < tags[batch["inputs"][3] != 0].mean() < 0.8
+    first_group = batch["labels"]["first_group"]
+    assert set(np.unique(first_group)) == {0, 1, 2, 3}
+    assert np.bincount(first_group).min() > 0.18 * 2048
+    max_value = batch["labels"]["max_value"]
+    assert max_value.min() >= 0 and max_value.max() == 6  # 7 classes; the maximum is usually 6
+    assert 0.9 < (max_value == 6).mean() < 1.0
+    last_group = batch["labels"]["last_group_tag"]
+    assert set(np.unique(last_group)) == {0, 1, 2, 3}
+    assert np.all(last_group[batch["inputs"][7] == 0] == 0) and np.all(last_group[:, 0] == 0)
 
 
 def test_majority_parity_is_majority_mod_2_on_same_sequences():
     tokens = seqtasks.sample_sequences(np.random.default_rng(0), 500, 32)
     labels = seqtasks.label_sequences(tokens)
     np.testing.assert_array_equal(labels["majority_parity"], labels["majority"] % 2)
+
+
+def test_new_labels_match_loops_on_edge_sequences():
+    tokens = np.array([[5, 5, 2, 0, 0],     # groups 0, 0, 1; values 1, 1, 0
+                       [28, 1, 12, 16, 8],  # groups 3, 0, 3, 3, 3; values 6, 0, 2, 3, 1
+                       [3, 0, 0, 0, 0]])    # a single content token (group 2, value 0)
+    labels = seqtasks.label_sequences(tokens)
+    np.testing.assert_array_equal(labels["first_group"], [0, 3, 2])
+    np.testing.assert_array_equal(labels["max_value"], [1, 6, 0])
+    np.testing.assert_array_equal(labels["last_group_tag"],
+                                  [[0, 0, 0, 0, 0], [0, 3, 0, 3, 3], [0, 0, 0, 0, 0]])
+    count_mean, count_std = seqtasks.distinct_count_moments(5)
+    np.testing.assert_allclose(labels["distinct_count"] * count_std + count_mean, [2, 5, 1], atol=1e-5)
+
+
+def test_distinct_count_is_number_of_untagged_content_positions():
+    tokens = seqtasks.sample_sequences(np.random.default_rng(1), 500, 32)
+    labels = seqtasks.label_sequences(tokens)
+    count_mean, count_std = seqtasks.distinct_count_moments(32)
+    untagged = ((tokens != 0) & (labels["repeat_tag"] == 0)).sum(axis=1)
+    np.testing.assert_allclose(labels["distinct_count"] * count_std + count_mean, untagged, atol=1e-4)
+
+
+def test_distinct_count_constants_are_pinned_and_match_a_sample():
+    # The documented constants (seqtasks docstrings); the exact formula must keep producing them.
+    assert seqtasks.distinct_count_moments(32) == pytest.approx((15.643828, 2.574220), abs=1e-6)
+    assert seqtasks.distinct_count_moments(8) == pytest.approx((5.402741, 1.319103), abs=1e-6)
+    for length in (32, 8):
+        tokens = seqtasks.sample_sequences(np.random.default_rng(2), 20000, length)
+        counts = np.array([len(set(int(t) for t in row if t != 0)) for row in tokens])
+        count_mean, count_std = seqtasks.distinct_count_moments(length)
+        assert counts.mean() == pytest.approx(count_mean, abs=0.1)
+        assert counts.std() == pytest.approx(count_std, rel=0.03)
+
+
+def test_distinct_count_is_standardized(seq_source):
+    values = seq_source.train_batch(step=5, batch_size=4096)["labels"]["distinct_count"]
+    assert abs(values.mean()) < 0.15 and 0.7 < values.std() < 1.3
+    short = data.make_source("seqtasks", ["distinct_count"], seed=0, length=8).train_batch(0, 4096)
+    assert abs(short["labels"]["distinct_count"].mean()) < 0.15
+    assert 0.7 < short["labels"]["distinct_count"].std() < 1.3
+
+
+def test_original_tasks_keep_their_streams_when_new_tasks_are_added(seq_source):
+    original = data.make_source("seqtasks", SEQ_TASKS[:4], seed=1, num_eval_examples=100)
+    full, four = seq_source.train_batch(6, 16), original.train_batch(6, 16)
+    np.testing.assert_array_equal(full["inputs"][:4], four["inputs"])
+    for task in SEQ_TASKS[:4]:
+        np.testing.assert_array_equal(full["labels"][task], four["labels"][task])
 
 
 def test_mean_value_is_standardized(seq_source):
@@ -242,7 +316,8 @@ def test_seqtasks_eval_is_fixed_and_padded(seq_source):
     batches = list(seq_source.eval_batches(batch_size=32))
     assert len(batches) == 4  # 100 = 3 * 32 + 4
     for batch in batches:
-        assert batch["inputs"].shape == (4, 32, 32)
+        assert batch["inputs"].shape == (8, 32, 32)
+        assert batch["labels"]["last_group_tag"].shape == (32, 32)
         assert batch["labels"]["repeat_tag"].shape == (32, 32)
     for task in SEQ_TASKS:
         assert sum(batch["mask"][task].sum() for batch in batches) == seq_source.num_eval_examples

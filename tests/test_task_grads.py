@@ -42,25 +42,26 @@ def setup(layout):
 @pytest.mark.parametrize("layout", ["single", "multi"])
 def test_per_task_gradients_equal_the_jacobian(layout):
     model, params, batch, tasks, loss_fn = setup(layout)
-    result = task_grads.per_task_gradients(model, params, batch, tasks, layout, jax.random.key(1),
-                                           loss_fn)
+    coeffs = jnp.arange(1.0, len(tasks) + 1)
+
+    @jax.jit
+    def ours(params):
+        r = task_grads.per_task_gradients(model, params, batch, tasks, layout, jax.random.key(1), loss_fn)
+        return r.losses_T, r.grads_T, r.task_side_grads, r.apply(coeffs)
+    losses_T, grads_T, task_side_grads, combined = ours(params)
     shared, task_side = task_grads.split_params(params)
 
-    def losses_of(shared_params):
-        outputs, _ = model.apply({"params": {**shared_params, **task_side}}, batch["inputs"])
+    def losses_of(shared_params, task_params=task_side):
+        outputs, _ = model.apply({"params": {**shared_params, **task_params}}, batch["inputs"])
         return loss_fn(outputs, batch)
-    jacobian = jax.jacrev(losses_of)(shared)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
-                 result.grads_T, jacobian)
-    np.testing.assert_allclose(result.losses_T, losses_of(shared), rtol=1e-6)
+    jacobian = jax.jit(jax.jacrev(losses_of))(shared)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), grads_T, jacobian)
+    np.testing.assert_allclose(losses_T, jax.jit(losses_of)(shared), rtol=1e-6)
     # The decoder gets the ordinary gradient of the summed loss.
-    expected = jax.grad(lambda tp: loss_fn(model.apply({"params": {**shared, **tp}}, batch["inputs"])[0],
-                                           batch).sum())(task_side)
+    expected = jax.jit(jax.grad(lambda tp: losses_of(shared, tp).sum()))(task_side)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
-                 result.task_side_grads, expected)
+                 task_side_grads, expected)
     # apply(c) is sum_t c_t g_t.
-    coeffs = jnp.arange(1.0, len(tasks) + 1)
-    combined = result.apply(coeffs)
     expected = jax.tree.map(lambda g: jnp.tensordot(coeffs, g, axes=1), jacobian)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), combined, expected)
 
@@ -68,14 +69,14 @@ def test_per_task_gradients_equal_the_jacobian(layout):
 @pytest.mark.parametrize("layout", ["single", "multi"])
 def test_rep_grad_apply_matches_weighted_loss_gradient(layout):
     model, params, batch, tasks, loss_fn = setup(layout)
-    result = task_grads.per_task_gradients(model, params, batch, tasks, layout, jax.random.key(1),
-                                           loss_fn, rep_grad=True)
-    shared, task_side = task_grads.split_params(params)
     coeffs = jnp.linspace(0.5, 2.0, len(tasks))
-    expected = jax.grad(lambda sp: jnp.dot(coeffs, loss_fn(
-        model.apply({"params": {**sp, **task_side}}, batch["inputs"])[0], batch)))(shared)
+    ours = jax.jit(lambda p: task_grads.per_task_gradients(
+        model, p, batch, tasks, layout, jax.random.key(1), loss_fn, rep_grad=True).apply(coeffs))
+    shared, task_side = task_grads.split_params(params)
+    expected = jax.jit(jax.grad(lambda sp: jnp.dot(coeffs, loss_fn(
+        model.apply({"params": {**sp, **task_side}}, batch["inputs"])[0], batch))))(shared)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
-                 result.apply(coeffs), expected)
+                 ours(params), expected)
 
 
 def test_conflict_diagnostics_on_known_gradients():
