@@ -73,6 +73,10 @@ register(TaskSpec("majority", "classification", 4, "seqtasks"))
 register(TaskSpec("majority_parity", "classification", 2, "seqtasks"))
 register(TaskSpec("mean_value", "regression", 1, "seqtasks"))
 register(TaskSpec("repeat_tag", "tagging", 2, "seqtasks"))
+register(TaskSpec("first_group", "classification", 4, "seqtasks"))
+register(TaskSpec("max_value", "classification", 7, "seqtasks"))
+register(TaskSpec("distinct_count", "regression", 1, "seqtasks"))
+register(TaskSpec("last_group_tag", "tagging", 4, "seqtasks"))
 
 
 # --- Losses (inside the step). ----------------------------------------------------------------------

@@ -34,7 +34,8 @@ _EVAL_STREAM = 1
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """Per-example input: ``kind`` "image" with ``shape`` (H, W), or "tokens" with ``shape`` (L,)."""
+    """Per-example input: ``kind`` "image" with ``shape`` (H, W) or (H, W, C), "tokens" with ``shape``
+    (L,), or "vector" with ``shape`` (F,) (features; the model reads chunks of ``model.patch_size``)."""
 
     kind: str
     shape: tuple[int, ...]

@@ -15,7 +15,8 @@ Generation of one sequence: length uniform in ``[L // 2, L]``, padding at the en
 drawn uniformly; each position takes the dominant group with probability 0.4 and each other group with
 probability 0.2, and a value uniform in 0..6. Labels are computed from the tokens actually drawn.
 
-Tasks, and what each one tests:
+Tasks, and what each one tests (the first four, then four added later; a task's position in
+``TASK_NAMES`` keys its example stream, so new tasks are appended and earlier streams never change):
 
 - ``majority`` (4 classes): the most frequent group, ties to the lowest group. Tests counting.
 - ``majority_parity`` (2 classes): ``majority % 2``. A function of ``majority``, so the closely related
@@ -25,7 +26,26 @@ Tasks, and what each one tests:
   groups, so it is unrelated to the majority tasks.
 - ``repeat_tag`` (tagging, 2 classes): per position, 1 if the same token id appeared earlier in the
   sequence, else 0 (0 at pads). Tests content-based attention (matching a token against all earlier
-  ones); unrelated to the others.
+  ones); unrelated to the other original tasks (``distinct_count``, added later, is its sum).
+- ``first_group`` (4 classes): the group of the token at position 0. Tests position information (the
+  only task that needs an absolute position). Weakly related to ``majority``: the first token takes
+  the dominant group with probability 0.4 and the majority is usually the dominant group, so the two
+  agree well above the 1/4 of chance, but no count is needed.
+- ``max_value`` (7 classes): the largest value among non-pad tokens. A value-based pooling task, hence
+  related to ``mean_value`` (both read values and ignore groups) and unrelated to the group tasks.
+  Heavily imbalanced by construction: with n >= L // 2 uniform values the maximum is 6 unless all n
+  values are below 6 (probability (6/7)^n, under 0.09 at n = 16), so classes 0..3 are essentially
+  never seen; judge it by macro-F1 against its trivial baseline, not by accuracy.
+- ``distinct_count`` (regression): the number of distinct token ids among non-pad tokens, standardized
+  with exact constants of the generative distribution (``distinct_count_moments``; at the default
+  length 32: mean 15.643828, std 2.574220). Closely related to ``repeat_tag``: the count equals the
+  number of non-pad positions whose tag is 0, so it is that tagging summed (it also grows with the
+  sequence length).
+- ``last_group_tag`` (tagging, 4 classes): per position, the group of the previous token (0 at position
+  0 and at pads; pads only follow content, so the previous token of a non-pad position is a real
+  token). A local, content-based tagging task: attend one step back and read the group. Shares the
+  "read a token's group" skill with the majority tasks and ``first_group`` and the relative-position
+  skill with ``first_group``; unrelated to the value tasks and to ``repeat_tag``.
 """
 
 from __future__ import annotations
@@ -42,7 +62,8 @@ PAD_ID = 0
 NUM_GROUPS = 4
 NUM_VALUES = (VOCAB_SIZE - 1) // NUM_GROUPS  # 7: values 0..6 exist in every group
 DOMINANT_GROUP_PROBABILITY = 0.4
-TASK_NAMES = ("majority", "majority_parity", "mean_value", "repeat_tag")
+TASK_NAMES = ("majority", "majority_parity", "mean_value", "repeat_tag",  # order is fixed: it keys
+              "first_group", "max_value", "distinct_count", "last_group_tag")  # each task's stream
 _EVAL_KEY = 2024  # fixed: the eval set never depends on the run seed
 
 
@@ -84,6 +105,35 @@ def mean_value_moments(length: int) -> tuple[float, float]:
     return value_mean, float(np.sqrt(value_variance * mean_inverse_length))
 
 
+@functools.lru_cache(maxsize=None)
+def distinct_count_moments(length: int) -> tuple[float, float]:
+    """Exact mean and standard deviation of the raw ``distinct_count`` target for max length ``length``.
+
+    Given the dominant group, positions are i.i.d. over the ``G * K`` generated ids (G = ``NUM_GROUPS``,
+    K = ``NUM_VALUES``): the K ids of the dominant group each with probability p_d = 0.4 / K, the others
+    each with p_o = 0.6 / ((G - 1) K). The distribution does not depend on which group dominates. With
+    ``I_t`` the indicator that id t occurs among the n positions, and D = sum_t I_t,
+
+        E[D | n]   = sum_t (1 - (1 - p_t)^n),
+        E[D^2 | n] = E[D | n] + sum_{t != s} (1 - (1 - p_t)^n - (1 - p_s)^n + (1 - p_t - p_s)^n),
+
+    and both are averaged over n uniform on ``[length // 2, length]``. Resulting constants: length 32
+    -> mean 15.643828, std 2.574220; length 8 -> mean 5.402741, std 1.319103.
+    """
+    other_probability = (1 - DOMINANT_GROUP_PROBABILITY) / (NUM_GROUPS - 1)
+    group_probabilities = [DOMINANT_GROUP_PROBABILITY] + [other_probability] * (NUM_GROUPS - 1)
+    p_T = np.repeat(np.asarray(group_probabilities) / NUM_VALUES, NUM_VALUES)  # one entry per id
+    n_M = np.arange(length // 2, length + 1, dtype=np.float64)[:, None]
+    absent_MxT = (1 - p_T[None, :]) ** n_M                                       # P(id t absent | n)
+    first_moment_M = (1 - absent_MxT).sum(axis=1)
+    both_absent_MxTxT = (1 - p_T[:, None] - p_T[None, :])[None] ** n_M[:, :, None]
+    both_present_MxTxT = 1 - absent_MxT[:, :, None] - absent_MxT[:, None, :] + both_absent_MxTxT
+    off_diagonal = ~np.eye(len(p_T), dtype=bool)
+    second_moment_M = first_moment_M + both_present_MxTxT[:, off_diagonal].sum(axis=1)
+    mean = float(first_moment_M.mean())
+    return mean, float(np.sqrt(second_moment_M.mean() - mean**2))
+
+
 def label_sequences(tokens_NxL: np.ndarray) -> dict[str, np.ndarray]:
     """Labels of every task for the given sequences (max length taken from the array's width)."""
     is_content = tokens_NxL != PAD_ID
@@ -98,14 +148,29 @@ def label_sequences(tokens_NxL: np.ndarray) -> dict[str, np.ndarray]:
     is_earlier = np.tri(tokens_NxL.shape[1], k=-1, dtype=bool)
     repeat_tag = ((same_token & is_earlier).any(axis=2) & is_content).astype(np.int32)
 
+    first_group = token_group(tokens_NxL[:, 0]).astype(np.int32)  # position 0 is never a pad
+
+    max_value = np.where(is_content, token_value(tokens_NxL), -1).max(axis=1).astype(np.int32)
+
+    count_mean, count_std = distinct_count_moments(tokens_NxL.shape[1])
+    id_present = (tokens_NxL[..., None] == np.arange(1, VOCAB_SIZE)).any(axis=1)  # [N, content id]
+    distinct_count = ((id_present.sum(axis=1) - count_mean) / count_std).astype(np.float32)
+
+    last_group_tag = np.zeros_like(tokens_NxL, dtype=np.int32)
+    last_group_tag[:, 1:] = np.where(is_content[:, 1:], token_group(tokens_NxL[:, :-1]), 0)
+
     return {"majority": majority,
             "majority_parity": majority % 2,
             "mean_value": mean_value,
-            "repeat_tag": repeat_tag}
-
+            "repeat_tag": repeat_tag,
+            "first_group": first_group,
+            "max_value": max_value,
+            "distinct_count": distinct_count,
+            "last_group_tag": last_group_tag}
 
 class SeqTasks(base.Source):
-    """Four token-sequence tasks (counting, its parity, averaging, repeat detection); multi-input."""
+    """Eight token-sequence tasks (counting, its parity, averaging, repeat detection, first group, max
+    value, distinct count, previous-token group); multi-input."""
 
     name = "seqtasks"
     layout = "multi"

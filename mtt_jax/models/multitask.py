@@ -23,7 +23,7 @@ from mtt_jax.models.heads import TaskHead, masked_mean_pool
 from mtt_jax.models.layers import Dtype
 from mtt_jax.models.task_attention import MultiInputTaskAttention, SingleInputTaskAttention
 from mtt_jax.models.task_encoder import TaskEncoder, add_task_features, prepend_task_tokens
-from mtt_jax.models.trunk import PatchEmbed, PositionalEncoding, TokenEmbed, Trunk
+from mtt_jax.models.trunk import PatchEmbed, PositionalEncoding, TokenEmbed, Trunk, VectorEmbed
 from mtt_jax.tasks import TaskSpec
 
 TASK_ATTENTION = ("none", "cross")
@@ -51,6 +51,8 @@ class MultiTaskTransformer(nn.Module):
     def setup(self):
         if self.input_spec.kind == "image":
             self.embed = PatchEmbed(self.patch_size, self.d_model, self.dtype)
+        elif self.input_spec.kind == "vector":
+            self.embed = VectorEmbed(self.patch_size, self.d_model, self.dtype)
         else:
             self.embed = TokenEmbed(self.input_spec.vocab_size, self.d_model, self.dtype)
         max_length = max(512, self.input_spec.shape[0])
@@ -109,10 +111,11 @@ class MultiTaskTransformer(nn.Module):
             x_BxLxD = x_BxLxD + self.task_features()[task_index].astype(x_BxLxD.dtype)
         return self.trunk(x_BxLxD, token_mask_BxL, train)
 
-    def _encode_single(self, image_BxHxW: jax.Array, train: bool) -> jax.Array:
-        """One shared sequence per example; each task's stream is its task token (or the mean output)."""
+    def _encode_single(self, inputs: jax.Array, train: bool) -> jax.Array:
+        """One shared sequence per example (image patches or feature chunks); each task's stream is its
+        task token (or the mean output)."""
         num_tasks = len(self.tasks)
-        x_BxNxD = self.positions(self.embed(image_BxHxW))
+        x_BxNxD = self.positions(self.embed(inputs))
         if self.task_encoder:
             x_BxLxD = prepend_task_tokens(x_BxNxD, self.task_features())
             return self.trunk(x_BxLxD, None, train)[:, :num_tasks]

@@ -36,7 +36,7 @@ class TokenEmbed(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image ``[B, H, W]`` -> non-overlapping ``patch x patch`` patches -> ``[B, HW/p^2, D]``.
+    """Image ``[B, H, W]`` or ``[B, H, W, C]`` -> non-overlapping patches -> ``[B, HW/p^2, D]``.
 
     The linear patch embedding of ViT (Dosovitskiy et al. 2021, eq. 1). Pair it with learned positions
     (ViT's choice): unit-scale sinusoids drown the small pixel embeddings early in training (on
@@ -47,17 +47,38 @@ class PatchEmbed(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_BxHxW: jax.Array) -> jax.Array:
-        b, h, w = image_BxHxW.shape
+    def __call__(self, image: jax.Array) -> jax.Array:
+        image_BxHxWxC = image[..., None] if image.ndim == 3 else image
+        b, h, w, c = image_BxHxWxC.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image {h}x{w} is not divisible into {p}x{p} patches")
-        patches = image_BxHxW.reshape(b, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4)
-        patches_BxNxP = patches.reshape(b, (h // p) * (w // p), p * p).astype(self.dtype)
-        return nn.Dense(self.d_model, dtype=self.dtype, name="projection",
-                        kernel_init=kernel_init((None, "embed")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
-                        )(patches_BxNxP)
+        patches = image_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches_BxNxP = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+        return _project(patches_BxNxP, self.d_model, self.dtype)
+
+
+class VectorEmbed(nn.Module):
+    """Feature vector ``[B, F]`` -> chunks of ``chunk`` features -> ``[B, F/chunk, D]`` tokens.
+
+    Lets the Transformer read tabular / synthetic regression inputs (the MMoE and GradNorm toys).
+    """
+    chunk: int
+    d_model: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features_BxF: jax.Array) -> jax.Array:
+        b, f = features_BxF.shape
+        if f % self.chunk:
+            raise ValueError(f"{f} input features are not divisible into chunks of {self.chunk}")
+        chunks_BxNxC = features_BxF.reshape(b, f // self.chunk, self.chunk).astype(self.dtype)
+        return _project(chunks_BxNxC, self.d_model, self.dtype)
+
+
+def _project(x: jax.Array, d_model: int, dtype: Dtype) -> jax.Array:
+    return nn.Dense(d_model, dtype=dtype, name="projection", kernel_init=kernel_init((None, "embed")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(x)
 
 
 class PositionalEncoding(nn.Module):
