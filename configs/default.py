@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.task_attention_self = False   # also attend to the task's own stream
     c.model.memory_tokens = 4             # multi-input task attention: memory tokens per task
     c.model.remat = "none"                # none | full | dots | dots_no_batch
+    c.model.vocab_size = 0                # token inputs: embedding rows (0: the source's vocabulary)
 
     c.weighting = ml_collections.ConfigDict()
     c.weighting.name = "ew"               # any of mtt_jax.weighting.METHODS

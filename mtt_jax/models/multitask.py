@@ -12,6 +12,7 @@ i's stream only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -140,6 +141,11 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
                 dtype: Dtype = jnp.float32) -> MultiTaskTransformer:
     """The model a config describes (``config.model.*``)."""
     m = config.model
+    if m.get("vocab_size", 0) and input_spec.kind == "tokens":
+        if m.vocab_size < input_spec.vocab_size:
+            raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the data's "
+                             f"vocabulary of {input_spec.vocab_size}")
+        input_spec = dataclasses.replace(input_spec, vocab_size=m.vocab_size)
     return MultiTaskTransformer(
         tasks=tasks, layout=layout, input_spec=input_spec, num_layers=m.num_layers, d_model=m.d_model,
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,

@@ -1,0 +1,33 @@
+"""Reference config of the benchmark (issue 7): a multi-input text model, 4 layers, d_model 256, 4 heads,
+MLP 1024, sequence 128, global batch 32, 3 tasks, vocabulary 8192, AdamW.
+
+    python -m mtt_jax.benchmark --config configs/benchmark.py
+
+The data are seqtasks sequences (ids < 32) in a model with an 8192-entry vocabulary, so the embedding
+and its gradient have the reference size. Variants: ``tasks8`` (8 tasks, for the weighting-method step
+time ratios), ``base`` (12 layers, d_model 768, 12 heads, MLP 3072: for accelerators).
+"""
+
+from configs.default import base_config
+
+
+def get_config(variant: str = ""):
+    c = base_config()
+    c.data.source = "seqtasks"
+    c.data.options.length = 128
+    c.data.options.num_eval_examples = 64
+    c.tasks = ("majority", "mean_value", "repeat_tag")
+    c.batch_size = 32  # the multi-input batch_size counts examples per task: 96 sequences per step
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 4, 256, 4, 1024
+    c.model.positional = "sinusoidal"
+    c.model.vocab_size = 8192
+    c.total_steps, c.eval_every, c.log_every = 30, 1000, 10
+    c.weighting.diagnostics_every = 0
+    if variant == "tasks8":
+        c.tasks = ("majority", "majority_parity", "mean_value", "repeat_tag", "first_group",
+                   "max_value", "distinct_count", "last_group_tag")
+    elif variant == "base":
+        c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 12, 768, 12, 3072
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of configs/benchmark.py; choose '', tasks8, base")
+    return c

@@ -1,0 +1,207 @@
+"""Step-time benchmark against the hardware limit.
+
+    python -m mtt_jax.benchmark --config configs/benchmark.py
+    python -m mtt_jax.benchmark --config configs/benchmark.py:tasks8 --methods ew,mgda,pcgrad,cagrad
+    python -m mtt_jax.benchmark --config configs/default.py --meshes 8x1x1,1x8x1 --dtypes float32,bfloat16
+
+Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
+measured), then times ``--steps`` train steps and reports the median step time, examples/s, tokens/s,
+model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and MFU, peak memory per device, and, with
+``--loop``, the time per step of the real input pipeline + step loop and the fraction of it spent
+waiting on the host. On CPU the peak is measured in the same run with a large f32 matmul; on GPU/TPU it
+is the datasheet bf16 peak. Variants (methods x meshes x dtypes) run side by side in one process, so
+their ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).")
+_METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first).")
+_MESHES = flags.DEFINE_list("meshes", [], "Meshes as DATAxFSDPxTENSOR, e.g. 8x1x1,2x4x1.")
+_DTYPES = flags.DEFINE_list("dtypes", [], "Compute dtypes, e.g. float32,bfloat16.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
+_LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+flags.mark_flags_as_required(["config"])
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measured_matmul_peak(dtype: str = "float32", size: int = 2048) -> float:
+    """FLOP/s of a large square matmul on the default device (the CPU's practical peak)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    seconds = median_seconds(lambda: matmul(a, a).block_until_ready(), 10)
+    return 2 * size ** 3 / seconds
+
+
+def device_peak() -> tuple[float, str]:
+    import jax
+    from mtt_jax.flops import DATASHEET_BF16_PEAK
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_matmul_peak(), "measured f32 matmul (2048^3)"
+    kind = device.device_kind
+    if kind in DATASHEET_BF16_PEAK:
+        return DATASHEET_BF16_PEAK[kind], f"datasheet bf16 ({kind})"
+    return measured_matmul_peak("bfloat16", 8192), f"measured bf16 matmul ({kind})"
+
+
+def peak_memory_bytes(compiled) -> int | None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes +
+               analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def benchmark_variant(config, steps: int, loop: bool, peak: float) -> dict:
+    """Compile once, time ``steps`` steps; everything measured for one config."""
+    import jax
+    from mtt_jax import flops, sharding, train
+
+    setup = train.build(config)
+    step_fn = train.compile_train_step(setup, config.grad_accum_steps,
+                                       config.weighting.get("rep_grad", False),
+                                       config.weighting.get("diagnostics_every", 0))
+    state = setup.create_state()
+    batch = sharding.shard_batch(setup.source.train_batch(0, config.batch_size), setup.batch_shardings,
+                                 setup.layout)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+    for _ in range(3):
+        one_step()
+    step_seconds = median_seconds(one_step, steps)
+
+    count = flops.training_flops(config.model, setup.tasks, setup.layout, setup.source.input_spec.kind,
+                                 setup.source.input_spec.shape, config.batch_size)
+    sequences = config.batch_size * (len(setup.tasks) if setup.layout == "multi" else 1)
+    length = setup.source.input_spec.shape[0] if setup.source.input_spec.kind == "tokens" else 0
+    result = {
+        "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
+        "dtype": config.dtype, "step_ms": 1e3 * step_seconds, "compile_s": compile_seconds,
+        "examples_per_s": sequences / step_seconds,
+        "tokens_per_s": sequences * length / step_seconds if length else None,
+        "model_tflops_per_step": count.training / 1e12,
+        "achieved_tflops_per_s": count.training / step_seconds / 1e12,
+        "mfu": flops.model_flops_utilization(count.training / setup.mesh.devices.size, step_seconds, peak),
+        "peak_memory_mib_per_device": (lambda b: b / 2 ** 20 if b else None)(peak_memory_bytes(compiled)),
+    }
+    if loop:
+        result.update(time_loop(config, setup, compiled, holder, steps, step_seconds))
+    return result
+
+
+def time_loop(config, setup, compiled, holder, steps: int, step_seconds: float) -> dict:
+    """The train loop's own pattern: build the host batch, shard it, dispatch, read metrics one late."""
+    import jax
+    from mtt_jax import sharding
+
+    def run(num_steps, first):
+        pending = None
+        for step in range(first, first + num_steps):
+            batch = sharding.shard_batch(setup.source.train_batch(step, config.batch_size),
+                                         setup.batch_shardings, setup.layout)
+            holder["state"], metrics = compiled(holder["state"], batch)
+            if pending is not None:
+                jax.device_get(pending)
+            pending = metrics
+        jax.block_until_ready(pending)
+    run(3, 1)
+    start = time.perf_counter()
+    run(steps, 100)
+    loop_seconds = (time.perf_counter() - start) / steps
+    return {"loop_step_ms": 1e3 * loop_seconds, "loop_over_step": loop_seconds / step_seconds,
+            "host_wait_fraction": max(0.0, 1.0 - step_seconds / loop_seconds)}
+
+
+def variants(config):
+    methods = _METHODS.value or [config.weighting.name]
+    meshes = _MESHES.value or [None]
+    dtypes = _DTYPES.value or [config.dtype]
+    for method, mesh, dtype in itertools.product(methods, meshes, dtypes):
+        variant = config.copy_and_resolve_references()
+        variant.weighting.name, variant.dtype = method, dtype
+        if mesh:
+            variant.mesh.data, variant.mesh.fsdp, variant.mesh.tensor = (int(v) for v in mesh.split("x"))
+        yield variant
+
+
+def format_table(results: list[dict]) -> str:
+    base = results[0]["step_ms"]
+    lines = ["| method | mesh | dtype | step ms | x first | compile s | examples/s | tokens/s | "
+             "TFLOP/step | TFLOP/s | MFU | peak MiB/dev |" + (" loop/step | host wait |" if
+                                                              "loop_step_ms" in results[0] else ""),
+             "|---" * (12 + (2 if "loop_step_ms" in results[0] else 0)) + "|"]
+    for r in results:
+        tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+        memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
+        line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['step_ms']:.1f} | "
+                f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
+                f"{r['model_tflops_per_step']:.4f} | {r['achieved_tflops_per_s']:.3f} | "
+                f"{100 * r['mfu']:.1f}% | {memory} |")
+        if "loop_step_ms" in r:
+            line += f" {r['loop_over_step']:.3f} | {100 * r['host_wait_fraction']:.1f}% |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    import jax
+    from mtt_jax import config_check
+
+    config = _CONFIG.value
+    all_variants = list(variants(config))
+    for variant in all_variants:  # every variant is checked before any is run
+        try:
+            config_check.validate(variant, jax.device_count())
+        except config_check.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    peak, peak_source = device_peak()
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak "
+          f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
+    results = []
+    for variant in all_variants:
+        results.append(benchmark_variant(variant, _STEPS.value, _LOOP.value, peak))
+        print(f"  {results[-1]['method']} {results[-1]['mesh']} {results[-1]['dtype']}: "
+              f"{results[-1]['step_ms']:.1f} ms/step", flush=True)
+    print(format_table(results))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+                       "peak_flops_per_device": peak, "peak_source": peak_source,
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

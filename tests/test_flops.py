@@ -1,0 +1,41 @@
+"""The FLOPs formula against a hand count, and the benchmark's pieces."""
+
+import ml_collections
+import pytest
+
+from mtt_jax import flops, tasks as tasks_lib
+
+
+def model_config(**overrides):
+    c = ml_collections.ConfigDict(dict(num_layers=2, d_model=8, mlp_dim=16, patch_size=2,
+                                       task_encoder=True, task_attention="none", memory_tokens=2))
+    c.update(overrides)
+    return c
+
+
+def test_multi_input_text_model_hand_count():
+    tasks = (tasks_lib.get("majority"), tasks_lib.get("repeat_tag"))  # 4 classes; tagging, 2 classes
+    count = flops.training_flops(model_config(), tasks, "multi", "tokens", (10,), batch_size=3)
+    # 2 tasks x 3 examples = 6 sequences of 10 tokens = 60 tokens, 2 layers, d=8, f=16.
+    per_token_layer = 2 * (4 * 8 * 8 + 2 * 8 * 16)          # q,k,v,out + MLP in/out = 1024
+    assert count.projections == 60 * 2 * per_token_layer     # 122,880
+    assert count.attention == 6 * 2 * (2 * 10 * 10 * 8 + 2 * 10 * 10 * 8)  # qk^T and av: 38,400
+    assert count.embedding == 0                              # a lookup
+    assert count.heads == 3 * 2 * 8 * 4 + 3 * 10 * 2 * 8 * 2  # pooled 4-way + per-token 2-way = 1,152
+    assert count.training == 3 * (122_880 + 38_400 + 1_152)
+
+
+def test_single_input_image_model_counts_task_tokens_and_task_attention():
+    tasks = (tasks_lib.get("left_digit"), tasks_lib.get("right_digit"))
+    count = flops.training_flops(model_config(num_layers=1, task_attention="cross"), tasks, "single",
+                                 "image", (4, 4), batch_size=1)
+    # 4 patches of 2x2 pixels + 2 task tokens = 6 positions.
+    assert count.embedding == 4 * 2 * 4 * 8
+    assert count.projections == 6 * 2 * (4 * 64 + 2 * 8 * 16)
+    assert count.attention == 2 * 2 * 6 * 6 * 8
+    assert count.task_attention == 2 * 2 * 4 * 64 + 2 * 2 * 2 * 2 * 8
+    assert count.heads == 2 * (2 * 8 * 10)
+
+
+def test_mfu():
+    assert flops.model_flops_utilization(50.0, 1.0, 100.0) == pytest.approx(0.5)
