@@ -5,7 +5,7 @@ MLP 1024, sequence 128, global batch 32, 3 tasks, vocabulary 8192, AdamW.
 
 The data are seqtasks sequences (ids < 32) in a model with an 8192-entry vocabulary, so the embedding
 and its gradient have the reference size. Variants: ``tasks8`` (8 tasks, for the weighting-method step
-time ratios), ``base`` (12 layers, d_model 768, 12 heads, MLP 3072: for accelerators).
+time ratios; 2 layers, d_model 128, sequence 64, 16 examples per task), ``base`` (12 layers, d_model 768, 12 heads, MLP 3072: for accelerators).
 """
 
 from configs.default import base_config
@@ -23,9 +23,13 @@ def get_config(variant: str = ""):
     c.model.vocab_size = 8192
     c.total_steps, c.eval_every, c.log_every = 30, 1000, 10
     c.weighting.diagnostics_every = 0
-    if variant == "tasks8":
+    if variant == "tasks8":  # smaller per task, so that 8 tasks fit a CPU run
         c.tasks = ("majority", "majority_parity", "mean_value", "repeat_tag", "first_group",
                    "max_value", "distinct_count", "last_group_tag")
+        c.data.options.length = 64
+        c.batch_size = 16
+        c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 128, 4, 512
+        c.model.vocab_size = 0
     elif variant == "base":
         c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 12, 768, 12, 3072
     elif variant:

@@ -5,7 +5,7 @@
     python -m mtt_jax.benchmark --config configs/default.py --meshes 8x1x1,1x8x1 --dtypes float32,bfloat16
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
-measured), then times ``--steps`` train steps and reports the median step time, examples/s, tokens/s,
+measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports the median step time, examples/s, tokens/s,
 model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and MFU, peak memory per device, and, with
 ``--loop``, the time per step of the real input pipeline + step loop and the fraction of it spent
 waiting on the host. On CPU the peak is measured in the same run with a large f32 matmul; on GPU/TPU it
@@ -74,51 +74,67 @@ def peak_memory_bytes(compiled) -> int | None:
                analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-def benchmark_variant(config, steps: int, loop: bool, peak: float) -> dict:
-    """Compile once, time ``steps`` steps; everything measured for one config."""
-    import jax
-    from mtt_jax import flops, sharding, train
+class Variant:
+    """One compiled configuration: its setup, compiled step, state and a fixed device batch."""
 
-    setup = train.build(config)
-    step_fn = train.compile_train_step(setup, config.grad_accum_steps,
-                                       config.weighting.get("rep_grad", False),
-                                       config.weighting.get("diagnostics_every", 0))
-    state = setup.create_state()
-    batch = sharding.shard_batch(setup.source.train_batch(0, config.batch_size), setup.batch_shardings,
-                                 setup.layout)
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
+    def __init__(self, config):
+        import jax
+        from mtt_jax import sharding, train
 
-    holder = {"state": state}
+        self.config = config
+        self.setup = setup = train.build(config)
+        step_fn = train.compile_train_step(setup, config.grad_accum_steps,
+                                           config.weighting.get("rep_grad", False),
+                                           config.weighting.get("diagnostics_every", 0))
+        self.state = setup.create_state()
+        self.batch = sharding.shard_batch(setup.source.train_batch(0, config.batch_size),
+                                          setup.batch_shardings, setup.layout)
+        start = time.perf_counter()
+        self.compiled = step_fn.lower(self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - start
+        self.times: list[float] = []
+        for _ in range(3):  # warm-up
+            self.step()
+        self._block = jax.block_until_ready
 
-    def one_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
+    def step(self) -> None:
+        import jax
+        self.state, metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready(metrics)
-    for _ in range(3):
-        one_step()
-    step_seconds = median_seconds(one_step, steps)
 
-    count = flops.training_flops(config.model, setup.tasks, setup.layout, setup.source.input_spec.kind,
-                                 setup.source.input_spec.shape, config.batch_size)
-    sequences = config.batch_size * (len(setup.tasks) if setup.layout == "multi" else 1)
-    length = setup.source.input_spec.shape[0] if setup.source.input_spec.kind == "tokens" else 0
-    result = {
-        "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
-        "dtype": config.dtype, "step_ms": 1e3 * step_seconds, "compile_s": compile_seconds,
-        "examples_per_s": sequences / step_seconds,
-        "tokens_per_s": sequences * length / step_seconds if length else None,
-        "model_tflops_per_step": count.training / 1e12,
-        "achieved_tflops_per_s": count.training / step_seconds / 1e12,
-        "mfu": flops.model_flops_utilization(count.training / setup.mesh.devices.size, step_seconds, peak),
-        "peak_memory_mib_per_device": (lambda b: b / 2 ** 20 if b else None)(peak_memory_bytes(compiled)),
-    }
-    if loop:
-        result.update(time_loop(config, setup, compiled, holder, steps, step_seconds))
-    return result
+    def time_one_step(self) -> None:
+        start = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - start)
+
+    def result(self, peak: float, loop: bool, steps: int) -> dict:
+        from mtt_jax import flops
+        config, setup = self.config, self.setup
+        step_seconds = statistics.median(self.times)
+        count = flops.training_flops(config.model, setup.tasks, setup.layout,
+                                     setup.source.input_spec.kind, setup.source.input_spec.shape,
+                                     config.batch_size)
+        sequences = config.batch_size * (len(setup.tasks) if setup.layout == "multi" else 1)
+        spec = setup.source.input_spec
+        length = spec.shape[0] if spec.kind == "tokens" else 0
+        memory = peak_memory_bytes(self.compiled)
+        result = {
+            "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
+            "dtype": config.dtype, "step_ms": 1e3 * step_seconds, "compile_s": self.compile_seconds,
+            "examples_per_s": sequences / step_seconds,
+            "tokens_per_s": sequences * length / step_seconds if length else None,
+            "model_tflops_per_step": count.training / 1e12,
+            "achieved_tflops_per_s": count.training / step_seconds / 1e12,
+            "mfu": flops.model_flops_utilization(count.training / setup.mesh.devices.size, step_seconds,
+                                                 peak),
+            "peak_memory_mib_per_device": memory / 2 ** 20 if memory else None,
+        }
+        if loop:
+            result.update(time_loop(config, setup, self.compiled, self, steps, step_seconds))
+        return result
 
 
-def time_loop(config, setup, compiled, holder, steps: int, step_seconds: float) -> dict:
+def time_loop(config, setup, compiled, holder: Variant, steps: int, step_seconds: float) -> dict:
     """The train loop's own pattern: build the host batch, shard it, dispatch, read metrics one late."""
     import jax
     from mtt_jax import sharding
@@ -128,7 +144,7 @@ def time_loop(config, setup, compiled, holder, steps: int, step_seconds: float) 
         for step in range(first, first + num_steps):
             batch = sharding.shard_batch(setup.source.train_batch(step, config.batch_size),
                                          setup.batch_shardings, setup.layout)
-            holder["state"], metrics = compiled(holder["state"], batch)
+            holder.state, metrics = compiled(holder.state, batch)
             if pending is not None:
                 jax.device_get(pending)
             pending = metrics
@@ -190,11 +206,16 @@ def main(argv) -> None:
     peak, peak_source = device_peak()
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak "
           f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
-    results = []
+    compiled = []
     for variant in all_variants:
-        results.append(benchmark_variant(variant, _STEPS.value, _LOOP.value, peak))
-        print(f"  {results[-1]['method']} {results[-1]['mesh']} {results[-1]['dtype']}: "
-              f"{results[-1]['step_ms']:.1f} ms/step", flush=True)
+        compiled.append(Variant(variant))
+        print(f"  compiled {variant.weighting.name} {variant.dtype}: {compiled[-1].compile_seconds:.1f} s",
+              flush=True)
+    # Interleaved rounds: every variant sees the same machine conditions.
+    for _ in range(_STEPS.value):
+        for variant in compiled:
+            variant.time_one_step()
+    results = [v.result(peak, _LOOP.value, _STEPS.value) for v in compiled]
     print(format_table(results))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
