@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1                # microbatches per step (batch_size is the total)
     c.nonfinite = "skip"                  # skip | halt: a non-finite loss is never applied
 
+    c.prefetch = 2                        # batches built ahead on a host thread (0: inline)
+    c.transfer_guard = "allow"            # "disallow": implicit host<->device transfers in the loop fail
     c.checkpoint_every = 500
     c.keep = 3
     return c

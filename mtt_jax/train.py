@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from mtt_jax import affinity, checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
 from mtt_jax import weighting, workdir as workdir_lib
 from mtt_jax.models import build_model
+from mtt_jax.prefetch import prefetch
 from mtt_jax.writers import MetricWriter, Progress
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -124,6 +125,10 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     tasks, source, mesh, rules, layout = setup.tasks, setup.source, setup.mesh, setup.rules, setup.layout
     schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
 
+    def learning_rate(step: int) -> float:
+        with jax.transfer_guard("allow"):  # a host-side evaluation of the schedule, on purpose
+            return float(schedule(step))
+
     # --- Checkpoint: restore the newest readable one, or create the state directly sharded ----------
     checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint_every, config.keep)
     state = None
@@ -174,7 +179,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
         if step % config.log_every and step != config.total_steps and not diagnostics_step:
             return
         record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                  "learning_rate": float(schedule(step - 1)),
+                  "learning_rate": learning_rate(step - 1),
                   "steps_per_second": progress.steps_per_second(step),
                   "skipped": int(not metrics["finite"])}
         for i, t in enumerate(tasks):
@@ -196,15 +201,17 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
                      f"{dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
     pending = None  # (step, metrics) of the previous step, read one step late
     last_eval, start, step = {}, time.perf_counter(), first_step
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), checkpoint.PreemptionFlag() as preemption:
+    guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), checkpoint.PreemptionFlag() as preemption, guard:
         try:
-            for step in range(first_step, config.total_steps):
-                batch = sharding.shard_batch(source.train_batch(step, config.batch_size),
-                                             setup.batch_shardings, layout)
+            make_batch = lambda step: sharding.shard_batch(
+                source.train_batch(step, config.batch_size), setup.batch_shardings, layout)
+            for step, batch in prefetch(make_batch, first_step, config.total_steps,
+                                        config.get("prefetch", 2)):
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
-                    affinity = np.asarray(jax.device_get(affinity_fn(state, batch)))
-                    affinity_sum, affinity_count = affinity_sum + affinity, affinity_count + 1
-                    writer.write(step, "affinity", {"affinity": np.round(affinity, 5).tolist()})
+                    affinity_TxT = np.asarray(jax.device_get(affinity_fn(state, batch)))
+                    affinity_sum, affinity_count = affinity_sum + affinity_TxT, affinity_count + 1
+                    writer.write(step, "affinity", {"affinity": np.round(affinity_TxT, 5).tolist()})
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     log_train(*pending)
