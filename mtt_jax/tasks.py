@@ -8,6 +8,10 @@ A `TaskSpec` names a task and fixes its kind:
 - ``tagging``: one label per input token (pads excluded); token-level cross-entropy; token accuracy and
     token macro-F1.
 
+Those are each kind's default metrics. A task may name its own (``TaskSpec.metrics``, the first is its
+main metric), e.g. the metrics GLUE reports: Matthews correlation for CoLA, F1 of class 1 and accuracy for
+MRPC and QQP, Pearson and Spearman correlation for STS-B.
+
 Losses are pure jax functions used inside the train step. They return per-example sums and counts, so
 that the task loss is a masked mean over examples (and over tokens for tagging) whatever the batch
 layout. Metrics are numpy functions run on the host over the whole eval set, because macro-F1 and
@@ -23,7 +27,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtt_jax.data import celeba, gradnorm_toy, mmoe_synthetic
+
 KINDS = ("classification", "regression", "tagging")
+METRICS = {
+        "classification": ("accuracy", "macro_f1"),
+        "regression": ("mse", "pearson"),
+        "tagging": ("token_accuracy", "token_macro_f1"),
+}
+# The kinds each metric applies to (TaskSpec.metrics are checked against it).
+METRIC_KINDS = {
+        "accuracy": ("classification",), "macro_f1": ("classification",), "f1": ("classification",),
+        "matthews_corr": ("classification",), "token_accuracy": ("tagging",),
+        "token_macro_f1": ("tagging",), "mse": ("regression",), "pearson": ("regression",),
+        "spearman": ("regression",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +50,7 @@ class TaskSpec:
     kind: str
     num_classes: int = 1  # output width of the head; 1 for regression
     source: str = ""      # the data source that serves the task
+    metrics: tuple[str, ...] = ()  # empty: the kind's defaults (METRICS); the first is the main metric
 
     @property
     def num_outputs(self) -> int:
@@ -39,11 +58,11 @@ class TaskSpec:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return METRICS[self.kind]
+        return self.metrics or METRICS[self.kind]
 
     @property
     def main_metric(self) -> str:
-        return METRICS[self.kind][0]
+        return self.metric_names[0]
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -52,6 +71,14 @@ _REGISTRY: dict[str, TaskSpec] = {}
 def register(spec: TaskSpec) -> TaskSpec:
     if spec.kind not in KINDS:
         raise ValueError(f"task kind {spec.kind!r} is not one of {KINDS}")
+    for metric in spec.metrics:
+        if metric not in METRIC_KINDS or spec.kind not in METRIC_KINDS[metric]:
+            valid = [m for m, kinds in METRIC_KINDS.items() if spec.kind in kinds]
+            raise ValueError(f"metric {metric!r} does not apply to {spec.kind} task {spec.name!r}; "
+                             f"valid choices: {', '.join(valid)}")
+    if "f1" in spec.metrics and spec.num_classes != 2:
+        raise ValueError(f"metric 'f1' (of class 1) needs a binary task; {spec.name!r} has "
+                         f"{spec.num_classes} classes")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -77,6 +104,29 @@ register(TaskSpec("first_group", "classification", 4, "seqtasks"))
 register(TaskSpec("max_value", "classification", 7, "seqtasks"))
 register(TaskSpec("distinct_count", "regression", 1, "seqtasks"))
 register(TaskSpec("last_group_tag", "tagging", 4, "seqtasks"))
+
+# --- GLUE (mtt_jax.data.glue), with the metrics GLUE reports. ---------------------------------------
+register(TaskSpec("cola", "classification", 2, "glue", metrics=("matthews_corr", "accuracy")))
+register(TaskSpec("sst2", "classification", 2, "glue", metrics=("accuracy",)))
+register(TaskSpec("mrpc", "classification", 2, "glue", metrics=("f1", "accuracy")))
+register(TaskSpec("qqp", "classification", 2, "glue", metrics=("f1", "accuracy")))
+register(TaskSpec("stsb", "regression", 1, "glue", metrics=("pearson", "spearman", "mse")))
+register(TaskSpec("mnli", "classification", 3, "glue", metrics=("accuracy",)))
+register(TaskSpec("qnli", "classification", 2, "glue", metrics=("accuracy",)))
+register(TaskSpec("rte", "classification", 2, "glue", metrics=("accuracy",)))
+register(TaskSpec("wnli", "classification", 2, "glue", metrics=("accuracy",)))
+
+# --- Images from TFDS (mtt_jax.data.multimnist_tfds, mtt_jax.data.celeba). ---------------------------
+register(TaskSpec("mnist_left", "classification", 10, "multimnist"))
+register(TaskSpec("mnist_right", "classification", 10, "multimnist"))
+for _name in celeba.TASK_NAMES:  # 40 binary attributes, e.g. celeba_smiling
+    register(TaskSpec(_name, "classification", 2, "celeba", metrics=("accuracy", "f1")))
+
+# --- Offline regression generators (mtt_jax.data.mmoe_synthetic, mtt_jax.data.gradnorm_toy). -------
+for _name in mmoe_synthetic.TASK_NAMES:  # mmoe_a1, mmoe_a2, mmoe_b1, ...
+    register(TaskSpec(_name, "regression", 1, "mmoe_synthetic", metrics=("mse", "pearson")))
+for _name in gradnorm_toy.TASK_NAMES:    # toy_0, toy_1, ...
+    register(TaskSpec(_name, "regression", 1, "gradnorm_toy", metrics=("mse", "pearson")))
 
 
 # --- Losses (inside the step). ----------------------------------------------------------------------
@@ -152,11 +202,44 @@ def pearson(pred: np.ndarray, label: np.ndarray) -> float:
     return float(np.corrcoef(pred, label)[0, 1])
 
 
-METRICS = {
-        "classification": ("accuracy", "macro_f1"),
-        "regression": ("mse", "pearson"),
-        "tagging": ("token_accuracy", "token_macro_f1"),
-}
+def spearman(pred: np.ndarray, label: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks, ties given their average rank."""
+    return pearson(average_ranks(np.asarray(pred, np.float64)), average_ranks(np.asarray(label, np.float64)))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x``; tied values all get the mean of the ranks they span."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # first position of each value
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    return ranks
+
+
+def f1(pred: np.ndarray, label: np.ndarray) -> float:
+    """F1 of the positive class 1 (binary tasks; GLUE's F1 for MRPC and QQP); 0 when it has no TP."""
+    tp = np.sum((pred == 1) & (label == 1))
+    fp = np.sum((pred == 1) & (label != 1))
+    fn = np.sum((pred != 1) & (label == 1))
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
+def matthews_corr(pred: np.ndarray, label: np.ndarray) -> float:
+    """Matthews correlation coefficient (Matthews 1975; GLUE's metric for CoLA), in its multi-class form
+    (Gorodkin 2004), which for two classes is (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)).
+    0 when predictions or labels are constant (the denominator vanishes)."""
+    classes, encoded = np.unique(np.concatenate([pred, label]), return_inverse=True)
+    pred_ids, label_ids = encoded[:len(pred)], encoded[len(pred):]
+    confusion = np.zeros((len(classes), len(classes)))
+    np.add.at(confusion, (label_ids, pred_ids), 1)
+    n = confusion.sum()
+    true_counts, pred_counts = confusion.sum(axis=1), confusion.sum(axis=0)
+    covariance = np.trace(confusion) * n - true_counts @ pred_counts
+    denominator = np.sqrt((n**2 - pred_counts @ pred_counts) * (n**2 - true_counts @ true_counts))
+    return float(covariance / denominator) if denominator else 0.0
+
 
 
 def compute_metrics(spec: TaskSpec, pred: np.ndarray, label: np.ndarray,
@@ -172,16 +255,25 @@ def compute_metrics(spec: TaskSpec, pred: np.ndarray, label: np.ndarray,
             "token_macro_f1": lambda: macro_f1(pred, label, spec.num_classes),
             "mse": lambda: mse(pred, label),
             "pearson": lambda: pearson(pred, label),
+            "spearman": lambda: spearman(pred, label),
+            "f1": lambda: f1(pred, label),
+            "matthews_corr": lambda: matthews_corr(pred, label),
     }
     return {m: fns[m]() for m in spec.metric_names}
 
 
 def trivial_baseline(spec: TaskSpec, label: np.ndarray,
                                           token_mask: np.ndarray | None = None) -> dict[str, float]:
-    """The main metric of the best input-blind predictor: the majority class, or the label mean."""
+    """Every metric of the best input-blind predictor: the majority class, or the label mean (whose
+    correlations are 0 by definition)."""
     if spec.kind == "tagging":
         label = label[token_mask.astype(bool)]
     if spec.kind == "regression":
-        return {"mse": float(np.var(label)), "pearson": 0.0}
+        values = {"mse": float(np.var(label)), "pearson": 0.0, "spearman": 0.0}
+        return {m: values[m] for m in spec.metric_names}
     majority = np.bincount(label.astype(np.int64), minlength=spec.num_classes).argmax()
-    return {spec.main_metric: accuracy(np.full_like(label, majority), label)}
+    constant = np.full_like(label, majority)
+    names = {m: m.removeprefix("token_") for m in spec.metric_names}  # tagging: tokens already kept
+    flat = dataclasses.replace(spec, kind="classification", metrics=tuple(names.values()))
+    values = compute_metrics(flat, constant, label)
+    return {m: values[name] for m, name in names.items()}

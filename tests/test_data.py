@@ -23,8 +23,16 @@ def assert_batches_equal(a: dict, b: dict) -> None:
 # --- Registry ------------------------------------------------------------------------------------------
 
 def test_registry_lists_sources_and_tasks():
-    assert set(data.SOURCES) == {"multidigits", "seqtasks"}
-    assert data.AVAILABLE_TASKS == {"multidigits": DIGIT_TASKS, "seqtasks": SEQ_TASKS}
+    assert set(data.SOURCES) == {"multidigits", "seqtasks", "mmoe_synthetic", "gradnorm_toy", "glue",
+                                 "multimnist", "celeba"}
+    assert data.AVAILABLE_TASKS["multidigits"] == DIGIT_TASKS
+    assert data.AVAILABLE_TASKS["seqtasks"] == SEQ_TASKS
+    assert data.AVAILABLE_TASKS["glue"] == ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
+                                            "wnli")
+    assert data.AVAILABLE_TASKS["multimnist"] == ("mnist_left", "mnist_right")
+    assert len(data.AVAILABLE_TASKS["celeba"]) == 40 and "celeba_smiling" in data.AVAILABLE_TASKS["celeba"]
+    assert data.AVAILABLE_TASKS["mmoe_synthetic"][:4] == ("mmoe_a1", "mmoe_a2", "mmoe_b1", "mmoe_b2")
+    assert data.AVAILABLE_TASKS["gradnorm_toy"][:2] == ("toy_0", "toy_1")
 
 
 @pytest.mark.parametrize("name, tasks, options, bad, valid", [

@@ -1,8 +1,23 @@
 """Data sources by name: ``make_source("multidigits", ["left_digit", "right_digit"], seed=0)``.
 
-Every source follows the contract of ``mtt_jax.data.base`` (batch layouts of DESIGN.md §3). The offline
-sources need no downloads: ``multidigits`` (MultiMNIST on sklearn's digits, single-input) and
-``seqtasks`` (synthetic token tasks of known relatedness, multi-input).
+Every source follows the contract of ``mtt_jax.data.base`` (batch layouts of DESIGN.md §3, train batches
+that are pure functions of ``(seed, step)`` and can be cut into per-process slices).
+
+Offline, embedded (no download):
+
+- ``multidigits``: MultiMNIST on scikit-learn's 8x8 digits (single-input, image);
+- ``seqtasks``: synthetic token tasks of known relatedness (multi-input, tokens);
+- ``mmoe_synthetic``: Ma et al. (2018)'s regression pairs with controlled correlation (single-input,
+  vector);
+- ``gradnorm_toy``: Chen et al. (2018)'s regression tasks of different scales (single-input, vector).
+
+From TensorFlow Datasets (prepared under ``data.options.data_dir``; preprocessed arrays cached there):
+
+- ``glue``: the nine GLUE tasks (multi-input, tokens);
+- ``multimnist``: Sener & Koltun's MultiMNIST from ``mnist`` (single-input, image);
+- ``celeba``: 40 CelebA attributes from ``celeb_a`` (single-input, RGB image).
+
+``mixtures`` holds mixing rates and the flat-batch sampler; ``tokenizer`` the text tokenizers.
 """
 
 from __future__ import annotations
@@ -10,11 +25,17 @@ from __future__ import annotations
 import inspect
 from typing import Sequence
 
-from mtt_jax.data.base import InputSpec, Source, check_choice
+from mtt_jax.data.base import DatasetNotPreparedError, InputSpec, Source, check_choice
+from mtt_jax.data.celeba import CelebA
+from mtt_jax.data.glue import Glue
+from mtt_jax.data.gradnorm_toy import GradNormToy
+from mtt_jax.data.mmoe_synthetic import MmoeSynthetic
 from mtt_jax.data.multidigits import MultiDigits
+from mtt_jax.data.multimnist_tfds import MultiMnist
 from mtt_jax.data.seqtasks import SeqTasks
 
-SOURCES: dict[str, type] = {source.name: source for source in (MultiDigits, SeqTasks)}
+SOURCES: dict[str, type] = {source.name: source for source in (
+    MultiDigits, SeqTasks, MmoeSynthetic, GradNormToy, Glue, MultiMnist, CelebA)}
 AVAILABLE_TASKS: dict[str, tuple[str, ...]] = {
     name: source.all_task_names for name, source in SOURCES.items()}
 
@@ -31,6 +52,7 @@ def make_source(name: str, task_names: Sequence[str], seed: int, **options) -> S
 
     Raises:
         ValueError: one line naming the bad source, task or option and the valid choices.
+        DatasetNotPreparedError: (a ValueError) one line with the command that prepares the dataset.
     """
     valid_options = source_options(name)
     for option in options:
@@ -38,4 +60,5 @@ def make_source(name: str, task_names: Sequence[str], seed: int, **options) -> S
     return SOURCES[name](task_names, seed, **options)
 
 
-__all__ = ["AVAILABLE_TASKS", "InputSpec", "SOURCES", "Source", "make_source", "source_options"]
+__all__ = ["AVAILABLE_TASKS", "DatasetNotPreparedError", "InputSpec", "SOURCES", "Source", "make_source",
+           "source_options"]

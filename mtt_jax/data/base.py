@@ -8,20 +8,30 @@ Lin & Zhang, "LibMTL: A Python Library for Multi-Task Learning", JMLR 2023):
 - ``"multi"`` (multi-input): each task has its own examples, stacked on a leading task axis.
   ``{"inputs": [T, b, ...], "labels": {task: [b, ...]}, "mask": {task: f32[b]}}``
 
-Two rules make runs reproducible and resumable (DESIGN.md §7):
+Three rules make runs reproducible, resumable and independent of the number of hosts (DESIGN.md §7):
 
 - ``train_batch(step, batch_size)`` is a pure function of ``(seed, step, batch_size)``: it seeds a
   fresh generator from those numbers (``train_rng``) and never keeps iterator state.
+- ``train_batch(step, batch_size, shard=(index, count))`` returns rows
+  ``[index * batch_size // count, (index + 1) * batch_size // count)`` of that global batch (of every
+  task's sub-batch in the multi-input layout), equal to slicing ``shard=(0, 1)`` exactly. Sources build
+  only the slice where they can: they draw the global list of example indices (cheap) and load or render
+  only the slice's examples, or key generators by blocks of rows (``block_rows``).
 - ``eval_batches(batch_size)`` walks a fixed held-out set that does not depend on the run seed, so runs
   with different seeds are scored on the same examples. The last batch is filled up by repeating an
-  example, with mask 0 on the filler rows (``padded_index_batches``).
+  example, with mask 0 on the filler rows (``padded_index_batches``). ``shard`` slices each eval batch
+  the same way.
+
+A TFDS-backed source whose dataset is not on disk raises ``DatasetNotPreparedError`` when it is built,
+with one line that gives the command that prepares it.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterator, Sequence
+import functools
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +40,14 @@ LAYOUTS = ("single", "multi")
 # First word of every generator key, so that train and eval streams can never share a key.
 _TRAIN_STREAM = 0
 _EVAL_STREAM = 1
+
+Shard = tuple[int, int]  # (index of this process, number of processes)
+FULL: Shard = (0, 1)
+BLOCK_ROWS = 32  # rows per generator in ``block_rows``
+
+
+class DatasetNotPreparedError(ValueError):
+    """A dataset the source needs is not on disk; the message is one line with the command to build it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +75,14 @@ class Source(abc.ABC):
     input_spec: InputSpec
 
     @abc.abstractmethod
-    def train_batch(self, step: int, batch_size: int) -> dict:
-        """The train batch of ``step``; identical for identical ``(seed, step, batch_size)``."""
+    def train_batch(self, step: int, batch_size: int, shard: Shard = FULL) -> dict:
+        """This process's rows (``shard_rows``) of the global train batch of ``step``; identical for
+        identical ``(seed, step, batch_size, shard)``."""
 
     @abc.abstractmethod
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        """The fixed eval set in batches of exactly ``batch_size`` rows (last one padded, mask 0)."""
+    def eval_batches(self, batch_size: int, shard: Shard = FULL) -> Iterator[dict]:
+        """The fixed eval set in global batches of exactly ``batch_size`` rows (last one padded, mask
+        0), each cut to this process's rows."""
 
     @property
     @abc.abstractmethod
@@ -123,3 +143,71 @@ def padded_index_batches(num_examples: int,
         positions = np.arange(start, start + batch_size)
         mask = (positions < num_examples).astype(np.float32)
         yield np.minimum(positions, num_examples - 1), mask
+
+
+def shard_rows(batch_size: int, shard: Shard = FULL) -> slice:
+    """Rows ``[index * batch_size // count, (index + 1) * batch_size // count)`` of a global batch."""
+    check_positive("batch_size", batch_size)
+    if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    index, count = int(shard[0]), int(shard[1])
+    return slice(index * batch_size // count, (index + 1) * batch_size // count)
+
+
+def slice_batch(batch: dict, rows: slice, layout: str) -> dict:
+    """Rows ``rows`` of a batch: of ``inputs`` (on axis 1 for the multi-input task axis), labels, masks."""
+    inputs = batch["inputs"][:, rows] if layout == "multi" else batch["inputs"][rows]
+    return {"inputs": inputs,
+            "labels": {task: labels[rows] for task, labels in batch["labels"].items()},
+            "mask": {task: mask[rows] for task, mask in batch["mask"].items()}}
+
+
+def block_rows(rng_for_block: Callable[[int], np.random.Generator], rows: slice,
+               draw: Callable[[np.random.Generator, int], tuple[np.ndarray, ...]],
+               block: int = BLOCK_ROWS) -> tuple[np.ndarray, ...]:
+    """Rows ``rows`` of a generated table whose rows come in blocks of ``block``, each block from its own
+    generator ``rng_for_block(block_index)``; ``draw(rng, block)`` returns arrays with ``block`` rows.
+
+    Row ``i`` depends only on its block's key, so any slice is built without the rows before it, and a
+    batch of ``B`` rows is the first ``B`` rows of any larger batch.
+    """
+    if rows.stop <= rows.start:
+        empty = draw(rng_for_block(0), block)
+        return tuple(a[:0] for a in empty)
+    first, last = rows.start // block, (rows.stop - 1) // block
+    parts = [draw(rng_for_block(b), block) for b in range(first, last + 1)]
+    joined = tuple(np.concatenate(arrays) for arrays in zip(*parts))
+    offset = first * block
+    return tuple(a[rows.start - offset:rows.stop - offset] for a in joined)
+
+
+def epoch_indices(key: Sequence[int], num_examples: int, positions: np.ndarray) -> np.ndarray:
+    """Example indices at stream ``positions``: pass ``e = p // N`` over the data is a fresh permutation
+    of ``range(N)`` keyed by ``(*key, e)``, so every example is seen once per pass (epochs without state).
+    """
+    positions = np.asarray(positions, np.int64)
+    out = np.empty(positions.shape, np.int64)
+    epochs = positions // num_examples
+    for epoch in np.unique(epochs):
+        at = epochs == epoch
+        out[at] = _permutation(tuple(int(k) for k in key), num_examples, int(epoch))[positions[at] % num_examples]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(key: tuple[int, ...], num_examples: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([_TRAIN_STREAM, *key, epoch]).permutation(num_examples)
+
+
+def check_labels(where: str, labels: np.ndarray, kind: str, num_classes: int) -> None:
+    """Raises a one-line ValueError when labels do not fit a task of ``kind`` with ``num_classes``."""
+    if kind == "regression":
+        if not np.all(np.isfinite(labels)):
+            raise ValueError(f"{where}: regression labels must be finite; found {labels[~np.isfinite(labels)][:3]}")
+        return
+    bad = (labels < 0) | (labels >= num_classes) | (labels != np.round(labels))
+    if np.any(bad):
+        raise ValueError(f"{where}: labels must be integers in [0, {num_classes}) for this {kind} task; "
+                         f"found {np.unique(labels[bad])[:5].tolist()} in {int(bad.sum())} examples")

@@ -93,6 +93,10 @@ def compose(pairs: Pairs) -> np.ndarray:
     return canvas_BxHxW
 
 
+def _take(pairs: Pairs, rows) -> Pairs:
+    return Pairs(*(getattr(pairs, field.name)[rows] for field in dataclasses.fields(Pairs)))
+
+
 class MultiDigits(base.Source):
     """Sener & Koltun's MultiMNIST on sklearn's 8x8 digits; tasks ``left_digit``, ``right_digit``."""
 
@@ -116,21 +120,22 @@ class MultiDigits(base.Source):
     def num_eval_examples(self) -> int:
         return self._num_eval_pairs
 
-    def train_pairs(self, step: int, batch_size: int) -> Pairs:
-        """The pairs behind ``train_batch(step, batch_size)``."""
-        base.check_positive("batch_size", batch_size)
+    def train_pairs(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> Pairs:
+        """The pairs behind ``train_batch(step, batch_size, shard)``: the global batch's pairs are drawn
+        (a few integers each) and cut to the shard's rows, so only those rows are rendered."""
+        rows = base.shard_rows(batch_size, shard)
         rng = base.train_rng(self.seed, step)
-        return draw_pairs(rng, self.train_image_indices, batch_size, self.jitter)
+        return _take(draw_pairs(rng, self.train_image_indices, batch_size, self.jitter), rows)
 
-    def train_batch(self, step: int, batch_size: int) -> dict:
-        pairs = self.train_pairs(step, batch_size)
-        return self._batch(compose(pairs), pairs, np.ones(batch_size, np.float32))
+    def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
+        pairs = self.train_pairs(step, batch_size, shard)
+        return self._batch(compose(pairs), pairs, np.ones(len(pairs.left_index), np.float32))
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+        part = base.shard_rows(batch_size, shard)
         for rows, mask in base.padded_index_batches(self._num_eval_pairs, batch_size):
-            pairs = Pairs(*(getattr(self.eval_pairs, field.name)[rows]
-                            for field in dataclasses.fields(Pairs)))
-            yield self._batch(self._eval_inputs[rows], pairs, mask)
+            rows, mask = rows[part], mask[part]
+            yield self._batch(self._eval_inputs[rows], _take(self.eval_pairs, rows), mask)
 
     def _batch(self, inputs_BxHxW: np.ndarray, pairs: Pairs, mask_B: np.ndarray) -> dict:
         _, digit_labels = digit_images()

@@ -190,28 +190,34 @@ class SeqTasks(base.Source):
     def num_eval_examples(self) -> int:
         return self._num_eval_examples
 
-    def train_batch(self, step: int, batch_size: int) -> dict:
-        base.check_positive("batch_size", batch_size)
+    def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
+        rows = base.shard_rows(batch_size, shard)
         inputs_TxBxL, labels = self._examples(
-            lambda task_key: base.train_rng(self.seed, step, task_key), batch_size)
+            lambda task_key: base.train_rng(self.seed, step, task_key), batch_size, rows)
         return {"inputs": inputs_TxBxL, "labels": labels,
-                "mask": {task: np.ones(batch_size, np.float32) for task in self.task_names}}
+                "mask": {task: np.ones(rows.stop - rows.start, np.float32) for task in self.task_names}}
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+        part = base.shard_rows(batch_size, shard)
         for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
+            rows, mask = rows[part], mask[part]
             yield {"inputs": self._eval_inputs_TxNxL[:, rows],
                    "labels": {task: labels[rows] for task, labels in self._eval_labels.items()},
                    "mask": {task: mask.copy() for task in self.task_names}}
 
-    def _examples(self, rng_for_task, num_examples: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _examples(self, rng_for_task, num_examples: int,
+                  rows: slice | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Independent examples per requested task, each from the generator of its fixed task key.
 
         The key is the task's position in ``TASK_NAMES``, not in the request, so a task sees the same
-        examples whichever other tasks are requested with it.
+        examples whichever other tasks are requested with it. The tokens of all ``num_examples`` are
+        drawn (cheap) and only ``rows`` of them are kept and labelled.
         """
+        rows = slice(0, num_examples) if rows is None else rows
         inputs, labels = [], {}
         for task in self.task_names:
-            tokens_NxL = sample_sequences(rng_for_task(TASK_NAMES.index(task)), num_examples, self.length)
+            tokens_NxL = sample_sequences(rng_for_task(TASK_NAMES.index(task)), num_examples,
+                                          self.length)[rows]
             inputs.append(tokens_NxL)
             labels[task] = label_sequences(tokens_NxL)[task]
         return np.stack(inputs), labels
