@@ -104,6 +104,23 @@ def process_slice(host_batch: Any, layout: str) -> Any:
     return jax.tree_util.tree_map_with_path(take, host_batch)
 
 
+def shard_local_batch(local_batch: Any, shardings: Any, layout: str) -> Any:
+    """Global jax.Arrays from this process's rows (``Source.train_batch(..., shard=process_shard())``)."""
+    count = jax.process_count()
+
+    def global_array(path, sharding, leaf):
+        axis = batch_axis(path, layout)
+        shape = leaf.shape[:axis] + (leaf.shape[axis] * count,) + leaf.shape[axis + 1:]
+        return jax.make_array_from_process_local_data(sharding, leaf, shape)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf, sharding: global_array(path, sharding, leaf), local_batch, shardings)
+
+
+def process_shard() -> tuple[int, int]:
+    """``(index, count)`` of this process, the ``shard`` argument of ``Source.train_batch``."""
+    return jax.process_index(), jax.process_count()
+
+
 def shard_batch(global_host_batch: Any, shardings: Any, layout: str) -> Any:
     """Global jax.Arrays from each process's slice of a global numpy batch."""
     local = process_slice(global_host_batch, layout)

@@ -204,8 +204,9 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), checkpoint.PreemptionFlag() as preemption, guard:
         try:
-            make_batch = lambda step: sharding.shard_batch(
-                source.train_batch(step, config.batch_size), setup.batch_shardings, layout)
+            make_batch = lambda step: sharding.shard_local_batch(  # only this process's rows
+                source.train_batch(step, config.batch_size, shard=sharding.process_shard()),
+                setup.batch_shardings, layout)
             for step, batch in prefetch(make_batch, first_step, config.total_steps,
                                         config.get("prefetch", 2)):
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
