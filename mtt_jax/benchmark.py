@@ -135,15 +135,13 @@ class Variant:
 
 
 def time_loop(config, setup, compiled, holder: Variant, steps: int, step_seconds: float) -> dict:
-    """The train loop's own pattern: build the host batch, shard it, dispatch, read metrics one late."""
+    """The train loop's own pattern: prefetched host batches, dispatch, metrics read one step late."""
     import jax
-    from mtt_jax import sharding
+    from mtt_jax import train
 
     def run(num_steps, first):
         pending = None
-        for step in range(first, first + num_steps):
-            batch = sharding.shard_batch(setup.source.train_batch(step, config.batch_size),
-                                         setup.batch_shardings, setup.layout)
+        for _, batch in train.train_batches(setup, config, first, first + num_steps):
             holder.state, metrics = compiled(holder.state, batch)
             if pending is not None:
                 jax.device_get(pending)

@@ -103,6 +103,15 @@ def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool =
         out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
+def train_batches(setup: Setup, config, first_step: int, last_step: int):
+    """``(step, device batch)`` for the steps in ``[first_step, last_step)``, built ahead on a host
+    thread; each process builds only its rows."""
+    make_batch = lambda step: sharding.shard_local_batch(
+        setup.source.train_batch(step, config.batch_size, shard=sharding.process_shard()),
+        setup.batch_shardings, setup.layout)
+    return prefetch(make_batch, first_step, last_step, config.get("prefetch", 2))
+
+
 def compile_affinity(setup: Setup, config, schedule) -> Callable:
     """TAG lookahead affinity of the current state on a batch (`mtt_jax.affinity`), jitted."""
     loss_fn = lambda outputs, b: steps.task_losses(setup.tasks, outputs, b, setup.layout)
@@ -204,11 +213,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), checkpoint.PreemptionFlag() as preemption, guard:
         try:
-            make_batch = lambda step: sharding.shard_local_batch(  # only this process's rows
-                source.train_batch(step, config.batch_size, shard=sharding.process_shard()),
-                setup.batch_shardings, layout)
-            for step, batch in prefetch(make_batch, first_step, config.total_steps,
-                                        config.get("prefetch", 2)):
+            for step, batch in train_batches(setup, config, first_step, config.total_steps):
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
                     affinity_TxT = np.asarray(jax.device_get(affinity_fn(state, batch)))
                     affinity_sum, affinity_count = affinity_sum + affinity_TxT, affinity_count + 1
