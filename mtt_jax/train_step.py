@@ -63,12 +63,32 @@ def init_state(rng: jax.Array, model: nn.Module, method: WeightingMethod,
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, sample_inputs, train=False)
     params = {"model": variables["params"], "weighting": method.init_params()}
-    shared, _ = task_grads.split_params(nn.unbox(variables["params"]))
-    shared_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shared)
+    shared, _ = task_grads.split_params(variables["params"])
+    shared_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(shared))
+    weighting_state = name_like_shared_params(method.init_state_for(shared_shapes), shared)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      weighting_state=method.init_state_for(shared_shapes),
+                      weighting_state=weighting_state,
                       rng=jax.random.key_data(state_rng),
                       skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def name_like_shared_params(state: PyTree, boxed_shared: PyTree) -> PyTree:
+    """Gives method-state leaves that mirror a shared parameter (``[T, *param.shape]``, e.g. DB-MTL's
+    gradient EMA) that parameter's logical axis names behind a task axis, so they shard like it."""
+    names = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+            boxed_shared, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if isinstance(leaf, nn.Partitioned):
+            names[tuple(str(k) for k in path)] = leaf
+
+    def name(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            box = names.get(keys[start:])
+            if box is not None and tuple(leaf.shape[1:]) == tuple(box.value.shape):
+                return box.replace(value=leaf, names=(None,) + tuple(box.names))
+        return leaf
+    return jax.tree_util.tree_map_with_path(name, state)
 
 
 def token_mask(spec: TaskSpec, inputs: jax.Array, task_index: int, layout: str) -> jax.Array | None:
