@@ -1,9 +1,11 @@
-"""seqtasks: four synthetic token tasks of three kinds and known relatedness (offline, multi-input).
+"""seqtasks: synthetic token tasks of three kinds and known relatedness (offline, multi-input).
 
     python -m mtt_jax.main --config configs/seqtasks.py --workdir /tmp/mtt_seq
 
-Tasks (mtt_jax.data.seqtasks): ``majority`` (4-way classification), ``majority_parity`` (binary, a
-function of majority), ``mean_value`` (regression) and ``repeat_tag`` (token tagging).
+Default tasks (mtt_jax.data.seqtasks): ``majority`` (4-way classification), ``majority_parity`` (binary,
+a function of majority), ``mean_value`` (regression) and ``repeat_tag`` (token tagging). Four more are
+available (``first_group``, ``max_value``, ``distinct_count``, ``last_group_tag``); the ``all8``
+variant trains all eight.
 """
 
 from configs.default import base_config
@@ -20,10 +22,12 @@ def get_config(variant: str = ""):
     c.model.num_layers = 2
     c.model.mlp_dim = 256
     c.model.positional = "sinusoidal"
-    if variant == "tiny":
+    if variant == "all8":
+        c.tasks = c.tasks + ("first_group", "max_value", "distinct_count", "last_group_tag")
+    elif variant == "tiny":
         c.total_steps, c.batch_size, c.eval_every, c.log_every = 20, 8, 10, 5
         c.data.options.num_eval_examples = 32
         c.model.num_layers, c.model.d_model, c.model.mlp_dim = 1, 32, 64
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/seqtasks.py; choose '' or 'tiny'")
+        raise ValueError(f"unknown variant {variant!r} of configs/seqtasks.py; choose '', 'all8' or 'tiny'")
     return c
