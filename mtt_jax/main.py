@@ -68,9 +68,10 @@ def main(argv) -> None:
             workdir.prepare(_WORKDIR.value, config)  # refuse a different run before any work
     except (config_check.ConfigError, workdir.WorkdirError) as e:
         fail(str(e))
+    from mtt_jax import data
     try:
         train.train_and_evaluate(config, _WORKDIR.value, quiet=_QUIET.value, overwrite=_OVERWRITE.value)
-    except train.NonFiniteLossError as e:
+    except (train.NonFiniteLossError, data.DatasetNotPreparedError) as e:
         fail(str(e))
 
 

@@ -120,8 +120,8 @@ def inject_nan_at(monkeypatch, bad_step):
         source = make_source(*args, **kwargs)
         original = source.train_batch
 
-        def train_batch(step, batch_size):
-            batch = original(step, batch_size)
+        def train_batch(step, batch_size, shard=(0, 1)):
+            batch = original(step, batch_size, shard=shard)
             if step == bad_step:
                 batch["labels"]["mean_value"] = batch["labels"]["mean_value"] * np.nan
             return batch

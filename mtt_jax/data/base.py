@@ -192,7 +192,8 @@ def epoch_indices(key: Sequence[int], num_examples: int, positions: np.ndarray) 
     epochs = positions // num_examples
     for epoch in np.unique(epochs):
         at = epochs == epoch
-        out[at] = _permutation(tuple(int(k) for k in key), num_examples, int(epoch))[positions[at] % num_examples]
+        permutation = _permutation(tuple(int(k) for k in key), num_examples, int(epoch))
+        out[at] = permutation[positions[at] % num_examples]
     return out
 
 
@@ -205,7 +206,8 @@ def check_labels(where: str, labels: np.ndarray, kind: str, num_classes: int) ->
     """Raises a one-line ValueError when labels do not fit a task of ``kind`` with ``num_classes``."""
     if kind == "regression":
         if not np.all(np.isfinite(labels)):
-            raise ValueError(f"{where}: regression labels must be finite; found {labels[~np.isfinite(labels)][:3]}")
+            raise ValueError(f"{where}: regression labels must be finite; found "
+                             f"{labels[~np.isfinite(labels)][:3].tolist()}")
         return
     bad = (labels < 0) | (labels >= num_classes) | (labels != np.round(labels))
     if np.any(bad):
