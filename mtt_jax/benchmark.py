@@ -31,6 +31,8 @@ _DTYPES = flags.DEFINE_list("dtypes", [], "Compute dtypes, e.g. float32,bfloat16
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
+                                  "with this many examples per split (0: real data).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -129,9 +131,24 @@ class Variant:
                                                  peak),
             "peak_memory_mib_per_device": memory / 2 ** 20 if memory else None,
         }
+        host_seconds = host_batch_seconds(config, setup)
+        result.update({"host_batch_ms": 1e3 * host_seconds, "step_over_host": step_seconds / host_seconds})
         if loop:
             result.update(time_loop(config, setup, self.compiled, self, steps, step_seconds))
         return result
+
+
+def host_batch_seconds(config, setup, repeats: int = 20) -> float:
+    """Median time to build one step's host batch (this process's rows) and place it on the devices."""
+    from mtt_jax import sharding
+    step = iter(range(1000, 1000 + 10 * repeats))
+
+    def build():
+        batch = setup.source.train_batch(next(step), config.batch_size, shard=sharding.process_shard())
+        import jax
+        jax.block_until_ready(sharding.shard_local_batch(batch, setup.batch_shardings, setup.layout))
+    build()
+    return median_seconds(build, repeats)
 
 
 def time_loop(config, setup, compiled, holder: Variant, steps: int, step_seconds: float) -> dict:
@@ -170,16 +187,16 @@ def variants(config):
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     lines = ["| method | mesh | dtype | step ms | x first | compile s | examples/s | tokens/s | "
-             "TFLOP/step | TFLOP/s | MFU | peak MiB/dev |" + (" loop/step | host wait |" if
-                                                              "loop_step_ms" in results[0] else ""),
-             "|---" * (12 + (2 if "loop_step_ms" in results[0] else 0)) + "|"]
+             "TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
+             (" loop/step | host wait |" if "loop_step_ms" in results[0] else ""),
+             "|---" * (14 + (2 if "loop_step_ms" in results[0] else 0)) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
         line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['step_ms']:.1f} | "
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
                 f"{r['model_tflops_per_step']:.4f} | {r['achieved_tflops_per_s']:.3f} | "
-                f"{100 * r['mfu']:.1f}% | {memory} |")
+                f"{100 * r['mfu']:.1f}% | {memory} | {r['host_batch_ms']:.2f} | {r['step_over_host']:.0f} |")
         if "loop_step_ms" in r:
             line += f" {r['loop_over_step']:.3f} | {100 * r['host_wait_fraction']:.1f}% |"
         lines.append(line)
@@ -201,6 +218,11 @@ def main(argv) -> None:
         except config_check.ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+    if _MOCK_DATA.value:
+        import contextlib
+        from mtt_jax.data import tfds_io
+        stack = contextlib.ExitStack()
+        stack.enter_context(tfds_io.mock_data(_MOCK_DATA.value))
     peak, peak_source = device_peak()
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak "
           f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
