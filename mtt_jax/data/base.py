@@ -213,3 +213,40 @@ def check_labels(where: str, labels: np.ndarray, kind: str, num_classes: int) ->
     if np.any(bad):
         raise ValueError(f"{where}: labels must be integers in [0, {num_classes}) for this {kind} task; "
                          f"found {np.unique(labels[bad])[:5].tolist()} in {int(bad.sum())} examples")
+
+
+class VectorGenerator(Source):
+    """A single-input source of synthetic vectors: subclasses define ``_rows(rng_for_block, rows)`` ->
+    ``(inputs, {task: labels})`` drawn block by block (`block_rows`), and the fixed eval set
+    ``_eval = (inputs, labels)`` of ``_num_eval_examples`` rows."""
+
+    def train_batch(self, step: int, batch_size: int, shard: Shard = FULL) -> dict:
+        rows = shard_rows(batch_size, shard)
+        check_positive("step", step, minimum=0)
+        inputs, labels = self._rows(lambda block: train_rng(self.seed, step, block), rows)
+        return vector_batch(inputs, labels, np.ones(len(inputs), np.float32))
+
+    def eval_batches(self, batch_size: int, shard: Shard = FULL) -> Iterator[dict]:
+        part = shard_rows(batch_size, shard)
+        inputs, labels = self._eval
+        for rows, mask in padded_index_batches(self._num_eval_examples, batch_size):
+            rows, mask = rows[part], mask[part]
+            yield vector_batch(inputs[rows], {t: y[rows] for t, y in labels.items()}, mask)
+
+    @property
+    def num_eval_examples(self) -> int:
+        return self._num_eval_examples
+
+
+def vector_batch(inputs: np.ndarray, labels: dict[str, np.ndarray], mask: np.ndarray) -> dict:
+    return {"inputs": inputs, "labels": labels, "mask": {task: mask.copy() for task in labels}}
+
+
+def epoch_positions(seed: int, num_examples: int, step: int, batch_size: int,
+                    shard: Shard = FULL) -> np.ndarray:
+    """Example indices behind rows ``shard`` of the batch of ``step``: passes over the data, each a
+    permutation keyed by the seed (`epoch_indices`)."""
+    rows = shard_rows(batch_size, shard)
+    check_positive("step", step, minimum=0)
+    positions = step * batch_size + np.arange(rows.start, rows.stop)
+    return epoch_indices((seed,), num_examples, positions)

@@ -74,10 +74,7 @@ class CelebA(base.Source):
 
     def train_indices(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> np.ndarray:
         """Train images behind rows ``shard`` of the batch of ``step``."""
-        rows = base.shard_rows(batch_size, shard)
-        base.check_positive("step", step, minimum=0)
-        positions = step * batch_size + np.arange(rows.start, rows.stop)
-        return base.epoch_indices((self.seed,), len(self.train_attributes), positions)
+        return base.epoch_positions(self.seed, len(self.train_attributes), step, batch_size, shard)
 
     def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
         index = self.train_indices(step, batch_size, shard)

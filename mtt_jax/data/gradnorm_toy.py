@@ -28,7 +28,7 @@ so a task's data never depends on which other tasks are requested. Train rows co
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _draw(rng: np.random.Generator, num_rows: int) -> tuple[np.ndarray]:
     return (rng.standard_normal((num_rows, INPUT_DIM)),)
 
 
-class GradNormToy(base.Source):
+class GradNormToy(base.VectorGenerator):
     """GradNorm's toy regression tasks ``toy_i``, scaled by ``sigmas[i]``."""
 
     name = "gradnorm_toy"
@@ -87,25 +87,9 @@ class GradNormToy(base.Source):
         self._eval = self._rows(lambda block: base.eval_rng(_EVAL_KEY, block),
                                 slice(0, self._num_eval_examples))
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_examples
 
     def sigma(self, task: str) -> float:
         return self.sigmas[TASK_NAMES.index(task)]
-
-    def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
-        rows = base.shard_rows(batch_size, shard)
-        base.check_positive("step", step, minimum=0)
-        inputs, labels = self._rows(lambda block: base.train_rng(self.seed, step, block), rows)
-        return _batch(inputs, labels, np.ones(len(inputs), np.float32))
-
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
-        part = base.shard_rows(batch_size, shard)
-        inputs, labels = self._eval
-        for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
-            rows, mask = rows[part], mask[part]
-            yield _batch(inputs[rows], {t: y[rows] for t, y in labels.items()}, mask)
 
     def _rows(self, rng_for_block, rows: slice) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         (x_NxD,) = base.block_rows(rng_for_block, rows, _draw)
@@ -113,6 +97,3 @@ class GradNormToy(base.Source):
                   for task in self.task_names}
         return x_NxD.astype(np.float32), labels
 
-
-def _batch(inputs: np.ndarray, labels: dict[str, np.ndarray], mask: np.ndarray) -> dict:
-    return {"inputs": inputs, "labels": labels, "mask": {task: mask.copy() for task in labels}}

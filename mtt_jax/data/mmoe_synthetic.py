@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def _draw(rng: np.random.Generator, num_rows: int) -> tuple[np.ndarray, np.ndarr
         (num_rows, len(TASK_NAMES)))
 
 
-class MmoeSynthetic(base.Source):
+class MmoeSynthetic(base.VectorGenerator):
     """Ma et al.'s synthetic regression pairs; tasks ``mmoe_<pair letter><1|2>``."""
 
     name = "mmoe_synthetic"
@@ -110,22 +110,6 @@ class MmoeSynthetic(base.Source):
         self._eval = self._rows(lambda block: base.eval_rng(_EVAL_KEY, block),
                                 slice(0, self._num_eval_examples))
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_examples
-
-    def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
-        rows = base.shard_rows(batch_size, shard)
-        base.check_positive("step", step, minimum=0)
-        inputs, labels = self._rows(lambda block: base.train_rng(self.seed, step, block), rows)
-        return _batch(inputs, labels, np.ones(len(inputs), np.float32))
-
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
-        part = base.shard_rows(batch_size, shard)
-        inputs, labels = self._eval
-        for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
-            rows, mask = rows[part], mask[part]
-            yield _batch(inputs[rows], {t: y[rows] for t, y in labels.items()}, mask)
 
     def _rows(self, rng_for_block, rows: slice) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         x_NxD, noise_NxT = base.block_rows(rng_for_block, rows, _draw)
@@ -133,6 +117,3 @@ class MmoeSynthetic(base.Source):
                   .astype(np.float32) for task in self.task_names}
         return x_NxD.astype(np.float32), labels
 
-
-def _batch(inputs: np.ndarray, labels: dict[str, np.ndarray], mask: np.ndarray) -> dict:
-    return {"inputs": inputs, "labels": labels, "mask": {task: mask.copy() for task in labels}}
