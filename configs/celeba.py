@@ -10,7 +10,7 @@ data_dir). Eval on the validation split (``--config.data.options.eval_split=test
 Variant ``tiny``: for tests, on ``tfds_io.mock_data`` (16x16 images, 4 patches).
 """
 
-from configs.default import base_config
+from configs.default import base_config, shrink_for_tests
 from mtt_jax.data.celeba import TASK_NAMES
 
 
@@ -27,11 +27,7 @@ def get_config(variant: str = ""):
     c.weighting.diagnostics_every = 0     # 40 per-task gradients are costly; turn on when needed
     if variant == "tiny":
         c.data.options.image_size = 16
-        c.data.options.max_eval_examples = 8
-        c.batch_size, c.eval_batch_size = 8, 8
-        c.total_steps, c.eval_every, c.log_every, c.checkpoint_every = 4, 2, 2, 2
-        c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 1, 32, 2, 64
-        c.optimizer.warmup_steps = 1
+        shrink_for_tests(c)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/celeba.py; choose '' or 'tiny'")
     return c

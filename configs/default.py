@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.memory_tokens = 4             # multi-input task attention: memory tokens per task
     c.model.remat = "none"                # none | full | dots | dots_no_batch
     c.model.vocab_size = 0                # token inputs: embedding rows (0: the source's vocabulary)
+    c.model.ffn = "dense"                 # or "task_moe": task-gated mixture-of-experts feed-forward
+    c.model.num_experts = 4               # task_moe: experts per block (mlp_dim split over them)
 
     c.weighting = ml_collections.ConfigDict()
     c.weighting.name = "ew"               # any of mtt_jax.weighting.METHODS
@@ -79,6 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.transfer_guard = "allow"            # "disallow": implicit host<->device transfers in the loop fail
     c.checkpoint_every = 500
     c.keep = 3
+    return c
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``tiny`` variant of a TFDS family: a few steps of a one-layer model on 8 eval examples."""
+    c.data.options.max_eval_examples = 8
+    c.batch_size, c.eval_batch_size = 8, 8
+    c.total_steps, c.eval_every, c.log_every, c.checkpoint_every = 4, 2, 2, 2
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 1, 32, 2, 64
+    c.optimizer.warmup_steps = 1
     return c
 
 

@@ -19,7 +19,7 @@ Pearson and Spearman (on standardized scores); accuracy for the rest. MNLI is sc
 validation_matched (``--config.data.options.mnli_eval=mismatched`` for the other).
 """
 
-from configs.default import base_config
+from configs.default import base_config, shrink_for_tests
 from mtt_jax.data.glue import TASK_NAMES
 
 
@@ -55,10 +55,7 @@ def get_config(variant: str = "small"):
         c.optimizer.weight_decay = 0.01
     elif variant == "tiny":
         c.data.options.max_length = 32
-        c.data.options.max_eval_examples = 8
-        c.batch_size, c.eval_batch_size = 8, 8
-        c.total_steps, c.eval_every, c.log_every, c.checkpoint_every = 4, 2, 2, 4
-        c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 1, 32, 2, 64
+        shrink_for_tests(c)
         c.model.memory_tokens = 2
         c.optimizer.warmup_steps = 1
     else:

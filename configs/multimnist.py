@@ -9,7 +9,7 @@ Images are 28x28 (the 36x36 two-digit canvas resized by nearest neighbour, as in
 Variant ``tiny``: for tests, on ``tfds_io.mock_data``.
 """
 
-from configs.default import base_config
+from configs.default import base_config, shrink_for_tests
 
 
 def get_config(variant: str = ""):
@@ -23,11 +23,7 @@ def get_config(variant: str = ""):
     c.batch_size, c.total_steps, c.eval_every, c.checkpoint_every = 256, 10000, 1000, 1000
     c.optimizer.learning_rate = 1e-3
     if variant == "tiny":
-        c.data.options.max_eval_examples = 8
-        c.batch_size, c.eval_batch_size = 8, 8
-        c.total_steps, c.eval_every, c.log_every, c.checkpoint_every = 4, 2, 2, 2
-        c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 1, 32, 2, 64
-        c.optimizer.warmup_steps = 1
+        shrink_for_tests(c)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/multimnist.py; choose '' or 'tiny'")
     return c
