@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.num_devices = -1               # use the first N devices (-1: all)
+    c.axis_rules = ()                     # ((logical, mesh axes), ...); empty: sharding.DEFAULT_RULES
     c.dtype = "float32"                   # compute dtype; params stay f32
     c.grad_accum_steps = 1                # microbatches per step (batch_size is the total)
     c.nonfinite = "skip"                  # skip | halt: a non-finite loss is never applied
