@@ -108,20 +108,35 @@ class FeedForward(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN Transformer block (Xiong et al. 2020): x + Attn(LN(x)), then x + FFN(LN(x))."""
+    """Pre-LN Transformer block (Xiong et al. 2020): x + Attn(LN(x)), then x + FFN(LN(x)).
+
+    ``ffn = "task_moe"`` swaps the dense FFN for `mtt_jax.models.moe.TaskMoEFeedForward`, gated by the
+    task of each position (``task_ids_BxL``, -1 = no task); the dense FFN ignores ``task_ids_BxL``.
+    """
     num_heads: int
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    ffn: str = "dense"
+    num_experts: int = 4
+    num_tasks: int = 0
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
+                 task_ids_BxL: jax.Array | None = None) -> jax.Array:
         drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
         h = MultiHeadSelfAttention(self.num_heads, self.dtype, name="attention")(
             layer_norm("ln_attention", self.dtype)(x_BxLxD), key_mask_BxL)
         x_BxLxD = constrain(x_BxLxD + drop(h))
-        h = FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
-            layer_norm("ln_mlp", self.dtype)(x_BxLxD), train)
+        normed = layer_norm("ln_mlp", self.dtype)(x_BxLxD)
+        if self.ffn == "dense":
+            h = FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(normed, train)
+        elif self.ffn == "task_moe":
+            from mtt_jax.models.moe import TaskMoEFeedForward  # (moe imports this module)
+            h = TaskMoEFeedForward(self.num_experts, self.mlp_dim, self.num_tasks, self.dropout_rate,
+                                   self.dtype, name="moe")(normed, task_ids_BxL, train)
+        else:
+            raise ValueError(f"model.ffn={self.ffn!r}; choose 'dense' or 'task_moe'")
         return constrain(x_BxLxD + drop(h))
 
 

@@ -48,6 +48,8 @@ class MultiTaskTransformer(nn.Module):
     memory_tokens: int = 4
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    ffn: str = "dense"               # or "task_moe": task-gated MoE feed-forward (`mtt_jax.models.moe`)
+    num_experts: int = 4
 
     def setup(self):
         if self.input_spec.kind == "image":
@@ -61,7 +63,7 @@ class MultiTaskTransformer(nn.Module):
         if self.task_encoder:
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
-                           self.dtype)
+                           self.dtype, self.ffn, self.num_experts, len(self.tasks))
         if self.task_attention == "cross":
             kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                           dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -110,7 +112,10 @@ class MultiTaskTransformer(nn.Module):
         x_BxLxD = self.positions(self.embed(tokens_BxL))
         if self.task_encoder:
             x_BxLxD = x_BxLxD + self.task_features()[task_index].astype(x_BxLxD.dtype)
-        return self.trunk(x_BxLxD, token_mask_BxL, train)
+        task_ids_BxL = None
+        if self.ffn == "task_moe":
+            task_ids_BxL = jnp.full(tokens_BxL.shape, task_index, jnp.int32)
+        return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL)
 
     def _encode_single(self, inputs: jax.Array, train: bool) -> jax.Array:
         """One shared sequence per example (image patches or feature chunks); each task's stream is its
@@ -119,7 +124,12 @@ class MultiTaskTransformer(nn.Module):
         x_BxNxD = self.positions(self.embed(inputs))
         if self.task_encoder:
             x_BxLxD = prepend_task_tokens(x_BxNxD, self.task_features())
-            return self.trunk(x_BxLxD, None, train)[:, :num_tasks]
+            task_ids_BxL = None
+            if self.ffn == "task_moe":  # task token t belongs to task t; patches to none (-1)
+                ids_L = jnp.concatenate([jnp.arange(num_tasks, dtype=jnp.int32),
+                                         jnp.full((x_BxNxD.shape[1],), -1, jnp.int32)])
+                task_ids_BxL = jnp.broadcast_to(ids_L, x_BxLxD.shape[:2])
+            return self.trunk(x_BxLxD, None, train, task_ids_BxL)[:, :num_tasks]
         pooled_BxD = self.trunk(x_BxNxD, None, train).mean(axis=1)
         return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
 
@@ -131,7 +141,12 @@ class MultiTaskTransformer(nn.Module):
         if self.task_encoder:
             x_TxBxLxD = add_task_features(x_TxBxLxD, self.task_features())
         flat_mask = token_mask_TxBxL.reshape(num_tasks * batch, length)
-        x = self.trunk(x_TxBxLxD.reshape(num_tasks * batch, length, self.d_model), flat_mask, train)
+        task_ids = None
+        if self.ffn == "task_moe":
+            task_ids = jnp.broadcast_to(jnp.arange(num_tasks, dtype=jnp.int32)[:, None, None],
+                                        (num_tasks, batch, length)).reshape(num_tasks * batch, length)
+        x = self.trunk(x_TxBxLxD.reshape(num_tasks * batch, length, self.d_model), flat_mask, train,
+                       task_ids)
         x_TxBxLxD = nn.with_logical_constraint(x.reshape(num_tasks, batch, length, self.d_model),
                                                ("task", "batch", "length", "embed"))
         return x_TxBxLxD, token_mask_TxBxL
@@ -151,4 +166,4 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, memory_tokens=m.memory_tokens, remat=m.remat,
-        dtype=dtype)
+        dtype=dtype, ffn=m.get("ffn", "dense"), num_experts=m.get("num_experts", 4))

@@ -1,0 +1,181 @@
+"""What every experiment shares: the command line, seeds statistics, tables, plots and the JSON record.
+
+Every experiment is ``python -m experiments.<name> --workdir DIR [--quick]`` and writes ``DIR/table.md``,
+``DIR/results.json`` and PNG plots. Sizes:
+
+- full (default): the paper's protocol as far as this codebase and a CPU allow; its cost is in each
+  module's docstring and ``--help``;
+- ``--quick``: the same sweep, shorter and with fewer seeds, in at most 10 minutes on 2 CPU cores;
+- ``--tiny`` (hidden): seconds, for the tests; its numbers mean nothing.
+
+``--seeds N`` overrides the number of seeds. Tables give mean ± standard deviation over seeds (the sample
+standard deviation, ddof = 1; 0 for one seed).
+
+XLA's CPU backend spends most of a short run compiling. ``--compile fast`` (the default for ``--quick``
+and ``--tiny``) sets ``--xla_backend_optimization_level=1`` (0 with ``--tiny``), which roughly halves
+compile time for a slightly slower step; ``--compile optimized`` (the default for full runs) keeps XLA's default. The flag
+only takes effect before JAX's backend starts, i.e. from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SIZES = ("tiny", "quick", "full")
+
+
+def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The shared flags; ``args.size`` is one of `SIZES`."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=f"Cost of the full run: {full_cost} --quick: at most 10 minutes on 2 CPU cores.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="output directory (table.md, results.json, *.png)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer seeds (<= 10 min on 2 cores)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", type=int, default=0, help="number of seeds (default: per size)")
+    parser.add_argument("--compile", choices=("auto", "fast", "optimized"), default="auto",
+                        help="XLA CPU optimization: fast compiles (default with --quick) or fast steps")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    args.size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    if args.seeds < 0:
+        parser.error("--seeds must be >= 1")
+    configure_compilation(args.compile if args.compile != "auto" else
+                          ("optimized" if args.size == "full" else "fast"), level=0 if args.tiny else 1)
+    return args
+
+
+def configure_compilation(mode: str, level: int = 1) -> None:
+    """Sets the XLA CPU optimization level for this process (before JAX's backend starts)."""
+    if mode != "fast":
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + f" --xla_backend_optimization_level={level}").strip()
+
+
+def pick(size: str, tiny, quick, full):
+    return {"tiny": tiny, "quick": quick, "full": full}[size]
+
+
+def num_seeds(args: argparse.Namespace, tiny: int, quick: int, full: int) -> int:
+    return args.seeds or pick(args.size, tiny, quick, full)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+    return float(np.mean(values)), std
+
+
+def fmt(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
+    """``"mean ± std"`` over seeds."""
+    mean, std = mean_std(np.asarray(values, np.float64) * scale)
+    if not math.isfinite(mean):
+        return "nan"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def command_line() -> str:
+    return "python -m " + " ".join([sys.modules["__main__"].__spec__.name if getattr(
+        sys.modules["__main__"], "__spec__", None) else sys.argv[0]] + sys.argv[1:])
+
+
+class Log:
+    """Timestamped progress lines on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.start = time.perf_counter()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str, results: dict,
+                  log: Log, header: str = "", stats_over: str = "seeds") -> None:
+    """Writes ``table.md`` (with the command, size and wall time) and ``results.json``."""
+    os.makedirs(workdir, exist_ok=True)
+    record = {"experiment": name, "size": args.size, "command": command_line(),
+              "wall_seconds": round(log.elapsed, 1), **results}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(to_jsonable(record), f, indent=1)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(f"# {name}\n\n{header}\n\nCommand: `{record['command']}` (size: {args.size}; "
+                f"wall time {record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.\n\n{table}")
+    log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
+
+
+def to_jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, workdir: str, filename: str) -> str:
+    path = os.path.join(workdir, filename)
+    os.makedirs(workdir, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def plot_matrix(ax, matrix: np.ndarray, labels: Sequence[str], title: str, cmap: str = "viridis",
+                fmt_str: str = "{:.2f}", symmetric: bool = False) -> None:
+    """A T x T heat map with the values written in the cells (rows: from, columns: to)."""
+    matrix = np.asarray(matrix, np.float64)
+    kwargs = {}
+    if symmetric:
+        bound = float(np.nanmax(np.abs(matrix))) or 1.0
+        kwargs = {"vmin": -bound, "vmax": bound}
+    image = ax.imshow(matrix, cmap=cmap, **kwargs)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, fmt_str.format(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if image.norm(matrix[i, j]) < 0.5 else "black")
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)

@@ -1,0 +1,270 @@
+"""Train several seeds of one configuration at once: ``jax.vmap`` of the library's train step over seeds.
+
+`train_seeds(config, seeds)` builds what `mtt_jax.train.build` builds (tasks, data sources, model,
+weighting method, optimizer), then runs ``jax.vmap(mtt_jax.train_step.train_step)`` over a leading seed
+axis of the train state, inside a ``lax.scan`` over chunks of steps, so one compiled program trains every
+seed and the host dispatches once per chunk. Seed ``s`` gets the initial state of a `train.build` run with
+``config.seed = s`` and the train batches of a source built with that seed; the eval set is the same for
+every seed (the sources' contract). Metrics follow `mtt_jax.train.run_eval` (per-task loss and the task's
+metrics on the whole eval set), per seed.
+
+A ``model`` other than the config's Transformer (`mtt_jax.models.variants`) can be passed in, and a
+``sampler`` that draws the train batches on the device (the synthetic toys), a pure function
+``(key, step) -> batch`` of one seed's data key.
+
+No mesh: experiments run on one device (CPU or one accelerator), which is what seeds-in-a-vmap is for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtt_jax import affinity as affinity_lib, data, tasks as tasks_lib, train_step as steps, weighting
+from mtt_jax.models import build_model
+from mtt_jax.prefetch import prefetch
+
+Sampler = Callable[[jax.Array, jax.Array], dict]
+
+
+@dataclasses.dataclass
+class SeedRuns:
+    """What `train_seeds` returns; every list has one entry per seed."""
+    seeds: list[int]
+    task_names: list[str]
+    final: list[dict]                 # eval metrics after the last step (run_eval's keys)
+    evals: dict[int, list[dict]]      # step -> eval metrics per seed
+    curve_steps: np.ndarray           # [N] steps at which ``curve_losses`` were recorded
+    curve_losses: np.ndarray          # [N, S, T] train task losses (mean over each logging window)
+    curve_weights: np.ndarray         # [N, S, T] applied task weights (same windows)
+    affinity: np.ndarray | None       # [S, T, T] TAG lookahead affinity averaged over the run, or None
+    wall_seconds: float
+    num_params: int
+    state: Any = None                 # final train state, seed axis first
+
+    def metric(self, key: str, evals_step: int | None = None) -> np.ndarray:
+        """``[S]`` values of one eval metric (``"<task>/<metric>"``), final or at ``evals_step``."""
+        rows = self.final if evals_step is None else self.evals[evals_step]
+        return np.asarray([r[key] for r in rows], np.float64)
+
+
+def make_pieces(config, model: nn.Module | None = None):
+    """``(tasks, source of seed 0, model, method, tx)`` as `mtt_jax.train.build` makes them."""
+    task_specs = tuple(tasks_lib.get(name) for name in config.tasks)
+    source = data.make_source(config.data.source, config.tasks, seed=0, **dict(config.data.get("options", {})))
+    if model is None:
+        model = build_model(config, task_specs, source.layout, source.input_spec)
+    method = weighting.make_method(config.weighting, len(task_specs))
+    tx = steps.make_optimizer(config.optimizer, config.total_steps)
+    return task_specs, source, model, method, tx
+
+
+def chunk_size(total_steps: int, every: Sequence[int], limit: int = 50) -> int:
+    """The largest number of steps per compiled chunk that divides ``total_steps`` and every interval."""
+    g = total_steps
+    for e in every:
+        if e:
+            g = math.gcd(g, e)
+    return max(d for d in range(1, min(limit, g) + 1) if g % d == 0)
+
+
+def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
+                sampler: Sampler | None = None, eval_every: int = 0, log_every: int = 0,
+                sampler_args: Any = None, eval_sources: Sequence[data.Source] | None = None,
+                affinity_every: int = 0, max_chunk: int = 50, keep_state: bool = False,
+                eval_at_start: bool = False, progress: Callable[[str], None] | None = None) -> SeedRuns:
+    """Trains ``len(seeds)`` runs of ``config`` in one vmapped program; see the module docstring.
+
+    ``eval_every``: also evaluate every that many steps (0: at the end only; ``eval_at_start``: and
+    before the first step).
+
+    Runs need not share their data: with ``sampler_args`` (a pytree with a leading run axis) the sampler
+    is called as ``sampler(key, step, args_of_the_run)``, and ``eval_sources`` (one per run) scores each
+    run on its own eval set. Repeated seeds then give paired runs (same initialisation, same draws), e.g.
+    one per correlation of the MMoE pairs, all in one compiled program. ``log_every``: window of
+    the train-loss curve (0: ``config.log_every``). ``affinity_every``: TAG lookahead affinity
+    (`mtt_jax.affinity`) every that many steps, on the batch of that step, averaged over the run.
+    """
+    start = time.perf_counter()
+    seeds = [int(s) for s in seeds]
+    total = int(config.total_steps)
+    log_every = min(log_every or int(config.log_every), total)
+    task_specs, source, model, method, tx = make_pieces(config, model)
+    layout = source.layout
+    options = dict(config.data.get("options", {}))
+    sources = ([data.make_source(config.data.source, config.tasks, seed=s, **options) for s in seeds]
+               if sampler is None else [])
+    batch_size = int(config.batch_size)
+    run_sources = list(eval_sources) if eval_sources is not None else [source] * len(seeds)
+    if len(run_sources) != len(seeds):
+        raise ValueError(f"eval_sources has {len(run_sources)} entries for {len(seeds)} runs")
+
+    # --- Init: one state per seed, stacked. ----------------------------------------------------------
+    sample_inputs = jnp.asarray(source.train_batch(0, batch_size)["inputs"])
+    init = lambda rng: nn.unbox(steps.init_state(rng, model, method, tx, sample_inputs))
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    states = jax.jit(jax.vmap(init))(keys)
+    num_params = int(sum(x.size for x in jax.tree.leaves(states.params["model"])) // len(seeds))
+    data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**20))(keys) if sampler is not None else None
+
+    # --- Update: scan over a chunk of steps of the vmapped step. -----------------------------------------
+    step_fn = jax.vmap(steps.bind(steps.train_step, model=model, tasks=task_specs, layout=layout,
+                                  method=method, tx=tx, rep_grad=bool(config.weighting.get("rep_grad", False))))
+
+    def record(metrics):
+        return {"task_losses": metrics["task_losses"], "weights": metrics["weights"]}
+
+    if sampler is None:
+        def run_chunk(states, batches):
+            def body(states, batch):
+                states, metrics = step_fn(states, batch)
+                return states, record(metrics)
+            return jax.lax.scan(body, states, batches)
+    else:
+        def run_chunk(states, first_step_and_len):
+            def body(states, step):
+                if sampler_args is None:
+                    batch = jax.vmap(lambda key: sampler(key, step))(data_keys)
+                else:
+                    batch = jax.vmap(lambda key, a: sampler(key, step, a))(data_keys, sampler_args)
+                states, metrics = step_fn(states, batch)
+                return states, record(metrics)
+            return jax.lax.scan(body, states, first_step_and_len)
+    run_chunk = jax.jit(run_chunk, donate_argnums=0)
+
+    # --- Evals and affinity. -----------------------------------------------------------------------------
+    eval_fn = jax.jit(jax.vmap(steps.bind(steps.eval_step, model=model, tasks=task_specs, layout=layout),
+                               in_axes=(0, None)))
+    schedule = steps.learning_rate_schedule(config.optimizer, total)
+    loss_fn = lambda outputs, b: steps.task_losses(task_specs, outputs, b, layout)
+    fixed_lr = float(config.get("affinity", {}).get("lr", 0.0)) if config.get("affinity") else 0.0
+
+    def one_affinity(state, batch):
+        lr = fixed_lr if fixed_lr > 0 else schedule(state.step)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        return affinity_lib.lookahead_affinity(model, state.params["model"], batch, task_specs, layout,
+                                               rng, loss_fn, lr)
+    affinity_fn = jax.jit(jax.vmap(one_affinity)) if affinity_every else None
+
+    chunk = chunk_size(total, [eval_every, log_every, affinity_every], max_chunk)
+    num_chunks = total // chunk
+
+    def host_chunk(index: int):
+        first = index * chunk
+        per_step = [stack([src.train_batch(first + k, batch_size) for src in sources]) for k in range(chunk)]
+        return stack(per_step)
+
+    chunks = (prefetch(host_chunk, 0, num_chunks, 2) if sampler is None
+              else ((i, None) for i in range(num_chunks)))
+    losses, weights_log, evals = [], [], {}
+    if eval_at_start:
+        evals[0] = evaluate(eval_fn, states, run_sources, task_specs, config.eval_batch_size, layout)
+    affinity_sum, affinity_count = None, 0
+    for index, host_batches in chunks:
+        first = index * chunk
+        if affinity_fn is not None and first % affinity_every == 0 and first > 0:
+            batch = (jax.tree.map(lambda x: x[0], host_batches) if sampler is None else
+                     jax.vmap(lambda key: sampler(key, jnp.asarray(first)))(data_keys)
+                     if sampler_args is None else
+                     jax.vmap(lambda key, a: sampler(key, jnp.asarray(first), a))(data_keys, sampler_args))
+            value = np.asarray(jax.device_get(affinity_fn(states, batch)))
+            affinity_sum = value if affinity_sum is None else affinity_sum + value
+            affinity_count += 1
+        if sampler is None:
+            states, metrics = run_chunk(states, host_batches)
+        else:
+            states, metrics = run_chunk(states, jnp.arange(first, first + chunk))
+        metrics = jax.device_get(metrics)
+        losses.append(metrics["task_losses"])
+        weights_log.append(metrics["weights"])
+        done = first + chunk
+        if eval_every and done % eval_every == 0 and done != total:
+            evals[done] = evaluate(eval_fn, states, run_sources, task_specs, config.eval_batch_size, layout)
+        if progress is not None and (index + 1) % max(1, num_chunks // 4) == 0:
+            progress(f"  step {done}/{total}: train loss "
+                     f"{np.mean(metrics['task_losses'][-1], axis=0).round(4).tolist()}")
+    final = evaluate(eval_fn, states, run_sources, task_specs, config.eval_batch_size, layout)
+    evals[total] = final
+
+    losses_NxSxT = np.concatenate(losses)
+    weights_NxSxT = np.concatenate(weights_log)
+    windows = total // log_every
+    curve_losses = losses_NxSxT[:windows * log_every].reshape((windows, log_every) + losses_NxSxT.shape[1:]).mean(1)
+    curve_weights = weights_NxSxT[:windows * log_every].reshape((windows, log_every) + weights_NxSxT.shape[1:]).mean(1)
+    return SeedRuns(seeds=seeds, task_names=list(config.tasks), final=final, evals=evals,
+                    curve_steps=np.arange(1, windows + 1) * log_every, curve_losses=curve_losses,
+                    curve_weights=curve_weights,
+                    affinity=None if affinity_sum is None else affinity_sum / affinity_count,
+                    wall_seconds=time.perf_counter() - start, num_params=num_params,
+                    state=states if keep_state else None)
+
+
+def stack(trees: list) -> Any:
+    """Stacks numpy pytrees on a new leading axis."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def evaluate(eval_fn, states, run_sources: Sequence[data.Source], task_specs, batch_size: int,
+             layout: str) -> list[dict]:
+    """`mtt_jax.train.run_eval` for every run of ``states`` at once: ``[metrics of run r]``, run r scored
+    on the eval set of ``run_sources[r]`` (runs that share a source are scored in one pass)."""
+    results: list[dict | None] = [None] * len(run_sources)
+    groups: dict[int, list[int]] = {}
+    for r, src in enumerate(run_sources):
+        groups.setdefault(id(src), []).append(r)
+    for members in groups.values():
+        scores = _evaluate_on(eval_fn, states, run_sources[members[0]], task_specs, batch_size, layout, members)
+        for r, metrics in zip(members, scores):
+            results[r] = metrics
+    return results
+
+
+def _evaluate_on(eval_fn, states, source, task_specs, batch_size, layout, runs) -> list[dict]:
+    predictions = {t.name: [] for t in task_specs}
+    labels = {t.name: [] for t in task_specs}
+    token_masks = {t.name: [] for t in task_specs}
+    loss_sum, count, attention = 0.0, 0.0, []
+    for host_batch in source.eval_batches(batch_size):
+        out = jax.device_get(eval_fn(states, host_batch))
+        loss_sum, count = loss_sum + out["loss_sum"], count + out["count"]   # [S, T]
+        if "task_attention" in out:
+            attention.append(out["task_attention"])                             # [S, T, T]
+        for i, t in enumerate(task_specs):
+            keep = host_batch["mask"][t.name] > 0
+            predictions[t.name].append(np.asarray(out["predictions"][t.name])[:, keep])
+            labels[t.name].append(host_batch["labels"][t.name][keep])
+            if t.kind == "tagging":
+                task_inputs = host_batch["inputs"][i] if layout == "multi" else host_batch["inputs"]
+                token_masks[t.name].append(task_inputs[keep] != 0)
+    results = []
+    for s in runs:
+        metrics = {"loss": float(np.sum(loss_sum[s] / np.maximum(count[s], 1)))}
+        for i, t in enumerate(task_specs):
+            pred = np.concatenate([p[s] for p in predictions[t.name]])
+            label = np.concatenate(labels[t.name])
+            mask = np.concatenate(token_masks[t.name]) if t.kind == "tagging" else None
+            metrics[f"{t.name}/loss"] = float(loss_sum[s][i] / max(count[s][i], 1))
+            metrics.update({f"{t.name}/{name}": value
+                            for name, value in tasks_lib.compute_metrics(t, pred, label, mask).items()})
+        if attention:
+            metrics["task_attention"] = np.mean([a[s] for a in attention], axis=0).round(4).tolist()
+        results.append(metrics)
+    return results
+
+
+def single_task_config(config, task: str):
+    """``config`` for one task alone: no task encoder or task attention (nothing to share with)."""
+    single = config.copy_and_resolve_references()
+    single.tasks = (task,)
+    single.model.task_encoder = False
+    single.model.task_attention = "none"
+    single.weighting.name = "ew"
+    single.weighting.rep_grad = False
+    return single

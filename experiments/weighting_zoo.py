@@ -1,0 +1,160 @@
+"""Every weighting method of the zoo (`mtt_jax.weighting.METHODS`) on one offline benchmark, with delta-m%.
+
+    python -m experiments.weighting_zoo --workdir /tmp/exp/zoo --quick
+
+Benchmark: `seqtasks` (multi-input, four tasks of three kinds: ``majority`` and ``majority_parity``
+(classification), ``mean_value`` (regression), ``repeat_tag`` (token tagging)); our Transformer with task
+encoder and task attention; the same optimizer, learning rate and steps for every method (Adam is close to
+invariant to the methods' different scales, sum vs mean, see /work/shared/METHODS.md; the global-norm clip
+at 1.0 is not). Each method's options are the paper defaults (`mtt_jax.weighting.DEFAULT_OPTIONS`), except
+that the epoch-based methods (DWA, STCH) get ``epoch_steps = total_steps / 10``, so that a short run has
+ten "epochs". Single-task baselines: one model per task (no task encoder or task attention), same steps.
+
+Both delta-m conventions (`experiments.delta_m`) are reported side by side, per seed against the
+single-task metrics averaged over seeds, over every task's two metrics (classification: accuracy and
+macro-F1; regression: MSE and Pearson; tagging: token accuracy and token macro-F1): Nash-MTL/FAMO's pooled
+delta-m% (positive = worse) and LibMTL's per-task Delta_p% (positive = better). With two metrics per task,
+the two are exact negatives here; `tests/test_experiments.py` shows on hand-made numbers where they part.
+
+Cost. full: 20 methods + 4 single-task models, 5 seeds x 1500 steps (d_model 64, 2 layers): about 1.5-2
+hours on 2 CPU cores. ``--quick``: 3 seeds x 300 steps, d_model 32, 1 layer, sequences of 16: about 6-9
+minutes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from configs import seqtasks as seqtasks_config
+from experiments import common, delta_m, runner
+from mtt_jax import tasks as tasks_lib
+from mtt_jax.weighting import METHODS
+
+NAME = "weighting_zoo"
+TASKS = ("majority", "majority_parity", "mean_value", "repeat_tag")
+TINY_TASKS = ("majority", "mean_value")            # --tiny: two tasks and two methods, for the tests
+TINY_METHODS = ("mgda", "db_mtl")                  # (a Gram method and a per-task-gradient one)
+FULL_COST = "about 1.5-2 hours on 2 CPU cores (20 methods + 4 single-task models, 5 seeds x 1500 steps)."
+EPOCH_BASED = ("dwa", "stch")
+
+
+def tasks_for(size: str) -> tuple[str, ...]:
+    return TINY_TASKS if size == "tiny" else TASKS
+
+
+def base_config(size: str):
+    c = seqtasks_config.get_config("")
+    c.tasks = tasks_for(size)
+    c.total_steps = common.pick(size, 20, 300, 1500)
+    c.log_every = common.pick(size, 10, 50, 100)
+    c.batch_size = common.pick(size, 8, 32, 32)
+    c.optimizer.warmup_steps = common.pick(size, 2, 30, 100)
+    c.data.options.length = common.pick(size, 16, 16, 32)
+    c.data.options.num_eval_examples = common.pick(size, 32, 512, 1024)
+    c.eval_batch_size = c.data.options.num_eval_examples
+    c.model.d_model = common.pick(size, 16, 32, 64)
+    c.model.num_layers = common.pick(size, 1, 1, 2)
+    c.model.mlp_dim = 4 * c.model.d_model
+    c.weighting.diagnostics_every = 0
+    return c
+
+
+def method_config(size: str, method: str):
+    c = base_config(size)
+    c.weighting.name = method
+    if method in EPOCH_BASED:
+        c.weighting[method].epoch_steps = max(1, c.total_steps // 10)
+    return c
+
+
+def single_task_config(size: str, task: str):
+    c = base_config(size)
+    c.tasks = (task,)
+    c.model.task_encoder = False
+    c.model.task_attention = "none"
+    return c
+
+
+def run(args) -> dict:
+    log = common.Log()
+    seeds = list(range(common.num_seeds(args, 2, 3, 5)))
+    methods = (list(TINY_METHODS if args.size == "tiny" else METHODS) if args.methods == "all"
+               else args.methods.split(","))
+    task_names = tasks_for(args.size)
+    metric_names = {t: tasks_lib.get(t).metric_names for t in task_names}
+
+    single = {}
+    for task in task_names:
+        runs = runner.train_seeds(single_task_config(args.size, task), seeds)
+        single[task] = {m: runs.metric(f"{task}/{m}").tolist() for m in metric_names[task]}
+        log(f"single-task {task}: " + ", ".join(f"{m} {common.fmt(v)}" for m, v in single[task].items())
+            + f" ({runs.wall_seconds:.0f} s)")
+    baseline = {t: {m: float(np.mean(v)) for m, v in single[t].items()} for t in task_names}
+
+    results = {"tasks": list(task_names), "seeds": seeds, "single_task": single, "methods": {}}
+    for method in methods:
+        runs = runner.train_seeds(method_config(args.size, method), seeds)
+        per_seed = [delta_m.task_metrics(final, task_names, metric_names) for final in runs.final]
+        results["methods"][method] = {
+            "metrics": {t: {m: [p[t][m] for p in per_seed] for m in metric_names[t]} for t in task_names},
+            "delta_m_pooled": [delta_m.delta_m_pooled(p, baseline) for p in per_seed],
+            "delta_p_per_task": [delta_m.delta_p_per_task(p, baseline) for p in per_seed],
+            "final_weights": runs.curve_weights[-1].tolist(),
+            "wall_seconds": round(runs.wall_seconds, 1)}
+        r = results["methods"][method]
+        log(f"{method:12s} delta-m% {common.fmt(r['delta_m_pooled'], 2)}  "
+            f"Delta_p% {common.fmt(r['delta_p_per_task'], 2)} ({runs.wall_seconds:.0f} s)")
+    config = base_config(args.size)
+    results["steps"] = config.total_steps
+    table = make_table(results, metric_names)
+    plot(results, args.workdir)
+    common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
+        f"{len(methods)} weighting methods on `seqtasks` ({', '.join(task_names)}), {config.total_steps} "
+        f"steps, {len(seeds)} seeds. delta-m% (Nash-MTL/FAMO; pooled over the {2 * len(task_names)} metrics "
+        "vs single-task; "
+        "**positive = worse**) beside Delta_p% (LibMTL; per-task average; **positive = better**). "
+        "Columns per task: the task's main metric. Sorted by delta-m%."))
+    return results
+
+
+def make_table(results: dict, metric_names: dict) -> str:
+    TASKS = results["tasks"]
+    main = {t: metric_names[t][0] for t in TASKS}
+    headers = (["method", "delta-m% (pooled, + = worse)", "Delta_p% (LibMTL, + = better)"]
+               + [f"{t} {main[t]}" for t in TASKS])
+    rows = [["single-task", "0 (reference)", "0 (reference)"]
+            + [common.fmt(results["single_task"][t][main[t]], 3) for t in TASKS]]
+    order = sorted(results["methods"], key=lambda m: np.mean(results["methods"][m]["delta_m_pooled"]))
+    for method in order:
+        r = results["methods"][method]
+        rows.append([method, common.fmt(r["delta_m_pooled"], 2), common.fmt(r["delta_p_per_task"], 2)]
+                    + [common.fmt(r["metrics"][t][main[t]], 3) for t in TASKS])
+    return common.markdown_table(headers, rows)
+
+
+def plot(results: dict, workdir: str) -> None:
+    plt = common.pyplot()
+    order = sorted(results["methods"], key=lambda m: np.mean(results["methods"][m]["delta_m_pooled"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(order) + 1.5), sharey=True)
+    for ax, key, title in ((axes[0], "delta_m_pooled", "delta-m% (Nash-MTL/FAMO), + = worse"),
+                           (axes[1], "delta_p_per_task", "Delta_p% (LibMTL), + = better")):
+        stats = [common.mean_std(results["methods"][m][key]) for m in order]
+        ax.barh(range(len(order)), [s[0] for s in stats], xerr=[s[1] for s in stats], color="tab:blue")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(title)
+    axes[0].set_yticks(range(len(order)), order)
+    axes[0].invert_yaxis()
+    common.save_figure(fig, workdir, "delta_m.png")
+
+
+def main(argv=None) -> None:
+    def extra(parser):
+        parser.add_argument("--methods", default="all", help="comma-separated subset of the methods")
+    args = common.parse_args(__doc__, FULL_COST, argv, extra)
+    run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

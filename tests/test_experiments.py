@@ -1,0 +1,184 @@
+"""Every experiment runs end to end at its tiny size and writes sane numbers; the delta-m conventions.
+
+Each experiment runs once, as its command (``python -m experiments.<name> --workdir DIR --tiny``, in a
+subprocess so that ``--tiny``'s fast-compile XLA flag applies), shared by the tests that read its output.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import delta_m
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = ("mmoe_correlation", "gradnorm_toy", "pareto_toy", "multimnist", "weighting_zoo",
+               "task_grouping", "task_attention")
+
+
+def run_experiment(name: str, workdir: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--workdir", workdir, "--tiny"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for filename in ("table.md", "results.json"):
+        assert os.path.getsize(os.path.join(workdir, filename)) > 0, filename
+    pngs = [f for f in os.listdir(workdir) if f.endswith(".png")]
+    assert pngs and all(os.path.getsize(os.path.join(workdir, f)) > 1000 for f in pngs), pngs
+    with open(os.path.join(workdir, "table.md")) as f:
+        table = f.read()
+    assert "± " in table and "--tiny" in table
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = run_experiment(name, str(tmp_path_factory.mktemp(name)))
+        return cache[name]
+    return get
+
+
+# --- delta-m on hand-made numbers ----------------------------------------------------------------------
+
+BASELINE = {"a": {"accuracy": 0.80, "macro_f1": 0.60}, "b": {"mse": 1.0}}
+
+
+def test_delta_m_conventions_part_when_tasks_have_different_numbers_of_metrics():
+    # a: +10% accuracy, +10% macro-F1 (better); b: MSE 1.0 -> 1.2, 20% worse.
+    metrics = {"a": {"accuracy": 0.88, "macro_f1": 0.66}, "b": {"mse": 1.2}}
+    # Pooled over the 3 metrics: (+10 + 10 - 20) / 3 = 0, so no change either way.
+    assert delta_m.delta_m_pooled(metrics, BASELINE) == pytest.approx(0.0, abs=1e-9)
+    # Per task first: a +10%, b -20%, mean -5%: LibMTL calls it 5% worse.
+    assert delta_m.delta_p_per_task(metrics, BASELINE) == pytest.approx(-5.0)
+
+
+def test_delta_m_signs_and_exact_negatives_with_equal_metric_counts():
+    baseline = {"a": {"accuracy": 0.5}, "b": {"mse": 2.0}}
+    better = {"a": {"accuracy": 0.6}, "b": {"mse": 1.0}}         # +20% and +50%
+    assert delta_m.delta_m_pooled(better, baseline) == pytest.approx(-35.0)   # negative = better
+    assert delta_m.delta_p_per_task(better, baseline) == pytest.approx(35.0)  # positive = better
+    assert delta_m.delta_m_pooled(baseline, baseline) == 0.0
+    assert delta_m.higher_is_better("token_macro_f1") and not delta_m.higher_is_better("mse")
+
+
+def test_delta_m_refuses_missing_or_zero_baselines():
+    with pytest.raises(KeyError, match="no single-task baseline"):
+        delta_m.delta_m_pooled({"c": {"mse": 1.0}}, BASELINE)
+    with pytest.raises(ValueError, match="is 0"):
+        delta_m.delta_p_per_task({"a": {"accuracy": 1.0}}, {"a": {"accuracy": 0.0}})
+
+
+def test_every_experiment_documents_its_cost(capsys):
+    import importlib
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"experiments.{name}")
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        help_text = capsys.readouterr().out
+        assert "Cost of the full run" in help_text and "--quick" in help_text, name
+        usage = help_text.split("\n\n")[0]
+        assert "--quick" in usage and "--tiny" not in usage, name  # --tiny is hidden
+
+
+# --- the experiments at tiny size ------------------------------------------------------------------------
+
+def test_mmoe_correlation(results):
+    r = results("mmoe_correlation")
+    assert set(r["models"]) == {"shared_bottom", "omoe", "mmoe", "transformer"}
+    for model, per_corr in r["models"].items():
+        for p in ("1.0", "0.9", "0.5"):
+            losses = np.asarray(per_corr[p]["final_loss"])
+            assert losses.shape == (2,) and np.all(np.isfinite(losses)) and np.all(losses > 0), model
+            curve = np.asarray(per_corr[p]["curve_loss"])       # [seeds, windows]
+            assert np.all(np.isfinite(curve)), (model, p)
+            if model in ("shared_bottom", "transformer"):         # (40 steps: the MoEs are still noisy)
+                assert curve[:, -1].mean() < curve[:, 0].mean(), (model, p)   # the train loss falls
+    assert r["models"]["shared_bottom"]["1.0"]["num_params"] == 13255
+
+
+def test_gradnorm_toy(results):
+    r = results("gradnorm_toy")
+    weights = np.asarray(r["methods"]["gradnorm"]["final_weights"])          # [seeds, 2]
+    np.testing.assert_allclose(weights.sum(-1), 2.0, rtol=1e-4)             # GradNorm: sum_i w_i = T
+    assert np.all(weights[:, 0] > weights[:, 1])     # the sigma = 1 task gets the larger weight
+    np.testing.assert_allclose(r["methods"]["ew"]["final_weights"], 1.0)
+    ratio = np.asarray(r["methods"]["ew"]["loss_ratio"]["toy_0"])
+    np.testing.assert_allclose(ratio[0], 1.0)                               # L(0) / L(0)
+
+
+def test_pareto_toy(results):
+    r = results("pareto_toy")
+    assert set(r["methods"]) == {"ew", "pcgrad", "mgda", "cagrad", "nash_mtl", "famo", "upgrad"}
+    assert len(r["front"]) > 50
+    mgda = r["methods"]["mgda"]
+    assert max(mgda["min_norm"]) < 0.05          # MGDA ends Pareto-stationary from every start
+    assert sum(mgda["reached"]) >= 4
+    front = np.asarray(r["front"])
+    assert np.all(np.diff(front[:, 0]) >= 0) and np.all(np.diff(front[:, 1]) < 0)   # non-dominated
+
+
+def test_multimnist(results):
+    r = results("multimnist")
+    assert r["source"] == "multidigits"
+    assert set(r["rows"]) == {"single-task", "uniform (ew)", "MGDA-UB"}
+    for row in r["rows"].values():
+        for task in ("left_digit", "right_digit"):
+            accuracy = np.asarray(row["accuracy"][task])
+            assert accuracy.shape == (2,) and np.all((0 <= accuracy) & (accuracy <= 1))
+    np.testing.assert_allclose(np.sum(r["rows"]["MGDA-UB"]["final_weights"], -1), 1.0, rtol=1e-4)
+
+
+def test_weighting_zoo(results):
+    r = results("weighting_zoo")
+    assert set(r["methods"]) == {"mgda", "db_mtl"}
+    for method in r["methods"].values():
+        # two metrics per task: the two conventions are exact negatives
+        np.testing.assert_allclose(method["delta_m_pooled"], -np.asarray(method["delta_p_per_task"]), atol=1e-9)
+        assert np.all(np.isfinite(method["delta_m_pooled"]))
+    assert set(r["single_task"]) == {"majority", "mean_value"}
+
+
+def test_task_grouping_recovers_the_pairs(results):
+    r = results("task_grouping")
+    for p in ("1.0", "0.9"):
+        shared_bottom = r["models"]["shared_bottom"][p]
+        assert shared_bottom["grouping"] == [[0, 1], [2, 3]], p
+        assert np.mean(shared_bottom["within_pair"]) > np.mean(shared_bottom["across_pairs"])
+        affinity = np.asarray(shared_bottom["affinity_mean"])
+        assert affinity.shape == (4, 4) and np.all(np.isfinite(affinity))
+
+
+def test_task_attention(results):
+    r = results("task_attention")
+    digits = r["datasets"]["multidigits"]
+    assert list(digits["models"]) == ["single-task", "shared trunk", "+ task encoder", "+ task attention"]
+    attention = np.asarray(digits["models"]["+ task attention"]["task_attention"])
+    assert attention.shape == (2, 2)
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-3)
+    assert "task_attention" not in digits["models"]["shared trunk"]
+
+
+# --- the vmapped runner is the library's loop ----------------------------------------------------------
+
+def test_runner_matches_the_training_loop(tmp_path):
+    """Seed s of `runner.train_seeds` is the run `train.train_and_evaluate` makes with config.seed = s."""
+    from configs import seqtasks as seqtasks_config
+    from experiments import runner
+    from mtt_jax import train
+    config = seqtasks_config.get_config("tiny")
+    config.total_steps, config.eval_every, config.log_every = 6, 6, 3
+    config.mesh.num_devices = 1
+    config.weighting.name = "mgda"            # a Gram method: per-task gradients inside the vmap
+    runs = runner.train_seeds(config, [0, 3])
+    config.seed = 3                           # the second run of the vmap
+    _, final = train.train_and_evaluate(config, str(tmp_path), quiet=True)
+    for key in ("loss", "majority/loss", "mean_value/mse", "repeat_tag/token_accuracy"):
+        np.testing.assert_allclose(runs.final[1][key], final[key], rtol=2e-3, atol=1e-5, err_msg=key)
+    assert abs(runs.final[0]["loss"] - final["loss"]) > 1e-4   # and seed 0 is another run
