@@ -179,3 +179,21 @@ def plot_matrix(ax, matrix: np.ndarray, labels: Sequence[str], title: str, cmap:
                     color="white" if image.norm(matrix[i, j]) < 0.5 else "black")
     ax.set_title(title)
     ax.figure.colorbar(image, ax=ax, fraction=0.046)
+
+
+def constant_adam(c, learning_rate: float) -> None:
+    """Plain Adam at a constant rate, as the toy papers train: no warmup, decay, clipping or weight
+    decay, b2 = 0.999."""
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.warmup_steps = 0
+    c.optimizer.end_learning_rate_factor = 1.0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1e9
+    c.optimizer.b2 = 0.999
+
+
+def small_vector_transformer(c, size: str) -> None:
+    """The one-layer Transformer that reads the MMoE toy's 100 features in chunks of 10."""
+    c.model.d_model, c.model.num_layers, c.model.num_heads = pick(size, 16, 32, 32), 1, 4
+    c.model.mlp_dim = 4 * c.model.d_model
+    c.model.patch_size = 10

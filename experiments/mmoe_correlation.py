@@ -52,15 +52,8 @@ def make_config(size: str, learning_rate: float = 1e-3, steps: int = 0):
     c.eval_batch_size = c.data.options.num_eval_examples
     c.total_steps = steps or common.pick(size, 40, 2000, 10000)
     c.log_every = common.pick(size, 10, 50, 100)
-    c.optimizer.learning_rate = learning_rate  # Adam, constant: no warmup, decay, clipping or weight decay
-    c.optimizer.warmup_steps = 0
-    c.optimizer.end_learning_rate_factor = 1.0
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1e9
-    c.optimizer.b2 = 0.999
-    c.model.d_model, c.model.num_layers, c.model.num_heads = common.pick(size, 16, 32, 32), 1, 4
-    c.model.mlp_dim = 4 * c.model.d_model
-    c.model.patch_size = 10
+    common.constant_adam(c, learning_rate)
+    common.small_vector_transformer(c, size)
     return c
 
 

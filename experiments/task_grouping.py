@@ -53,15 +53,8 @@ def make_config(size: str):
     c.log_every = common.pick(size, 10, 50, 100)
     c.affinity.every = common.pick(size, 10, 20, 50)
     c.affinity.lr = 0.0                      # the current learning rate (TAG)
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 0
-    c.optimizer.end_learning_rate_factor = 1.0
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1e9
-    c.optimizer.b2 = 0.999
-    c.model.d_model, c.model.num_layers, c.model.num_heads = common.pick(size, 16, 32, 32), 1, 4
-    c.model.mlp_dim = 4 * c.model.d_model
-    c.model.patch_size = 10
+    common.constant_adam(c, 1e-3)
+    common.small_vector_transformer(c, size)
     return c
 
 
