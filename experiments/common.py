@@ -13,7 +13,8 @@ standard deviation, ddof = 1; 0 for one seed).
 
 XLA's CPU backend spends most of a short run compiling. ``--compile fast`` (the default for ``--quick``
 and ``--tiny``) sets ``--xla_backend_optimization_level=1`` (0 with ``--tiny``), which roughly halves
-compile time for a slightly slower step; ``--compile optimized`` (the default for full runs) keeps XLA's default. The flag
+compile time for a slightly slower step; ``--compile optimized`` (the default for full runs) keeps XLA's
+default. The flag
 only takes effect before JAX's backend starts, i.e. from the command line.
 """
 
@@ -40,7 +41,8 @@ def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = No
         epilog=f"Cost of the full run: {full_cost} --quick: at most 10 minutes on 2 CPU cores.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="output directory (table.md, results.json, *.png)")
-    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer seeds (<= 10 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter runs, fewer seeds (<= 10 min on 2 cores)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, default=0, help="number of seeds (default: per size)")
     parser.add_argument("--compile", choices=("auto", "fast", "optimized"), default="auto",

@@ -1,4 +1,4 @@
-"""The two "delta-m" summaries of a multi-task model against single-task baselines, as the literature uses them.
+"""The two "delta-m" summaries of a multi-task model against single-task baselines, as papers use them.
 
 Both compare every metric ``M`` of the multi-task model with the same metric ``M_b`` of the single-task
 model of that task, as a relative change ``(M - M_b) / M_b``, signed so that one direction means better.
@@ -58,7 +58,8 @@ def _relative_changes(metrics: Metrics, baseline: Metrics,
 def delta_m_pooled(metrics: Metrics, baseline: Metrics,
                    better: Callable[[str], bool] = higher_is_better) -> float:
     """Nash-MTL / FAMO's delta-m%: mean over all metrics pooled; positive = worse than single-task."""
-    pooled = [c for task_changes in _relative_changes(metrics, baseline, better).values() for c in task_changes]
+    changes = _relative_changes(metrics, baseline, better)
+    pooled = [c for task_changes in changes.values() for c in task_changes]
     return -100.0 * float(np.mean(pooled))
 
 

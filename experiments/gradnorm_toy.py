@@ -84,7 +84,8 @@ def run(args) -> dict:
             "wall_seconds": round(runs.wall_seconds, 1)}
         r = results["methods"][method]
         log(f"{METHODS[method]:24s} weights {np.mean(r['final_weights'], 0).round(3).tolist()}  "
-            f"normalized test loss {common.fmt(r['normalized_test_loss'][-1], 4)} ({runs.wall_seconds:.0f} s)")
+            f"normalized test loss {common.fmt(r['normalized_test_loss'][-1], 4)} "
+            f"({runs.wall_seconds:.0f} s)")
     results["steps"] = make_config(args.size, "ew").total_steps
     results["checks"] = checks(results)
     table = make_table(results)

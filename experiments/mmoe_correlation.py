@@ -38,7 +38,8 @@ MODELS = ("shared_bottom", "omoe", "mmoe", "transformer")
 LABELS = {"shared_bottom": "Shared-Bottom", "omoe": "OMoE", "mmoe": "MMoE",
           "transformer": "Transformer (task enc. + task attn.)"}
 TASKS = ("mmoe_a1", "mmoe_a2")
-FULL_COST = "about 40-60 minutes on 2 CPU cores (30 seeds x 10^4 steps, 3 MLPs + Transformer, 3 correlations)."
+FULL_COST = ("about 40-60 minutes on 2 CPU cores (30 seeds x 10^4 steps, 3 MLPs + Transformer, "
+             "3 correlations).")
 
 
 def make_config(size: str, learning_rate: float = 1e-3, steps: int = 0):
@@ -82,7 +83,8 @@ def run(args) -> dict:
         # the runs of one seed share their initialisation and their input draws across correlations.
         correlations = [p for p in CORRELATIONS for _ in range(num)]
         weights = np.stack([toys.mmoe_weights(sources[p].task_weights) for p in correlations])
-        runs = runner.train_seeds(config, list(range(num)) * len(CORRELATIONS), model=build(model_name, config),
+        runs = runner.train_seeds(config, list(range(num)) * len(CORRELATIONS),
+                                  model=build(model_name, config),
                                   sampler=sampler, sampler_args=weights,
                                   eval_sources=[sources[p] for p in correlations], max_chunk=100)
         per_corr = {}
@@ -107,7 +109,8 @@ def run(args) -> dict:
     plot(results, args.workdir)
     common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
         "Ma et al. (KDD 2018) Fig. 4-5 on `mmoe_synthetic`: final eval MSE (mean of the two tasks) after "
-        f"{results['steps']} steps, Adam lr {config.optimizer.learning_rate:g}; gap = loss(p=0.5) - loss(p=1.0), "
+        f"{results['steps']} steps, Adam lr {config.optimizer.learning_rate:g}; "
+        "gap = loss(p=0.5) - loss(p=1.0), "
         "paired by seed; spread = std over seeds."))
     return results
 
@@ -174,9 +177,11 @@ def plot(results: dict, workdir: str) -> None:
 
 def main(argv=None) -> None:
     def extra(parser):
-        parser.add_argument("--learning_rate", type=float, default=1e-3, help="Adam's (constant) learning rate")
+        parser.add_argument("--learning_rate", type=float, default=1e-3,
+                            help="Adam's (constant) learning rate")
         parser.add_argument("--steps", type=int, default=0, help="train steps (default: per size)")
-        parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+        parser.add_argument("--models", default=",".join(MODELS),
+                            help="comma-separated subset of " + ", ".join(MODELS))
     args = common.parse_args(__doc__, FULL_COST, argv, extra)
     run(args)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from configs import default as digits_config, multimnist as multimnist_config
 from experiments import common, runner
+from mtt_jax.data import DatasetNotPreparedError
 
 NAME = "multimnist"
 FULL_COST = ("about 30-45 minutes on 2 CPU cores for multidigits (9 models x 5 seeds x 1500 steps); "
@@ -47,14 +48,15 @@ ROWS = {
 TINY_ROWS = ("uniform (ew)", "MGDA-UB")
 # Sener & Koltun (2018), Table 2, MultiMNIST accuracy (%) left / right, as we recall them; we could not
 # check the paper from this environment (see experiments/RESULTS.md).
-PAPER = {"single-task": (97.23, 95.90), "uniform (ew)": (96.46, 94.99), "uncertainty (Kendall)": (96.47, 95.29),
-         "GradNorm": (96.27, 94.84), "MGDA-UB": (97.26, 95.90)}
+PAPER = {"single-task": (97.23, 95.90), "uniform (ew)": (96.46, 94.99),
+         "uncertainty (Kendall)": (96.47, 95.29), "GradNorm": (96.27, 94.84), "MGDA-UB": (97.26, 95.90)}
 
 
 def base_config(size: str, source: str, data_dir: str):
-    if source == "multimnist":
-        c = multimnist_config.get_config("")
+    if source == "multimnist":           # the config's model; shorter runs for --quick / --tiny
+        c = multimnist_config.get_config("tiny" if size == "tiny" else "")
         c.data.options.data_dir = data_dir
+        c.total_steps = common.pick(size, c.total_steps, 1000, c.total_steps)
     else:
         c = digits_config.get_config("")
         c.data.options.num_eval_pairs = common.pick(size, 128, 2000, 2000)
@@ -104,7 +106,8 @@ def run(args) -> dict:
             + f" ({runs.wall_seconds:.0f} s)")
     table = make_table(results)
     plot(results, args.workdir)
-    dataset = ("`multidigits` (offline MultiMNIST analogue: 8x8 sklearn digits on 12x12; NOT the paper's data)"
+    dataset = ("`multidigits` (offline MultiMNIST analogue: 8x8 sklearn digits on 12x12; "
+               "NOT the paper's data)"
                if args.source == "multidigits" else "TFDS MultiMNIST (`configs/multimnist.py`)")
     common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
         f"MultiMNIST table on {dataset}; accuracy (%) of the left / right digit, {base.total_steps} steps. "
@@ -120,7 +123,8 @@ def make_table(results: dict) -> str:
         acc = r["accuracy"]
         mean = (np.asarray(acc[left]) + np.asarray(acc[right])) / 2
         paper = PAPER.get(row)
-        rows.append([row, common.fmt(acc[left], 2, 100), common.fmt(acc[right], 2, 100), common.fmt(mean, 2, 100),
+        rows.append([row, common.fmt(acc[left], 2, 100), common.fmt(acc[right], 2, 100),
+                     common.fmt(mean, 2, 100),
                      f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"])
     return common.markdown_table(headers, rows)
 
@@ -147,10 +151,14 @@ def plot(results: dict, workdir: str) -> None:
 def main(argv=None) -> None:
     def extra(parser):
         parser.add_argument("--source", choices=("multidigits", "multimnist"), default="multidigits",
-                            help="multidigits: offline analogue (default); multimnist: TFDS, needs --data_dir")
+                            help="multidigits: offline analogue (default); "
+                                 "multimnist: TFDS, needs --data_dir")
         parser.add_argument("--data_dir", default="", help="TFDS data_dir for --source multimnist")
     args = common.parse_args(__doc__, FULL_COST, argv, extra)
-    run(args)
+    try:
+        run(args)
+    except DatasetNotPreparedError as error:   # TFDS data missing: one line that says how to prepare it
+        sys.exit(f"experiments.multimnist: {error}")
 
 
 if __name__ == "__main__":

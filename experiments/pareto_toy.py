@@ -152,7 +152,8 @@ def run(args) -> dict:
     record_every = common.pick(args.size, 20, 100, 250)
     front, front_theta = pareto_front(common.pick(args.size, 201, 801, 1201))
     log(f"Pareto front: {len(front)} non-dominated grid points")
-    results = {"starts": STARTS.tolist(), "steps": steps, "learning_rate": learning_rate, "front": front.tolist(),
+    results = {"starts": STARTS.tolist(), "steps": steps, "learning_rate": learning_rate,
+               "front": front.tolist(),
                "front_theta": front_theta.tolist(), "tolerance": FRONT_TOLERANCE, "methods": {}}
     for name in METHODS:
         trajectories = optimize(name, STARTS, steps, record_every, learning_rate)   # [S, N, 2]
@@ -170,7 +171,8 @@ def run(args) -> dict:
     table = make_table(results)
     plot(results, args.workdir)
     common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
-        f"CAGrad's toy with L1 scaled by {SCALE} (Nash-MTL / FAMO), Adam lr {learning_rate:g}, {steps} steps, from the "
+        f"CAGrad's toy with L1 scaled by {SCALE} (Nash-MTL / FAMO), Adam lr {learning_rate:g}, "
+        f"{steps} steps, from the "
         f"five starts {', '.join(f'({a:g}, {b:g})' for a, b in STARTS)}. Reached = dominance gap to the "
         f"brute-force Pareto front <= {FRONT_TOLERANCE}."), stats_over="the five starting points")
     return results
@@ -184,7 +186,8 @@ def make_table(results: dict) -> str:
     for name, r in results["methods"].items():
         final = np.asarray(r["final_losses"])
         rows.append([METHODS[name], f"{sum(r['reached'])}/{len(STARTS)}"]
-                    + [("yes" if ok else "no") + f" ({f[0]:.2f}, {f[1]:.2f})" for ok, f in zip(r["reached"], final)]
+                    + [("yes" if ok else "no") + f" ({f[0]:.2f}, {f[1]:.2f})"
+                       for ok, f in zip(r["reached"], final)]
                     + [common.fmt(final[:, 0], 3), common.fmt(final[:, 1], 3), common.fmt(r["min_norm"], 4),
                        common.fmt(r["dominance_gap"], 3)])
     return common.markdown_table(headers, rows)

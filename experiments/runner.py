@@ -58,7 +58,8 @@ class SeedRuns:
 def make_pieces(config, model: nn.Module | None = None):
     """``(tasks, source of seed 0, model, method, tx)`` as `mtt_jax.train.build` makes them."""
     task_specs = tuple(tasks_lib.get(name) for name in config.tasks)
-    source = data.make_source(config.data.source, config.tasks, seed=0, **dict(config.data.get("options", {})))
+    source = data.make_source(config.data.source, config.tasks, seed=0,
+                              **dict(config.data.get("options", {})))
     if model is None:
         model = build_model(config, task_specs, source.layout, source.input_spec)
     method = weighting.make_method(config.weighting, len(task_specs))
@@ -115,28 +116,26 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**20))(keys) if sampler is not None else None
 
     # --- Update: scan over a chunk of steps of the vmapped step. -----------------------------------------
+    rep_grad = bool(config.weighting.get("rep_grad", False))
     step_fn = jax.vmap(steps.bind(steps.train_step, model=model, tasks=task_specs, layout=layout,
-                                  method=method, tx=tx, rep_grad=bool(config.weighting.get("rep_grad", False))))
+                                  method=method, tx=tx, rep_grad=rep_grad))
 
     def record(metrics):
         return {"task_losses": metrics["task_losses"], "weights": metrics["weights"]}
 
-    if sampler is None:
-        def run_chunk(states, batches):
-            def body(states, batch):
-                states, metrics = step_fn(states, batch)
-                return states, record(metrics)
-            return jax.lax.scan(body, states, batches)
-    else:
-        def run_chunk(states, first_step_and_len):
-            def body(states, step):
-                if sampler_args is None:
-                    batch = jax.vmap(lambda key: sampler(key, step))(data_keys)
-                else:
-                    batch = jax.vmap(lambda key, a: sampler(key, step, a))(data_keys, sampler_args)
-                states, metrics = step_fn(states, batch)
-                return states, record(metrics)
-            return jax.lax.scan(body, states, first_step_and_len)
+    def sampled_batch(step):
+        """Every run's batch of ``step``, drawn on the device (``sampler``)."""
+        if sampler_args is None:
+            return jax.vmap(lambda key: sampler(key, step))(data_keys)
+        return jax.vmap(lambda key, args: sampler(key, step, args))(data_keys, sampler_args)
+
+    def run_chunk(states, batches_or_steps):
+        """Host batches ``[K, S, ...]``, or with a sampler the K step numbers."""
+        def body(states, batch_or_step):
+            batch = batch_or_step if sampler is None else sampled_batch(batch_or_step)
+            states, metrics = step_fn(states, batch)
+            return states, record(metrics)
+        return jax.lax.scan(body, states, batches_or_steps)
     run_chunk = jax.jit(run_chunk, donate_argnums=0)
 
     # --- Evals and affinity. -----------------------------------------------------------------------------
@@ -152,6 +151,7 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
         return affinity_lib.lookahead_affinity(model, state.params["model"], batch, task_specs, layout,
                                                rng, loss_fn, lr)
     affinity_fn = jax.jit(jax.vmap(one_affinity)) if affinity_every else None
+    sampled_batch_fn = jax.jit(sampled_batch) if sampler is not None else None
 
     chunk = chunk_size(total, [eval_every, log_every, affinity_every], max_chunk)
     num_chunks = total // chunk
@@ -170,10 +170,8 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     for index, host_batches in chunks:
         first = index * chunk
         if affinity_fn is not None and first % affinity_every == 0 and first > 0:
-            batch = (jax.tree.map(lambda x: x[0], host_batches) if sampler is None else
-                     jax.vmap(lambda key: sampler(key, jnp.asarray(first)))(data_keys)
-                     if sampler_args is None else
-                     jax.vmap(lambda key, a: sampler(key, jnp.asarray(first), a))(data_keys, sampler_args))
+            batch = (jax.tree.map(lambda x: x[0], host_batches) if sampler is None   # step `first`'s batch
+                     else sampled_batch_fn(jnp.asarray(first)))
             value = np.asarray(jax.device_get(affinity_fn(states, batch)))
             affinity_sum = value if affinity_sum is None else affinity_sum + value
             affinity_count += 1
@@ -196,8 +194,8 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     losses_NxSxT = np.concatenate(losses)
     weights_NxSxT = np.concatenate(weights_log)
     windows = total // log_every
-    curve_losses = losses_NxSxT[:windows * log_every].reshape((windows, log_every) + losses_NxSxT.shape[1:]).mean(1)
-    curve_weights = weights_NxSxT[:windows * log_every].reshape((windows, log_every) + weights_NxSxT.shape[1:]).mean(1)
+    window_mean = lambda x: x[:windows * log_every].reshape((windows, log_every) + x.shape[1:]).mean(1)
+    curve_losses, curve_weights = window_mean(losses_NxSxT), window_mean(weights_NxSxT)
     return SeedRuns(seeds=seeds, task_names=list(config.tasks), final=final, evals=evals,
                     curve_steps=np.arange(1, windows + 1) * log_every, curve_losses=curve_losses,
                     curve_weights=curve_weights,
@@ -220,7 +218,8 @@ def evaluate(eval_fn, states, run_sources: Sequence[data.Source], task_specs, ba
     for r, src in enumerate(run_sources):
         groups.setdefault(id(src), []).append(r)
     for members in groups.values():
-        scores = _evaluate_on(eval_fn, states, run_sources[members[0]], task_specs, batch_size, layout, members)
+        scores = _evaluate_on(eval_fn, states, run_sources[members[0]], task_specs, batch_size, layout,
+                              members)
         for r, metrics in zip(members, scores):
             results[r] = metrics
     return results

@@ -81,7 +81,8 @@ def run_dataset(args, dataset: str, seeds: list[int], log) -> dict:
     base = base_config(args.size, dataset)
     task_names = list(base.tasks)
     specs = {t: tasks_lib.get(t) for t in task_names}
-    out = {"tasks": task_names, "steps": base.total_steps, "metrics": {t: list(specs[t].metric_names) for t in task_names},
+    out = {"tasks": task_names, "steps": base.total_steps,
+           "metrics": {t: list(specs[t].metric_names) for t in task_names},
            "summary_metric": {t: summary_metric(specs[t]) for t in task_names}, "models": {}}
     single = {t: {} for t in task_names}
     wall = 0.0
@@ -123,7 +124,8 @@ def run(args) -> dict:
     plot(results, args.workdir)
     common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
         "Same trunk, steps, batch and optimizer for every model; uniform weighting. 'mean' = mean over tasks "
-        "of each task's main metric (Pearson for regression). Task-attention maps: `task_attention_<dataset>.png`."))
+        "of each task's main metric (Pearson for regression). Task-attention maps: "
+        "`task_attention_<dataset>.png`."))
     return results
 
 
@@ -146,9 +148,11 @@ def plot(results: dict, workdir: str) -> None:
         maps = {m: e["task_attention"] for m, e in r["models"].items() if "task_attention" in e}
         if not maps:
             continue
-        fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps), 4.8), squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps), 4.8), squeeze=False,
+                                 layout="constrained")
         for ax, (model, matrix) in zip(axes[0], maps.items()):
-            common.plot_matrix(ax, np.asarray(matrix), r["tasks"], title=f"{dataset}: {model}", cmap="viridis")
+            common.plot_matrix(ax, np.asarray(matrix), r["tasks"], title=f"{dataset}: {model}",
+                               cmap="viridis")
         fig.suptitle("learned task attention: row i = how task i's attention splits over tasks j (seed mean)")
         common.save_figure(fig, workdir, f"task_attention_{dataset}.png")
 

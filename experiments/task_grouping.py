@@ -85,8 +85,8 @@ def run(args) -> dict:
             groups, score = affinity.best_grouping(mean_affinity, 2)
             seed_groups = [affinity.best_grouping(a, 2)[0] for a in seed_affinities]
             within = [np.mean([a[0, 1], a[1, 0], a[2, 3], a[3, 2]]) for a in seed_affinities]
-            across = [np.mean([a[i, j] for i in (0, 1) for j in (2, 3)] + [a[j, i] for i in (0, 1) for j in (2, 3)])
-                      for a in seed_affinities]
+            across = [np.mean([a[i, j] for i in (0, 1) for j in (2, 3)]
+                              + [a[j, i] for i in (0, 1) for j in (2, 3)]) for a in seed_affinities]
             per_corr[str(p)] = {
                 "affinity_mean": mean_affinity.tolist(), "affinity_per_seed": seed_affinities.tolist(),
                 "grouping": groups, "grouping_score": score, "recovered": groups == PAIRS,
@@ -94,7 +94,8 @@ def run(args) -> dict:
                 "within_pair": [float(w) for w in within], "across_pairs": [float(a) for a in across],
                 "final_loss": np.mean([runs.metric(f"{t}/mse")[members] for t in TASKS], axis=0).tolist()}
             log(f"{MODELS[model_name]:38s} p={p}: grouping {[[TASKS[i] for i in g] for g in groups]} "
-                f"(recovered in {per_corr[str(p)]['seeds_recovered']}/{n} seeds); within {common.fmt(within, 5)}, "
+                f"(recovered in {per_corr[str(p)]['seeds_recovered']}/{n} seeds); "
+                f"within {common.fmt(within, 5)}, "
                 f"across {common.fmt(across, 5)}")
         per_corr["seeds"] = n
         per_corr["wall_seconds"] = round(runs.wall_seconds, 1)
@@ -106,7 +107,8 @@ def run(args) -> dict:
     common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
         f"TAG lookahead affinity averaged over {config.total_steps} steps (every {config.affinity.every}); "
         "grouping = `affinity.best_grouping(mean affinity, 2)`; the right answer is "
-        "{mmoe_a1, mmoe_a2}, {mmoe_b1, mmoe_b2}. Affinities are ~lr-sized (lookahead step = the learning rate)."))
+        "{mmoe_a1, mmoe_a2}, {mmoe_b1, mmoe_b2}. Affinities are ~lr-sized (lookahead step = the "
+        "learning rate)."))
     return results
 
 
@@ -128,7 +130,8 @@ def make_table(results: dict) -> str:
 def plot(results: dict, workdir: str) -> None:
     plt = common.pyplot()
     models = list(results["models"])
-    fig, axes = plt.subplots(len(models), len(CORRELATIONS), figsize=(5.2 * len(CORRELATIONS), 4.6 * len(models)),
+    fig, axes = plt.subplots(len(models), len(CORRELATIONS),
+                             figsize=(5.2 * len(CORRELATIONS), 4.6 * len(models)),
                              squeeze=False, layout="constrained")
     for row, model_name in enumerate(models):
         for col, p in enumerate(CORRELATIONS):

@@ -1,4 +1,4 @@
-"""The MLP variants (Shared-Bottom, OMoE, MMoE) and the task-gated MoE feed-forward: shapes, sizes, learning."""
+"""MLP variants (Shared-Bottom, OMoE, MMoE) and the task-gated MoE feed-forward: shapes, sizes, learning."""
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,8 @@ def init_params(model, inputs):
     return nn.unbox(model.init({"params": jax.random.key(0)}, inputs)["params"])
 
 
-@pytest.mark.parametrize("name, expected_params", [("shared_bottom", 13255), ("omoe", 14018), ("mmoe", 14818)])
+@pytest.mark.parametrize("name, expected_params",
+                         [("shared_bottom", 13255), ("omoe", 14018), ("mmoe", 14818)])
 def test_mlp_variants_have_the_papers_sizes_and_shapes(name, expected_params):
     # Ma et al. (2018): 113 shared units; 8 experts of 16 units; towers of 8 -- about the same size.
     model = variants.build_variant(name, specs(MMOE_TASKS))
@@ -52,7 +53,8 @@ def test_mmoe_gates_are_per_task_distributions_and_omoe_shares_one():
 
 
 def test_variant_reads_images_and_classifies():
-    model = variants.SharedBottomMLP(specs(("left_digit", "right_digit")), bottom_units=(32, 32), tower_units=())
+    model = variants.SharedBottomMLP(specs(("left_digit", "right_digit")), bottom_units=(32, 32),
+                                     tower_units=())
     images = jnp.zeros((3, 12, 12))
     outputs, _ = model.apply({"params": init_params(model, images)}, images)
     assert outputs["left_digit"].shape == (3, 10)

@@ -55,9 +55,11 @@ class TaskMoEFeedForward(nn.Module):
                         + task_rows[rows_BxL])
         gates_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1).astype(self.dtype)
         # --- Experts, mixed by scaling each expert's hidden units by its gate. ---
-        wi = self.param("wi_kernel", kernel_init((None, "embed", "mlp")), (self.num_experts, d_model, expert_dim))
+        wi = self.param("wi_kernel", kernel_init((None, "embed", "mlp")),
+                        (self.num_experts, d_model, expert_dim))
         bi = self.param("wi_bias", zeros_init((None, "mlp")), (self.num_experts, expert_dim))
-        wo = self.param("wo_kernel", kernel_init((None, "mlp", "embed")), (self.num_experts, expert_dim, d_model))
+        wo = self.param("wo_kernel", kernel_init((None, "mlp", "embed")),
+                        (self.num_experts, expert_dim, d_model))
         bo = self.param("wo_bias", zeros_init((None, "embed")), (self.num_experts, d_model))
         h_BxLxExM = nn.gelu(jnp.einsum("bld,edm->blem", x_BxLxD.astype(self.dtype), wi.astype(self.dtype))
                             + bi.astype(self.dtype))

@@ -63,7 +63,7 @@ class MLPBottom(nn.Module):
 
 
 class ExpertsAndGates(nn.Module):
-    """``num_experts`` one-layer ReLU experts and ``num_gates`` softmax gates over them (Ma et al. eq. 5, 7-8).
+    """``num_experts`` one-layer ReLU experts and ``num_gates`` softmax gates (Ma et al. eq. 5, 7-8).
 
     Returns the gated mixtures ``[B, G, H]`` and the gate values ``[B, G, E]``.
     """
