@@ -16,7 +16,7 @@ all shared parameters (LibMTL), not the paper's last shared layer; its weights w
 their own Adam (lr 0.025), see `mtt_jax.weighting.gradnorm`.
 
 Cost. full: 20 seeds x 5000 steps of batch 128, three methods: about 5-10 minutes on 2 CPU cores.
-``--quick``: 5 seeds x 1500 steps, about 1-2 minutes.
+``--quick``: 5 seeds x 1500 steps, under a minute.
 """
 
 from __future__ import annotations

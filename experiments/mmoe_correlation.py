@@ -17,7 +17,7 @@ for Shared-Bottom and OMoE); the spread of final losses over seeds (trainability
 
 Cost. full: 30 seeds x 10^4 steps of batch 128 for the three MLPs and 5 seeds of the Transformer,
 at the three correlations: about 40-60 minutes on 2 CPU cores (the MLPs are vmapped over the 30
-seeds). ``--quick``: 8 seeds x 2000 steps (Transformer: 3 seeds), about 3-5 minutes.
+seeds; the three MLPs alone, ``--models shared_bottom,omoe,mmoe``, took 15 minutes). ``--quick``: 8 seeds x 2000 steps (Transformer: 3 seeds), about 3-5 minutes.
 """
 
 from __future__ import annotations

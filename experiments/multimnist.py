@@ -19,7 +19,7 @@ orderings are what can be compared. ``--source multimnist`` switches to the TFDS
 
 Cost (multidigits). full: 9 models x 5 seeds x 1500 steps (d_model 64, 2 layers, batch 128): about
 30-45 minutes on 2 CPU cores. ``--quick``: 3 seeds x 500 steps (d_model 32, 1 layer, batch 64): about
-3-5 minutes.
+2-3 minutes.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ T x T task-attention map (eval mean, rows: task i's attention over tasks j), plo
 
 Cost. full: 2 datasets x (T single-task + 4 multi-task models), 5 seeds x 1500 steps (d_model 64, 2
 layers): about 45-70 minutes on 2 CPU cores. ``--quick``: 3 seeds, 300 steps (seqtasks) / 500 steps
-(multidigits), d_model 32, 1 layer: about 4-7 minutes. ``--tiny`` runs multidigits only.
+(multidigits), d_model 32, 1 layer: about 2-4 minutes. ``--tiny`` runs multidigits only.
 """
 
 from __future__ import annotations
