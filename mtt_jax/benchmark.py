@@ -80,7 +80,6 @@ class Variant:
     """One compiled configuration: its setup, compiled step, state and a fixed device batch."""
 
     def __init__(self, config):
-        import jax
         from mtt_jax import sharding, train
 
         self.config = config
@@ -97,7 +96,6 @@ class Variant:
         self.times: list[float] = []
         for _ in range(3):  # warm-up
             self.step()
-        self._block = jax.block_until_ready
 
     def step(self) -> None:
         import jax

@@ -93,7 +93,7 @@ def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks:
             apply = lambda c: _sum_copies(encoder_vjp(c.astype(dz.dtype)[:, None, None, None] * dz)[0])
             return TaskGradients(losses_T, dz, apply, task_side_grads, aux)
         grads_T = encoder_vjp(dz)[0]
-        return TaskGradients(losses_T, grads_T, lambda c: _combine(c, grads_T), task_side_grads, aux)
+        return TaskGradients(losses_T, grads_T, lambda c: combine(c, grads_T), task_side_grads, aux)
 
     task_side_grads = decode_vjp(jnp.ones_like(losses_T))[1]
     dz_T = jax.vmap(lambda e: decode_vjp(e)[0])(jnp.eye(num_tasks, dtype=losses_T.dtype))
@@ -102,10 +102,11 @@ def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks:
         return TaskGradients(losses_T, dz_T, apply, task_side_grads, aux,
                              to_params=lambda direction: encoder_vjp(direction)[0])
     grads_T = jax.vmap(lambda d: encoder_vjp(d)[0])(dz_T)
-    return TaskGradients(losses_T, grads_T, lambda c: _combine(c, grads_T), task_side_grads, aux)
+    return TaskGradients(losses_T, grads_T, lambda c: combine(c, grads_T), task_side_grads, aux)
 
 
-def _combine(coeffs_T: jax.Array, grads_T: PyTree) -> PyTree:
+def combine(coeffs_T: jax.Array, grads_T: PyTree) -> PyTree:
+    """``sum_t c_t g_t`` over every leaf (leading task axis)."""
     return jax.tree.map(lambda g: jnp.tensordot(coeffs_T.astype(g.dtype), g, axes=1), grads_T)
 
 

@@ -215,9 +215,8 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
                            grad_accum_steps, rep_grad):
     """Per-task gradients of the shared encoder combined by a Gram or per-task-gradient method."""
     def gradients(micro_batch, rng):
-        result = task_grads.per_task_gradients(model, state.params["model"], micro_batch, tasks, layout,
-                                               rng, loss_fn, rep_grad)
-        return result
+        return task_grads.per_task_gradients(model, state.params["model"], micro_batch, tasks, layout,
+                                             rng, loss_fn, rep_grad)
 
     if grad_accum_steps == 1:
         result = gradients(batch, dropout_rng)
@@ -237,7 +236,7 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,
                                                     (losses_T, grads_T, task_side))
         aux = jax.tree.map(lambda x: x.mean(0), aux)
-        apply = lambda c: jax.tree.map(lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), grads_T)
+        apply = lambda c: task_grads.combine(c, grads_T)
         to_params = lambda direction: direction
 
     # A method's elementwise loss transform (IMTL-L) scales each task's gradient by its derivative.
