@@ -228,9 +228,11 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
             index, micro_batch = micro
             r = gradients(micro_batch, jax.random.fold_in(dropout_rng, index))
             return jax.tree.map(jnp.add, carry, (r.losses_T, r.grads_T, r.task_side_grads)), r.aux
-        shapes = jax.eval_shape(lambda: gradients(batch, dropout_rng))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             (shapes.losses_T, shapes.grads_T, shapes.task_side_grads))
+        shared, task_side_params = task_grads.split_params(state.params["model"])
+        num_tasks = len(tasks)
+        zeros = (jnp.zeros((num_tasks,), jnp.float32),
+                 jax.tree.map(lambda p: jnp.zeros((num_tasks,) + p.shape, p.dtype), shared),
+                 jax.tree.map(jnp.zeros_like, task_side_params))
         (losses_T, grads_T, task_side), aux = jax.lax.scan(
             accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches(batch, layout, grad_accum_steps)))
         losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,

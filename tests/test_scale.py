@@ -145,3 +145,20 @@ def test_method_state_that_mirrors_params_is_sharded_like_them():
     state = setup.create_state()
     buffer = state.weighting_state["buffer"]["trunk"]["block_0"]["mlp"]["wi"]["kernel"]
     assert buffer.shape[0] == 2 and buffer.addressable_shards[0].data.shape[1] == buffer.shape[1] // 8
+
+
+def test_grad_accumulation_with_a_gram_method_equals_one_big_step():
+    """Per-task gradients are averaged over microbatches before MGDA solves: the same as one batch."""
+    config = seqtasks_config.get_config("tiny")
+    config.batch_size, config.weighting.name = 8, "mgda"
+    config.mesh.num_devices, config.mesh.data = 1, 1
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.source.train_batch(3, 8), setup.batch_shardings, "multi")
+    results = []
+    for accum in (1, 2):
+        state, metrics = train.compile_train_step(setup, accum)(setup.create_state(), batch)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (params_1, metrics_1), (params_2, metrics_2) = results
+    np.testing.assert_allclose(metrics_2["task_losses"], metrics_1["task_losses"], rtol=1e-5)
+    np.testing.assert_allclose(metrics_2["weights"], metrics_1["weights"], rtol=1e-3, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), params_2, params_1)
