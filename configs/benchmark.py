@@ -1,5 +1,6 @@
 """Reference config of the benchmark (issue 7): a multi-input text model, 4 layers, d_model 256, 4 heads,
-MLP 1024, sequence 128, global batch 32, 3 tasks, vocabulary 8192, AdamW.
+MLP 1024, sequence 128, global batch 32, 3 tasks, vocabulary 8192, AdamW. On a CPU the batch is computed as
+16 microbatches (``grad_accum_steps``; the same update), which keeps activations in cache.
 
     python -m mtt_jax.benchmark --config configs/benchmark.py
 
@@ -23,6 +24,9 @@ def get_config(variant: str = ""):
     c.model.vocab_size = 8192
     c.total_steps, c.eval_every, c.log_every = 30, 1000, 10
     c.weighting.diagnostics_every = 0
+    if not variant:  # on a CPU: the same update over 16 microbatches of 2 examples per task, 2 per
+        # scan iteration; activations stay in cache, 1.4x faster than one batch (README, Performance)
+        c.grad_accum_steps, c.grad_accum_unroll = 16, 2
     if variant == "tasks8":  # smaller per task, so that 8 tasks fit a CPU run
         c.tasks = ("majority", "majority_parity", "mean_value", "repeat_tag", "first_group",
                    "max_value", "distinct_count", "last_group_tag")

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.axis_rules = ()                     # ((logical, mesh axes), ...); empty: sharding.DEFAULT_RULES
     c.dtype = "float32"                   # compute dtype; params stay f32
     c.grad_accum_steps = 1                # microbatches per step (batch_size is the total)
+    c.grad_accum_unroll = 1               # microbatches per scan iteration (XLA overlaps their work)
     c.nonfinite = "skip"                  # skip | halt: a non-finite loss is never applied
 
     c.prefetch = 2                        # batches built ahead on a host thread (0: inline)

@@ -38,7 +38,7 @@ def _positive(config, *fields: str) -> None:
 def validate(config, num_devices: int) -> None:
     _positive(config, "total_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
               "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
-              "model.patch_size", "model.memory_tokens", "grad_accum_steps", "checkpoint_every",
+              "model.patch_size", "model.memory_tokens", "grad_accum_steps", "grad_accum_unroll", "checkpoint_every",
               "keep")
     _check_tasks(config)
     _check_model(config)

@@ -92,13 +92,14 @@ def build(config) -> Setup:
 
 
 def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool = False,
-                       diagnostics_every: int = 0) -> Callable:
+                       diagnostics_every: int = 0, grad_accum_unroll: int = 1) -> Callable:
     """``(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state donated."""
     replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         steps.bind(steps.train_step, model=setup.model, tasks=setup.tasks, layout=setup.layout,
                    method=setup.method, tx=setup.tx, grad_accum_steps=grad_accum_steps,
-                   rep_grad=rep_grad, diagnostics_every=diagnostics_every),
+                   rep_grad=rep_grad, diagnostics_every=diagnostics_every,
+                   grad_accum_unroll=grad_accum_unroll),
         in_shardings=(setup.state_shardings, setup.batch_shardings),
         out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
@@ -150,7 +151,8 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     # --- Update and eval steps --------------------------------------------------------------------------
     diagnostics_every = config.weighting.get("diagnostics_every", 0)
     train_step = compile_train_step(setup, config.grad_accum_steps,
-                                    config.weighting.get("rep_grad", False), diagnostics_every)
+                                    config.weighting.get("rep_grad", False), diagnostics_every,
+                                    config.get("grad_accum_unroll", 1))
     gradient_method = setup.method.requires != "losses"
     affinity_every = config.affinity.every if config.get("affinity") else 0
     affinity_fn = compile_affinity(setup, config, schedule) if affinity_every else None

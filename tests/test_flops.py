@@ -39,3 +39,28 @@ def test_single_input_image_model_counts_task_tokens_and_task_attention():
 
 def test_mfu():
     assert flops.model_flops_utilization(50.0, 1.0, 100.0) == pytest.approx(0.5)
+
+
+def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
+    """The CLI end to end: one row per variant, the same model FLOPs, MFU against the measured peak."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run(
+        [sys.executable, "-m", "mtt_jax.benchmark", "--config=configs/default.py:tiny", "--steps=2",
+         "--grad_accums=1,2", f"--out={out}"], cwd=root, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["peak_source"].startswith("measured") and report["peak_flops_per_device"] > 1e9
+    rows = report["results"]
+    assert [r["grad_accum_steps"] for r in rows] == [1, 2]
+    assert rows[0]["model_tflops_per_step"] == rows[1]["model_tflops_per_step"] > 0
+    for r in rows:
+        assert 0 < r["mfu"] < 1.5 and r["step_ms"] > 0
+        assert abs(r["achieved_tflops_per_s"] * 1e12 / report["peak_flops_per_device"] - r["mfu"]) < 1e-6
+    assert "| accum |" in result.stdout

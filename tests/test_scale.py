@@ -94,10 +94,12 @@ def test_grad_accumulation_equals_one_big_step():
     setup = train.build(config)
     batch = sharding.shard_batch(setup.source.train_batch(3, 32), setup.batch_shardings, "single")
     results = []
-    for accum in (1, 4):
-        state, metrics = train.compile_train_step(setup, accum)(setup.create_state(), batch)
+    for accum, unroll in ((1, 1), (4, 1), (4, 2)):
+        step_fn = train.compile_train_step(setup, accum, grad_accum_unroll=unroll)
+        state, metrics = step_fn(setup.create_state(), batch)
         results.append((jax.device_get(state.params), jax.device_get(metrics)))
-    (params_1, metrics_1), (params_4, metrics_4) = results
+    (params_1, metrics_1), (params_4, metrics_4), (params_4u, _) = results
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_4u, params_4)
     np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1)
