@@ -145,7 +145,7 @@ class Variant:
         host_seconds = host_batch_seconds(config, setup)
         result.update({"host_batch_ms": 1e3 * host_seconds, "step_over_host": step_seconds / host_seconds})
         if loop:
-            result.update(time_loop(config, setup, self.compiled, self, steps, step_seconds))
+            result.update(time_loop(config, setup, self.compiled, self, steps))
         return result
 
 
@@ -162,8 +162,10 @@ def host_batch_seconds(config, setup, repeats: int = 20) -> float:
     return median_seconds(build, repeats)
 
 
-def time_loop(config, setup, compiled, holder: Variant, steps: int, step_seconds: float) -> dict:
-    """The train loop's own pattern: prefetched host batches, dispatch, metrics read one step late."""
+def time_loop(config, setup, compiled, holder: Variant, steps: int, rounds: int = 5) -> dict:
+    """The train loop's own pattern (prefetched host batches, dispatch, metrics read one step late)
+    against the pure step, in alternating rounds of ``steps`` steps each, so that both see the same
+    machine conditions; the ratio is the median over rounds."""
     import jax
     from mtt_jax import train
 
@@ -175,12 +177,20 @@ def time_loop(config, setup, compiled, holder: Variant, steps: int, step_seconds
                 jax.device_get(pending)
             pending = metrics
         jax.block_until_ready(pending)
+    def pure(num_steps):
+        for _ in range(num_steps):
+            holder.step()
     run(3, 1)
-    start = time.perf_counter()
-    run(steps, 100)
-    loop_seconds = (time.perf_counter() - start) / steps
-    return {"loop_step_ms": 1e3 * loop_seconds, "loop_over_step": loop_seconds / step_seconds,
-            "host_wait_fraction": max(0.0, 1.0 - step_seconds / loop_seconds)}
+    pure_seconds, loop_seconds = [], []
+    for r in range(rounds):
+        for fn, times in ((lambda: pure(steps), pure_seconds), (lambda: run(steps, 100 + r * steps),
+                                                                loop_seconds)):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) / steps)
+    ratio = statistics.median(l / p for l, p in zip(loop_seconds, pure_seconds))
+    return {"loop_step_ms": 1e3 * statistics.median(loop_seconds), "loop_over_step": ratio,
+            "host_wait_fraction": max(0.0, 1.0 - 1.0 / ratio)}
 
 
 def variants(config):
