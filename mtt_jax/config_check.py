@@ -92,6 +92,9 @@ def _check_model(config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+    if m.get("film", False) and not m.task_encoder:
+        raise ConfigError("model.film=True conditions the blocks on the task encoder's features; "
+                          "set model.task_encoder=True")
 
 
 def _check_weighting(config) -> None:

@@ -155,3 +155,65 @@ def test_every_kernel_has_logical_axis_names():
     assert not unnamed
     names = {n for x in leaves for n in x.names if n}
     assert {"embed", "mlp", "heads", "kv", "vocab"} <= names
+
+
+def test_film_modulates_each_position_by_its_task_and_leaves_no_task_positions_alone():
+    """TaskFiLM against a hand computation: LN(x) (1 + gamma_t) + beta_t, gamma/beta = z_t W + b."""
+    from mtt_jax.models.layers import TaskFiLM
+    film = TaskFiLM()
+    normed = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    ids = jnp.array([[0, 1, -1], [1, 1, 0]])
+    features = jax.random.normal(jax.random.key(1), (2, 5))
+    variables = film.init(jax.random.key(0), normed, ids, features)
+    np.testing.assert_array_equal(film.apply(variables, normed, ids, features), normed)  # starts at LN
+    kernel = jax.random.normal(jax.random.key(2), (5, 2, 4))
+    bias = jax.random.normal(jax.random.key(3), (2, 4))
+    out = film.apply({"params": {"kernel": kernel, "bias": bias}}, normed, ids, features)
+    for b in range(2):
+        for l in range(3):
+            t = int(ids[b, l])
+            if t < 0:
+                expected = normed[b, l]
+            else:
+                gamma, beta = features[t] @ kernel[:, 0] + bias[0], features[t] @ kernel[:, 1] + bias[1]
+                expected = normed[b, l] * (1 + gamma) + beta
+            np.testing.assert_allclose(out[b, l], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,tasks,spec,inputs", [
+    ("single", DIGITS, IMAGE, images()), ("multi", SEQ, TOKENS, tokens())])
+def test_film_model_starts_as_the_plain_model_and_encode_task_matches(layout, tasks, spec, inputs):
+    film_model = small_model(tasks, layout, spec, film=True)
+    plain = small_model(tasks, layout, spec)
+    params = nn.unbox(film_model.init(jax.random.key(0), inputs)["params"])
+    blocks = params["trunk"]["block_0"]
+    assert {"film_attention", "film_mlp"} <= set(blocks)
+    plain_params = jax.tree.map(lambda x: x, params)
+    for name in ("film_attention", "film_mlp"):
+        del plain_params["trunk"]["block_0"][name]
+    heads = {k: {"dense": {"kernel": jax.random.normal(jax.random.key(5), v["dense"]["kernel"].shape),
+                           "bias": v["dense"]["bias"]}} for k, v in params.items() if k.startswith("head_")}
+    params.update(heads), plain_params.update(heads)
+    for a, b in zip(jax.tree.leaves(film_model.apply({"params": params}, inputs)[0]),
+                    jax.tree.leaves(plain.apply({"params": plain_params}, inputs)[0])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    if layout == "multi":  # with FiLM on, the per-task encoder used for per-task gradients agrees
+        film_params = jax.tree.map(lambda x: x, params)
+        for name in ("film_attention", "film_mlp"):
+            leaf = film_params["trunk"]["block_0"][name]
+            leaf["kernel"] = jax.random.normal(jax.random.key(7), leaf["kernel"].shape)
+        streams, _ = film_model.apply({"params": film_params}, inputs, method="encode")
+        for i in range(len(tasks)):
+            one = film_model.apply({"params": film_params}, inputs[i], i, method="encode_task")
+            np.testing.assert_allclose(one, streams[i], atol=1e-5)
+        other = film_model.apply({"params": film_params}, inputs[0], 1, method="encode_task")
+        assert float(jnp.abs(other - streams[0]).max()) > 1e-3  # the same tokens as another task
+
+
+def test_film_without_the_task_encoder_is_a_config_error():
+    from configs import default as default_config
+    from mtt_jax import config_check
+    config = default_config.get_config("tiny")
+    config.model.film, config.model.task_encoder = True, False
+    with pytest.raises(config_check.ConfigError, match="model.film=True .* set model.task_encoder=True"):
+        config_check.validate(config, num_devices=8)

@@ -107,11 +107,37 @@ class FeedForward(nn.Module):
                         kernel_init=kernel_init(("mlp", "embed")), bias_init=zeros_init(("embed",)))(h)
 
 
+class TaskFiLM(nn.Module):
+    """Task-conditioned LayerNorm output: ``LN(x) * (1 + gamma_t) + beta_t``.
+
+    The conditional layer normalisation of CA-MTL (Pilault et al., ICLR 2021, §2.2), a FiLM
+    (Perez et al., AAAI 2018, eq. 1-2) of the normalised activations: ``[gamma_t, beta_t]`` is a linear
+    map of task t's features ``z_t`` (the task encoder's output). The map starts at zero, so training
+    starts from the plain LayerNorm. Positions of no task (``task_ids_BxL = -1``: the shared patches
+    of the single-input layout) are not modulated.
+    """
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, normed_BxLxD: jax.Array, task_ids_BxL: jax.Array,
+                 task_features_TxD: jax.Array) -> jax.Array:
+        d_model = normed_BxLxD.shape[-1]
+        kernel = self.param("kernel", zeros_init((None, None, "embed")),
+                            (task_features_TxD.shape[-1], 2, d_model))
+        bias = self.param("bias", zeros_init((None, "embed")), (2, d_model))
+        film_Tx2xD = jnp.einsum("td,dkf->tkf", task_features_TxD.astype(jnp.float32), kernel) + bias
+        film_Tx2xD = jnp.concatenate([film_Tx2xD, jnp.zeros((1, 2, d_model))])  # row -1: no task
+        film_BxLx2xD = film_Tx2xD[task_ids_BxL].astype(normed_BxLxD.dtype)
+        return normed_BxLxD * (1 + film_BxLx2xD[..., 0, :]) + film_BxLx2xD[..., 1, :]
+
+
 class EncoderBlock(nn.Module):
     """Pre-LN Transformer block (Xiong et al. 2020): x + Attn(LN(x)), then x + FFN(LN(x)).
 
     ``ffn = "task_moe"`` swaps the dense FFN for `mtt_jax.models.moe.TaskMoEFeedForward`, gated by the
     task of each position (``task_ids_BxL``, -1 = no task); the dense FFN ignores ``task_ids_BxL``.
+    ``film = True`` conditions both LayerNorms on the position's task (`TaskFiLM`, from
+    ``task_features_TxD``).
     """
     num_heads: int
     mlp_dim: int
@@ -120,15 +146,23 @@ class EncoderBlock(nn.Module):
     ffn: str = "dense"
     num_experts: int = 4
     num_tasks: int = 0
+    film: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
-                 task_ids_BxL: jax.Array | None = None) -> jax.Array:
+                 task_ids_BxL: jax.Array | None = None,
+                 task_features_TxD: jax.Array | None = None) -> jax.Array:
         drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-        h = MultiHeadSelfAttention(self.num_heads, self.dtype, name="attention")(
-            layer_norm("ln_attention", self.dtype)(x_BxLxD), key_mask_BxL)
+
+        def norm(name):
+            normed = layer_norm(f"ln_{name}", self.dtype)(x_BxLxD)
+            if self.film:
+                normed = TaskFiLM(self.dtype, name=f"film_{name}")(normed, task_ids_BxL, task_features_TxD)
+            return normed
+        h = MultiHeadSelfAttention(self.num_heads, self.dtype, name="attention")(norm("attention"),
+                                                                                key_mask_BxL)
         x_BxLxD = constrain(x_BxLxD + drop(h))
-        normed = layer_norm("ln_mlp", self.dtype)(x_BxLxD)
+        normed = norm("mlp")
         if self.ffn == "dense":
             h = FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(normed, train)
         elif self.ffn == "task_moe":

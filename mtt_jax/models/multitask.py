@@ -50,6 +50,7 @@ class MultiTaskTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     ffn: str = "dense"               # or "task_moe": task-gated MoE feed-forward (`mtt_jax.models.moe`)
     num_experts: int = 4
+    film: bool = False               # task-conditioned LayerNorms in every block (needs task_encoder)
 
     def setup(self):
         if self.input_spec.kind == "image":
@@ -62,8 +63,11 @@ class MultiTaskTransformer(nn.Module):
         self.positions = PositionalEncoding(self.positional, max_length)
         if self.task_encoder:
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
+        elif self.film:
+            raise ValueError("film=True conditions the blocks on the task encoder's features; "
+                             "set task_encoder=True")
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
-                           self.dtype, self.ffn, self.num_experts, len(self.tasks))
+                           self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film)
         if self.task_attention == "cross":
             kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                           dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -110,12 +114,18 @@ class MultiTaskTransformer(nn.Module):
         """
         token_mask_BxL = tokens_BxL != 0
         x_BxLxD = self.positions(self.embed(tokens_BxL))
+        features_TxD = self.task_features() if self.task_encoder else None
         if self.task_encoder:
-            x_BxLxD = x_BxLxD + self.task_features()[task_index].astype(x_BxLxD.dtype)
+            x_BxLxD = x_BxLxD + features_TxD[task_index].astype(x_BxLxD.dtype)
         task_ids_BxL = None
-        if self.ffn == "task_moe":
+        if self._needs_task_ids:
             task_ids_BxL = jnp.full(tokens_BxL.shape, task_index, jnp.int32)
-        return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL)
+        return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL, features_TxD)
+
+    @property
+    def _needs_task_ids(self) -> bool:
+        """Whether the blocks read the task of each position (the task-gated MoE FFN, FiLM)."""
+        return self.ffn == "task_moe" or self.film
 
     def _encode_single(self, inputs: jax.Array, train: bool) -> jax.Array:
         """One shared sequence per example (image patches or feature chunks); each task's stream is its
@@ -123,13 +133,14 @@ class MultiTaskTransformer(nn.Module):
         num_tasks = len(self.tasks)
         x_BxNxD = self.positions(self.embed(inputs))
         if self.task_encoder:
-            x_BxLxD = prepend_task_tokens(x_BxNxD, self.task_features())
+            features_TxD = self.task_features()
+            x_BxLxD = prepend_task_tokens(x_BxNxD, features_TxD)
             task_ids_BxL = None
-            if self.ffn == "task_moe":  # task token t belongs to task t; patches to none (-1)
+            if self._needs_task_ids:  # task token t belongs to task t; patches to none (-1)
                 ids_L = jnp.concatenate([jnp.arange(num_tasks, dtype=jnp.int32),
                                          jnp.full((x_BxNxD.shape[1],), -1, jnp.int32)])
                 task_ids_BxL = jnp.broadcast_to(ids_L, x_BxLxD.shape[:2])
-            return self.trunk(x_BxLxD, None, train, task_ids_BxL)[:, :num_tasks]
+            return self.trunk(x_BxLxD, None, train, task_ids_BxL, features_TxD)[:, :num_tasks]
         pooled_BxD = self.trunk(x_BxNxD, None, train).mean(axis=1)
         return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
 
@@ -138,15 +149,16 @@ class MultiTaskTransformer(nn.Module):
         num_tasks, batch, length = tokens_TxBxL.shape
         token_mask_TxBxL = tokens_TxBxL != 0
         x_TxBxLxD = self.positions(self.embed(tokens_TxBxL))
+        features_TxD = self.task_features() if self.task_encoder else None
         if self.task_encoder:
-            x_TxBxLxD = add_task_features(x_TxBxLxD, self.task_features())
+            x_TxBxLxD = add_task_features(x_TxBxLxD, features_TxD)
         flat_mask = token_mask_TxBxL.reshape(num_tasks * batch, length)
         task_ids = None
-        if self.ffn == "task_moe":
+        if self._needs_task_ids:
             task_ids = jnp.broadcast_to(jnp.arange(num_tasks, dtype=jnp.int32)[:, None, None],
                                         (num_tasks, batch, length)).reshape(num_tasks * batch, length)
         x = self.trunk(x_TxBxLxD.reshape(num_tasks * batch, length, self.d_model), flat_mask, train,
-                       task_ids)
+                       task_ids, features_TxD)
         x_TxBxLxD = nn.with_logical_constraint(x.reshape(num_tasks, batch, length, self.d_model),
                                                ("task", "batch", "length", "embed"))
         return x_TxBxLxD, token_mask_TxBxL
@@ -166,4 +178,5 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, memory_tokens=m.memory_tokens, remat=m.remat,
-        dtype=dtype, ffn=m.get("ffn", "dense"), num_experts=m.get("num_experts", 4))
+        dtype=dtype, ffn=m.get("ffn", "dense"), num_experts=m.get("num_experts", 4),
+        film=m.get("film", False))

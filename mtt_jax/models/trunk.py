@@ -110,17 +110,21 @@ class Trunk(nn.Module):
     ffn: str = "dense"        # or "task_moe" (`mtt_jax.models.moe`)
     num_experts: int = 4
     num_tasks: int = 0
+    film: bool = False        # task-conditioned LayerNorms (`mtt_jax.models.layers.TaskFiLM`)
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
-                 task_ids_BxL: jax.Array | None = None) -> jax.Array:
-        """``task_ids_BxL``: the task of each position (-1: none), read by the task-gated MoE FFN only."""
+                 task_ids_BxL: jax.Array | None = None,
+                 task_features_TxD: jax.Array | None = None) -> jax.Array:
+        """``task_ids_BxL``: the task of each position (-1: none), read by the task-gated MoE FFN and
+        FiLM; ``task_features_TxD``: the task encoder's features, read by FiLM."""
         block_cls = EncoderBlock
         if REMAT_POLICIES[self.remat] is not None:
             block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
         x_BxLxD = nn.Dropout(self.dropout_rate)(constrain(x_BxLxD), deterministic=not train)
         for i in range(self.num_layers):
             x_BxLxD = block_cls(self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, self.ffn,
-                                self.num_experts, self.num_tasks,
-                                name=f"block_{i}")(x_BxLxD, key_mask_BxL, train, task_ids_BxL)
+                                self.num_experts, self.num_tasks, self.film,
+                                name=f"block_{i}")(x_BxLxD, key_mask_BxL, train, task_ids_BxL,
+                                                   task_features_TxD)
         return layer_norm("ln_final", self.dtype)(x_BxLxD)
