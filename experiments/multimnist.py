@@ -18,8 +18,8 @@ orderings are what can be compared. ``--source multimnist`` switches to the TFDS
 (`configs/multimnist.py`: 28x28, patch 4) and needs ``tfds build mnist``; it was not run here.
 
 Cost (multidigits). full: 9 models x 5 seeds x 1500 steps (d_model 64, 2 layers, batch 128): about
-45-55 minutes on 2 CPU cores (3081 s measured). ``--quick``: 3 seeds x 500 steps (d_model 32, 1 layer, batch 64): about
-2-3 minutes.
+45-55 minutes on 2 CPU cores (3081 s measured). ``--quick``: 3 seeds x 500 steps (d_model 32, 1 layer,
+batch 64): about 2-3 minutes.
 """
 
 from __future__ import annotations
