@@ -3,6 +3,7 @@
     python -m mtt_jax.benchmark --config configs/benchmark.py
     python -m mtt_jax.benchmark --config configs/benchmark.py:tasks8 --methods ew,mgda,pcgrad,cagrad
     python -m mtt_jax.benchmark --config configs/default.py --meshes 8x1x1,1x8x1 --dtypes float32,bfloat16
+    python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports the median step time, examples/s, tokens/s,
@@ -34,6 +35,8 @@ _GRAD_ACCUMS = flags.DEFINE_list("grad_accums", [], "Microbatches per step to co
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first variant into this directory "
+                               "and print its XLA op times by source op (`mtt_jax.profiling`).")
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
                                   "with this many examples per split (0: real data).")
 flags.mark_flags_as_required(["config"])
@@ -252,8 +255,8 @@ def main(argv) -> None:
     compiled = []
     for variant in all_variants:
         compiled.append(Variant(variant))
-        print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps}: {compiled[-1].compile_seconds:.1f} s",
-              flush=True)
+        print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps}: "
+              f"{compiled[-1].compile_seconds:.1f} s", flush=True)
     # Interleaved rounds: every variant sees the same machine conditions.
     for _ in range(_STEPS.value):
         for variant in compiled:
@@ -263,6 +266,14 @@ def main(argv) -> None:
         print(f"peak after the timed steps: best {peak / 1e12:.3f} TFLOP/s", flush=True)
     results = [v.result(peak, _LOOP.value, _STEPS.value) for v in compiled]
     print(format_table(results))
+    if _PROFILE.value:
+        from mtt_jax import profiling
+        first = compiled[0]
+        rows = profiling.op_times(lambda: [first.step() for _ in range(3)], 3, _PROFILE.value,
+                                 first.compiled.as_text())
+        print(f"\nXLA op time by source op, {first.config.weighting.name} {first.config.dtype} "
+              f"(trace in {_PROFILE.value}):")
+        print(profiling.format_op_table(rows))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "devices": jax.device_count(),

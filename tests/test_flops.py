@@ -52,8 +52,8 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(
         [sys.executable, "-m", "mtt_jax.benchmark", "--config=configs/default.py:tiny", "--steps=2",
-         "--grad_accums=1,2", f"--out={out}"], cwd=root, env=env, capture_output=True, text=True,
-        timeout=300)
+         "--grad_accums=1,2", f"--out={out}", f"--profile={tmp_path / 'trace'}"], cwd=root, env=env,
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["peak_source"].startswith("measured") and report["peak_flops_per_device"] > 1e9
@@ -64,3 +64,18 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
         assert 0 < r["mfu"] < 1.5 and r["step_ms"] > 0
         assert abs(r["achieved_tflops_per_s"] * 1e12 / report["peak_flops_per_device"] - r["mfu"]) < 1e-6
     assert "| accum |" in result.stdout
+    profile = result.stdout.split("XLA op time by source op")[1]
+    assert "trunk/block_*/" in profile and "dot_general |" in profile and "% |" in profile
+
+
+def test_source_labels_fold_layers_and_mark_the_pass():
+    from mtt_jax.profiling import instruction_labels, source_label
+    name = ("jit(train_step)/while/body/closed_call/transpose(jvp(MultiTaskTransformer))/"
+            "MultiTaskTransformer.encode/trunk/block_3/mlp/wo/dot_general")
+    assert source_label(name) == "bwd trunk/block_*/mlp/wo/dot_general"
+    assert source_label("jit(f)/jvp(M)/M.encode/trunk/block_0/ln_mlp/reduce_sum") == \
+        "fwd trunk/block_*/ln_mlp/reduce_sum"
+    hlo = ('  %fusion.7 = f32[8,4]{1,0} fusion(%p.1), kind=kLoop, metadata={op_name="' + name + '"}\n'
+           '  ROOT %copy.2 = f32[8]{0} copy(%p.2)\n')
+    assert instruction_labels(hlo) == {"fusion.7": "bwd trunk/block_*/mlp/wo/dot_general",
+                                       "copy.2": "(no source op)"}

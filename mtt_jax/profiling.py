@@ -1,0 +1,85 @@
+"""Where a compiled step spends its time: XLA op times from a `jax.profiler` trace, by source op.
+
+``python -m mtt_jax.benchmark --config ... --profile DIR`` runs a few steps of the first variant under
+`jax.profiler.trace` (the trace in DIR opens in TensorBoard's profile plugin / XProf), reads it back with
+`jax.profiler.ProfileData` and sums the events whose name is an instruction of the compiled HLO. Each
+instruction is labelled with the JAX operation that produced it (its ``op_name`` metadata), with the
+layer index folded (``block_*``) and the pass marked (``fwd`` / ``bwd``: under ``transpose(...)``), so a
+table of a few rows says which part of the model dominates. On XLA:CPU every instruction (thunk) is one
+event; GPU kernels carry other names, and there the trace itself is the place to look.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+from typing import Callable
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$", re.M)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    label: str            # e.g. "bwd trunk/block_*/mlp/wo/dot_general"
+    ms_per_step: float
+    share: float          # of the summed op time
+    count: int            # HLO instructions folded into this row
+
+
+def source_label(op_name: str) -> str:
+    """``jit(train_step)/.../transpose(jvp(M))/M.encode/trunk/block_3/mlp/wo/dot_general`` ->
+    ``bwd trunk/block_*/mlp/wo/dot_general``."""
+    if not op_name:
+        return "(no source op)"
+    direction = "bwd" if "transpose(" in op_name else "fwd"
+    parts = [p for p in op_name.split("/") if p and "(" not in p and "." not in p and p not in _WRAPPERS]
+    path = "/".join(parts[-5:]) if parts else op_name.rsplit("/", 1)[-1]
+    return f"{direction} {re.sub(r'block_[0-9]+', 'block_*', path)}"
+
+
+def instruction_labels(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> `source_label` of its op_name."""
+    labels = {}
+    for m in _INSTRUCTION.finditer(hlo_text):
+        op_name = _OP_NAME.search(m.group(2))
+        labels[m.group(1)] = source_label(op_name.group(1) if op_name else "")
+    return labels
+
+
+def op_times(run_steps: Callable[[], None], num_steps: int, trace_dir: str,
+             hlo_text: str) -> list[OpTime]:
+    """Traces ``run_steps()`` (which runs ``num_steps`` steps) and returns rows by source op."""
+    import jax
+    with jax.profiler.trace(trace_dir):
+        run_steps()
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+    labels = instruction_labels(hlo_text)
+    nanoseconds, counts = collections.Counter(), collections.defaultdict(set)
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in labels:
+                    nanoseconds[labels[event.name]] += event.duration_ns
+                    counts[labels[event.name]].add(event.name)
+    total = sum(nanoseconds.values())
+    return [OpTime(label, ns / 1e6 / num_steps, ns / total, len(counts[label]))
+            for label, ns in nanoseconds.most_common()]
+
+
+def format_op_table(rows: list[OpTime], top: int = 20) -> str:
+    if not rows:
+        return ("no XLA op events matched the compiled HLO (on GPU/TPU, open the trace directory in "
+                "TensorBoard's profile plugin)")
+    lines = ["| source op | op ms / step (summed over threads) | share | HLO ops |", "|---|---|---|---|"]
+    lines += [f"| {r.label} | {r.ms_per_step:.1f} | {100 * r.share:.1f}% | {r.count} |" for r in rows[:top]]
+    rest = rows[top:]
+    if rest:
+        lines.append(f"| ({len(rest)} more) | {sum(r.ms_per_step for r in rest):.1f} | "
+                     f"{100 * sum(r.share for r in rest):.1f}% | {sum(r.count for r in rest)} |")
+    return "\n".join(lines)
