@@ -269,8 +269,7 @@ def main(argv) -> None:
     if _PROFILE.value:
         from mtt_jax import profiling
         first = compiled[0]
-        rows = profiling.op_times(lambda: [first.step() for _ in range(3)], 3, _PROFILE.value,
-                                 first.compiled.as_text())
+        rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
         print(f"\nXLA op time by source op, {first.config.weighting.name} {first.config.dtype} "
               f"(trace in {_PROFILE.value}):")
         print(profiling.format_op_table(rows))

@@ -51,12 +51,12 @@ def instruction_labels(hlo_text: str) -> dict[str, str]:
     return labels
 
 
-def op_times(run_steps: Callable[[], None], num_steps: int, trace_dir: str,
-             hlo_text: str) -> list[OpTime]:
-    """Traces ``run_steps()`` (which runs ``num_steps`` steps) and returns rows by source op."""
+def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text: str) -> list[OpTime]:
+    """Traces ``num_steps`` calls of ``step()`` and returns rows by source op, per step."""
     import jax
     with jax.profiler.trace(trace_dir):
-        run_steps()
+        for _ in range(num_steps):
+            step()
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
     labels = instruction_labels(hlo_text)
