@@ -25,6 +25,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "multidigits"
     c.data.options = ml_collections.ConfigDict()   # source keyword options, e.g. jitter
+    # Flat mixture batches (multi-input sources: glue, seqtasks; DESIGN §3): batch_size rows per step,
+    # each from one task drawn by the mixing rates (mtt_jax.data.mixtures), for loss-based methods.
+    c.data.mixture = ml_collections.ConfigDict()
+    c.data.mixture.method = ""            # "" (off: one sub-batch per task), proportional, temperature,
+    #                                       uniform or explicit
+    c.data.mixture.temperature = 1.0      # temperature: rates ~ min(N_t, maximum) ** (1 / temperature)
+    c.data.mixture.maximum = 0.0          # temperature: cap on N_t (0: none)
+    c.data.mixture.rates = ()             # explicit: one rate per task
 
     c.model = ml_collections.ConfigDict()
     c.model.num_layers = 2

@@ -5,7 +5,9 @@
 Default tasks (mtt_jax.data.seqtasks): ``majority`` (4-way classification), ``majority_parity`` (binary,
 a function of majority), ``mean_value`` (regression) and ``repeat_tag`` (token tagging). Four more are
 available (``first_group``, ``max_value``, ``distinct_count``, ``last_group_tag``); the ``all8``
-variant trains all eight.
+variant trains all eight. ``mixture``: the same four tasks from flat mixture batches (uniform rates,
+128 rows per step, the rows of the default's four sub-batches of 32), e.g.
+``--config.data.mixture.method=explicit --config.data.mixture.rates=(4,1,1,1)``.
 """
 
 from configs.default import base_config
@@ -24,10 +26,14 @@ def get_config(variant: str = ""):
     c.model.positional = "sinusoidal"
     if variant == "all8":
         c.tasks = c.tasks + ("first_group", "max_value", "distinct_count", "last_group_tag")
+    elif variant == "mixture":
+        c.data.mixture.method = "uniform"
+        c.batch_size = 32 * len(c.tasks)   # rows of the flat batch
+        c.weighting.diagnostics_every = 0  # flat batches give no per-task gradients
     elif variant == "tiny":
         c.total_steps, c.batch_size, c.eval_every, c.log_every = 20, 8, 10, 5
         c.data.options.num_eval_examples = 32
         c.model.num_layers, c.model.d_model, c.model.mlp_dim = 1, 32, 64
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/seqtasks.py; choose '', 'all8' or 'tiny'")
+        raise ValueError(f"unknown variant {variant!r} of configs/seqtasks.py; choose '', 'all8', 'mixture' or 'tiny'")
     return c

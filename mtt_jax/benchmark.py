@@ -104,7 +104,7 @@ class Variant:
                                            config.weighting.get("diagnostics_every", 0),
                                            config.get("grad_accum_unroll", 1))
         self.state = setup.create_state()
-        self.batch = sharding.shard_batch(setup.source.train_batch(0, config.batch_size),
+        self.batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
                                           setup.batch_shardings, setup.layout)
         start = time.perf_counter()
         self.compiled = step_fn.lower(self.state, self.batch).compile()
@@ -158,7 +158,8 @@ def host_batch_seconds(config, setup, repeats: int = 20) -> float:
     step = iter(range(1000, 1000 + 10 * repeats))
 
     def build():
-        batch = setup.source.train_batch(next(step), config.batch_size, shard=sharding.process_shard())
+        batch = setup.train_source.train_batch(next(step), config.batch_size,
+                                               shard=sharding.process_shard())
         import jax
         jax.block_until_ready(sharding.shard_local_batch(batch, setup.batch_shardings, setup.layout))
     build()

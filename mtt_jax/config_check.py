@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from mtt_jax import data, sharding, tasks as tasks_lib, weighting
+from mtt_jax.data import mixtures
 from mtt_jax.models import TASK_ATTENTION
 from mtt_jax.models.trunk import REMAT_POLICIES
 
@@ -43,6 +44,7 @@ def validate(config, num_devices: int) -> None:
     _check_tasks(config)
     _check_model(config)
     _check_weighting(config)
+    _check_mixture(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
     requested = config.mesh.get("num_devices", -1)
@@ -81,6 +83,35 @@ def _check_tasks(config) -> None:
     for name in names:
         if layout == "single" and tasks_lib.get(name).kind == "tagging":
             raise ConfigError(f"task {name!r} is token tagging, which needs the multi-input layout")
+
+
+def _check_mixture(config) -> None:
+    mixture = config.data.get("mixture")
+    if not mixture or not mixture.method:
+        return
+    _choice("data.mixture.method", mixture.method, ("",) + mixtures.METHODS)
+    source = data.SOURCES[config.data.source]
+    if source.layout != "multi" or not hasattr(source, "flat_batch"):
+        flat = [name for name, s in data.SOURCES.items() if hasattr(s, "flat_batch")]
+        raise ConfigError(f"data.mixture.method={mixture.method!r}: data.source={config.data.source!r} "
+                          f"cannot serve flat mixture batches; sources that can: {', '.join(sorted(flat))}")
+    if mixtures.needs_sizes(mixture.method) and not hasattr(source, "num_train_examples"):
+        raise ConfigError(f"data.mixture.method={mixture.method!r} needs the tasks' train sizes, and "
+                          f"{config.data.source} generates its data; use uniform or explicit")
+    if mixture.method == "temperature" and not mixture.get("temperature", 1.0) > 0:
+        raise ConfigError(f"data.mixture.temperature={mixture.temperature} must be > 0")
+    if mixture.method == "explicit":
+        rates = tuple(mixture.get("rates", ()))
+        if len(rates) != len(config.tasks) or any(r < 0 for r in rates) or not sum(rates) > 0:
+            raise ConfigError(f"data.mixture.rates={rates} must give one non-negative rate per task "
+                              f"({len(config.tasks)}), not all 0")
+    method = weighting.make_method(config.weighting, len(config.tasks))
+    if method.requires != "losses":
+        raise ConfigError(f"weighting.name={config.weighting.name!r} needs per-task gradients, which flat "
+                          "mixture batches do not give; use a loss-based method or data.mixture.method=''")
+    if config.weighting.get("diagnostics_every", 0) or (config.get("affinity") and config.affinity.every):
+        raise ConfigError("flat mixture batches (data.mixture.method) give no per-task gradients: set "
+                          "weighting.diagnostics_every=0 and affinity.every=0")
 
 
 def _check_model(config) -> None:

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from mtt_jax import affinity, checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
 from mtt_jax import weighting, workdir as workdir_lib
+from mtt_jax.data import mixtures
 from mtt_jax.models import build_model
 from mtt_jax.prefetch import prefetch
 from mtt_jax.writers import MetricWriter, Progress
@@ -38,9 +39,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class Setup:
-    """What a config builds before the first step: data, mesh, model, method, optimizer, shardings."""
+    """What a config builds before the first step: data, mesh, model, method, optimizer, shardings.
+
+    ``source`` serves the eval set (and, without a mixture, the train batches); ``train_source`` serves
+    the train batches: the source itself, or its flat mixture (``data.mixture.method``).
+    """
     tasks: tuple
     source: data.Source
+    train_source: Any
     mesh: jax.sharding.Mesh
     rules: tuple
     model: nn.Module
@@ -54,7 +60,8 @@ class Setup:
 
     @property
     def layout(self) -> str:
-        return self.source.layout
+        """Of the train batches: "single", "multi" or "flat" (eval batches: ``source.layout``)."""
+        return self.train_source.layout
 
     def create_state(self) -> steps.TrainState:
         """The initial state, created directly sharded (no host copy of the full parameters)."""
@@ -68,6 +75,9 @@ def build(config) -> Setup:
     tasks = tuple(tasks_lib.get(name) for name in config.tasks)
     source = data.make_source(config.data.source, config.tasks, seed=config.seed,
                               **dict(config.data.get("options", {})))
+    train_source = source
+    if config.data.get("mixture") and config.data.mixture.method:
+        train_source = mixtures.FlatMixture(source, mixtures.rates_for(source, config.data.mixture))
 
     # --- Mesh -----------------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -84,10 +94,11 @@ def build(config) -> Setup:
     init = lambda rng: steps.init_state(rng, model, method, tx, jnp.asarray(sample_batch["inputs"]))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
-    return Setup(tasks=tasks, source=source, mesh=mesh, rules=rules, model=model, method=method, tx=tx,
+    return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules, model=model, method=method, tx=tx,
                  init=init, abstract_state=abstract_state,
                  state_shardings=sharding.tree_shardings(abstract_state, mesh, rules),
-                 batch_shardings=sharding.batch_shardings(sample_batch, mesh, source.layout),
+                 batch_shardings=sharding.batch_shardings(
+                     train_source.train_batch(0, config.batch_size), mesh, train_source.layout),
                  seed=config.seed)
 
 
@@ -108,7 +119,7 @@ def train_batches(setup: Setup, config, first_step: int, last_step: int):
     """``(step, device batch)`` for the steps in ``[first_step, last_step)``, built ahead on a host
     thread; each process builds only its rows."""
     make_batch = lambda step: sharding.shard_local_batch(
-        setup.source.train_batch(step, config.batch_size, shard=sharding.process_shard()),
+        setup.train_source.train_batch(step, config.batch_size, shard=sharding.process_shard()),
         setup.batch_shardings, setup.layout)
     return prefetch(make_batch, first_step, last_step, config.get("prefetch", 2))
 
@@ -132,7 +143,8 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     resuming = workdir_lib.prepare(workdir, config, overwrite)
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
-    tasks, source, mesh, rules, layout = setup.tasks, setup.source, setup.mesh, setup.rules, setup.layout
+    tasks, source, mesh, rules = setup.tasks, setup.source, setup.mesh, setup.rules
+    layout = source.layout  # of the eval batches (the train batches may be a flat mixture)
     schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
 
     def learning_rate(step: int) -> float:

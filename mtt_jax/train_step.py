@@ -100,13 +100,28 @@ def token_mask(spec: TaskSpec, inputs: jax.Array, task_index: int, layout: str) 
 
 
 def task_losses(tasks: Sequence[TaskSpec], outputs: dict, batch: dict, layout: str) -> jax.Array:
-    """The masked mean loss of each task, ``[T]`` in f32."""
+    """The masked mean loss of each task, ``[T]`` in f32.
+
+    In a flat mixture batch each task's mean is scaled by its share of the batch's rows, so that the
+    losses sum to the batch's mean example loss: with equal weights that is the mixture objective of
+    T5/seqio (tasks weigh by their mixing rates), and weighting methods reweigh the shares.
+    """
     losses = []
     for i, spec in enumerate(tasks):
         loss_sum, count = tasks_lib.example_losses(spec, outputs[spec.name], batch["labels"][spec.name],
                                                    token_mask(spec, batch["inputs"], i, layout))
         losses.append(tasks_lib.masked_mean(loss_sum, count, batch["mask"][spec.name]))
-    return jnp.stack(losses)
+    losses_T = jnp.stack(losses)
+    if layout == "flat":
+        rows_T = jnp.stack([batch["mask"][spec.name].sum() for spec in tasks]).astype(jnp.float32)
+        losses_T = losses_T * rows_T / jnp.maximum(rows_T.sum(), 1.0)
+    return losses_T
+
+
+def apply_model(model: nn.Module, params: PyTree, batch: dict, train: bool, rngs: dict | None = None):
+    """``model.apply`` on a batch's inputs (and its rows' tasks, in a flat mixture batch)."""
+    flat = {"task_id": batch["task_id"]} if "task_id" in batch else {}
+    return model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs, **flat)
 
 
 def microbatches(batch: dict, layout: str, num_micro: int) -> dict:
@@ -162,8 +177,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Seque
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if method.needs_losses_after_step:  # FAMO: the same batch's losses after the update
-        outputs, _ = model.apply({"params": params["model"]}, batch["inputs"], train=True,
-                                 rngs={"dropout": dropout_rng})
+        outputs, _ = apply_model(model, params["model"], batch, True, {"dropout": dropout_rng})
         weighting_state = method.after_step(weighting_state, losses_T, loss_fn(outputs, batch))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -185,8 +199,7 @@ def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method
                        grad_accum_steps, grad_accum_unroll=1):
     """Gradient of the method's combined loss, over microbatches when asked."""
     def objective(params, micro_batch, rng):
-        outputs, aux = model.apply({"params": params["model"]}, micro_batch["inputs"], train=True,
-                                   rngs={"dropout": rng})
+        outputs, aux = apply_model(model, params["model"], micro_batch, True, {"dropout": rng})
         losses_T = loss_fn(outputs, micro_batch)
         total, weights_T, weighting_state = method.combine(
             params["weighting"], state.weighting_state, losses_T, state.step, method_rng)
@@ -270,7 +283,7 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],
               layout: str) -> dict:
     """Predictions for host-side metrics, per-task loss sums and counts, and the task-attention map."""
-    outputs, aux = model.apply({"params": state.params["model"]}, batch["inputs"], train=False)
+    outputs, aux = apply_model(model, state.params["model"], batch, False)
     loss_sums, counts = [], []
     for i, spec in enumerate(tasks):
         loss_sum, count = tasks_lib.example_losses(spec, outputs[spec.name], batch["labels"][spec.name],

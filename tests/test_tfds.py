@@ -144,9 +144,12 @@ def test_glue_with_a_sentencepiece_model(tmp_path, data_dir):
 def test_glue_flat_batch_rows_come_from_their_tasks(glue_source):
     flat = glue_source.flat_batch(step=2, batch_size=18, rates=[1.0] * 9)
     assert flat["inputs"].shape == (18, 48) and np.bincount(flat["task_id"], minlength=9).tolist() == [2] * 9
-    for row, t in zip(flat["inputs"], flat["task_id"]):
-        tokens = glue_source.train[GLUE_TASKS[t]][0]
-        assert any(np.array_equal(row, candidate) for candidate in tokens)
+    for i, (row, t) in enumerate(zip(flat["inputs"], flat["task_id"])):
+        task = GLUE_TASKS[t]
+        tokens, labels = glue_source.train[task]
+        matches = [j for j, candidate in enumerate(tokens) if np.array_equal(row, candidate)]
+        assert matches and flat["labels"][task][i] in labels[matches]
+        assert [flat["mask"][name][i] for name in GLUE_TASKS] == [float(name == task) for name in GLUE_TASKS]
 
 
 def test_labels_that_do_not_fit_the_task_raise_one_line(tmp_path):

@@ -158,21 +158,16 @@ class Glue(base.Source):
 
     def flat_batch(self, step: int, batch_size: int, rates: Sequence[float],
                    shard: base.Shard = base.FULL) -> dict:
-        """A flat mixture batch (DESIGN §3): ``inputs [B, L]``, ``task_id [B]`` (index into
-        ``task_names``), ``labels f32[B]`` (class id or standardized score of the row's task).
-
-        Tasks are drawn with ``rates`` (``mixtures.mixing_rates``); a task's examples cycle through
-        passes over its train split (``mixtures.sample_examples``).
-        """
+        """A flat mixture batch (DESIGN §3; format in `mixtures`): rows drawn with ``rates``
+        (``mixtures.mixing_rates``), a task's examples cycling through passes over its train split
+        (``mixtures.sample_examples``)."""
         sizes = [len(self.train[task][1]) for task in self.task_names]
         task_id, example = mixtures.sample_examples(rates, sizes, step, self.seed, batch_size, shard)
-        inputs = np.zeros((len(task_id), self.max_length), np.int32)
-        labels = np.zeros(len(task_id), np.float32)
-        for t, task in enumerate(self.task_names):
-            at = task_id == t
-            tokens, task_labels = self.train[task]
-            inputs[at], labels[at] = tokens[example[at]], task_labels[example[at]]
-        return {"inputs": inputs, "task_id": task_id, "labels": labels}
+
+        def example_of(t, rows):
+            tokens, labels = self.train[self.task_names[t]]
+            return tokens[example[rows]], labels[example[rows]]
+        return mixtures.flat_rows(task_id, self.task_names, example_of, (self.max_length,), np.int32)
 
     def _load(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         """``(token ids [N, max_length], labels [N])`` of one split, from the cache or from TFDS."""

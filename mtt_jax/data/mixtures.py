@@ -24,12 +24,18 @@ task's ``N_t`` examples (``base.epoch_indices``: pass ``c // N_t`` is a fresh pe
 task repeats its data instead of ending the mixture. Because every step's per-task counts are a
 function of ``u_s`` alone, ``c`` is computed in closed form from one period's table: the whole thing is
 a pure function of ``(seed, step)``, whatever the number of processes.
+
+Training on mixtures (``data.mixture.method`` in a config): `FlatMixture` serves a multi-input source's
+train batches as flat batches (layout ``"flat"``): ``inputs [B, ...]``, ``task_id int32[B]`` (index into
+the source's ``task_names``), ``labels {task: [B, ...]}`` (zeros on other tasks' rows) and ``mask {task:
+f32[B]}`` (1 on the task's rows). The source implements ``flat_batch(step, batch_size, rates, shard)``
+and, for ``proportional`` and ``temperature``, ``num_train_examples``. Eval stays multi-input.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -144,3 +150,57 @@ def sample_examples(rates: Sequence[float], num_examples: Sequence[int], step: i
         example[at[keep] - rows.start] = base.epoch_indices(
             (_MIXTURE_STREAM, seed, int(t)), int(num_examples[t]), draw[keep])
     return task_id[rows], example
+
+
+def needs_sizes(method: str) -> bool:
+    return method in ("proportional", "temperature")
+
+
+def rates_for(source, mixture_config) -> np.ndarray:
+    """Normalized rates of ``source``'s tasks from a config's ``data.mixture`` (method, temperature,
+    maximum (0: no cap), rates)."""
+    method = mixture_config.method
+    sizes = getattr(source, "num_train_examples", None)
+    if needs_sizes(method):
+        if sizes is None:
+            raise ValueError(f"data.mixture.method={method!r} needs the tasks' train sizes, and source "
+                             f"{source.name!r} has none (it generates its data); use uniform or explicit")
+        sizes = [sizes[task] for task in source.task_names]
+    else:
+        sizes = [1] * len(source.task_names)
+    return mixing_rates(sizes, method, temperature=float(mixture_config.get("temperature", 1.0)),
+                        maximum=float(mixture_config.get("maximum", 0.0)) or None,
+                        rates=tuple(mixture_config.get("rates", ())) or None)
+
+
+def flat_rows(task_id: np.ndarray, task_names: Sequence[str],
+              example_of: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]],
+              input_shape: tuple[int, ...], input_dtype) -> dict:
+    """Assembles a flat batch: ``example_of(t, rows)`` returns ``(inputs, labels)`` of task t for the
+    given rows (positions in the batch) of task t."""
+    inputs = np.zeros((len(task_id),) + tuple(input_shape), input_dtype)
+    labels, mask = {}, {}
+    for t, task in enumerate(task_names):
+        rows = np.flatnonzero(task_id == t)
+        task_inputs, task_labels = example_of(t, rows)
+        inputs[rows] = task_inputs
+        labels[task] = np.zeros((len(task_id),) + task_labels.shape[1:], task_labels.dtype)
+        labels[task][rows] = task_labels
+        mask[task] = (task_id == t).astype(np.float32)
+    return {"inputs": inputs, "task_id": task_id.astype(np.int32), "labels": labels, "mask": mask}
+
+
+class FlatMixture:
+    """A multi-input source's train batches as flat mixtures with fixed ``rates`` (layout "flat")."""
+
+    layout = "flat"
+
+    def __init__(self, source, rates: Sequence[float]):
+        if source.layout != "multi" or not hasattr(source, "flat_batch"):
+            raise ValueError(f"data source {source.name!r} cannot serve flat mixture batches (they need a "
+                             "multi-input source with flat_batch: glue, seqtasks)")
+        self.source, self.rates = source, normalize(rates)
+        self.name, self.task_names, self.input_spec = source.name, source.task_names, source.input_spec
+
+    def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
+        return self.source.flat_batch(step, batch_size, self.rates, shard)

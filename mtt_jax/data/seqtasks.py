@@ -55,7 +55,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mtt_jax.data import base
+from mtt_jax.data import base, mixtures
 
 VOCAB_SIZE = 32
 PAD_ID = 0
@@ -64,6 +64,7 @@ NUM_VALUES = (VOCAB_SIZE - 1) // NUM_GROUPS  # 7: values 0..6 exist in every gro
 DOMINANT_GROUP_PROBABILITY = 0.4
 TASK_NAMES = ("majority", "majority_parity", "mean_value", "repeat_tag",  # order is fixed: it keys
               "first_group", "max_value", "distinct_count", "last_group_tag")  # each task's stream
+_FLAT_KEY = 1000  # the train stream of flat mixture batches (task streams are keyed 0..7)
 _EVAL_KEY = 2024  # fixed: the eval set never depends on the run seed
 
 
@@ -196,6 +197,20 @@ class SeqTasks(base.Source):
             lambda task_key: base.train_rng(self.seed, step, task_key), batch_size, rows)
         return {"inputs": inputs_TxBxL, "labels": labels,
                 "mask": {task: np.ones(rows.stop - rows.start, np.float32) for task in self.task_names}}
+
+    def flat_batch(self, step: int, batch_size: int, rates: Sequence[float],
+                   shard: base.Shard = base.FULL) -> dict:
+        """A flat mixture batch (DESIGN §3; format in `mixtures`): row tasks drawn with ``rates``
+        (``mixtures.sample_task_ids``), sequences from the step's flat stream (the data are generated,
+        so there are no sizes to cycle through)."""
+        rows = base.shard_rows(batch_size, shard)
+        task_id = mixtures.sample_task_ids(rates, step, self.seed, batch_size, shard)
+        tokens_NxL = sample_sequences(base.train_rng(self.seed, step, _FLAT_KEY), batch_size,
+                                      self.length)[rows]
+        labels = label_sequences(tokens_NxL)
+        return mixtures.flat_rows(task_id, self.task_names,
+                                  lambda t, at: (tokens_NxL[at], labels[self.task_names[t]][at]),
+                                  (self.length,), np.int32)
 
     def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
         part = base.shard_rows(batch_size, shard)

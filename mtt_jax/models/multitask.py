@@ -3,8 +3,14 @@
 The forward pass is split in two so that tests and diagnostics can act on the task streams directly:
 
 - `encode`: inputs -> task streams. single-input: ``streams_BxTxD`` (one vector per task and example);
-  multi-input: ``(x_TxBxLxD, token_mask_TxBxL)`` (every position of every task's examples).
+  multi-input: ``(x_TxBxLxD, token_mask_TxBxL)`` (every position of every task's examples); a flat
+  mixture batch of the multi-input model (``task_id`` given, DESIGN §3): ``(x_BxLxD, token_mask_BxL,
+  task_id_B)``, each row with its own task's features, as in `encode_task`.
 - `decode`: task streams -> task attention (optional) -> per-task heads.
+
+The multi-input and flat forms share every parameter, so a model trained on flat mixtures is scored on
+the multi-input eval batches, and row i of a flat batch gets exactly what slice ``task_id[i]`` of the
+multi-input forward gives its example (tested).
 
 ``task_attention = "none"`` is the hard-parameter-sharing baseline: task i's outputs then depend on task
 i's stream only.
@@ -72,17 +78,23 @@ class MultiTaskTransformer(nn.Module):
             kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                           dropout_rate=self.dropout_rate, dtype=self.dtype)
             self.cross_task = (SingleInputTaskAttention(**kwargs) if self.layout == "single"
-                               else MultiInputTaskAttention(memory_tokens=self.memory_tokens, **kwargs))
+                               else MultiInputTaskAttention(memory_tokens=self.memory_tokens,
+                                                            num_tasks=len(self.tasks), **kwargs))
         elif self.task_attention != "none":
             raise ValueError(f"task_attention={self.task_attention!r}; choose one of {TASK_ATTENTION}")
         self.heads = {t.name: TaskHead(t, self.dtype, name=f"head_{t.name}") for t in self.tasks}
 
-    def __call__(self, inputs: jax.Array, train: bool = False):
-        return self.decode(self.encode(inputs, train), train)
+    def __call__(self, inputs: jax.Array, train: bool = False, task_id: jax.Array | None = None):
+        return self.decode(self.encode(inputs, train, task_id), train)
 
-    def encode(self, inputs: jax.Array, train: bool = False) -> Streams:
+    def encode(self, inputs: jax.Array, train: bool = False, task_id: jax.Array | None = None) -> Streams:
+        """``task_id int[B]``: ``inputs [B, L]`` is a flat mixture batch of the multi-input model."""
         if self.layout == "single":
+            if task_id is not None:
+                raise ValueError("flat mixture batches (task_id) need the multi-input layout")
             return self._encode_single(inputs, train)
+        if task_id is not None:
+            return self.encode_task(inputs, task_id, train), inputs != 0, task_id
         return self._encode_multi(inputs, train)
 
     def decode(self, streams: Streams, train: bool = False) -> tuple[dict[str, jax.Array], dict]:
@@ -94,32 +106,43 @@ class MultiTaskTransformer(nn.Module):
                 streams_BxTxD, aux["task_attention"] = self.cross_task(streams_BxTxD, train)
             outputs = {t.name: self.heads[t.name](streams_BxTxD[:, i]) for i, t in enumerate(self.tasks)}
             return outputs, aux
+        if len(streams) == 3:  # a flat mixture batch: every head reads every row (losses mask them)
+            x_BxLxD, token_mask_BxL, task_id_B = streams
+            if self.task_attention == "cross":
+                x_1xBxLxD, aux["task_attention"] = self.cross_task(
+                    x_BxLxD[None], token_mask_BxL[None], train, query_task_B=task_id_B)
+                x_BxLxD = x_1xBxLxD[0]
+            return {t.name: self._read_out(t, x_BxLxD, token_mask_BxL) for t in self.tasks}, aux
         x_TxBxLxD, token_mask_TxBxL = streams
         if self.task_attention == "cross":
             x_TxBxLxD, aux["task_attention"] = self.cross_task(x_TxBxLxD, token_mask_TxBxL, train)
-        outputs = {}
-        for i, t in enumerate(self.tasks):
-            features = x_TxBxLxD[i]
-            if t.kind != "tagging":
-                features = masked_mean_pool(features, token_mask_TxBxL[i])
-            outputs[t.name] = self.heads[t.name](features)
+        outputs = {t.name: self._read_out(t, x_TxBxLxD[i], token_mask_TxBxL[i])
+                   for i, t in enumerate(self.tasks)}
         return outputs, aux
+
+    def _read_out(self, task: TaskSpec, x_BxLxD: jax.Array, token_mask_BxL: jax.Array) -> jax.Array:
+        """Task head on every position (tagging) or on the mean over real positions."""
+        features = x_BxLxD if task.kind == "tagging" else masked_mean_pool(x_BxLxD, token_mask_BxL)
+        return self.heads[task.name](features)
 
     def encode_task(self, tokens_BxL: jax.Array, task_index: jax.Array,
                     train: bool = False) -> jax.Array:
-        """Multi-input, one task's examples ``[B, L]`` -> ``[B, L, D]``; ``task_index`` may be traced.
+        """Multi-input, examples ``[B, L]`` of task ``task_index`` (a scalar, or ``[B]``: one task per
+        row, a flat mixture batch) -> ``[B, L, D]``; ``task_index`` may be traced.
 
         Equal to slice ``task_index`` of `encode`; it lets the step ``vmap`` the trunk over the task
         axis with one parameter copy per task, which yields every task's gradient in one backward pass.
         """
         token_mask_BxL = tokens_BxL != 0
         x_BxLxD = self.positions(self.embed(tokens_BxL))
+        task_index = jnp.asarray(task_index, jnp.int32)
         features_TxD = self.task_features() if self.task_encoder else None
         if self.task_encoder:
-            x_BxLxD = x_BxLxD + features_TxD[task_index].astype(x_BxLxD.dtype)
+            features = features_TxD[task_index].astype(x_BxLxD.dtype)     # [D] or [B, D]
+            x_BxLxD = x_BxLxD + (features[:, None] if task_index.ndim else features)
         task_ids_BxL = None
         if self._needs_task_ids:
-            task_ids_BxL = jnp.full(tokens_BxL.shape, task_index, jnp.int32)
+            task_ids_BxL = jnp.broadcast_to(task_index[..., None], tokens_BxL.shape)
         return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL, features_TxD)
 
     @property

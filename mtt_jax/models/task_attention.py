@@ -10,7 +10,8 @@ Two layouts (DESIGN §3, §4):
 - `SingleInputTaskAttention`: the T task streams of the same example attend to each other.
 - `MultiInputTaskAttention`: each task has its own examples, so task i's positions attend over learned
   per-task memory tokens of the other tasks; no example ever sees another example, and predictions do not
-  depend on what else is in the batch.
+  depend on what else is in the batch. In a flat mixture batch (``query_task_B``) each row's positions
+  are queries of that row's task.
 """
 
 from __future__ import annotations
@@ -58,17 +59,23 @@ class SingleInputTaskAttention(nn.Module):
 
 
 class MultiInputTaskAttention(nn.Module):
-    """Task i's positions ``[T, B, L, D]`` attend over learned memory tokens of the other tasks."""
+    """Task i's positions ``[T, B, L, D]`` attend over learned memory tokens of the other tasks.
+
+    With ``query_task_B`` the input is one flat mixture batch ``[1, B, L, D]`` whose row b holds an
+    example of task ``query_task_B[b]``; the map's row i then averages over the rows of task i.
+    """
     num_heads: int
     memory_tokens: int = 4
     include_self: bool = False
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    num_tasks: int = 0               # 0: the leading axis of the input (required with query_task_B)
 
     @nn.compact
-    def __call__(self, x_TxBxLxD: jax.Array, token_mask_TxBxL: jax.Array,
-                 train: bool) -> tuple[jax.Array, jax.Array]:
-        num_tasks, _, _, d_model = x_TxBxLxD.shape
+    def __call__(self, x_TxBxLxD: jax.Array, token_mask_TxBxL: jax.Array, train: bool,
+                 query_task_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        d_model = x_TxBxLxD.shape[-1]
+        num_tasks = self.num_tasks or x_TxBxLxD.shape[0]
         memory_TxMxD = self.param("memory", kernel_init((None, None, "embed"), nn.initializers.normal(1.0)),
                                   (num_tasks, self.memory_tokens, d_model))
         head_dim = d_model // self.num_heads
@@ -79,7 +86,11 @@ class MultiInputTaskAttention(nn.Module):
         logits = jnp.einsum("tblhk,smhk->tblhsm", q_TxBxLxHxK, k_SxMxHxK) / jnp.sqrt(head_dim)
         shape = logits.shape
         mask_TxS = _task_mask(num_tasks, self.include_self)
-        mask = jnp.broadcast_to(mask_TxS[:, None, None, None, :, None], shape).reshape(shape[:4] + (-1,))
+        if query_task_B is None:   # query task t = position t of the leading axis
+            mask = mask_TxS[:, None, None, None, :, None]
+        else:                      # query task of row b = query_task_B[b]
+            mask = mask_TxS[query_task_B][None, :, None, None, :, None]
+        mask = jnp.broadcast_to(mask, shape).reshape(shape[:4] + (-1,))
         weights = _softmax(logits.reshape(shape[:4] + (-1,)), mask).reshape(shape)
         out_TxBxLxHxK = jnp.einsum("tblhsm,smhk->tblhk", weights.astype(self.dtype), v_SxMxHxK)
         out_TxBxLxD = HeadsProjection(self.num_heads, head_dim, False, self.dtype, name="out")(
@@ -88,5 +99,8 @@ class MultiInputTaskAttention(nn.Module):
         # Mass over real (non-pad) query positions and heads: rows are tasks i, columns tasks j.
         mass_TxBxLxS = weights.sum(-1).mean(3)
         valid = token_mask_TxBxL.astype(jnp.float32)[..., None]
+        if query_task_B is not None:  # group the rows by their task: [1, B, L, S] -> [T, B, L, S]
+            of_task_TxB = jax.nn.one_hot(query_task_B, num_tasks, dtype=jnp.float32).T
+            valid = valid * of_task_TxB[:, :, None, None]
         mass_TxS = (mass_TxBxLxS * valid).sum((1, 2)) / jnp.maximum(valid.sum((1, 2)), 1.0)
         return x_TxBxLxD + out_TxBxLxD, mass_TxS
