@@ -44,10 +44,13 @@ def test_tiny_variants_build_source_and_model(name, tmp_path):
     assert batch["inputs"].shape == leading + setup.source.input_spec.shape
 
 
-def test_glue_tiny_trains_and_reports_glue_metrics(tmp_path):
+@pytest.mark.parametrize("mixture", ["", "temperature"])
+def test_glue_tiny_trains_and_reports_glue_metrics(tmp_path, mixture):
+    """One sub-batch per task, and flat mixture batches (seqio's temperature mixing) of the same data."""
     config = tiny_config("glue", str(tmp_path / "data"))
     config.weighting.diagnostics_every = 0  # per-task gradients are tested elsewhere; keep this fast
     config.tasks = ("cola", "mrpc", "stsb")  # one task per GLUE metric family: compiles 3x faster
+    config.data.mixture.method, config.data.mixture.temperature = mixture, 2.0
     workdir = str(tmp_path / "run")
     with tfds_io.mock_data(num_examples=8):
         _, final = train.train_and_evaluate(config, workdir, quiet=True)
