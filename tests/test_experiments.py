@@ -146,6 +146,22 @@ def test_weighting_zoo(results):
     assert set(r["single_task"]) == {"majority", "mean_value"}
 
 
+def test_weighting_zoo_bounded_delta_m_and_rebuilt_table(results, tmp_path):
+    from experiments import weighting_zoo
+    r = results("weighting_zoo")
+    single = {t: {m: np.mean(v) for m, v in r["single_task"][t].items()} for t in r["tasks"]}
+    seed0 = {t: {m: v[0] for m, v in r["methods"]["mgda"]["metrics"][t].items()} for t in r["tasks"]}
+    kept = [(seed0[t][m] - single[t][m]) / single[t][m] for t in r["tasks"] for m in seed0[t] if m != "mse"]
+    assert len(kept) == 3  # majority's accuracy and macro-F1, mean_value's Pearson
+    assert weighting_zoo.bounded_delta_m(r, "mgda")[0] == pytest.approx(-100 * np.mean(kept))
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump(r, f)
+    weighting_zoo.main(["--workdir", str(tmp_path), "--from_results"])
+    table = (tmp_path / "table.md").read_text()
+    assert "delta-m% without MSE" in table and r["command"] in table and "| mgda |" in table
+    assert os.path.getsize(tmp_path / "delta_m.png") > 1000
+
+
 def test_task_grouping_recovers_the_pairs(results):
     r = results("task_grouping")
     for p in ("1.0", "0.9"):

@@ -13,6 +13,7 @@ from mtt_jax import config_check, data, sharding, tasks as tasks_lib, train, tra
 from mtt_jax.data import mixtures
 from mtt_jax.data.base import InputSpec
 from mtt_jax.models.multitask import MultiTaskTransformer
+from tests.steps import first_steps
 
 TASKS = ("majority", "mean_value", "repeat_tag")
 
@@ -165,11 +166,7 @@ def test_flat_microbatches_give_the_one_batch_update():
     config.tasks = ("majority", "mean_value")
     setup = train.build(config)
     batch = sharding.shard_batch(setup.train_source.train_batch(5, 24), setup.batch_shardings, "flat")
-    results = []
-    for accum in (1, 3):
-        state, metrics = train.compile_train_step(setup, accum)(setup.create_state(), batch)
-        results.append((jax.device_get(state.params), jax.device_get(metrics)))
-    (params_1, metrics_1), (params_3, metrics_3) = results
+    (params_1, metrics_1), (params_3, metrics_3) = first_steps(setup, batch, ((1, 1), (3, 1)))
     for key in ("loss", "task_losses", "grad_norm"):
         np.testing.assert_allclose(metrics_3[key], metrics_1[key], rtol=1e-4, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_3, params_1)

@@ -12,6 +12,7 @@ import pytest
 from configs import default as default_config, seqtasks as seqtasks_config
 from mtt_jax import sharding, train
 from mtt_jax.train_step import TrainState
+from tests.steps import first_steps
 
 
 def seq_config(**mesh):
@@ -93,12 +94,8 @@ def test_grad_accumulation_equals_one_big_step():
     config.batch_size = 32
     setup = train.build(config)
     batch = sharding.shard_batch(setup.source.train_batch(3, 32), setup.batch_shardings, "single")
-    results = []
-    for accum, unroll in ((1, 1), (4, 1), (4, 2)):
-        step_fn = train.compile_train_step(setup, accum, grad_accum_unroll=unroll)
-        state, metrics = step_fn(setup.create_state(), batch)
-        results.append((jax.device_get(state.params), jax.device_get(metrics)))
-    (params_1, metrics_1), (params_4, metrics_4), (params_4u, _) = results
+    (params_1, metrics_1), (params_4, metrics_4), (params_4u, _) = first_steps(
+        setup, batch, ((1, 1), (4, 1), (4, 2)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params_4u, params_4)
     np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
@@ -156,11 +153,7 @@ def test_grad_accumulation_with_a_gram_method_equals_one_big_step():
     config.mesh.num_devices, config.mesh.data = 1, 1
     setup = train.build(config)
     batch = sharding.shard_batch(setup.source.train_batch(3, 8), setup.batch_shardings, "multi")
-    results = []
-    for accum in (1, 2):
-        state, metrics = train.compile_train_step(setup, accum)(setup.create_state(), batch)
-        results.append((jax.device_get(state.params), jax.device_get(metrics)))
-    (params_1, metrics_1), (params_2, metrics_2) = results
+    (params_1, metrics_1), (params_2, metrics_2) = first_steps(setup, batch, ((1, 1), (2, 1)))
     np.testing.assert_allclose(metrics_2["task_losses"], metrics_1["task_losses"], rtol=1e-5)
     np.testing.assert_allclose(metrics_2["weights"], metrics_1["weights"], rtol=1e-3, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), params_2, params_1)
