@@ -131,6 +131,36 @@ def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str,
     log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
 
 
+class PartialResults:
+    """``workdir/results.partial.json``: what a long sweep has finished so far, so that a rerun of the
+    same command (same ``identity``: size, seeds, ...) after an interruption skips the finished parts.
+
+    Written atomically after each part; removed once the complete ``results.json`` is written.
+    """
+
+    def __init__(self, workdir: str, identity: dict):
+        self.path = os.path.join(workdir, "results.partial.json")
+        self.identity = to_jsonable(identity)
+
+    def load(self) -> dict:
+        """The finished parts of an earlier run with the same identity, else ``{}``."""
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path) as f:
+            saved = json.load(f)
+        return saved.get("results", {}) if saved.get("identity") == self.identity else {}
+
+    def save(self, results: dict) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(to_jsonable({"identity": self.identity, "results": results}), f)
+        os.replace(self.path + ".tmp", self.path)
+
+    def discard(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def to_jsonable(value):
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}

@@ -21,6 +21,8 @@ MSE, which a single-task model drives to ~1e-4, turns an MSE of 0.01 into +10^4 
 adds the pooled delta-m% over the bounded metrics only (accuracies, F1s, Pearson; every metric but MSE)
 and is sorted by it; the per-task columns show each task's main metric.
 ``--from_results`` rebuilds ``table.md`` and the plot from an existing ``results.json`` without training.
+An interrupted run resumes when the same command is run again: each finished single-task model and
+method is kept in ``results.partial.json`` (`common.PartialResults`).
 
 Cost. full: 20 methods + 4 single-task models, 5 seeds x 1500 steps (d_model 64, 2 layers): about 1.5-2
 hours on 2 CPU cores. ``--quick``: 3 seeds x 300 steps, d_model 32, 1 layer, sequences of 16: about 6-9
@@ -90,17 +92,28 @@ def run(args) -> dict:
                else args.methods.split(","))
     task_names = tasks_for(args.size)
     metric_names = {t: tasks_lib.get(t).metric_names for t in task_names}
+    # An interrupted run resumes: the finished single-task models and methods are read back.
+    partial = common.PartialResults(args.workdir, {"size": args.size, "seeds": seeds, "tasks": task_names})
+    done = partial.load()
+    single, finished = done.get("single_task", {}), done.get("methods", {})
+    if single or finished:
+        log(f"resuming from {partial.path}: {len(single)} single-task models, {len(finished)} methods")
 
-    single = {}
     for task in task_names:
+        if task in single:
+            continue
         runs = runner.train_seeds(single_task_config(args.size, task), seeds)
         single[task] = {m: runs.metric(f"{task}/{m}").tolist() for m in metric_names[task]}
         log(f"single-task {task}: " + ", ".join(f"{m} {common.fmt(v)}" for m, v in single[task].items())
             + f" ({runs.wall_seconds:.0f} s)")
+        partial.save({"single_task": single, "methods": finished})
     baseline = {t: {m: float(np.mean(v)) for m, v in single[t].items()} for t in task_names}
 
     results = {"tasks": list(task_names), "seeds": seeds, "single_task": single, "methods": {}}
     for method in methods:
+        if method in finished:
+            results["methods"][method] = finished[method]
+            continue
         runs = runner.train_seeds(method_config(args.size, method), seeds)
         per_seed = [delta_m.task_metrics(final, task_names, metric_names) for final in runs.final]
         results["methods"][method] = {
@@ -112,11 +125,14 @@ def run(args) -> dict:
         r = results["methods"][method]
         log(f"{method:12s} delta-m% {common.fmt(r['delta_m_pooled'], 2)}  "
             f"Delta_p% {common.fmt(r['delta_p_per_task'], 2)} ({runs.wall_seconds:.0f} s)")
+        finished[method] = r
+        partial.save({"single_task": single, "methods": finished})
     config = base_config(args.size)
     results["steps"] = config.total_steps
     table = make_table(results, metric_names)
     plot(results, args.workdir)
     common.write_outputs(args.workdir, NAME, args, table, results, log, header=table_header(results))
+    partial.discard()
     return results
 
 
@@ -200,6 +216,9 @@ def main(argv=None) -> None:
         parser.add_argument("--from_results", action="store_true",
                             help="rebuild table.md and the plot from WORKDIR/results.json (no training)")
     args = common.parse_args(__doc__, FULL_COST, argv, extra)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS] if args.methods != "all" else []
+    if unknown:
+        raise SystemExit(f"error: unknown --methods {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
     if args.from_results:
         rebuild_outputs(args.workdir)
         return

@@ -162,6 +162,34 @@ def test_weighting_zoo_bounded_delta_m_and_rebuilt_table(results, tmp_path):
     assert os.path.getsize(tmp_path / "delta_m.png") > 1000
 
 
+def test_weighting_zoo_resumes_an_interrupted_run(results, tmp_path):
+    """With single-task models and mgda finished before an interruption, a rerun trains db_mtl only."""
+    r = results("weighting_zoo")
+    done = {"single_task": r["single_task"], "methods": {"mgda": r["methods"]["mgda"]}}
+    partial = {"identity": {"size": "tiny", "seeds": r["seeds"], "tasks": r["tasks"]}, "results": done}
+    with open(tmp_path / "results.partial.json", "w") as f:
+        json.dump(partial, f)
+    result = subprocess.run([sys.executable, "-m", "experiments.weighting_zoo", "--workdir", str(tmp_path),
+                             "--tiny"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 single-task models, 1 methods" in result.stderr
+    assert "single-task majority" not in result.stderr and "mgda " not in result.stderr
+    with open(tmp_path / "results.json") as f:
+        resumed = json.load(f)
+    assert resumed["methods"]["mgda"] == r["methods"]["mgda"]
+    np.testing.assert_allclose(resumed["methods"]["db_mtl"]["delta_m_pooled"],
+                               r["methods"]["db_mtl"]["delta_m_pooled"], rtol=1e-4)
+    assert not (tmp_path / "results.partial.json").exists()
+
+
+def test_weighting_zoo_rejects_an_unknown_method_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.weighting_zoo", "--workdir",
+                             str(tmp_path / "never"), "--tiny", "--methods", "mgda,magic"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "unknown --methods magic" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_task_grouping_recovers_the_pairs(results):
     r = results("task_grouping")
     for p in ("1.0", "0.9"):
