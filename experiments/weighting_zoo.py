@@ -17,7 +17,7 @@ delta-m% (positive = worse) and LibMTL's per-task Delta_p% (positive = better). 
 the two are exact negatives here; `tests/test_experiments.py` shows on hand-made numbers where they part.
 
 Both are relative changes, so a metric whose single-task value is near 0 swamps them: ``mean_value``'s
-MSE, which a single-task model drives to ~1e-4, turns an MSE of 0.01 into +10^4 %. The table therefore
+MSE, which a single-task model drives to ~1e-5, turns an MSE of 0.01 into +10^5 %. The table therefore
 adds the pooled delta-m% over the bounded metrics only (accuracies, F1s, Pearson; every metric but MSE)
 and is sorted by it; the per-task columns show each task's main metric.
 ``--from_results`` rebuilds ``table.md`` and the plot from an existing ``results.json`` without training.
