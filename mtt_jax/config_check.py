@@ -91,11 +91,11 @@ def _check_mixture(config) -> None:
         return
     _choice("data.mixture.method", mixture.method, ("",) + mixtures.METHODS)
     source = data.SOURCES[config.data.source]
-    if source.layout != "multi" or not hasattr(source, "flat_batch"):
-        flat = [name for name, s in data.SOURCES.items() if hasattr(s, "flat_batch")]
+    if not mixtures.can_mix(source):
+        flat = [name for name, s in data.SOURCES.items() if mixtures.can_mix(s)]
         raise ConfigError(f"data.mixture.method={mixture.method!r}: data.source={config.data.source!r} "
                           f"cannot serve flat mixture batches; sources that can: {', '.join(sorted(flat))}")
-    if mixtures.needs_sizes(mixture.method) and not hasattr(source, "num_train_examples"):
+    if mixtures.needs_sizes(mixture.method) and not mixtures.has_sizes(source):
         raise ConfigError(f"data.mixture.method={mixture.method!r} needs the tasks' train sizes, and "
                           f"{config.data.source} generates its data; use uniform or explicit")
     if mixture.method == "temperature" and not mixture.get("temperature", 1.0) > 0:

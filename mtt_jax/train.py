@@ -94,11 +94,11 @@ def build(config) -> Setup:
     init = lambda rng: steps.init_state(rng, model, method, tx, jnp.asarray(sample_batch["inputs"]))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
-    return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules, model=model, method=method, tx=tx,
-                 init=init, abstract_state=abstract_state,
+    train_sample = sample_batch if train_source is source else train_source.train_batch(0, config.batch_size)
+    return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules,
+                 model=model, method=method, tx=tx, init=init, abstract_state=abstract_state,
                  state_shardings=sharding.tree_shardings(abstract_state, mesh, rules),
-                 batch_shardings=sharding.batch_shardings(
-                     train_source.train_batch(0, config.batch_size), mesh, train_source.layout),
+                 batch_shardings=sharding.batch_shardings(train_sample, mesh, train_source.layout),
                  seed=config.seed)
 
 

@@ -156,16 +156,25 @@ def needs_sizes(method: str) -> bool:
     return method in ("proportional", "temperature")
 
 
+def can_mix(source) -> bool:
+    """Whether a source (class or instance) serves flat mixture batches: multi-input with ``flat_batch``."""
+    return source.layout == "multi" and hasattr(source, "flat_batch")
+
+
+def has_sizes(source) -> bool:
+    """Whether a source (class or instance) knows its tasks' train sizes (``num_train_examples``)."""
+    return hasattr(source, "num_train_examples")
+
+
 def rates_for(source, mixture_config) -> np.ndarray:
     """Normalized rates of ``source``'s tasks from a config's ``data.mixture`` (method, temperature,
     maximum (0: no cap), rates)."""
     method = mixture_config.method
-    sizes = getattr(source, "num_train_examples", None)
     if needs_sizes(method):
-        if sizes is None:
+        if not has_sizes(source):
             raise ValueError(f"data.mixture.method={method!r} needs the tasks' train sizes, and source "
                              f"{source.name!r} has none (it generates its data); use uniform or explicit")
-        sizes = [sizes[task] for task in source.task_names]
+        sizes = [source.num_train_examples[task] for task in source.task_names]
     else:
         sizes = [1] * len(source.task_names)
     return mixing_rates(sizes, method, temperature=float(mixture_config.get("temperature", 1.0)),
@@ -196,7 +205,7 @@ class FlatMixture:
     layout = "flat"
 
     def __init__(self, source, rates: Sequence[float]):
-        if source.layout != "multi" or not hasattr(source, "flat_batch"):
+        if not can_mix(source):
             raise ValueError(f"data source {source.name!r} cannot serve flat mixture batches (they need a "
                              "multi-input source with flat_batch: glue, seqtasks)")
         self.source, self.rates = source, normalize(rates)
