@@ -125,10 +125,16 @@ def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str,
               "wall_seconds": round(log.elapsed, 1), **results}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(to_jsonable(record), f, indent=1)
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(f"# {name}\n\n{header}\n\nCommand: `{record['command']}` (size: {args.size}; "
-                f"wall time {record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.\n\n{table}")
+    write_table(workdir, name, header, record, table, stats_over)
     log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
+
+
+def write_table(workdir: str, name: str, header: str, record: dict, table: str,
+                stats_over: str = "seeds") -> None:
+    """``table.md``: the header, the command, size and wall time of ``record`` (a results.json), the table."""
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(f"# {name}\n\n{header}\n\nCommand: `{record['command']}` (size: {record['size']}; "
+                f"wall time {record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.\n\n{table}")
 
 
 class PartialResults:

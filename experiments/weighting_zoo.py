@@ -31,6 +31,8 @@ minutes.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import numpy as np
@@ -181,8 +183,6 @@ def table_header(results: dict) -> str:
 
 def rebuild_outputs(workdir: str) -> None:
     """``table.md`` and the plot again from ``workdir/results.json`` (its command and wall time kept)."""
-    import json
-    import os
     path = os.path.join(workdir, "results.json")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist; run the experiment first")
@@ -190,10 +190,7 @@ def rebuild_outputs(workdir: str) -> None:
         results = json.load(f)
     metric_names = {t: tasks_lib.get(t).metric_names for t in results["tasks"]}
     plot(results, workdir)
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(f"# {NAME}\n\n{table_header(results)}\n\nCommand: `{results['command']}` (size: "
-                f"{results['size']}; wall time {results['wall_seconds']:.0f} s). Mean ± std over seeds.\n\n"
-                + make_table(results, metric_names))
+    common.write_table(workdir, NAME, table_header(results), results, make_table(results, metric_names))
 
 
 def plot(results: dict, workdir: str) -> None:
