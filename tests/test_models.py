@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mtt_jax import tasks as tasks_lib
@@ -217,3 +218,38 @@ def test_film_without_the_task_encoder_is_a_config_error():
     config.model.film, config.model.task_encoder = True, False
     with pytest.raises(config_check.ConfigError, match="model.film=True .* set model.task_encoder=True"):
         config_check.validate(config, num_devices=8)
+
+
+def test_einsum_attention_matches_jax_dot_product_attention_values_and_gradients():
+    from mtt_jax.models.layers import dot_product_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 3, 4)) for i in range(3))
+    key_mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ours = lambda q, k, v: dot_product_attention(q, k, v, key_mask)
+    reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :] > 0)
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    for ours_grad, reference_grad in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+                                         jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(ours_grad, reference_grad, rtol=1e-4, atol=1e-6)
+    # Masked keys get no weight: changing their values leaves the output unchanged.
+    v_changed = v.at[0, 3:].set(100.0)
+    np.testing.assert_allclose(ours(q, k, v_changed), ours(q, k, v), atol=1e-6)
+
+
+def test_dense_matmul_gradients_equal_autodiff_of_the_plain_matmul_to_second_order():
+    from mtt_jax.models.layers import matmul
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 5))
+    plain = lambda x, w: jnp.einsum("...d,df->...f", x, w)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.tanh(f(x, w)) ** 2)
+    np.testing.assert_allclose(matmul(x, kernel), plain(x, kernel), rtol=1e-6)
+    for ours, reference in zip(jax.grad(loss(matmul), (0, 1))(x, kernel),
+                               jax.grad(loss(plain), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    # GradNorm differentiates a gradient norm: reverse over reverse, and under vmap (per-task grads).
+    grad_norm = lambda f: lambda x, w: optax.tree.norm(jax.grad(loss(f), 1)(x, w))
+    np.testing.assert_allclose(jax.grad(grad_norm(matmul))(x, kernel),
+                               jax.grad(grad_norm(plain))(x, kernel), rtol=1e-4, atol=1e-6)
+    batched = jax.vmap(jax.grad(loss(matmul), 1), in_axes=(0, None))(x, kernel)
+    expected = jax.vmap(jax.grad(loss(plain), 1), in_axes=(0, None))(x, kernel)
+    np.testing.assert_allclose(batched, expected, rtol=1e-5, atol=1e-6)
