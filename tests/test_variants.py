@@ -123,6 +123,23 @@ def test_transformer_with_task_moe_in_both_layouts(config_module):
         np.testing.assert_allclose(outputs["none"][t], outputs["full"][t], rtol=1e-5, atol=1e-6)
 
 
+def test_every_remat_policy_gives_the_same_gradients():
+    config = seqtasks_config.get_config("tiny")
+    source = data.make_source(config.data.source, config.tasks, seed=0, **dict(config.data.options))
+    inputs = jnp.asarray(source.train_batch(0, 4)["inputs"])
+    grads = {}
+    for remat in ("none", "full", "dots", "dots_no_batch"):
+        config.model.remat = remat
+        model = build_model(config, specs(config.tasks), source.layout, source.input_spec)
+        params = init_params(model, inputs)
+        loss = lambda p: sum(jnp.sum(jnp.sin(out)) for out in jax.tree.leaves(
+            model.apply({"params": p}, inputs)[0]))
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+    for remat, tree in grads.items():
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     grads["none"], tree)
+
+
 def test_transformer_with_task_moe_learns():
     config = default_config.get_config("tiny")
     config.model.ffn, config.model.num_experts, config.model.patch_size = "task_moe", 2, 4
