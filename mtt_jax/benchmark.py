@@ -4,6 +4,7 @@
     python -m mtt_jax.benchmark --config configs/benchmark.py:tasks8 --methods ew,mgda,pcgrad,cagrad
     python -m mtt_jax.benchmark --config configs/default.py --meshes 8x1x1,1x8x1 --dtypes float32,bfloat16
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
+    python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 8,16,32 --unrolls 1,2,4
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports the median step time, examples/s, tokens/s,
@@ -32,6 +33,8 @@ _MESHES = flags.DEFINE_list("meshes", [], "Meshes as DATAxFSDPxTENSOR, e.g. 8x1x
 _DTYPES = flags.DEFINE_list("dtypes", [], "Compute dtypes, e.g. float32,bfloat16.")
 _GRAD_ACCUMS = flags.DEFINE_list("grad_accums", [], "Microbatches per step to compare, e.g. 1,4,16 "
                                  "(the same update, computed in pieces).")
+_UNROLLS = flags.DEFINE_list("unrolls", [], "Microbatches per scan iteration to compare, e.g. 1,2,4 "
+                             "(``grad_accum_unroll``: independent chains of work for the cores).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
@@ -136,7 +139,9 @@ class Variant:
         memory = peak_memory_bytes(self.compiled)
         result = {
             "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
-            "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps, "step_ms": 1e3 * step_seconds, "compile_s": self.compile_seconds,
+            "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps,
+            "grad_accum_unroll": config.get("grad_accum_unroll", 1),
+            "step_ms": 1e3 * step_seconds, "compile_s": self.compile_seconds,
             "examples_per_s": sequences / step_seconds,
             "tokens_per_s": sequences * length / step_seconds if length else None,
             "model_tflops_per_step": count.training / 1e12,
@@ -202,9 +207,11 @@ def variants(config):
     meshes = _MESHES.value or [None]
     dtypes = _DTYPES.value or [config.dtype]
     accums = [int(a) for a in _GRAD_ACCUMS.value] or [config.grad_accum_steps]
-    for method, mesh, dtype, accum in itertools.product(methods, meshes, dtypes, accums):
+    unrolls = [int(u) for u in _UNROLLS.value] or [config.get("grad_accum_unroll", 1)]
+    for method, mesh, dtype, accum, unroll in itertools.product(methods, meshes, dtypes, accums, unrolls):
         variant = config.copy_and_resolve_references()
         variant.weighting.name, variant.dtype, variant.grad_accum_steps = method, dtype, accum
+        variant.grad_accum_unroll = unroll
         if mesh:
             variant.mesh.data, variant.mesh.fsdp, variant.mesh.tensor = (int(v) for v in mesh.split("x"))
         yield variant
@@ -212,14 +219,15 @@ def variants(config):
 
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
-    lines = ["| method | mesh | dtype | accum | step ms | x first | compile s | examples/s | tokens/s | "
+    lines = ["| method | mesh | dtype | accum | unroll | step ms | x first | compile s | examples/s | tokens/s | "
              "TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
              (" loop/step | host wait |" if "loop_step_ms" in results[0] else ""),
-             "|---" * (15 + (2 if "loop_step_ms" in results[0] else 0)) + "|"]
+             "|---" * (16 + (2 if "loop_step_ms" in results[0] else 0)) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
         line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['grad_accum_steps']} | "
+                f"{r['grad_accum_unroll']} | "
                 f"{r['step_ms']:.1f} | "
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
                 f"{r['model_tflops_per_step']:.4f} | {r['achieved_tflops_per_s']:.3f} | "
@@ -256,7 +264,8 @@ def main(argv) -> None:
     compiled = []
     for variant in all_variants:
         compiled.append(Variant(variant))
-        print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps}: "
+        print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
+              f"unroll {variant.grad_accum_unroll}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)
     # Interleaved rounds: every variant sees the same machine conditions.
     for _ in range(_STEPS.value):
