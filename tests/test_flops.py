@@ -52,13 +52,14 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(
         [sys.executable, "-m", "mtt_jax.benchmark", "--config=configs/default.py:tiny", "--steps=2",
-         "--grad_accums=1,2", "--unrolls=1,2", f"--out={out}", f"--profile={tmp_path / 'trace'}"], cwd=root, env=env,
-        capture_output=True, text=True, timeout=300)
+         "--grad_accums=1,2", "--unrolls=1,2", f"--out={out}", f"--profile={tmp_path / 'trace'}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["peak_source"].startswith("measured") and report["peak_flops_per_device"] > 1e9
     rows = report["results"]
-    assert [(r["grad_accum_steps"], r["grad_accum_unroll"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert ([(r["grad_accum_steps"], r["grad_accum_unroll"]) for r in rows] ==
+            [(1, 1), (1, 2), (2, 1), (2, 2)])
     assert len({r["model_tflops_per_step"] for r in rows}) == 1 and rows[0]["model_tflops_per_step"] > 0
     for r in rows:
         assert 0 < r["mfu"] < 1.5 and r["step_ms"] > 0

@@ -65,6 +65,13 @@ class HeadsProjection(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax in f32 over the last axis, with masked entries at exactly 0 (a row with nothing
+    unmasked is all 0)."""
+    logits = jnp.where(mask, logits.astype(jnp.float32), -1e30)
+    return jax.nn.softmax(logits, axis=-1) * mask
+
+
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
                           key_mask_BxS: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(K)) v per head (Vaswani et al. 2017, eq. 1), keys where ``key_mask`` is 0
@@ -82,9 +89,8 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
     scale = q_BxLxHxK.shape[-1] ** -0.5
     logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype),
                                 k_BxSxHxK, preferred_element_type=jnp.float32)
-    if mask_Bx1x1xS is not None:
-        logits_BxHxLxS = jnp.where(mask_Bx1x1xS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
+    probs_BxHxLxS = (jax.nn.softmax(logits_BxHxLxS, axis=-1) if mask_Bx1x1xS is None else
+                     masked_softmax(logits_BxHxLxS, mask_Bx1x1xS)).astype(v_BxSxHxK.dtype)
     return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
 
 

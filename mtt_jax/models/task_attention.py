@@ -20,19 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.models.layers import Dtype, HeadsProjection, kernel_init, layer_norm
+from mtt_jax.models.layers import Dtype, HeadsProjection, kernel_init, layer_norm, masked_softmax
 
 
 def _task_mask(num_tasks: int, include_self: bool) -> jax.Array:
     """``[T, T]`` boolean: may task i (row) attend to task j (column)."""
     allowed = jnp.ones((num_tasks, num_tasks), bool)
     return allowed if include_self else ~jnp.eye(num_tasks, dtype=bool)
-
-
-def _softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax in f32 over the last axis, with masked entries at exactly 0."""
-    logits = jnp.where(mask, logits.astype(jnp.float32), -1e30)
-    return jax.nn.softmax(logits, axis=-1) * mask
 
 
 class SingleInputTaskAttention(nn.Module):
@@ -50,7 +44,7 @@ class SingleInputTaskAttention(nn.Module):
         h_BxTxD = layer_norm("ln", self.dtype)(streams_BxTxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (project(n, h_BxTxD) for n in ("query", "key", "value"))
         logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(head_dim)
-        weights_BxHxTxS = _softmax(logits_BxHxTxS, _task_mask(num_tasks, self.include_self))
+        weights_BxHxTxS = masked_softmax(logits_BxHxTxS, _task_mask(num_tasks, self.include_self))
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS.astype(self.dtype), v_BxTxHxK)
         out_BxTxD = HeadsProjection(self.num_heads, head_dim, False, self.dtype, name="out")(out_BxTxHxK)
         out_BxTxD = nn.Dropout(self.dropout_rate)(out_BxTxD, deterministic=not train)
@@ -91,7 +85,7 @@ class MultiInputTaskAttention(nn.Module):
         else:                      # query task of row b = query_task_B[b]
             mask = mask_TxS[query_task_B][None, :, None, None, :, None]
         mask = jnp.broadcast_to(mask, shape).reshape(shape[:4] + (-1,))
-        weights = _softmax(logits.reshape(shape[:4] + (-1,)), mask).reshape(shape)
+        weights = masked_softmax(logits.reshape(shape[:4] + (-1,)), mask).reshape(shape)
         out_TxBxLxHxK = jnp.einsum("tblhsm,smhk->tblhk", weights.astype(self.dtype), v_SxMxHxK)
         out_TxBxLxD = HeadsProjection(self.num_heads, head_dim, False, self.dtype, name="out")(
             out_TxBxLxHxK)
