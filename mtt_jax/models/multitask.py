@@ -168,22 +168,28 @@ class MultiTaskTransformer(nn.Module):
         return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
 
     def _encode_multi(self, tokens_TxBxL: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        """Each task's own examples, with that task's features added at every position."""
+        """Each task's own examples, with that task's features added at every position.
+
+        The trunk sees the T x B sequences example-major (``[B * T, L, D]``): with the example axis B
+        sharded over the data-parallel devices, the merged axis stays sharded (each device holds
+        whole rows of it). Task-major (``[T * B, ...]``) would split the sharded axis inside the merged
+        one, which GSPMD cannot express, so every device would compute the whole batch.
+        """
         num_tasks, batch, length = tokens_TxBxL.shape
         token_mask_TxBxL = tokens_TxBxL != 0
         x_TxBxLxD = self.positions(self.embed(tokens_TxBxL))
         features_TxD = self.task_features() if self.task_encoder else None
         if self.task_encoder:
             x_TxBxLxD = add_task_features(x_TxBxLxD, features_TxD)
-        flat_mask = token_mask_TxBxL.reshape(num_tasks * batch, length)
+        to_rows = lambda y: jnp.swapaxes(y, 0, 1).reshape((batch * num_tasks,) + y.shape[2:])
         task_ids = None
         if self._needs_task_ids:
-            task_ids = jnp.broadcast_to(jnp.arange(num_tasks, dtype=jnp.int32)[:, None, None],
-                                        (num_tasks, batch, length)).reshape(num_tasks * batch, length)
-        x = self.trunk(x_TxBxLxD.reshape(num_tasks * batch, length, self.d_model), flat_mask, train,
-                       task_ids, features_TxD)
-        x_TxBxLxD = nn.with_logical_constraint(x.reshape(num_tasks, batch, length, self.d_model),
-                                               ("task", "batch", "length", "embed"))
+            task_ids = to_rows(jnp.broadcast_to(jnp.arange(num_tasks, dtype=jnp.int32)[:, None, None],
+                                                (num_tasks, batch, length)))
+        x = self.trunk(to_rows(x_TxBxLxD), to_rows(token_mask_TxBxL), train, task_ids, features_TxD)
+        x_TxBxLxD = nn.with_logical_constraint(
+            jnp.swapaxes(x.reshape(batch, num_tasks, length, self.d_model), 0, 1),
+            ("task", "batch", "length", "embed"))
         return x_TxBxLxD, token_mask_TxBxL
 
 
