@@ -110,7 +110,8 @@ class Variant:
         self.batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
                                           setup.batch_shardings, setup.layout)
         start = time.perf_counter()
-        self.compiled = step_fn.lower(self.state, self.batch).compile()
+        with setup.context():  # trace as the training loop does: under the mesh and the axis rules
+            self.compiled = step_fn.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - start
         self.times: list[float] = []
         for _ in range(3):  # warm-up

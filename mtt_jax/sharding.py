@@ -19,7 +19,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+DATA_AXIS = "data"
+BATCH_AXES = (DATA_AXIS, "fsdp")
 
 # In the manner of T5X's standard_logical_axis_rules. Flax applies the rules in order and skips one whose
 # mesh axes are already taken in the array, so ``mlp -> (fsdp, tensor)`` shards the MLP bias over both
@@ -80,13 +81,28 @@ def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh, layout: str) -> Any:
-    """Examples are split over ``data`` x ``fsdp``; multi-input inputs keep the task axis whole."""
+def batch_partition_specs(batch: Mapping[str, Any], layout: str, axes: Sequence[str] = BATCH_AXES) -> Any:
+    """The example axis of every leaf over ``axes``; multi-input inputs keep the task axis whole."""
     def spec(path, leaf):
-        multi_inputs = layout == "multi" and path[0].key == "inputs"
-        axes = (None, BATCH_AXES) if multi_inputs else (BATCH_AXES,)
-        return NamedSharding(mesh, P(*axes, *([None] * (np.ndim(leaf) - len(axes)))))
-    return jax.tree_util.tree_map_with_path(spec, host_batch)
+        example_axis = batch_axis(path, layout)
+        return P(*([None] * example_axis), tuple(axes), *([None] * (np.ndim(leaf) - example_axis - 1)))
+    return jax.tree_util.tree_map_with_path(spec, batch)
+
+
+def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh, layout: str) -> Any:
+    """Examples are split over ``data`` x ``fsdp``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), batch_partition_specs(host_batch, layout),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def rules_without(rules: Sequence[Sequence[Any]], axis: str) -> tuple[tuple[str, Any], ...]:
+    """``rules`` with mesh axis ``axis`` removed: the rules inside a `jax.shard_map` manual over it."""
+    def drop(axes):
+        if isinstance(axes, (tuple, list)):
+            kept = tuple(a for a in axes if a != axis)
+            return kept or None
+        return None if axes == axis else axes
+    return tuple((name, drop(axes)) for name, axes in rules)
 
 
 def batch_axis(path, layout: str) -> int:

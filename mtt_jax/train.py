@@ -10,6 +10,8 @@ the host never waits on the device inside the loop.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import logging
 import os
@@ -63,9 +65,16 @@ class Setup:
         """Of the train batches: "single", "multi" or "flat" (eval batches: ``source.layout``)."""
         return self.train_source.layout
 
+    def context(self):
+        """The mesh and logical axis rules, under which the steps must be traced (and the loop runs)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
     def create_state(self) -> steps.TrainState:
         """The initial state, created directly sharded (no host copy of the full parameters)."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with self.context():
             return jax.jit(lambda rng: nn.unbox(self.init(rng)), out_shardings=self.state_shardings)(
                 jax.random.key(self.seed))
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtt_jax import task_grads, tasks as tasks_lib
+from mtt_jax import sharding, task_grads, tasks as tasks_lib
 from mtt_jax.tasks import TaskSpec
 from mtt_jax.weighting import WeightingMethod
 
@@ -195,6 +195,37 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Seque
     return new_state, metrics
 
 
+def scan_microbatches(accumulate: Callable, zeros: PyTree, batch: dict, layout: str, num_micro: int,
+                      unroll: int, rng: jax.Array, shard_local: bool) -> tuple[PyTree, PyTree]:
+    """``lax.scan`` of ``accumulate(sums, (rng, microbatch)) -> (sums, outputs)`` over the microbatches.
+
+    Under GSPMD the accumulator is replicated like the parameters, so a data-parallel mesh all-reduces
+    the gradients in every iteration: ``num_micro`` all-reduces per step. With ``shard_local`` (the sums
+    are averages over examples, as gradients and losses are) each ``data`` shard instead scans its own
+    rows of every microbatch inside `jax.shard_map` and the sums are averaged over the shards once, after
+    the scan. That is the global result whenever the shards' means average to the microbatch's mean
+    (every example kept, the same condition as for microbatching itself). Floating outputs are averaged
+    over the shards too; others must agree across them. Dropout keys are folded with the shard index.
+    """
+    def scan(batch, rng):
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_micro))
+        return jax.lax.scan(accumulate, zeros, (keys, microbatches(batch, layout, num_micro)),
+                            unroll=unroll)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not shard_local or mesh.empty or mesh.shape.get(sharding.DATA_AXIS, 1) == 1:
+        return scan(batch, rng)
+
+    def shard(batch):
+        with nn.logical_axis_rules(sharding.rules_without(nn.get_logical_axis_rules(), sharding.DATA_AXIS)):
+            sums, outputs = scan(batch, jax.random.fold_in(rng, jax.lax.axis_index(sharding.DATA_AXIS)))
+        average = lambda x: (jax.lax.pmean(x, sharding.DATA_AXIS)
+                             if jnp.issubdtype(x.dtype, jnp.floating) else x)
+        return jax.tree.map(average, (sums, outputs))
+    in_specs = sharding.batch_partition_specs(batch, layout, (sharding.DATA_AXIS,))
+    return jax.shard_map(shard, in_specs=(in_specs,), out_specs=jax.sharding.PartitionSpec(),
+                         axis_names={sharding.DATA_AXIS}, check_vma=False)(batch)
+
+
 def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method_rng, layout,
                        grad_accum_steps, grad_accum_unroll=1):
     """Gradient of the method's combined loss, over microbatches when asked."""
@@ -212,14 +243,14 @@ def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method
         return grads, total, losses_T, weights_T, weighting_state, aux
 
     def accumulate(carry, micro):
-        index, micro_batch = micro
-        (total, extras), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(dropout_rng, index))
+        rng, micro_batch = micro
+        (total, extras), grads = grad_fn(state.params, micro_batch, rng)
         return jax.tree.map(jnp.add, carry, (total, extras[0], grads)), extras[1:]
     num_tasks = len(jax.tree.leaves(batch["mask"]))
     zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), jnp.zeros(num_tasks), state.params))
-    (total, losses_T, grads), (weights_T, weighting_state, aux) = jax.lax.scan(
-        accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches(batch, layout, grad_accum_steps)),
-        unroll=grad_accum_unroll)
+    (total, losses_T, grads), (weights_T, weighting_state, aux) = scan_microbatches(
+        accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng,
+        method.shard_local_combine)
     total, losses_T, grads = jax.tree.map(lambda x: x / grad_accum_steps, (total, losses_T, grads))
     # Weights and method state of the last microbatch; the task-attention map averaged.
     weights_T, weighting_state = jax.tree.map(lambda x: x[-1], (weights_T, weighting_state))
@@ -241,17 +272,16 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         apply, to_params = result.apply, result.to_params
     else:  # rep_grad with accumulation is refused by config_check
         def accumulate(carry, micro):
-            index, micro_batch = micro
-            r = gradients(micro_batch, jax.random.fold_in(dropout_rng, index))
+            rng, micro_batch = micro
+            r = gradients(micro_batch, rng)
             return jax.tree.map(jnp.add, carry, (r.losses_T, r.grads_T, r.task_side_grads)), r.aux
         shared, task_side_params = task_grads.split_params(state.params["model"])
         num_tasks = len(tasks)
         zeros = (jnp.zeros((num_tasks,), jnp.float32),
                  jax.tree.map(lambda p: jnp.zeros((num_tasks,) + p.shape, p.dtype), shared),
                  jax.tree.map(jnp.zeros_like, task_side_params))
-        (losses_T, grads_T, task_side), aux = jax.lax.scan(
-            accumulate, zeros, (jnp.arange(grad_accum_steps), microbatches(batch, layout, grad_accum_steps)),
-        unroll=grad_accum_unroll)
+        (losses_T, grads_T, task_side), aux = scan_microbatches(  # per-task sums: shard-local is exact
+            accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng, True)
         losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,
                                                     (losses_T, grads_T, task_side))
         aux = jax.tree.map(lambda x: x.mean(0), aux)

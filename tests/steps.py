@@ -11,6 +11,7 @@ def first_steps(setup: train.Setup, batch, variants) -> list[tuple[dict, dict]]:
     results = []
     for accum, unroll in variants:
         step_fn = train.compile_train_step(setup, accum, grad_accum_unroll=unroll)
-        state, metrics = step_fn(setup.create_state(), batch)
+        with setup.context():
+            state, metrics = step_fn(setup.create_state(), batch)
         results.append((jax.device_get(state.params), jax.device_get(metrics)))
     return results
