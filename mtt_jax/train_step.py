@@ -196,23 +196,25 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Seque
 
 
 def scan_microbatches(accumulate: Callable, zeros: PyTree, batch: dict, layout: str, num_micro: int,
-                      unroll: int, rng: jax.Array, shard_local: bool) -> tuple[PyTree, PyTree]:
+                      unroll: int, rng: jax.Array) -> tuple[PyTree, PyTree]:
     """``lax.scan`` of ``accumulate(sums, (rng, microbatch)) -> (sums, outputs)`` over the microbatches.
 
-    Under GSPMD the accumulator is replicated like the parameters, so a data-parallel mesh all-reduces
-    the gradients in every iteration: ``num_micro`` all-reduces per step. With ``shard_local`` (the sums
-    are averages over examples, as gradients and losses are) each ``data`` shard instead scans its own
-    rows of every microbatch inside `jax.shard_map` and the sums are averaged over the shards once, after
-    the scan. That is the global result whenever the shards' means average to the microbatch's mean
-    (every example kept, the same condition as for microbatching itself). Floating outputs are averaged
-    over the shards too; others must agree across them. Dropout keys are folded with the shard index.
+    Under GSPMD the accumulator is replicated like the parameters, so a data-parallel mesh would
+    all-reduce the gradients in every iteration: ``num_micro`` all-reduces per step. Instead each
+    ``data`` shard scans its own rows of every microbatch inside `jax.shard_map` and the sums (averages
+    over examples, as gradients and losses are) are averaged over the shards once, after the scan.
+    Losses that weights are computed from go through `global_losses` first, so a method sees the
+    microbatch's losses, not a shard's. This is the global result whenever the shards' means average to
+    the microbatch's mean (every example kept, the same condition as for microbatching itself).
+    Floating outputs are averaged over the shards too; others agree across them. Dropout keys are
+    folded with the shard index.
     """
     def scan(batch, rng):
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_micro))
         return jax.lax.scan(accumulate, zeros, (keys, microbatches(batch, layout, num_micro)),
                             unroll=unroll)
     mesh = jax.sharding.get_abstract_mesh()
-    if not shard_local or mesh.empty or mesh.shape.get(sharding.DATA_AXIS, 1) == 1:
+    if mesh.empty or mesh.shape.get(sharding.DATA_AXIS, 1) == 1:
         return scan(batch, rng)
 
     def shard(batch):
@@ -226,12 +228,21 @@ def scan_microbatches(accumulate: Callable, zeros: PyTree, batch: dict, layout: 
                          axis_names={sharding.DATA_AXIS}, check_vma=False)(batch)
 
 
+def global_losses(losses_T: jax.Array) -> jax.Array:
+    """A shard's per-task mean losses -> the microbatch's, inside `scan_microbatches`' shard_map
+    (identity elsewhere). Differentiable: each shard's gradient is then its part of the global one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and sharding.DATA_AXIS in mesh.manual_axes:
+        return jax.lax.pmean(losses_T, sharding.DATA_AXIS)
+    return losses_T
+
+
 def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method_rng, layout,
                        grad_accum_steps, grad_accum_unroll=1):
     """Gradient of the method's combined loss, over microbatches when asked."""
     def objective(params, micro_batch, rng):
         outputs, aux = apply_model(model, params["model"], micro_batch, True, {"dropout": rng})
-        losses_T = loss_fn(outputs, micro_batch)
+        losses_T = global_losses(loss_fn(outputs, micro_batch))
         total, weights_T, weighting_state = method.combine(
             params["weighting"], state.weighting_state, losses_T, state.step, method_rng)
         return total, (losses_T, weights_T, weighting_state, aux)
@@ -249,8 +260,7 @@ def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method
     num_tasks = len(jax.tree.leaves(batch["mask"]))
     zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), jnp.zeros(num_tasks), state.params))
     (total, losses_T, grads), (weights_T, weighting_state, aux) = scan_microbatches(
-        accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng,
-        method.shard_local_combine)
+        accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng)
     total, losses_T, grads = jax.tree.map(lambda x: x / grad_accum_steps, (total, losses_T, grads))
     # Weights and method state of the last microbatch; the task-attention map averaged.
     weights_T, weighting_state = jax.tree.map(lambda x: x[-1], (weights_T, weighting_state))
@@ -280,8 +290,8 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         zeros = (jnp.zeros((num_tasks,), jnp.float32),
                  jax.tree.map(lambda p: jnp.zeros((num_tasks,) + p.shape, p.dtype), shared),
                  jax.tree.map(jnp.zeros_like, task_side_params))
-        (losses_T, grads_T, task_side), aux = scan_microbatches(  # per-task sums: shard-local is exact
-            accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng, True)
+        (losses_T, grads_T, task_side), aux = scan_microbatches(
+            accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng)
         losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,
                                                     (losses_T, grads_T, task_side))
         aux = jax.tree.map(lambda x: x.mean(0), aux)

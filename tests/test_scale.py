@@ -2,6 +2,7 @@
 accumulation; bf16."""
 
 import json
+import math
 import os
 import re
 
@@ -73,19 +74,22 @@ def test_data_parallel_devices_split_the_work(make_config):
     assert ratio < 0.55
 
 
-def loop_all_reduces(compiled_text):
-    """All-reduces inside the while loops (the microbatch scan) of a compiled step."""
-    count = 0
+def loop_all_reduced_elements(compiled_text):
+    """Elements all-reduced inside the while loops (the microbatch scan) of a compiled step."""
+    elements = 0
     for body in set(re.findall(r"body=%([\w.\-]+)", compiled_text)):
         region = re.search(r"^%" + re.escape(body) + r" .*?^}", compiled_text, re.M | re.S).group(0)
-        count += len(re.findall(r"all-reduce(?:-start)?\(", region))
-    return count
+        for result in re.findall(r"= (\(?[^=]*?) all-reduce(?:-start)?\(", region):
+            elements += sum(math.prod(int(d) for d in dims.split(",") if d)
+                            for dims in re.findall(r"\[([\d,]*)\]", result))
+    return elements
 
 
-@pytest.mark.parametrize("method", ["ew", "pcgrad"])
+@pytest.mark.parametrize("method", ["ew", "gls", "pcgrad"])
 def test_grad_accumulation_reduces_over_data_parallel_devices_once(method):
     """Each data shard accumulates its own microbatches; the gradients are all-reduced once per step,
-    not once per microbatch, and the step equals the one-device step."""
+    not once per microbatch (inside the scan only the T per-task losses that loss methods weight by,
+    and their cotangents), and the step equals the one-device step."""
     results = []
     for data in (1, 2):
         config = seqtasks_config.get_config("tiny")
@@ -96,11 +100,11 @@ def test_grad_accumulation_reduces_over_data_parallel_devices_once(method):
         with setup.context():
             text = train.compile_train_step(setup, 4).lower(setup.create_state(), batch).compile().as_text()
         (params, metrics), = first_steps(setup, batch, ((4, 1),))
-        results.append((params, metrics, loop_all_reduces(text)))
+        results.append((params, metrics, loop_all_reduced_elements(text)))
     (params_1, metrics_1, _), (params_2, metrics_2, in_loop) = results
-    assert in_loop == 0
-    np.testing.assert_allclose(metrics_2["loss"], metrics_1["loss"], rtol=1e-5)
+    assert in_loop <= (0 if method == "pcgrad" else 2 * len(config.tasks))  # losses: forward, backward
     # Shards average their own token means (padding differs between them): close, not bit-equal.
+    np.testing.assert_allclose(metrics_2["loss"], metrics_1["loss"], rtol=1e-4)
     np.testing.assert_allclose(metrics_2["grad_norm"], metrics_1["grad_norm"], rtol=1e-3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_2, params_1)
 

@@ -38,10 +38,6 @@ class WeightingMethod(abc.ABC):
     name: str = ""
     requires: str = "losses"                 # "losses" | "gram" | "grads"
     needs_losses_after_step: bool = False    # FAMO: call `after_step` with the same batch's new losses
-    # ``combine`` is linear in the losses with weights and state that do not depend on them (EW, fixed,
-    # uncertainty, RLW): each data-parallel shard may then accumulate its own microbatches' gradients
-    # (one all-reduce per step) and the result is exact.
-    shard_local_combine: bool = False
 
     def __init__(self, num_tasks: int):
         if num_tasks < 1:

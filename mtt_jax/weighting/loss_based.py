@@ -16,7 +16,6 @@ class EqualWeighting(WeightingMethod):
     Weight 1 per task (LibMTL's convention; its docstring says 1/T), so ``d = sum_t g_t``: sum scale.
     """
     name = "ew"
-    shard_local_combine = True
 
     def combine(self, params, state, losses_T, step, rng=None):
         weights_T = jnp.ones((self.num_tasks,), jnp.float32)
@@ -29,7 +28,6 @@ class FixedWeighting(WeightingMethod):
     The weights come from ``weighting.weights`` (or ``weighting.fixed.weights``); sum scale for all-ones.
     """
     name = "fixed"
-    shard_local_combine = True
 
     def __init__(self, num_tasks: int, weights: Sequence[float] = ()):
         super().__init__(num_tasks)
@@ -53,7 +51,6 @@ class UncertaintyWeighting(WeightingMethod):
     approaches 0.
     """
     name = "uncertainty"
-    shard_local_combine = True
 
     def __init__(self, num_tasks: int, init_log_var: float = -0.5):
         super().__init__(num_tasks)
@@ -77,7 +74,6 @@ class RandomLossWeighting(WeightingMethod):
     Uniform/Dirichlet/Bernoulli samplers, not offered here). Stochastic: needs ``rng``.
     """
     name = "rlw"
-    shard_local_combine = True
 
     def combine(self, params, state, losses_T, step, rng=None):
         z_T = jax.random.normal(require_rng(self, rng), (self.num_tasks,), jnp.float32)
