@@ -11,7 +11,6 @@ the host never waits on the device inside the loop.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import logging
 import os
