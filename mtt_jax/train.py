@@ -64,12 +64,11 @@ class Setup:
         """Of the train batches: "single", "multi" or "flat" (eval batches: ``source.layout``)."""
         return self.train_source.layout
 
+    @contextlib.contextmanager
     def context(self):
         """The mesh and logical axis rules, under which the steps must be traced (and the loop runs)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     def create_state(self) -> steps.TrainState:
         """The initial state, created directly sharded (no host copy of the full parameters)."""
@@ -151,7 +150,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     resuming = workdir_lib.prepare(workdir, config, overwrite)
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
-    tasks, source, mesh, rules = setup.tasks, setup.source, setup.mesh, setup.rules
+    tasks, source, mesh = setup.tasks, setup.source, setup.mesh
     layout = source.layout  # of the eval batches (the train batches may be a flat mixture)
     schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
 
@@ -233,7 +232,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
     pending = None  # (step, metrics) of the previous step, read one step late
     last_eval, start, step = {}, time.perf_counter(), first_step
     guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), checkpoint.PreemptionFlag() as preemption, guard:
+    with setup.context(), checkpoint.PreemptionFlag() as preemption, guard:
         try:
             for step, batch in train_batches(setup, config, first_step, config.total_steps):
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
