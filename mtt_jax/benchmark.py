@@ -5,13 +5,17 @@
     python -m mtt_jax.benchmark --config configs/default.py --meshes 8x1x1,1x8x1 --dtypes float32,bfloat16
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 8,16,32 --unrolls 1,2,4
+    python -m mtt_jax.benchmark --config configs/benchmark.py --paired_peak
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports the median step time, examples/s, tokens/s,
 model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and MFU, peak memory per device, and, with
 ``--loop``, the time per step of the real input pipeline + step loop and the fraction of it spent
 waiting on the host. On CPU the peak is measured in the same run with a large f32 matmul; on GPU/TPU it
-is the datasheet bf16 peak. Variants (methods x meshes x dtypes) run side by side in one process, so
+is the datasheet bf16 peak. ``--paired_peak`` (CPU) also measures the peak in every round, next to that
+round's steps, and reports the median and range of the per-round MFU: on a shared or throttling machine
+the peak moves with the step, and the main column (median step against the best peak) is the
+conservative one. Variants (methods x meshes x dtypes) run side by side in one process, so
 their ratios compare like with like.
 """
 
@@ -38,6 +42,10 @@ _UNROLLS = flags.DEFINE_list("unrolls", [], "Microbatches per scan iteration to 
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_PAIRED_PEAK = flags.DEFINE_bool(
+    "paired_peak", False, "On CPU, also measure the matmul peak (best of 3) in every round, just before "
+    "that round's steps, and report MFU per round against it (median and range): the step and the "
+    "peak then see the same machine conditions. The main MFU column is unchanged.")
 _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first variant into this directory "
                                "and print its XLA op times by source op (`mtt_jax.profiling`).")
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
@@ -127,7 +135,8 @@ class Variant:
         self.step()
         self.times.append(time.perf_counter() - start)
 
-    def result(self, peak: float, loop: bool, steps: int) -> dict:
+    def result(self, peak: float, loop: bool, steps: int, round_peaks: list[float] = ()) -> dict:
+        """The row of this variant; ``round_peaks`` (one per timed step) adds the paired MFU."""
         from mtt_jax import flops
         config, setup = self.config, self.setup
         step_seconds = statistics.median(self.times)
@@ -142,7 +151,8 @@ class Variant:
             "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
             "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps,
             "grad_accum_unroll": config.get("grad_accum_unroll", 1),
-            "step_ms": 1e3 * step_seconds, "compile_s": self.compile_seconds,
+            "step_ms": 1e3 * step_seconds, "step_ms_per_round": [1e3 * t for t in self.times],
+            "compile_s": self.compile_seconds,
             "examples_per_s": sequences / step_seconds,
             "tokens_per_s": sequences * length / step_seconds if length else None,
             "model_tflops_per_step": count.training / 1e12,
@@ -151,6 +161,11 @@ class Variant:
                                                  peak),
             "peak_memory_mib_per_device": memory / 2 ** 20 if memory else None,
         }
+        if round_peaks:
+            per_round = [flops.model_flops_utilization(count.training / setup.mesh.devices.size, t, p)
+                         for t, p in zip(self.times, round_peaks, strict=True)]
+            result.update({"mfu_paired": statistics.median(per_round),
+                           "mfu_paired_min": min(per_round), "mfu_paired_max": max(per_round)})
         host_seconds = host_batch_seconds(config, setup)
         result.update({"host_batch_ms": 1e3 * host_seconds, "step_over_host": step_seconds / host_seconds})
         if loop:
@@ -220,10 +235,11 @@ def variants(config):
 
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
+    paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
     lines = ["| method | mesh | dtype | accum | unroll | step ms | x first | compile s | examples/s | tokens/s | "
              "TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
-             (" loop/step | host wait |" if "loop_step_ms" in results[0] else ""),
-             "|---" * (16 + (2 if "loop_step_ms" in results[0] else 0)) + "|"]
+             (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
+             "|---" * (16 + paired + 2 * loop) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
@@ -233,7 +249,10 @@ def format_table(results: list[dict]) -> str:
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
                 f"{r['model_tflops_per_step']:.4f} | {r['achieved_tflops_per_s']:.3f} | "
                 f"{100 * r['mfu']:.1f}% | {memory} | {r['host_batch_ms']:.2f} | {r['step_over_host']:.0f} |")
-        if "loop_step_ms" in r:
+        if paired:
+            line += (f" {100 * r['mfu_paired']:.1f}% ({100 * r['mfu_paired_min']:.1f}-"
+                     f"{100 * r['mfu_paired_max']:.1f}%) |")
+        if loop:
             line += f" {r['loop_over_step']:.3f} | {100 * r['host_wait_fraction']:.1f}% |"
         lines.append(line)
     return "\n".join(lines)
@@ -268,14 +287,18 @@ def main(argv) -> None:
         print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
               f"unroll {variant.grad_accum_unroll}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)
+    paired = _PAIRED_PEAK.value and peak_source.startswith("measured")
+    round_peaks = []
     # Interleaved rounds: every variant sees the same machine conditions.
     for _ in range(_STEPS.value):
+        if paired:
+            round_peaks.append(measured_matmul_peak(repeats=3))
         for variant in compiled:
             variant.time_one_step()
     if peak_source.startswith("measured"):  # again after the steps; the best of both is the peak
-        peak = max(peak, device_peak()[0])
+        peak = max([peak, device_peak()[0], *round_peaks])
         print(f"peak after the timed steps: best {peak / 1e12:.3f} TFLOP/s", flush=True)
-    results = [v.result(peak, _LOOP.value, _STEPS.value) for v in compiled]
+    results = [v.result(peak, _LOOP.value, _STEPS.value, round_peaks) for v in compiled]
     print(format_table(results))
     if _PROFILE.value:
         from mtt_jax import profiling
@@ -288,6 +311,7 @@ def main(argv) -> None:
         with open(_OUT.value, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
                        "peak_flops_per_device": peak, "peak_source": peak_source,
+                       "round_peak_flops": round_peaks,
                        "results": results}, f, indent=2)
 
 

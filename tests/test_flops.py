@@ -45,6 +45,7 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     """The CLI end to end: one row per variant, the same model FLOPs, MFU against the measured peak."""
     import json
     import os
+    import statistics
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,8 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(
         [sys.executable, "-m", "mtt_jax.benchmark", "--config=configs/default.py:tiny", "--steps=2",
-         "--grad_accums=1,2", "--unrolls=1,2", f"--out={out}", f"--profile={tmp_path / 'trace'}"],
+         "--grad_accums=1,2", "--unrolls=1,2", "--paired_peak", f"--out={out}",
+         f"--profile={tmp_path / 'trace'}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -61,10 +63,18 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     assert ([(r["grad_accum_steps"], r["grad_accum_unroll"]) for r in rows] ==
             [(1, 1), (1, 2), (2, 1), (2, 2)])
     assert len({r["model_tflops_per_step"] for r in rows}) == 1 and rows[0]["model_tflops_per_step"] > 0
+    round_peaks = report["round_peak_flops"]
+    assert len(round_peaks) == 2 and max(round_peaks) <= report["peak_flops_per_device"]
     for r in rows:
         assert 0 < r["mfu"] < 1.5 and r["step_ms"] > 0
         assert abs(r["achieved_tflops_per_s"] * 1e12 / report["peak_flops_per_device"] - r["mfu"]) < 1e-6
-    assert "| accum | unroll |" in result.stdout
+        # Each round's step against that round's peak; the main MFU takes the best peak of the run.
+        per_round = [r["model_tflops_per_step"] * 1e12 / (1e-3 * t * p)
+                     for t, p in zip(r["step_ms_per_round"], round_peaks)]
+        assert r["mfu_paired"] == pytest.approx(statistics.median(per_round), rel=1e-9)
+        assert (r["mfu_paired_min"], r["mfu_paired_max"]) == pytest.approx((min(per_round), max(per_round)))
+        assert r["mfu_paired_max"] >= r["mfu"]
+    assert "| accum | unroll |" in result.stdout and "MFU paired (range)" in result.stdout
     profile = result.stdout.split("XLA op time by source op")[1]
     assert "trunk/block_*/" in profile and "dot_general |" in profile and "% |" in profile
 
