@@ -8,15 +8,17 @@
     python -m mtt_jax.benchmark --config configs/benchmark.py --paired_peak
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
-measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports the median step time, examples/s, tokens/s,
-model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and MFU, peak memory per device, and, with
-``--loop``, the time per step of the real input pipeline + step loop and the fraction of it spent
-waiting on the host. On CPU the peak is measured in the same run with a large f32 matmul; on GPU/TPU it
-is the datasheet bf16 peak. ``--paired_peak`` (CPU) also measures the peak in every round, next to that
-round's steps, and reports the median and range of the per-round MFU: on a shared or throttling machine
-the peak moves with the step, and the main column (median step against the best peak) is the
-conservative one. Variants (methods x meshes x dtypes) run side by side in one process, so
-their ratios compare like with like.
+measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports
+the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and
+MFU, peak memory per device, and, with ``--loop``, the time per step of the real input pipeline + step
+loop and the fraction of it spent waiting on the host. On CPU the peak is measured in the same run with
+a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes) run
+side by side in one process, so their ratios compare like with like.
+
+``--paired_peak`` (CPU) also measures the peak between the rounds of timed steps and reports the median
+and range of each round's MFU against the better of the two peaks around it. On a shared or throttling
+machine the peak moves with the step; the main MFU column (median step against the best peak of the
+run) is the conservative one.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 war
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _PAIRED_PEAK = flags.DEFINE_bool(
-    "paired_peak", False, "On CPU, also measure the matmul peak (best of 3) in every round, just before "
-    "that round's steps, and report MFU per round against it (median and range): the step and the "
-    "peak then see the same machine conditions. The main MFU column is unchanged.")
+    "paired_peak", False, "On CPU, also measure the matmul peak (best of 3) between the rounds of timed "
+    "steps, and report each round's MFU against the better of the two peaks around it (median and "
+    "range): the step and the peak then see the same machine conditions. The main MFU column is "
+    "unchanged.")
 _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first variant into this directory "
                                "and print its XLA op times by source op (`mtt_jax.profiling`).")
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
@@ -135,8 +138,9 @@ class Variant:
         self.step()
         self.times.append(time.perf_counter() - start)
 
-    def result(self, peak: float, loop: bool, steps: int, round_peaks: list[float] = ()) -> dict:
-        """The row of this variant; ``round_peaks`` (one per timed step) adds the paired MFU."""
+    def result(self, peak: float, loop: bool, steps: int, boundary_peaks: list[float] = ()) -> dict:
+        """The row of this variant; ``boundary_peaks`` (measured before, between and after the rounds
+        of timed steps: one more than the steps) adds the paired MFU."""
         from mtt_jax import flops
         config, setup = self.config, self.setup
         step_seconds = statistics.median(self.times)
@@ -161,7 +165,8 @@ class Variant:
                                                  peak),
             "peak_memory_mib_per_device": memory / 2 ** 20 if memory else None,
         }
-        if round_peaks:
+        if boundary_peaks:
+            round_peaks = [max(before, after) for before, after in zip(boundary_peaks, boundary_peaks[1:])]
             per_round = [flops.model_flops_utilization(count.training / setup.mesh.devices.size, t, p)
                          for t, p in zip(self.times, round_peaks, strict=True)]
             result.update({"mfu_paired": statistics.median(per_round),
@@ -288,17 +293,17 @@ def main(argv) -> None:
               f"unroll {variant.grad_accum_unroll}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)
     paired = _PAIRED_PEAK.value and peak_source.startswith("measured")
-    round_peaks = []
+    boundary_peaks = [measured_matmul_peak(repeats=3)] if paired else []
     # Interleaved rounds: every variant sees the same machine conditions.
     for _ in range(_STEPS.value):
-        if paired:
-            round_peaks.append(measured_matmul_peak(repeats=3))
         for variant in compiled:
             variant.time_one_step()
-    if peak_source.startswith("measured"):  # again after the steps; the best of both is the peak
-        peak = max([peak, device_peak()[0], *round_peaks])
+        if paired:
+            boundary_peaks.append(measured_matmul_peak(repeats=3))
+    if peak_source.startswith("measured"):  # again after the steps; the best of all is the peak
+        peak = max([peak, device_peak()[0], *boundary_peaks])
         print(f"peak after the timed steps: best {peak / 1e12:.3f} TFLOP/s", flush=True)
-    results = [v.result(peak, _LOOP.value, _STEPS.value, round_peaks) for v in compiled]
+    results = [v.result(peak, _LOOP.value, _STEPS.value, boundary_peaks) for v in compiled]
     print(format_table(results))
     if _PROFILE.value:
         from mtt_jax import profiling
@@ -311,7 +316,7 @@ def main(argv) -> None:
         with open(_OUT.value, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
                        "peak_flops_per_device": peak, "peak_source": peak_source,
-                       "round_peak_flops": round_peaks,
+                       "boundary_peak_flops": boundary_peaks,
                        "results": results}, f, indent=2)
 
 
