@@ -91,6 +91,22 @@ def test_data_parallel_step_splits_the_work_and_reduces_once(method):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_2, params_1)
 
 
+def test_token_lookup_is_not_replicated_on_a_three_axis_mesh():
+    """With fsdp and tensor > 1 the embedding table is gathered whole along embed before the lookup
+    (as FSDP gathers every weight); looking up rows in the embed-sharded table gave embed-sharded rows
+    that GSPMD could only make batch-sharded by all-gathering them on every device."""
+    config = seq_config(data=2, fsdp=2, tensor=2)
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
+                                 setup.batch_shardings, setup.layout)
+    with setup.context():
+        text = train.compile_train_step(setup).lower(setup.create_state(), batch).compile().as_text()
+    gathered = re.findall(r"= (\S+) all-gather\(.*?op_name=\"([^\"]*)\"", text)
+    assert any("/embed/" in name for _, name in gathered)  # the table, gathered along embed
+    rows = [(shape, name) for shape, name in gathered if name.endswith("embedding/jit(_take)/gather")]
+    assert not rows, rows
+
+
 def test_mesh_shape_resolution_and_errors():
     assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
     assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)

@@ -22,6 +22,11 @@ class TokenEmbed(nn.Module):
 
     Initialised N(0, 1/D) and scaled by sqrt(D) (Vaswani et al. 2017, §3.4), so that tokens and the
     sinusoidal positions have the same scale.
+
+    The lookup reads the table whole along ``embed``, as FSDP gathers every weight before use. From a
+    table sharded over ``embed`` the looked-up rows come out sharded over ``embed``, and GSPMD can turn
+    those into batch-sharded rows only by replicating them on every device ("involuntary full
+    rematerialization" with ``mesh.fsdp`` and ``mesh.tensor`` > 1).
     """
     vocab_size: int
     d_model: int
@@ -32,7 +37,8 @@ class TokenEmbed(nn.Module):
         table = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, name="embedding",
                          embedding_init=kernel_init(("vocab", "embed"),
                                                     nn.initializers.normal(self.d_model ** -0.5)))
-        return table(tokens_BxL) * jnp.sqrt(self.d_model).astype(self.dtype)
+        table_VxD = nn.with_logical_constraint(table.embedding, ("vocab", None)).astype(self.dtype)
+        return jnp.take(table_VxD, tokens_BxL, axis=0) * jnp.sqrt(self.d_model).astype(self.dtype)
 
 
 class PatchEmbed(nn.Module):
