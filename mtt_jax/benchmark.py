@@ -288,7 +288,11 @@ def main(argv) -> None:
           f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
     compiled = []
     for variant in all_variants:
-        compiled.append(Variant(variant))
+        try:
+            compiled.append(Variant(variant))
+        except config_check.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
               f"unroll {variant.grad_accum_unroll}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)

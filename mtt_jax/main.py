@@ -71,7 +71,7 @@ def main(argv) -> None:
     from mtt_jax import data
     try:
         train.train_and_evaluate(config, _WORKDIR.value, quiet=_QUIET.value, overwrite=_OVERWRITE.value)
-    except (train.NonFiniteLossError, data.DatasetNotPreparedError) as e:
+    except (config_check.ConfigError, train.NonFiniteLossError, data.DatasetNotPreparedError) as e:
         fail(str(e))
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mtt_jax import affinity, checkpoint, data, sharding, summary, tasks as tasks_lib, train_step as steps
-from mtt_jax import weighting, workdir as workdir_lib
+from mtt_jax import affinity, checkpoint, config_check, data, sharding, summary, tasks as tasks_lib
+from mtt_jax import train_step as steps, weighting, workdir as workdir_lib
 from mtt_jax.data import mixtures
 from mtt_jax.models import build_model
 from mtt_jax.prefetch import prefetch
@@ -102,9 +102,14 @@ def build(config) -> Setup:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
     train_sample = sample_batch if train_source is source else train_source.train_batch(0, config.batch_size)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+    try:
+        sharding.check_divisible(abstract_state, state_shardings)
+    except ValueError as e:
+        raise config_check.ConfigError(f"mesh {dict(mesh.shape)}: {e}") from None
     return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules,
                  model=model, method=method, tx=tx, init=init, abstract_state=abstract_state,
-                 state_shardings=sharding.tree_shardings(abstract_state, mesh, rules),
+                 state_shardings=state_shardings,
                  batch_shardings=sharding.batch_shardings(train_sample, mesh, train_source.layout),
                  seed=config.seed)
 
@@ -147,9 +152,9 @@ def compile_affinity(setup: Setup, config, schedule) -> Callable:
 def train_and_evaluate(config, workdir: str, quiet: bool = False,
                        overwrite: bool = False) -> tuple[steps.TrainState, dict]:
     is_primary = jax.process_index() == 0
+    setup = build(config)  # first: a config that cannot be sharded fails before the workdir is touched
     resuming = workdir_lib.prepare(workdir, config, overwrite)
     os.makedirs(workdir, exist_ok=True)
-    setup = build(config)
     tasks, source, mesh = setup.tasks, setup.source, setup.mesh
     layout = source.layout  # of the eval batches (the train batches may be a flat mixture)
     schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)

@@ -45,3 +45,18 @@ def test_bad_config_exits_before_any_work(tmp_path, override, expected):
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-1500:]
     assert not workdir.exists()
+
+
+def test_unshardable_model_exits_before_touching_the_workdir(tmp_path):
+    """One attention head over tensor = 2: the parameter shapes come from the built model, so this is
+    found after the config check, but still before anything is written, or cleared by --overwrite."""
+    workdir = tmp_path / "earlier_run"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text("{}\n")
+    result = run_cli(workdir, "--config.model.num_heads=1", "--config.mesh.data=1",
+                     "--config.mesh.tensor=2", "--overwrite")
+    assert result.returncode == 2
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr[-1500:]
+    assert "splits axis 0 (size 1) over tensor = 2 devices" in error_lines[0]
+    assert (workdir / "metrics.jsonl").read_text() == "{}\n"
