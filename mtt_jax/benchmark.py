@@ -23,6 +23,7 @@ run) is the conservative one.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -65,6 +66,17 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@functools.cache
+def _jitted_matmul():
+    import jax
+    return jax.jit(lambda x, y: x @ y)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 30) -> float:
     """FLOP/s of a large square matmul on the default device (the CPU's practical peak).
 
@@ -72,10 +84,9 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     fastest one is the closest to what the hardware can do (a median moved by 10-25% between runs on a
     shared 2-core machine, and MFU with it).
     """
-    import jax
     import jax.numpy as jnp
     a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
+    matmul = _jitted_matmul()  # one compilation per shape, however often the peak is measured
     matmul(a, a).block_until_ready()
     fastest = math.inf
     for _ in range(repeats):
@@ -265,8 +276,7 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv) -> None:
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"unexpected arguments {argv[1:]}")
     import jax
     from mtt_jax import config_check
 
@@ -276,8 +286,7 @@ def main(argv) -> None:
         try:
             config_check.validate(variant, jax.device_count())
         except config_check.ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(e))
     if _MOCK_DATA.value:
         import contextlib
         from mtt_jax.data import tfds_io
@@ -291,8 +300,7 @@ def main(argv) -> None:
         try:
             compiled.append(Variant(variant))
         except config_check.ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(e))
         print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
               f"unroll {variant.grad_accum_unroll}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)

@@ -2,7 +2,18 @@
 
 import jax
 
-from mtt_jax import train
+from mtt_jax import sharding, train
+
+
+def compile_step(config, grad_accum_steps: int = 1):
+    """``(setup, compiled step, device batch)``: the config's train step compiled ahead of time under its
+    mesh and axis rules (as the training loop traces it), with step 0's batch placed on the mesh."""
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
+                                 setup.batch_shardings, setup.layout)
+    with setup.context():
+        compiled = train.compile_train_step(setup, grad_accum_steps).lower(setup.create_state(), batch)
+        return setup, compiled.compile(), batch
 
 
 def first_steps(setup: train.Setup, batch, variants) -> list[tuple[dict, dict]]:

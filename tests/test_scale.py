@@ -14,7 +14,7 @@ import pytest
 from configs import default as default_config, seqtasks as seqtasks_config
 from mtt_jax import sharding, train
 from mtt_jax.train_step import TrainState
-from tests.steps import first_steps
+from tests.steps import compile_step, first_steps
 
 
 def seq_config(**mesh):
@@ -71,11 +71,8 @@ def test_data_parallel_step_splits_the_work_and_reduces_once(method):
     for data in (1, 2):
         config = seqtasks_config.get_config("tiny")
         config.weighting.name, config.mesh.data, config.mesh.num_devices = method, data, data
-        setup = train.build(config)
-        batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
-                                     setup.batch_shardings, setup.layout)
+        setup, compiled, batch = compile_step(config, 4)
         with setup.context():
-            compiled = train.compile_train_step(setup, 4).lower(setup.create_state(), batch).compile()
             state, metrics = compiled(setup.create_state(), batch)
         analysis = compiled.cost_analysis()
         flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
@@ -96,11 +93,7 @@ def test_token_lookup_is_not_replicated_on_a_three_axis_mesh():
     (as FSDP gathers every weight); looking up rows in the embed-sharded table gave embed-sharded rows
     that GSPMD could only make batch-sharded by all-gathering them on every device."""
     config = seq_config(data=2, fsdp=2, tensor=2)
-    setup = train.build(config)
-    batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
-                                 setup.batch_shardings, setup.layout)
-    with setup.context():
-        text = train.compile_train_step(setup).lower(setup.create_state(), batch).compile().as_text()
+    text = compile_step(config)[1].as_text()
     gathered = re.findall(r"= (\S+) all-gather\(.*?op_name=\"([^\"]*)\"", text)
     assert any("/embed/" in name for _, name in gathered)  # the table, gathered along embed
     rows = [(shape, name) for shape, name in gathered if name.endswith("embedding/jit(_take)/gather")]
