@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.num_devices = -1               # use the first N devices (-1: all)
     c.axis_rules = ()                     # ((logical, mesh axes), ...); empty: sharding.DEFAULT_RULES
     c.dtype = "float32"                   # compute dtype; params stay f32
+    c.attention_kernel = "auto"           # auto | cudnn | xla | einsum; auto: cuDNN on GPUs where it can
     c.grad_accum_steps = 1                # microbatches per step (batch_size is the total)
     c.grad_accum_unroll = 1               # microbatches per scan iteration (XLA overlaps their work)
     c.nonfinite = "skip"                  # skip | halt: a non-finite loss is never applied

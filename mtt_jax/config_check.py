@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+
 from mtt_jax import data, sharding, tasks as tasks_lib, weighting
 from mtt_jax.data import mixtures
 from mtt_jax.models import TASK_ATTENTION
+from mtt_jax.models.layers import ATTENTION_KERNELS
 from mtt_jax.models.trunk import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
@@ -47,6 +50,7 @@ def validate(config, num_devices: int) -> None:
     _check_mixture(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
+    _check_attention_kernel(config.get("attention_kernel", "auto"))
     requested = config.mesh.get("num_devices", -1)
     if requested > num_devices:
         raise ConfigError(f"mesh.num_devices={requested} but only {num_devices} devices are available")
@@ -126,6 +130,13 @@ def _check_model(config) -> None:
     if m.get("film", False) and not m.task_encoder:
         raise ConfigError("model.film=True conditions the blocks on the task encoder's features; "
                           "set model.task_encoder=True")
+
+
+def _check_attention_kernel(kernel: str) -> None:
+    _choice("attention_kernel", kernel, ATTENTION_KERNELS)
+    if kernel == "cudnn" and (backend := jax.default_backend()) != "gpu":
+        raise ConfigError(f"attention_kernel='cudnn' needs a GPU, and this run's backend is {backend}; "
+                          "use 'auto'")
 
 
 def _check_weighting(config) -> None:

@@ -13,7 +13,7 @@ import shutil
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
-                              "grad_accum_unroll"})
+                              "grad_accum_unroll", "attention_kernel"})
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png")
 

@@ -36,6 +36,7 @@ def test_cli_runs_end_to_end_on_a_tiny_override(tmp_path):
     ("--config.total_steps=0", "total_steps=0 must be a positive integer"),
     ("--config.mesh.data=3", "needs 3 devices"),
     ("--config.model.task_attention=everything", "model.task_attention='everything' is not valid"),
+    ("--config.attention_kernel=cudnn", "attention_kernel='cudnn' needs a GPU"),
 ])
 def test_bad_config_exits_before_any_work(tmp_path, override, expected):
     workdir = tmp_path / "never_created"
@@ -60,3 +61,19 @@ def test_unshardable_model_exits_before_touching_the_workdir(tmp_path):
     assert len(error_lines) == 1, result.stderr[-1500:]
     assert "splits axis 0 (size 1) over tensor = 2 devices" in error_lines[0]
     assert (workdir / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_a_run_resumes_with_another_attention_kernel_or_from_before_the_field_existed(tmp_path):
+    import json
+    from configs import default
+    from mtt_jax import workdir
+    config = default.get_config("tiny")
+    workdir.write_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["attention_kernel"]  # a workdir written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config.attention_kernel = "xla"
+    assert workdir.prepare(str(tmp_path), config)  # resumes: the same attention, up to float order
+    config.dtype = "bfloat16"
+    with pytest.raises(workdir.WorkdirError, match="fields: dtype"):
+        workdir.prepare(str(tmp_path), config)

@@ -235,6 +235,66 @@ def test_einsum_attention_matches_jax_dot_product_attention_values_and_gradients
     np.testing.assert_allclose(ours(q, k, v_changed), ours(q, k, v), atol=1e-6)
 
 
+def test_the_attention_kernel_is_cudnn_on_gpus_where_it_takes_the_inputs_and_einsums_elsewhere():
+    from mtt_jax.models.layers import attention_kernel
+    qk = lambda dtype=jnp.bfloat16, length=128, head_dim=64: 2 * (jnp.zeros((2, length, 4, head_dim), dtype),)
+    assert attention_kernel("auto", *qk(), "gpu") == "cudnn"
+    assert attention_kernel("auto", *qk(jnp.float16, head_dim=128), "gpu") == "cudnn"
+    assert attention_kernel("auto", *qk(jnp.float32), "gpu") == "xla"         # cuDNN: fp16 / bf16 only
+    assert attention_kernel("auto", *qk(head_dim=12), "gpu") == "xla"          # not a multiple of 8
+    assert attention_kernel("auto", *qk(head_dim=136), "gpu") == "xla"         # above 128
+    assert attention_kernel("auto", *qk(length=127), "gpu") == "xla"           # odd length
+    assert attention_kernel("auto", *qk(), "cpu") == attention_kernel("auto", *qk(), "tpu") == "einsum"
+    assert attention_kernel("xla", *qk(), "gpu") == "xla"                      # a request is kept
+
+
+def test_every_attention_kernel_off_gpu_gives_the_same_attention_and_cudnn_gets_a_full_mask():
+    from mtt_jax.models.layers import attention_mask, dot_product_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 3, 8)) for i in range(3))
+    key_mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    loss = lambda kernel: lambda q, k, v: jnp.sum(jnp.sin(dot_product_attention(q, k, v, key_mask, kernel)))
+    for kernel in ("auto", "xla"):
+        np.testing.assert_allclose(loss(kernel)(q, k, v), loss("einsum")(q, k, v), rtol=1e-5)
+        for ours, reference in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v),
+                                   jax.grad(loss("einsum"), (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+    # cuDNN refuses a mask broadcast over queries (jax-ml/jax#28974): it gets one row per query.
+    full = attention_mask(key_mask, "cudnn", query_length=6)
+    assert full.shape == (2, 1, 6, 6) and full.dtype == jnp.bool_
+    np.testing.assert_array_equal(full, jnp.broadcast_to(attention_mask(key_mask, "xla", 6), (2, 1, 6, 6)))
+    assert attention_mask(None, "cudnn", 6) is None
+
+
+def test_the_models_attention_kernel_reaches_every_block():
+    from configs import default as default_config
+    from mtt_jax.models.multitask import build_model
+    config = default_config.get_config("tiny")
+    config.attention_kernel = "xla"
+    assert build_model(config, SEQ, "multi", TOKENS).attention_kernel == "xla"
+    einsum = small_model(SEQ, "multi", TOKENS, attention_kernel="einsum")
+    xla = small_model(SEQ, "multi", TOKENS, attention_kernel="xla")
+    inputs = tokens()
+    params = nn.unbox(einsum.init(jax.random.key(0), inputs)["params"])
+    for a, b in zip(jax.tree.leaves(einsum.apply({"params": params}, inputs)[0]),
+                    jax.tree.leaves(xla.apply({"params": params}, inputs)[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the kernel is really passed down: one the layer does not know fails in every block's attention
+    with pytest.raises(ValueError, match="Unsupported implementation option"):
+        small_model(SEQ, "multi", TOKENS, attention_kernel="nope").apply({"params": params}, inputs)
+
+
+def test_attention_kernel_cudnn_off_gpu_is_a_one_line_config_error():
+    from configs import default as default_config
+    from mtt_jax import config_check
+    config = default_config.get_config("tiny")
+    config.attention_kernel = "cudnn"
+    with pytest.raises(config_check.ConfigError, match="attention_kernel='cudnn' needs a GPU.*cpu"):
+        config_check.validate(config, num_devices=8)
+    config.attention_kernel = "flash"
+    with pytest.raises(config_check.ConfigError, match="attention_kernel='flash' is not valid"):
+        config_check.validate(config, num_devices=8)
+
+
 def test_dense_matmul_and_its_gradients_equal_the_plain_matmul():
     from mtt_jax.models.layers import matmul
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 16))

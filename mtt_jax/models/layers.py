@@ -72,35 +72,80 @@ def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1) * mask
 
 
+ATTENTION_KERNELS = ("auto", "cudnn", "xla", "einsum")
+
+
+def cudnn_attention_supported(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array) -> bool:
+    """Whether cuDNN's fused attention takes these inputs in training (the conditions that
+    `jax.nn.dot_product_attention(implementation="cudnn")` checks): fp16 / bf16, a head dim that is a
+    multiple of 8 and at most 128 (256 from Hopper on; 128 holds everywhere), and even sequence
+    lengths, which its backward with a mask needs."""
+    head_dim = q_BxLxHxK.shape[-1]
+    return (q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+            and q_BxLxHxK.shape[1] % 2 == 0 and k_BxSxHxK.shape[1] % 2 == 0)
+
+
+def attention_kernel(requested: str, q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array,
+                     backend: str) -> str:
+    """The attention implementation to run: ``requested`` unless it is ``"auto"``, which picks cuDNN's
+    fused kernel on GPUs where it takes the inputs, XLA's attention on other GPU inputs, and einsums
+    on CPUs and TPUs. (``jax.nn.dot_product_attention``'s own default is XLA's attention even on GPUs.)"""
+    if requested != "auto":
+        return requested
+    if backend == "gpu":
+        return "cudnn" if cudnn_attention_supported(q_BxLxHxK, k_BxSxHxK) else "xla"
+    return "einsum"
+
+
+def attention_mask(key_mask_BxS: jax.Array | None, kernel: str, query_length: int) -> jax.Array | None:
+    """``jax.nn.dot_product_attention``'s boolean mask for a key mask: ``[B, 1, 1, S]``, or
+    ``[B, 1, L, S]`` for cuDNN, which reads the mask as a bias spanning queries and keys and refuses
+    a broadcast one (jax-ml/jax#28974)."""
+    if key_mask_BxS is None:
+        return None
+    mask_Bx1x1xS = key_mask_BxS[:, None, None, :].astype(bool)
+    if kernel != "cudnn":
+        return mask_Bx1x1xS
+    batch, _, _, keys = mask_Bx1x1xS.shape
+    return jnp.broadcast_to(mask_Bx1x1xS, (batch, 1, query_length, keys))
+
+
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
-                          key_mask_BxS: jax.Array | None = None) -> jax.Array:
+                          key_mask_BxS: jax.Array | None = None, kernel: str = "auto") -> jax.Array:
     """softmax(q k^T / sqrt(K)) v per head (Vaswani et al. 2017, eq. 1), keys where ``key_mask`` is 0
     left out.
 
-    On GPUs: `jax.nn.dot_product_attention`, which runs the cuDNN fused kernel where the shapes and
-    dtype allow and XLA's own attention where they do not. Elsewhere: two einsums around an f32
-    softmax, the same computation as `jax.nn.dot_product_attention`'s XLA path without its grouped-query
-    reshapes, which cost XLA:CPU a transpose of the probabilities per head and made attention's forward
-    and backward ~25% slower on the benchmark's shapes.
+    ``kernel`` (`attention_kernel`; ``"auto"`` by default): ``"cudnn"`` is cuDNN's fused kernel and
+    ``"xla"`` XLA's attention, both through `jax.nn.dot_product_attention`. ``"einsum"`` is two
+    einsums around an f32 softmax. That is the same computation as XLA's path without its grouped-query
+    reshapes, which cost XLA:CPU a transpose of the probabilities per head and made attention's
+    forward and backward ~25% slower on the benchmark's shapes. A query whose keys are all masked gets
+    0 from einsums and the mean of the values from the others (only fully padded examples have such
+    queries, and their outputs are never read).
     """
-    mask_Bx1x1xS = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :].astype(bool)
-    if jax.default_backend() == "gpu":
-        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1x1xS)
+    kernel = attention_kernel(kernel, q_BxLxHxK, k_BxSxHxK, jax.default_backend())
+    if kernel != "einsum":
+        mask = attention_mask(key_mask_BxS, kernel, q_BxLxHxK.shape[1])
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask,
+                                            implementation=kernel)
     scale = q_BxLxHxK.shape[-1] ** -0.5
     logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype),
                                 k_BxSxHxK, preferred_element_type=jnp.float32)
-    probs_BxHxLxS = (jax.nn.softmax(logits_BxHxLxS, axis=-1) if mask_Bx1x1xS is None else
-                     masked_softmax(logits_BxHxLxS, mask_Bx1x1xS)).astype(v_BxSxHxK.dtype)
+    probs_BxHxLxS = (jax.nn.softmax(logits_BxHxLxS, axis=-1) if key_mask_BxS is None else
+                     masked_softmax(logits_BxHxLxS, key_mask_BxS[:, None, None, :].astype(bool))
+                     ).astype(v_BxSxHxK.dtype)
     return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
 
 
 class MultiHeadSelfAttention(nn.Module):
     """Scaled dot-product self-attention (Vaswani et al. 2017, eq. 1) over ``x_BxLxD``.
 
-    The attention itself is `dot_product_attention`: the cuDNN fused kernel on GPUs, einsums elsewhere.
+    The attention itself is `dot_product_attention`, with ``implementation`` as its ``kernel`` (``"auto"``: cuDNN's fused
+    kernel on GPUs where it takes the inputs, einsums on CPUs and TPUs).
     """
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None = None) -> jax.Array:
@@ -113,7 +158,8 @@ class MultiHeadSelfAttention(nn.Module):
             return HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(x_BxLxD)
 
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
-        out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, key_mask_BxL)
+        out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, key_mask_BxL,
+                                            self.implementation)
         return HeadsProjection(self.num_heads, head_dim, to_heads=False, dtype=self.dtype,
                                name="out")(out_BxLxHxK)
 
@@ -205,6 +251,7 @@ class EncoderBlock(nn.Module):
     num_experts: int = 4
     num_tasks: int = 0
     film: bool = False
+    attention_kernel: str = "auto"   # `dot_product_attention`'s kernel
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -217,8 +264,8 @@ class EncoderBlock(nn.Module):
             if self.film:
                 normed = TaskFiLM(self.dtype, name=f"film_{name}")(normed, task_ids_BxL, task_features_TxD)
             return normed
-        h = MultiHeadSelfAttention(self.num_heads, self.dtype, name="attention")(norm("attention"),
-                                                                                key_mask_BxL)
+        h = MultiHeadSelfAttention(self.num_heads, self.dtype, self.attention_kernel,
+                                   name="attention")(norm("attention"), key_mask_BxL)
         x_BxLxD = constrain(x_BxLxD + drop(h))
         normed = norm("mlp")
         if self.ffn == "dense":

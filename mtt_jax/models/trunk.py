@@ -117,6 +117,7 @@ class Trunk(nn.Module):
     num_experts: int = 4
     num_tasks: int = 0
     film: bool = False        # task-conditioned LayerNorms (`mtt_jax.models.layers.TaskFiLM`)
+    attention_kernel: str = "auto"   # `mtt_jax.models.layers.dot_product_attention`'s kernel
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -130,7 +131,7 @@ class Trunk(nn.Module):
         x_BxLxD = nn.Dropout(self.dropout_rate)(constrain(x_BxLxD), deterministic=not train)
         for i in range(self.num_layers):
             x_BxLxD = block_cls(self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, self.ffn,
-                                self.num_experts, self.num_tasks, self.film,
+                                self.num_experts, self.num_tasks, self.film, self.attention_kernel,
                                 name=f"block_{i}")(x_BxLxD, key_mask_BxL, train, task_ids_BxL,
                                                    task_features_TxD)
         return layer_norm("ln_final", self.dtype)(x_BxLxD)
