@@ -283,6 +283,34 @@ def test_the_models_attention_kernel_reaches_every_block():
         small_model(SEQ, "multi", TOKENS, attention_kernel="nope").apply({"params": params}, inputs)
 
 
+CUDNN_ATTENTION = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward")
+
+
+def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(monkeypatch):
+    """No GPU here, so the model's gradient is lowered for CUDA with JAX's cuDNN version and compute
+    capability probes stubbed: every check ``jax.nn.dot_product_attention`` makes of the inputs and
+    the mask runs, and the HLO must hold cuDNN's fused forward and backward (the mask as a bias)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)
+    model = small_model(SEQ, "multi", TOKENS, attention_kernel="cudnn", dtype=jnp.bfloat16)
+    inputs = tokens()
+    params = nn.unbox(model.clone(attention_kernel="einsum").init(jax.random.key(0), inputs)["params"])
+    outputs = lambda p: jax.tree.leaves(model.apply({"params": p}, inputs)[0])
+    loss = lambda p: sum(jnp.sum(o.astype(jnp.float32)) for o in outputs(p))
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target) for target in CUDNN_ATTENTION]
+    exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["cuda"], disabled_checks=checks)
+    hlo = exported(params).mlir_module()
+    for target in CUDNN_ATTENTION:
+        assert f"custom_call @{target}(" in hlo
+    assert "tensor<12x1x16x16xbf16>" in hlo  # 4 tasks x 3 examples, the key mask over 16 queries
+    # What the full mask avoids: a mask broadcast over queries is refused (jax-ml/jax#28974).
+    q = jnp.zeros((2, 16, 4, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="Bias must have same seq length"):
+        jax.nn.dot_product_attention(q, q, q, mask=jnp.ones((2, 1, 1, 16), bool), implementation="cudnn")
+
+
 def test_attention_kernel_cudnn_off_gpu_is_a_one_line_config_error():
     from configs import default as default_config
     from mtt_jax import config_check

@@ -140,8 +140,8 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
 class MultiHeadSelfAttention(nn.Module):
     """Scaled dot-product self-attention (Vaswani et al. 2017, eq. 1) over ``x_BxLxD``.
 
-    The attention itself is `dot_product_attention`, with ``implementation`` as its ``kernel`` (``"auto"``: cuDNN's fused
-    kernel on GPUs where it takes the inputs, einsums on CPUs and TPUs).
+    The attention itself is `dot_product_attention`, with ``implementation`` as its ``kernel``
+    (``"auto"``: cuDNN's fused kernel on GPUs where it takes the inputs, einsums on CPUs and TPUs).
     """
     num_heads: int
     dtype: Dtype = jnp.float32
