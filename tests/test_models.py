@@ -236,16 +236,16 @@ def test_einsum_attention_matches_jax_dot_product_attention_values_and_gradients
 
 
 def test_the_attention_kernel_is_cudnn_on_gpus_where_it_takes_the_inputs_and_einsums_elsewhere():
-    from mtt_jax.models.layers import attention_kernel
+    from mtt_jax.models.layers import select_attention_kernel as select
     qk = lambda dtype=jnp.bfloat16, length=128, head_dim=64: 2 * (jnp.zeros((2, length, 4, head_dim), dtype),)
-    assert attention_kernel("auto", *qk(), "gpu") == "cudnn"
-    assert attention_kernel("auto", *qk(jnp.float16, head_dim=128), "gpu") == "cudnn"
-    assert attention_kernel("auto", *qk(jnp.float32), "gpu") == "xla"         # cuDNN: fp16 / bf16 only
-    assert attention_kernel("auto", *qk(head_dim=12), "gpu") == "xla"          # not a multiple of 8
-    assert attention_kernel("auto", *qk(head_dim=136), "gpu") == "xla"         # above 128
-    assert attention_kernel("auto", *qk(length=127), "gpu") == "xla"           # odd length
-    assert attention_kernel("auto", *qk(), "cpu") == attention_kernel("auto", *qk(), "tpu") == "einsum"
-    assert attention_kernel("xla", *qk(), "gpu") == "xla"                      # a request is kept
+    assert select("auto", *qk(), "gpu") == "cudnn"
+    assert select("auto", *qk(jnp.float16, head_dim=128), "gpu") == "cudnn"
+    assert select("auto", *qk(jnp.float32), "gpu") == "xla"  # cuDNN: fp16 / bf16 only
+    assert select("auto", *qk(head_dim=12), "gpu") == "xla"  # not a multiple of 8
+    assert select("auto", *qk(head_dim=136), "gpu") == "xla"  # above 128
+    assert select("auto", *qk(length=127), "gpu") == "xla"  # odd length
+    assert select("auto", *qk(), "cpu") == select("auto", *qk(), "tpu") == "einsum"
+    assert select("xla", *qk(), "gpu") == "xla"  # a request is kept
 
 
 def test_every_attention_kernel_off_gpu_gives_the_same_attention_and_cudnn_gets_a_full_mask():

@@ -85,7 +85,7 @@ def cudnn_attention_supported(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array) -> boo
             and q_BxLxHxK.shape[1] % 2 == 0 and k_BxSxHxK.shape[1] % 2 == 0)
 
 
-def attention_kernel(requested: str, q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array,
+def select_attention_kernel(requested: str, q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array,
                      backend: str) -> str:
     """The attention implementation to run: ``requested`` unless it is ``"auto"``, which picks cuDNN's
     fused kernel on GPUs where it takes the inputs, XLA's attention on other GPU inputs, and einsums
@@ -115,7 +115,7 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
     """softmax(q k^T / sqrt(K)) v per head (Vaswani et al. 2017, eq. 1), keys where ``key_mask`` is 0
     left out.
 
-    ``kernel`` (`attention_kernel`; ``"auto"`` by default): ``"cudnn"`` is cuDNN's fused kernel and
+    ``kernel`` (`select_attention_kernel`; ``"auto"`` by default): ``"cudnn"`` is cuDNN's fused kernel and
     ``"xla"`` XLA's attention, both through `jax.nn.dot_product_attention`. ``"einsum"`` is two
     einsums around an f32 softmax. That is the same computation as XLA's path without its grouped-query
     reshapes, which cost XLA:CPU a transpose of the probabilities per head and made attention's
@@ -123,7 +123,7 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
     0 from einsums and the mean of the values from the others (only fully padded examples have such
     queries, and their outputs are never read).
     """
-    kernel = attention_kernel(kernel, q_BxLxHxK, k_BxSxHxK, jax.default_backend())
+    kernel = select_attention_kernel(kernel, q_BxLxHxK, k_BxSxHxK, jax.default_backend())
     if kernel != "einsum":
         mask = attention_mask(key_mask_BxS, kernel, q_BxLxHxK.shape[1])
         return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask,
