@@ -2,8 +2,11 @@
 
 import os
 
+# The suite's cost is compiling, not running, its tiny programs: LLVM's cheaper pipeline compiles them
+# about 30% faster (a cold test_zoo subset: 45 s -> 32 s). Test processes only; subprocesses inherit it.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Test subprocesses (CLI, resume, multi-process) compile the same programs again: share a persistent
 # compilation cache between them so each program compiles once per test session.
