@@ -124,16 +124,15 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
     queries, and their outputs are never read).
     """
     kernel = select_attention_kernel(kernel, q_BxLxHxK, k_BxSxHxK, jax.default_backend())
+    mask = attention_mask(key_mask_BxS, kernel, q_BxLxHxK.shape[1])
     if kernel != "einsum":
-        mask = attention_mask(key_mask_BxS, kernel, q_BxLxHxK.shape[1])
         return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask,
                                             implementation=kernel)
     scale = q_BxLxHxK.shape[-1] ** -0.5
     logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype),
                                 k_BxSxHxK, preferred_element_type=jnp.float32)
-    probs_BxHxLxS = (jax.nn.softmax(logits_BxHxLxS, axis=-1) if key_mask_BxS is None else
-                     masked_softmax(logits_BxHxLxS, key_mask_BxS[:, None, None, :].astype(bool))
-                     ).astype(v_BxSxHxK.dtype)
+    probs_BxHxLxS = (jax.nn.softmax(logits_BxHxLxS, axis=-1) if mask is None else
+                     masked_softmax(logits_BxHxLxS, mask)).astype(v_BxSxHxK.dtype)
     return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
 
 
