@@ -6,14 +6,17 @@
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 8,16,32 --unrolls 1,2,4
     python -m mtt_jax.benchmark --config configs/benchmark.py --paired_peak
+    python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 --attention_kernels auto,xla
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports
 the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and
 MFU, peak memory per device, and, with ``--loop``, the time per step of the real input pipeline + step
 loop and the fraction of it spent waiting on the host. On CPU the peak is measured in the same run with
-a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes) run
-side by side in one process, so their ratios compare like with like.
+a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes x
+microbatching x attention kernels) run side by side in one process, so their ratios compare like with
+like. The attention column counts the cuDNN fused attention calls in the lowered step
+(`cudnn_attention_calls`), so a GPU row says whether cuDNN's kernel ran.
 
 ``--paired_peak`` (CPU) also measures the peak between the rounds of timed steps and reports the median
 and range of each round's MFU against the better of the two peaks around it. On a shared or throttling
@@ -27,6 +30,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -42,6 +46,9 @@ _GRAD_ACCUMS = flags.DEFINE_list("grad_accums", [], "Microbatches per step to co
                                  "(the same update, computed in pieces).")
 _UNROLLS = flags.DEFINE_list("unrolls", [], "Microbatches per scan iteration to compare, e.g. 1,2,4 "
                              "(``grad_accum_unroll``: independent chains of work for the cores).")
+_ATTENTION_KERNELS = flags.DEFINE_list(
+    "attention_kernels", [], "Attention kernels to compare (``attention_kernel``: auto, cudnn, xla, "
+    "einsum), e.g. cudnn,xla on a GPU.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
@@ -133,7 +140,9 @@ class Variant:
                                           setup.batch_shardings, setup.layout)
         start = time.perf_counter()
         with setup.context():  # trace as the training loop does: under the mesh and the axis rules
-            self.compiled = step_fn.lower(self.state, self.batch).compile()
+            lowered = step_fn.lower(self.state, self.batch)
+            self.compiled = lowered.compile()
+        self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
         self.compile_seconds = time.perf_counter() - start
         self.times: list[float] = []
         for _ in range(3):  # warm-up
@@ -166,6 +175,8 @@ class Variant:
             "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
             "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps,
             "grad_accum_unroll": config.get("grad_accum_unroll", 1),
+            "attention_kernel": config.get("attention_kernel", "auto"),
+            "cudnn_attention_calls": self.cudnn_attention_calls,
             "step_ms": 1e3 * step_seconds, "step_ms_per_round": [1e3 * t for t in self.times],
             "compile_s": self.compile_seconds,
             "examples_per_s": sequences / step_seconds,
@@ -187,6 +198,14 @@ class Variant:
         if loop:
             result.update(time_loop(config, setup, self.compiled, self, steps))
         return result
+
+
+def cudnn_attention_calls(lowered_text: str) -> dict[str, int]:
+    """Call sites of cuDNN's fused attention in a lowered program (the StableHLO custom calls
+    ``@__cudnn$fmha...(``), forward and backward apart; a call inside a loop counts once."""
+    targets = re.findall(r'@(__cudnn\$fmha\w*)\(', lowered_text)
+    backward = sum(t.endswith("Backward") for t in targets)
+    return {"forward": len(targets) - backward, "backward": backward}
 
 
 def host_batch_seconds(config, setup, repeats: int = 20) -> float:
@@ -240,28 +259,37 @@ def variants(config):
     dtypes = _DTYPES.value or [config.dtype]
     accums = [int(a) for a in _GRAD_ACCUMS.value] or [config.grad_accum_steps]
     unrolls = [int(u) for u in _UNROLLS.value] or [config.get("grad_accum_unroll", 1)]
-    for method, mesh, dtype, accum, unroll in itertools.product(methods, meshes, dtypes, accums, unrolls):
+    kernels = _ATTENTION_KERNELS.value or [config.get("attention_kernel", "auto")]
+    for method, mesh, dtype, accum, unroll, kernel in itertools.product(methods, meshes, dtypes, accums,
+                                                                         unrolls, kernels):
         variant = config.copy_and_resolve_references()
         variant.weighting.name, variant.dtype, variant.grad_accum_steps = method, dtype, accum
-        variant.grad_accum_unroll = unroll
+        variant.grad_accum_unroll, variant.attention_kernel = unroll, kernel
         if mesh:
             variant.mesh.data, variant.mesh.fsdp, variant.mesh.tensor = (int(v) for v in mesh.split("x"))
         yield variant
 
 
+def attention_label(row: dict) -> str:
+    """``auto``, or ``auto (cuDNN 12+12)`` where the step calls cuDNN's fused attention forward + backward."""
+    calls = row["cudnn_attention_calls"]
+    if not calls["forward"] + calls["backward"]:
+        return row["attention_kernel"]
+    return f"{row['attention_kernel']} (cuDNN {calls['forward']}+{calls['backward']})"
+
+
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
-    lines = ["| method | mesh | dtype | accum | unroll | step ms | x first | compile s | examples/s | tokens/s | "
-             "TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
+    lines = ["| method | mesh | dtype | accum | unroll | attention | step ms | x first | compile s | examples/s | "
+             "tokens/s | TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
              (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
-             "|---" * (16 + paired + 2 * loop) + "|"]
+             "|---" * (17 + paired + 2 * loop) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
         line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['grad_accum_steps']} | "
-                f"{r['grad_accum_unroll']} | "
-                f"{r['step_ms']:.1f} | "
+                f"{r['grad_accum_unroll']} | {attention_label(r)} | {r['step_ms']:.1f} | "
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
                 f"{r['model_tflops_per_step']:.4f} | {r['achieved_tflops_per_s']:.3f} | "
                 f"{100 * r['mfu']:.1f}% | {memory} | {r['host_batch_ms']:.2f} | {r['step_over_host']:.0f} |")
@@ -302,7 +330,7 @@ def main(argv) -> None:
         except config_check.ConfigError as e:
             _fail(str(e))
         print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
-              f"unroll {variant.grad_accum_unroll}: "
+              f"unroll {variant.grad_accum_unroll} attention {variant.attention_kernel}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)
     paired = _PAIRED_PEAK.value and peak_source.startswith("measured")
     boundary_peaks = [measured_matmul_peak(repeats=3)] if paired else []

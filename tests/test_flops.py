@@ -41,21 +41,24 @@ def test_mfu():
     assert flops.model_flops_utilization(50.0, 1.0, 100.0) == pytest.approx(0.5)
 
 
-def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
-    """The CLI end to end: one row per variant, the same model FLOPs, MFU against the measured peak."""
-    import json
+def run_benchmark(*args):
+    """`python -m mtt_jax.benchmark` on the tiny default config, one CPU device."""
     import os
-    import statistics
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "bench.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    result = subprocess.run(
-        [sys.executable, "-m", "mtt_jax.benchmark", "--config=configs/default.py:tiny", "--steps=2",
-         "--grad_accums=1,2", "--unrolls=1,2", "--paired_peak", f"--out={out}",
-         f"--profile={tmp_path / 'trace'}"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mtt_jax.benchmark", "--config=configs/default.py:tiny",
+                           *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
+    """The CLI end to end: one row per variant, the same model FLOPs, MFU against the measured peak."""
+    import json
+    import statistics
+    out = tmp_path / "bench.json"
+    result = run_benchmark("--steps=2", "--grad_accums=1,2", "--unrolls=1,2", "--paired_peak",
+                           f"--out={out}", f"--profile={tmp_path / 'trace'}")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["peak_source"].startswith("measured") and report["peak_flops_per_device"] > 1e9
@@ -78,6 +81,22 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     assert "| accum | unroll |" in result.stdout and "MFU paired (range)" in result.stdout
     profile = result.stdout.split("XLA op time by source op")[1]
     assert "trunk/block_*/" in profile and "dot_general |" in profile and "% |" in profile
+
+
+def test_benchmark_compares_attention_kernels_and_refuses_cudnn_off_a_gpu(tmp_path):
+    import json
+    out = tmp_path / "bench.json"
+    result = run_benchmark("--steps=1", "--attention_kernels=einsum,xla", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["attention_kernel"] for r in rows] == ["einsum", "xla"]
+    assert all(r["cudnn_attention_calls"] == {"forward": 0, "backward": 0} for r in rows)  # a CPU
+    assert rows[0]["model_tflops_per_step"] == rows[1]["model_tflops_per_step"]
+    assert "| 1 | 1 | einsum |" in result.stdout and "| 1 | 1 | xla |" in result.stdout
+    refused = run_benchmark("--attention_kernels=xla,cudnn", f"--out={tmp_path / 'no.json'}")
+    assert refused.returncode == 2 and not (tmp_path / "no.json").exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and "cudnn" in refused.stderr
+    assert "compiled" not in refused.stdout  # refused before any work
 
 
 def test_source_labels_fold_layers_and_mark_the_pass():

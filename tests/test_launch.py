@@ -161,7 +161,7 @@ def test_tpu_help():
 
 @needs_bash
 def test_scripts_parse():
-    for script in (TPU, SBATCH):
+    for script in (TPU, SBATCH, os.path.join(REPO, "launch", "gpu_check.sh")):
         r = subprocess.run([BASH, "-n", script], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
 

@@ -298,6 +298,8 @@ def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(m
     hlo = exported(params).mlir_module()
     for target in CUDNN_ATTENTION:
         assert f"custom_call @{target}(" in hlo
+    from mtt_jax.benchmark import cudnn_attention_calls  # the benchmark's column reads the same text
+    assert cudnn_attention_calls(hlo) == {"forward": 1, "backward": 1}  # one layer
     assert "tensor<12x1x16x16xbf16>" in hlo  # 4 tasks x 3 examples, the key mask over 16 queries
     # What the full mask avoids: a mask broadcast over queries is refused (jax-ml/jax#28974).
     q = jnp.zeros((2, 16, 4, 8), jnp.bfloat16)
