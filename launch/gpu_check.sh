@@ -3,11 +3,12 @@
 #   1. the GPU-only tests (tests/test_gpu.py): cuDNN's fused attention against einsums, values and
 #      gradients, and a bf16 train step that calls it in every layer;
 #   2. the benchmark of the `base` model in bf16 (12 layers, d_model 768, 49k tokens per step), with
-#      cuDNN's attention (`auto`) and XLA's side by side; MFU against the datasheet bf16 peak.
+#      cuDNN's attention (`auto`) and XLA's side by side; MFU against the datasheet bf16 peak, and the
+#      GPU time of the first variant by source op (a `jax.profiler` trace in OUT_DIR/trace).
 #
 #   bash launch/gpu_check.sh [OUT_DIR]        # default /tmp/mtt_jax_gpu_check; about 5 minutes on an H200
 #
-# Writes OUT_DIR/{versions.txt,test_gpu.txt,benchmark.txt,benchmark.json}. Both steps always run;
+# Writes OUT_DIR/{versions.txt,test_gpu.txt,benchmark.txt,benchmark.json,trace/}. Both steps always run;
 # the exit status is non-zero if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,8 @@ python -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/
 tests=$?
 
 python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 \
-    --attention_kernels auto,xla --steps "$steps" --out "$out/benchmark.json" 2>&1 | tee "$out/benchmark.txt"
+    --attention_kernels auto,xla --steps "$steps" --out "$out/benchmark.json" --profile "$out/trace" \
+    2>&1 | tee "$out/benchmark.txt"
 benchmark=$?
 
 echo "gpu_check: tests exit ${tests}, benchmark exit ${benchmark}; results in ${out}"

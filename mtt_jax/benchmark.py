@@ -6,7 +6,8 @@
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 8,16,32 --unrolls 1,2,4
     python -m mtt_jax.benchmark --config configs/benchmark.py --paired_peak
-    python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 --attention_kernels auto,xla
+    python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 \
+        --attention_kernels auto,xla    # on a GPU
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports
@@ -282,8 +283,8 @@ def attention_label(row: dict) -> str:
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
-    lines = ["| method | mesh | dtype | accum | unroll | attention | step ms | x first | compile s | examples/s | "
-             "tokens/s | TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
+    lines = ["| method | mesh | dtype | accum | unroll | attention | step ms | x first | compile s | "
+             "examples/s | tokens/s | TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
              (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
              "|---" * (17 + paired + 2 * loop) + "|"]
     for r in results:
