@@ -9,9 +9,9 @@ table of a few rows says which part of the model dominates.
 
 Which events count: on XLA:CPU every instruction (thunk) is one event on a host thread, named after the
 instruction. On a GPU the kernels are events of the device planes (``/device:GPU:N``) with the
-instruction in their ``hlo_op`` stat (or one event per op on a derived "XLA Ops" line, then read
-alone); the host threads there only launch them, so where device planes hold matching events, only
-they count. The GPU reading is tested on a synthetic profile only: no GPU trace has been read yet.
+instruction in their ``hlo_op`` stat; the host threads there only launch them, so where device planes
+hold such kernels, only they count. The GPU reading is tested on a synthetic profile only: no GPU
+trace has been read yet.
 """
 
 from __future__ import annotations
@@ -67,30 +67,30 @@ def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text:
     return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps)
 
 
-def event_instruction(event, labels: dict[str, str]) -> str | None:
-    """The HLO instruction an event ran: its name (XLA:CPU thunks) or its ``hlo_op`` stat (GPU kernels)."""
-    if event.name in labels:
-        return event.name
+def thunk_instruction(event, labels: dict[str, str]) -> str | None:
+    """XLA:CPU: a thunk's event is named after its instruction."""
+    return event.name if event.name in labels else None
+
+
+def kernel_instruction(event, labels: dict[str, str]) -> str | None:
+    """GPU: a kernel names its instruction in its ``hlo_op`` stat, enclosing ops first where there are
+    several (``while.3::fusion.12``); the innermost one that is in the HLO."""
     for name, value in event.stats:
-        if name == "hlo_op" and value in labels:
-            return value
+        if name == "hlo_op":
+            return next((op for op in reversed(str(value).split("::")) if op in labels), None)
     return None
 
 
-def op_lines(plane):
-    """A plane's lines to read: where the profiler derived an "XLA Ops" line (one event per op, spanning
-    its kernels), that line alone, so that an op is not counted once there and again in its kernels."""
-    return [line for line in plane.lines if line.name == "XLA Ops"] or list(plane.lines)
-
-
 def rows_by_source_op(planes, labels: dict[str, str], num_steps: int) -> list[OpTime]:
-    """Event time by source op, per step; device planes only where they hold matching events."""
-    def matched(plane_list):
-        return [(instruction, event.duration_ns) for plane in plane_list for line in op_lines(plane)
-                for event in line.events
-                if (instruction := event_instruction(event, labels)) is not None]
+    """Event time by source op, per step: the kernels of the device planes where there are any (lines
+    the profiler derives there, such as "XLA Ops", carry no ``hlo_op`` and would count a loop and its
+    kernels twice), else the host's thunks."""
+    def matched(plane_list, instruction_of):
+        return [(instruction, event.duration_ns) for plane in plane_list for line in plane.lines
+                for event in line.events if (instruction := instruction_of(event, labels)) is not None]
     planes = list(planes)
-    events = matched([p for p in planes if p.name.startswith("/device:")]) or matched(planes)
+    events = (matched([p for p in planes if p.name.startswith("/device:")], kernel_instruction) or
+              matched([p for p in planes if not p.name.startswith("/device:")], thunk_instruction))
     nanoseconds, counts = collections.Counter(), collections.defaultdict(set)
     for instruction, duration in events:
         nanoseconds[labels[instruction]] += duration
