@@ -9,22 +9,24 @@
 #   bash launch/gpu_check.sh [OUT_DIR]        # default /tmp/mtt_jax_gpu_check; about 5 minutes on an H200
 #
 # Writes OUT_DIR/{versions.txt,test_gpu.txt,benchmark.txt,benchmark.json,trace/}. Both steps always run;
-# the exit status is non-zero if either failed.
+# the exit status is non-zero if either failed. STEPS (timed steps, default 20) and PYTHON (default
+# python3) can be set in the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/mtt_jax_gpu_check}
 steps=${STEPS:-20}
+python=${PYTHON:-python3}
 mkdir -p "$out" || exit 2
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+  "$python" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
              'optax', optax.__version__, jax.devices())"; } 2>&1 | tee "$out/versions.txt" || exit 1
 
-python -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt"
+"$python" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt"
 tests=$?
 
-python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 \
+"$python" -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 \
     --attention_kernels auto,xla --steps "$steps" --out "$out/benchmark.json" --profile "$out/trace" \
     2>&1 | tee "$out/benchmark.txt"
 benchmark=$?
