@@ -144,8 +144,8 @@ class Variant:
         with setup.context():  # trace as the training loop does: under the mesh and the axis rules
             lowered = step_fn.lower(self.state, self.batch)
             self.compiled = lowered.compile()
-        self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
         self.compile_seconds = time.perf_counter() - start
+        self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
         self.times: list[float] = []
         for _ in range(3):  # warm-up
             self.step()
