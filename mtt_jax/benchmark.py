@@ -133,10 +133,7 @@ class Variant:
 
         self.config = config
         self.setup = setup = train.build(config)
-        step_fn = train.compile_train_step(setup, config.grad_accum_steps,
-                                           config.weighting.get("rep_grad", False),
-                                           config.weighting.get("diagnostics_every", 0),
-                                           config.get("grad_accum_unroll", 1))
+        step_fn = train.config_train_step(setup, config)
         self.state = setup.create_state()
         self.batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
                                           setup.batch_shardings, setup.layout)

@@ -127,6 +127,13 @@ def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool =
         out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
+def config_train_step(setup: Setup, config) -> Callable:
+    """`compile_train_step` with the config's microbatching, representation gradients and diagnostics."""
+    return compile_train_step(setup, config.grad_accum_steps, config.weighting.get("rep_grad", False),
+                              config.weighting.get("diagnostics_every", 0),
+                              config.get("grad_accum_unroll", 1))
+
+
 def train_batches(setup: Setup, config, first_step: int, last_step: int):
     """``(step, device batch)`` for the steps in ``[first_step, last_step)``, built ahead on a host
     thread; each process builds only its rows."""
@@ -174,9 +181,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
 
     # --- Update and eval steps --------------------------------------------------------------------------
     diagnostics_every = config.weighting.get("diagnostics_every", 0)
-    train_step = compile_train_step(setup, config.grad_accum_steps,
-                                    config.weighting.get("rep_grad", False), diagnostics_every,
-                                    config.get("grad_accum_unroll", 1))
+    train_step = config_train_step(setup, config)
     gradient_method = setup.method.requires != "losses"
     affinity_every = config.affinity.every if config.get("affinity") else 0
     affinity_fn = compile_affinity(setup, config, schedule) if affinity_every else None

@@ -86,7 +86,7 @@ def cudnn_attention_supported(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array) -> boo
 
 
 def select_attention_kernel(requested: str, q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array,
-                     backend: str) -> str:
+                            backend: str) -> str:
     """The attention implementation to run: ``requested`` unless it is ``"auto"``, which picks cuDNN's
     fused kernel on GPUs where it takes the inputs, XLA's attention on other GPU inputs, and einsums
     on CPUs and TPUs. (``jax.nn.dot_product_attention``'s own default is XLA's attention even on GPUs.)"""
