@@ -17,7 +17,10 @@ loop and the fraction of it spent waiting on the host. On CPU the peak is measur
 a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes x
 microbatching x attention kernels) run side by side in one process, so their ratios compare like with
 like. The attention column counts the cuDNN fused attention calls in the lowered step
-(`cudnn_attention_calls`), so a GPU row says whether cuDNN's kernel ran.
+(`cudnn_attention_calls`), so a GPU row says whether cuDNN's kernel ran. ``HLO matmuls / model`` is the
+lowered step's matmul FLOPs (`step_matmul_flops`) over the formula's: about 1 for loss-weighting methods,
+which checks the MFU's numerator against the traced program; above 1 for gradient methods, by their
+per-task backward passes. With a 16-bit dtype it adds the share of matmul FLOPs with 16-bit operands.
 
 ``--paired_peak`` (CPU) also measures the peak between the rounds of timed steps and reports the median
 and range of each round's MFU against the better of the two peaks around it. On a shared or throttling
@@ -143,6 +146,8 @@ class Variant:
             self.compiled = lowered.compile()
         self.compile_seconds = time.perf_counter() - start
         self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
+        self.matmul_flops = step_matmul_flops(config, setup, self.state, self.batch,
+                                              lowered if config.grad_accum_steps == 1 else None)
         self.times: list[float] = []
         for _ in range(3):  # warm-up
             self.step()
@@ -181,6 +186,9 @@ class Variant:
             "examples_per_s": sequences / step_seconds,
             "tokens_per_s": sequences * length / step_seconds if length else None,
             "model_tflops_per_step": count.training / 1e12,
+            "hlo_matmul_tflops_per_step": sum(self.matmul_flops.values()) / 1e12,
+            "hlo_matmul_over_model": sum(self.matmul_flops.values()) / count.training,
+            "low_precision_matmul_share": flops.low_precision_share(self.matmul_flops),
             "achieved_tflops_per_s": count.training / step_seconds / 1e12,
             "mfu": flops.model_flops_utilization(count.training / setup.mesh.devices.size, step_seconds,
                                                  peak),
@@ -197,6 +205,23 @@ class Variant:
         if loop:
             result.update(time_loop(config, setup, self.compiled, self, steps))
         return result
+
+
+def step_matmul_flops(config, setup, state, batch, lowered=None) -> dict[str, float]:
+    """Matmul FLOPs of the config's train step as XLA sees it (`flops.hlo_matmul_flops`, by operand
+    dtypes): the step lowered (not compiled) without microbatching, whose scan would count one
+    microbatch, and without the periodic diagnostics, a conditional whose branch would count on every
+    step. ``lowered``: the step already lowered that way. For loss-weighting methods the total checks
+    `flops.training_flops` against the traced model; for gradient methods it includes their per-task
+    backward passes."""
+    from mtt_jax import flops, train
+    if lowered is None or config.weighting.get("diagnostics_every", 0):
+        counted = config.copy_and_resolve_references()
+        counted.grad_accum_steps, counted.grad_accum_unroll = 1, 1
+        counted.weighting.diagnostics_every = 0
+        with setup.context():
+            lowered = train.config_train_step(setup, counted).lower(state, batch)
+    return flops.hlo_matmul_flops(lowered.compiler_ir("hlo").as_hlo_text())
 
 
 def cudnn_attention_calls(lowered_text: str) -> dict[str, int]:
@@ -277,20 +302,30 @@ def attention_label(row: dict) -> str:
     return f"{row['attention_kernel']} (cuDNN {calls['forward']}+{calls['backward']})"
 
 
+def matmul_label(row: dict) -> str:
+    """``1.000``: the lowered step's matmul FLOPs over the model's; with a 16-bit dtype also the share
+    of them whose operands are 16-bit, ``1.000 (99.1% 16-bit)``."""
+    label = f"{row['hlo_matmul_over_model']:.3f}"
+    if row["dtype"] != "float32":
+        label += f" ({100 * row['low_precision_matmul_share']:.1f}% 16-bit)"
+    return label
+
+
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
     lines = ["| method | mesh | dtype | accum | unroll | attention | step ms | x first | compile s | "
-             "examples/s | tokens/s | TFLOP/step | TFLOP/s | MFU | peak MiB/dev | host batch ms | step/host |" +
+             "examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | peak MiB/dev | "
+             "host batch ms | step/host |" +
              (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
-             "|---" * (17 + paired + 2 * loop) + "|"]
+             "|---" * (18 + paired + 2 * loop) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
         line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['grad_accum_steps']} | "
                 f"{r['grad_accum_unroll']} | {attention_label(r)} | {r['step_ms']:.1f} | "
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
-                f"{r['model_tflops_per_step']:.4f} | {r['achieved_tflops_per_s']:.3f} | "
+                f"{r['model_tflops_per_step']:.4f} | {matmul_label(r)} | {r['achieved_tflops_per_s']:.3f} | "
                 f"{100 * r['mfu']:.1f}% | {memory} | {r['host_batch_ms']:.2f} | {r['step_over_host']:.0f} |")
         if paired:
             line += (f" {100 * r['mfu_paired']:.1f}% ({100 * r['mfu_paired_min']:.1f}-"

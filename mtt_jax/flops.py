@@ -10,8 +10,10 @@ counted, so MFU is comparable across methods.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import re
 
 from mtt_jax.tasks import TaskSpec
 
@@ -74,6 +76,40 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
     embedding = sequences * length * embed_per_token
     return FlopCount(float(embedding), float(projections), float(attention), float(task_attention),
                      float(heads))
+
+
+_ARRAY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
+_OPERAND = r"(?:\w+\[[\d,]*\]\S* )?%?([\w.\-]+)"
+_DOT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = \w+\[([\d,]*)\]\S* dot\(" + _OPERAND + ", " + _OPERAND +
+                  r"\).*?lhs_contracting_dims=\{([\d,]*)\}", re.M)
+
+
+def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
+    """FLOPs (2 per multiply-add) of the ``dot`` instructions in an HLO module's text, keyed by their
+    operands' element types (``"bf16 x bf16"``), as the compiler sees the program: a check of
+    `training_flops` against the model that was traced, and of which matmuls run in low precision.
+
+    Read the module before optimization (``jax.jit(f).lower(...).compiler_ir("hlo").as_hlo_text()``):
+    global shapes, dtypes as traced. A dot inside a loop body counts once, and both branches of a
+    conditional count, so count a step without microbatching.
+    """
+    shapes = {name: (dtype, [int(d) for d in dims.split(",") if d])
+              for name, dtype, dims in _ARRAY_INSTRUCTION.findall(hlo_text)}
+    by_dtypes: dict[str, float] = collections.Counter()
+    for out_dims, lhs, rhs, lhs_contracting in _DOT.findall(hlo_text):
+        (lhs_dtype, lhs_dims), (rhs_dtype, _) = shapes[lhs], shapes[rhs]
+        contracted = math.prod(lhs_dims[int(i)] for i in lhs_contracting.split(",") if i)
+        outputs = math.prod(int(d) for d in out_dims.split(",") if d)
+        by_dtypes[f"{lhs_dtype} x {rhs_dtype}"] += 2.0 * outputs * contracted
+    return dict(by_dtypes)
+
+
+def low_precision_share(flops_by_dtypes: dict[str, float]) -> float:
+    """The share of matmul FLOPs whose operands are both 16-bit floats (bf16 or f16)."""
+    total = sum(flops_by_dtypes.values())
+    low = sum(f for key, f in flops_by_dtypes.items()
+              if all(t in ("bf16", "f16") for t in key.split(" x ")))
+    return low / total if total else math.nan
 
 
 def model_flops_utilization(flops_per_step: float, step_seconds: float, peak_flops: float) -> float:

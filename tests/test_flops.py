@@ -37,6 +37,59 @@ def test_single_input_image_model_counts_task_tokens_and_task_attention():
     assert count.heads == 2 * (2 * 8 * 10)
 
 
+def test_hlo_matmul_flops_count_every_dot_by_operand_dtypes():
+    import jax
+    import jax.numpy as jnp
+    step = lambda a, b, c: (jnp.einsum("bij,bjk->bik", a, b),
+                            a.astype(jnp.bfloat16) @ c.astype(jnp.bfloat16), jnp.sum(a))
+    lowered = jax.jit(step).lower(jnp.zeros((3, 4, 5)), jnp.zeros((3, 5, 6)), jnp.zeros((5, 7)))
+    count = flops.hlo_matmul_flops(lowered.compiler_ir("hlo").as_hlo_text())
+    assert count == {"f32 x f32": 2 * 3 * 4 * 5 * 6, "bf16 x bf16": 2 * 3 * 4 * 5 * 7}
+    assert flops.low_precision_share(count) == pytest.approx(840 / 1560)
+    # Also the optimized module's text, whose operands are written with their shapes.
+    compiled = flops.hlo_matmul_flops(jax.jit(lambda a, b: a @ b).lower(
+        jnp.zeros((4, 5)), jnp.zeros((5, 6))).compile().as_text())
+    assert sum(compiled.values()) == 2 * 4 * 5 * 6
+
+
+def lowered_step_matmul_flops(spec: str, overrides: dict = None):
+    """`benchmark.step_matmul_flops` and the formula's count for a config spec with ``overrides``
+    (flattened field names)."""
+    import importlib
+    from mtt_jax import benchmark, sharding, train
+    path, _, variant = spec.partition(":")
+    config = importlib.import_module(path).get_config(variant)
+    config.update_from_flattened_dict(overrides or {})
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.train_source.train_batch(0, config.batch_size),
+                                 setup.batch_shardings, setup.layout)
+    counted = benchmark.step_matmul_flops(config, setup, setup.create_state(), batch)
+    model = flops.training_flops(config.model, setup.tasks, setup.layout, setup.source.input_spec.kind,
+                                 setup.source.input_spec.shape, config.batch_size)
+    return counted, model.training, len(setup.tasks)
+
+
+def test_the_formula_counts_the_matmuls_of_the_traced_step():
+    """The formula against the compiler's view of the lowered step, not only a hand count: the
+    multi-input text model in bf16 (microbatched, as the reference), and the single-input image model.
+    The bf16 step runs every matmul with 16-bit operands."""
+    counted, model, _ = lowered_step_matmul_flops("configs.benchmark:tasks8", {
+        "dtype": "bfloat16", "batch_size": 16, "grad_accum_steps": 2})
+    assert sum(counted.values()) == pytest.approx(model, rel=1e-3)
+    assert flops.low_precision_share(counted) == 1.0, counted
+    counted, model, _ = lowered_step_matmul_flops("configs.default:tiny")  # the patch embedding has no
+    assert sum(counted.values()) == pytest.approx(model, rel=0.01)        # input gradient: 2x, not 3x
+
+
+def test_the_matmul_count_of_a_gradient_method_has_a_backward_pass_per_task():
+    """PCGrad differentiates each task's loss: one forward (1/3 of the formula's 3x) and T backward
+    passes (2/3 each), up to the task side's shared backward."""
+    counted, model, num_tasks = lowered_step_matmul_flops("configs.default:tiny")
+    counted_pcgrad, _, _ = lowered_step_matmul_flops("configs.default:tiny", {"weighting.name": "pcgrad"})
+    assert sum(counted_pcgrad.values()) / sum(counted.values()) == pytest.approx((1 + 2 * num_tasks) / 3,
+                                                                                  rel=0.02)
+
+
 def test_mfu():
     assert flops.model_flops_utilization(50.0, 1.0, 100.0) == pytest.approx(0.5)
 
@@ -66,6 +119,10 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     assert ([(r["grad_accum_steps"], r["grad_accum_unroll"]) for r in rows] ==
             [(1, 1), (1, 2), (2, 1), (2, 2)])
     assert len({r["model_tflops_per_step"] for r in rows}) == 1 and rows[0]["model_tflops_per_step"] > 0
+    # The lowered step's matmuls, counted without microbatching: the same for every row, the model's.
+    assert len({r["hlo_matmul_tflops_per_step"] for r in rows}) == 1
+    assert rows[0]["hlo_matmul_over_model"] == pytest.approx(1.0, abs=0.01)
+    assert all(r["low_precision_matmul_share"] == 0.0 for r in rows)  # float32
     boundary_peaks = report["boundary_peak_flops"]  # before, between and after the 2 rounds
     assert len(boundary_peaks) == 3 and max(boundary_peaks) <= report["peak_flops_per_device"]
     round_peaks = [max(boundary_peaks[:2]), max(boundary_peaks[1:])]

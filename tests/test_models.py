@@ -236,6 +236,25 @@ def test_every_attention_kernel_off_gpu_matches_jax_dot_product_attention_values
         np.testing.assert_allclose(ours(q, k, v_changed), ours(q, k, v), atol=1e-6)
 
 
+def test_bf16_einsum_attention_differentiates_in_bf16_and_matches_f32():
+    """The logits' f32 cotangent is rounded to bf16 before attention's backward matmuls, so they run
+    in bf16 (autodiff would upcast them to f32); the gradients still match f32 to bf16 precision."""
+    from mtt_jax import flops
+    from mtt_jax.models.layers import dot_product_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 16, 2, 8)) for i in range(3))
+    key_mask = jnp.array([[1] * 12 + [0] * 4, [1] * 16])
+    loss = lambda q, k, v: jnp.sum(jnp.sin(dot_product_attention(q, k, v, key_mask, "einsum")
+                                           .astype(jnp.float32)))
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)))
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+    hlo = grad.lower(*bf16).compiler_ir("hlo").as_hlo_text()
+    assert set(flops.hlo_matmul_flops(hlo)) == {"bf16 x bf16"}
+    for low, reference in zip(grad(*bf16), grad(q, k, v)):
+        assert low.dtype == jnp.bfloat16
+        np.testing.assert_allclose(low.astype(jnp.float32), reference, rtol=0.02, atol=0.015)
+    assert float(jnp.abs(grad(*bf16)[1][0, 12:]).max()) == 0.0  # masked keys get no gradient
+
+
 def test_the_attention_kernel_is_cudnn_on_gpus_where_it_takes_the_inputs_and_einsums_elsewhere():
     from mtt_jax.models.layers import select_attention_kernel as select
     qk = lambda dtype=jnp.bfloat16, length=128, head_dim=64: 2 * (jnp.zeros((2, length, 4, head_dim), dtype),)

@@ -110,6 +110,38 @@ def attention_mask(key_mask_BxS: jax.Array | None, kernel: str, query_length: in
     return jnp.broadcast_to(mask_Bx1x1xS, (batch, 1, query_length, keys))
 
 
+def attention_logits(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array) -> jax.Array:
+    """``q k^T`` per head, accumulated and returned in f32, with its gradients in the inputs' dtype.
+
+    Autodiff of an einsum with an f32 ``preferred_element_type`` multiplies the f32 cotangent with
+    the other operand upcast to f32, so in a bf16 model two of attention's four backward matmuls
+    would run in f32 (TF32 or f32 on GPUs, half the bf16 rate or less). Here the cotangent is rounded
+    to the inputs' dtype first, as every other bf16 activation gradient is. f32 inputs take the plain
+    einsum and its autodiff."""
+    if q_BxLxHxK.dtype == jnp.float32:
+        return jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
+    return _low_precision_logits(q_BxLxHxK, k_BxSxHxK)
+
+
+@jax.custom_vjp
+def _low_precision_logits(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array) -> jax.Array:
+    return jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32)
+
+
+def _low_precision_logits_fwd(q_BxLxHxK, k_BxSxHxK):
+    return _low_precision_logits(q_BxLxHxK, k_BxSxHxK), (q_BxLxHxK, k_BxSxHxK)
+
+
+def _low_precision_logits_bwd(residuals, dlogits_BxHxLxS):
+    q_BxLxHxK, k_BxSxHxK = residuals
+    dlogits_BxHxLxS = dlogits_BxHxLxS.astype(q_BxLxHxK.dtype)
+    return (jnp.einsum("bhls,bshk->blhk", dlogits_BxHxLxS, k_BxSxHxK),
+            jnp.einsum("bhls,blhk->bshk", dlogits_BxHxLxS, q_BxLxHxK))
+
+
+_low_precision_logits.defvjp(_low_precision_logits_fwd, _low_precision_logits_bwd)
+
+
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
                           key_mask_BxS: jax.Array | None = None, kernel: str = "auto") -> jax.Array:
     """softmax(q k^T / sqrt(K)) v per head (Vaswani et al. 2017, eq. 1), keys where ``key_mask`` is 0
@@ -129,8 +161,7 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
         return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask,
                                             implementation=kernel)
     scale = q_BxLxHxK.shape[-1] ** -0.5
-    logits_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype),
-                                k_BxSxHxK, preferred_element_type=jnp.float32)
+    logits_BxHxLxS = attention_logits(q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype), k_BxSxHxK)
     probs_BxHxLxS = (jax.nn.softmax(logits_BxHxLxS, axis=-1) if mask is None else
                      masked_softmax(logits_BxHxLxS, mask)).astype(v_BxSxHxK.dtype)
     return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
