@@ -30,6 +30,7 @@ run) is the conservative one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -384,10 +385,11 @@ def main(argv) -> None:
         print(f"peak after the timed steps: best {peak / 1e12:.3f} TFLOP/s", flush=True)
     results = [v.result(peak, _LOOP.value, _STEPS.value, boundary_peaks) for v in compiled]
     print(format_table(results))
+    profile_rows = []
     if _PROFILE.value:
         from mtt_jax import profiling
         first = compiled[0]
-        rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
+        profile_rows = rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
         print(f"\nXLA op time by source op, {first.config.weighting.name} {first.config.dtype} "
               f"(trace in {_PROFILE.value}):")
         print(profiling.format_op_table(rows))
@@ -397,7 +399,9 @@ def main(argv) -> None:
                        "peak_flops_per_device": peak, "peak_source": peak_source,
                        "measured_bf16_matmul_flops": matmul_flops,
                        "boundary_peak_flops": boundary_peaks,
-                       "results": results}, f, indent=2)
+                       "results": results,
+                       "profile": [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s}
+                                   for r in profile_rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 
@@ -78,10 +79,71 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
                      float(heads))
 
 
-_ARRAY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
-_OPERAND = r"(?:\w+\[[\d,]*\]\S* )?%?([\w.\-]+)"
-_DOT = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = \w+\[([\d,]*)\]\S* dot\(" + _OPERAND + ", " + _OPERAND +
-                  r"\).*?lhs_contracting_dims=\{([\d,]*)\}", re.M)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_CUBLAS_GEMM = re.compile(r'custom_call_target="__cublas\$')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    computation: str
+    shape: str            # "f32[8,4]{1,0}", or a tuple "(bf16[8,4]{1,0}, s8[1024]{0})"
+    op: str
+    operands: list[str]   # names
+    attributes: str
+
+
+def _split_top_level(text: str) -> tuple[list[str], str]:
+    """``"a, f32[2,3]{1,0} %b), x={1}"`` -> (["a", "f32[2,3]{1,0} %b"], ", x={1}")."""
+    depth, parts, start = 0, [], 0
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            if depth == 0:
+                parts.append(text[start:i])
+                return [p.strip() for p in parts if p.strip()], text[i + 1:]
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts + [text[start:]] if p.strip()], ""
+
+
+def _parse_hlo(hlo_text: str) -> list[_Instruction]:
+    instructions, computation = [], ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            operands, attributes = _split_top_level(m.group(4))
+            instructions.append(_Instruction(m.group(1), computation, m.group(2), m.group(3),
+                                             [o.split()[-1].lstrip("%") for o in operands], attributes))
+    return instructions
+
+
+def _dims(shape: str) -> tuple[str, list[int]]:
+    """The element type and dimensions of an array shape, or of a tuple's first element."""
+    dtype, dims = _ARRAY.search(shape).groups()
+    return dtype, [int(d) for d in dims.split(",") if d]
+
+
+def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
+    """2 x outputs x contracted size of a ``dot`` or a cuBLAS gemm custom call, else 0."""
+    if instruction.op == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.attributes)
+    elif instruction.op == "custom-call" and _CUBLAS_GEMM.search(instruction.attributes):
+        contracting = re.search(r'\\?"lhs_contracting_dimensions\\?":\[([^\]]*)\]', instruction.attributes)
+    else:
+        return 0.0
+    lhs_dims = _dims(shapes[instruction.operands[0]])[1]
+    axes = [int(a) for a in re.findall(r"\d+", contracting.group(1))] if contracting else []
+    return 2.0 * math.prod(_dims(instruction.shape)[1]) * math.prod(lhs_dims[a] for a in axes)
 
 
 def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
@@ -93,15 +155,36 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     global shapes, dtypes as traced. A dot inside a loop body counts once, and both branches of a
     conditional count, so count a step without microbatching.
     """
-    shapes = {name: (dtype, [int(d) for d in dims.split(",") if d])
-              for name, dtype, dims in _ARRAY_INSTRUCTION.findall(hlo_text)}
+    instructions = _parse_hlo(hlo_text)
+    shapes = {i.name: i.shape for i in instructions}
     by_dtypes: dict[str, float] = collections.Counter()
-    for out_dims, lhs, rhs, lhs_contracting in _DOT.findall(hlo_text):
-        (lhs_dtype, lhs_dims), (rhs_dtype, _) = shapes[lhs], shapes[rhs]
-        contracted = math.prod(lhs_dims[int(i)] for i in lhs_contracting.split(",") if i)
-        outputs = math.prod(int(d) for d in out_dims.split(",") if d)
-        by_dtypes[f"{lhs_dtype} x {rhs_dtype}"] += 2.0 * outputs * contracted
+    for i in instructions:
+        if i.op == "dot":
+            lhs, rhs = (_dims(shapes[o])[0] for o in i.operands[:2])
+            by_dtypes[f"{lhs} x {rhs}"] += _matmul_flops(i, shapes)
     return dict(by_dtypes)
+
+
+def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
+    """Matmul FLOPs of each instruction of a compiled module that runs as one op, by name: a ``dot``, a
+    cuBLAS gemm custom call, or a fusion with dots inside (XLA:CPU's YNNPACK fusions, GPU Triton gemm
+    fusions; nested fusions included). Per execution: a profile's events of an instruction inside a
+    loop times these give the loop's FLOPs."""
+    instructions = _parse_hlo(compiled_hlo_text)
+    shapes = {i.name: i.shape for i in instructions}
+    by_computation = collections.defaultdict(list)
+    for i in instructions:
+        by_computation[i.computation].append(i)
+
+    @functools.cache
+    def op_flops(name: str) -> float:
+        i = by_name[name]
+        if i.op != "fusion":
+            return _matmul_flops(i, shapes)
+        called = re.search(r"calls=%?([\w.\-]+)", i.attributes)
+        return sum(op_flops(j.name) for j in by_computation[called.group(1)]) if called else 0.0
+    by_name = {i.name: i for i in instructions}
+    return {i.name: f for i in instructions if (f := op_flops(i.name))}
 
 
 def low_precision_share(flops_by_dtypes: dict[str, float]) -> float:

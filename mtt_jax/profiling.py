@@ -23,6 +23,8 @@ import os
 import re
 from typing import Callable
 
+from mtt_jax import flops
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$", re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat"}
@@ -34,6 +36,13 @@ class OpTime:
     ms_per_step: float
     share: float          # of the summed op time
     count: int            # HLO instructions folded into this row
+    matmul_flops_per_step: float = 0.0  # of the row's executions (`flops.instruction_matmul_flops`)
+
+    @property
+    def matmul_flops_per_s(self) -> float:
+        """The row's matmul FLOPs over its op time; on XLA:CPU per thread that runs the op (a matmul
+        that the other thread helps with can exceed one thread's peak)."""
+        return self.matmul_flops_per_step / (self.ms_per_step / 1e3) if self.ms_per_step else 0.0
 
 
 def source_label(op_name: str) -> str:
@@ -64,7 +73,8 @@ def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text:
             step()
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
-    return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps)
+    return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps,
+                             flops.instruction_matmul_flops(hlo_text))
 
 
 def thunk_instruction(event, labels: dict[str, str]) -> str | None:
@@ -81,22 +91,27 @@ def kernel_instruction(event, labels: dict[str, str]) -> str | None:
     return None
 
 
-def rows_by_source_op(planes, labels: dict[str, str], num_steps: int) -> list[OpTime]:
-    """Event time by source op, per step: the kernels of the device planes where there are any (lines
-    the profiler derives there, such as "XLA Ops", carry no ``hlo_op`` and would count a loop and its
-    kernels twice), else the host's thunks."""
+def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
+                      instruction_flops: dict[str, float] | None = None) -> list[OpTime]:
+    """Event time (and matmul FLOPs, from ``instruction_flops`` per execution) by source op, per step:
+    the kernels of the device planes where there are any (lines the profiler derives there, such as
+    "XLA Ops", carry no ``hlo_op`` and would count a loop and its kernels twice), else the host's
+    thunks."""
     def matched(plane_list, instruction_of):
         return [(instruction, event.duration_ns) for plane in plane_list for line in plane.lines
                 for event in line.events if (instruction := instruction_of(event, labels)) is not None]
     planes = list(planes)
     events = (matched([p for p in planes if p.name.startswith("/device:")], kernel_instruction) or
               matched([p for p in planes if not p.name.startswith("/device:")], thunk_instruction))
-    nanoseconds, counts = collections.Counter(), collections.defaultdict(set)
+    nanoseconds, matmul_flops = collections.Counter(), collections.Counter()
+    counts = collections.defaultdict(set)
     for instruction, duration in events:
         nanoseconds[labels[instruction]] += duration
+        matmul_flops[labels[instruction]] += (instruction_flops or {}).get(instruction, 0.0)
         counts[labels[instruction]].add(instruction)
     total = sum(nanoseconds.values())
-    return [OpTime(label, ns / 1e6 / num_steps, ns / total, len(counts[label]))
+    return [OpTime(label, ns / 1e6 / num_steps, ns / total, len(counts[label]),
+                   matmul_flops[label] / num_steps)
             for label, ns in nanoseconds.most_common()]
 
 
@@ -104,11 +119,20 @@ def format_op_table(rows: list[OpTime], top: int = 20) -> str:
     if not rows:
         return ("no XLA op events matched the compiled HLO (open the trace directory in TensorBoard's "
                 "profile plugin)")
-    lines = ["| source op | op ms / step (summed over threads or streams) | share | HLO ops |",
-             "|---|---|---|---|"]
-    lines += [f"| {r.label} | {r.ms_per_step:.1f} | {100 * r.share:.1f}% | {r.count} |" for r in rows[:top]]
+    rate = lambda r: f"{r.matmul_flops_per_s / 1e9:.1f}" if r.matmul_flops_per_step else "-"
+    lines = ["| source op | op ms / step (summed over threads or streams) | share | HLO ops | "
+             "matmul GFLOP/s per op time |", "|---|---|---|---|---|"]
+    lines += [f"| {r.label} | {r.ms_per_step:.1f} | {100 * r.share:.1f}% | {r.count} | {rate(r)} |"
+              for r in rows[:top]]
     rest = rows[top:]
     if rest:
-        lines.append(f"| ({len(rest)} more) | {sum(r.ms_per_step for r in rest):.1f} | "
-                     f"{100 * sum(r.share for r in rest):.1f}% | {sum(r.count for r in rest)} |")
+        folded = OpTime("", sum(r.ms_per_step for r in rest), 0.0, 0,
+                        sum(r.matmul_flops_per_step for r in rest))
+        lines.append(f"| ({len(rest)} more) | {folded.ms_per_step:.1f} | "
+                     f"{100 * sum(r.share for r in rest):.1f}% | {sum(r.count for r in rest)} | "
+                     f"{rate(folded)} |")
+    matmul = sum(r.matmul_flops_per_step for r in rows)
+    in_matmuls = sum(r.share for r in rows if r.matmul_flops_per_step)
+    lines.append(f"\nmatmul FLOPs per step in the profiled ops: {matmul / 1e12:.4g} TFLOP; "
+                 f"{100 * in_matmuls:.1f}% of the op time is in ops with matmuls")
     return "\n".join(lines)

@@ -52,6 +52,43 @@ def test_hlo_matmul_flops_count_every_dot_by_operand_dtypes():
     assert sum(compiled.values()) == 2 * 4 * 5 * 6
 
 
+COMPILED_HLO = """HloModule jit_step
+
+%fused_dot (param_0: f32[6,128,256], param_1: f32[256,1024]) -> f32[768,1024] {
+  %param_0 = f32[6,128,256]{2,1,0} parameter(0)
+  %bitcast.1 = f32[768,256]{1,0} bitcast(%param_0)
+  %param_1 = f32[256,1024]{1,0} parameter(1)
+  ROOT %dot.1 = f32[768,1024]{1,0} dot(%bitcast.1, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_outer (p0: f32[6,128,256], p1: f32[256,1024]) -> f32[768,1024] {
+  %p0 = f32[6,128,256]{2,1,0} parameter(0)
+  %p1 = f32[256,1024]{1,0} parameter(1)
+  %inner = f32[768,1024]{1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_dot
+  ROOT %tanh.1 = f32[768,1024]{1,0} tanh(%inner)
+}
+
+ENTRY %main (x: f32[6,128,256], w: f32[256,1024], a: bf16[4,512,16], b: bf16[512,256]) -> f32[768,1024] {
+  %x = f32[6,128,256]{2,1,0} parameter(0)
+  %w = f32[256,1024]{1,0} parameter(1)
+  %a = bf16[4,512,16]{2,1,0} parameter(2)
+  %b = bf16[512,256]{1,0} parameter(3)
+  %gemm = (bf16[4,16,256]{2,1,0}, s8[4194304]{0}) custom-call(bf16[4,512,16]{2,1,0} %a, bf16[512,256]{1,0} %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":[]}}}
+  %copy.1 = f32[6,128,256]{2,1,0} copy(%x)
+  ROOT %outer = f32[768,1024]{1,0} fusion(%copy.1, %w), kind=kLoop, calls=%fused_outer
+}
+"""
+
+
+def test_instruction_matmul_flops_of_a_compiled_module():
+    """Per op that runs: a fusion counts the dots of the fusions it calls; a cuBLAS gemm its
+    contracting dimensions from the backend config; a copy nothing."""
+    count = flops.instruction_matmul_flops(COMPILED_HLO)
+    mlp = 2 * 768 * 1024 * 256
+    assert count == {"dot.1": mlp, "inner": mlp, "outer": mlp, "gemm": 2 * 4 * 16 * 256 * 512}
+    assert flops.hlo_matmul_flops(COMPILED_HLO) == {"f32 x f32": mlp}  # dots only, each once
+
+
 def lowered_step_matmul_flops(spec: str, overrides: dict = None):
     """`benchmark.step_matmul_flops` and the formula's count for a config spec with ``overrides``
     (flattened field names)."""
@@ -138,6 +175,11 @@ def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
     assert "| accum | unroll |" in result.stdout and "MFU paired (range)" in result.stdout
     profile = result.stdout.split("XLA op time by source op")[1]
     assert "trunk/block_*/" in profile and "dot_general |" in profile and "% |" in profile
+    # The profiled ops' matmuls (compiled, each execution) are the lowered step's, up to the tiny dots
+    # that XLA rewrites as elementwise ops.
+    profiled = sum(row["matmul_flops_per_step"] for row in report["profile"])
+    assert profiled == pytest.approx(rows[0]["hlo_matmul_tflops_per_step"] * 1e12, rel=0.02)
+    assert all(row["matmul_flops_per_s"] > 0 for row in report["profile"] if row["matmul_flops_per_step"])
 
 
 def test_benchmark_compares_attention_kernels_and_refuses_cudnn_off_a_gpu(tmp_path):
@@ -186,7 +228,10 @@ def test_op_times_read_gpu_kernels_from_the_device_planes_and_cpu_thunks_from_th
             event("sm90_xmma_gemm_bf16", 100, hlo_op="fusion.1"),
             event("loop_multiply_fusion", 100, hlo_op="while.3::fusion.2"), event("memcpy", 50)]),
         N(name="XLA Ops", events=[event("while.3", 600), event("fusion.1", 450), event("fusion.2", 150)])])
-    rows = rows_by_source_op([host, gpu], labels, num_steps=2)
+    rows = rows_by_source_op([host, gpu], labels, num_steps=2, instruction_flops={"fusion.1": 1e6})
     assert [(r.label, r.ms_per_step * 1e6, r.share, r.count) for r in rows] == [
         ("fwd trunk/block_*/mlp/wi/dot_general", 200, 0.8, 1), ("bwd trunk/block_*/ln/mul", 50, 0.2, 1)]
+    # fusion.1 ran twice in 2 steps, 400 ns in all: 1e6 FLOPs per step in 200 ns per step.
+    assert (rows[0].matmul_flops_per_step, rows[1].matmul_flops_per_step) == (1e6, 0.0)
+    assert rows[0].matmul_flops_per_s == pytest.approx(1e6 / 200e-9)
     assert [r.ms_per_step * 1e6 for r in rows_by_source_op([host], labels, 1)] == [7, 3]  # a CPU
