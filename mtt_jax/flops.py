@@ -169,8 +169,9 @@ def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
     """Matmul FLOPs of each instruction of a compiled module that runs as one op, by name: a ``dot``, a
     cuBLAS gemm custom call, or a fusion with dots inside (XLA:CPU's YNNPACK fusions, GPU Triton gemm
     fusions; nested fusions included). Per execution: a profile's events of an instruction inside a
-    loop times these give the loop's FLOPs."""
+    loop times these give the loop's FLOPs. cuDNN's fused attention (a custom call) is not counted."""
     instructions = _parse_hlo(compiled_hlo_text)
+    by_name = {i.name: i for i in instructions}
     shapes = {i.name: i.shape for i in instructions}
     by_computation = collections.defaultdict(list)
     for i in instructions:
@@ -183,7 +184,6 @@ def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
             return _matmul_flops(i, shapes)
         called = re.search(r"calls=%?([\w.\-]+)", i.attributes)
         return sum(op_flops(j.name) for j in by_computation[called.group(1)]) if called else 0.0
-    by_name = {i.name: i for i in instructions}
     return {i.name: f for i in instructions if (f := op_flops(i.name))}
 
 
