@@ -89,6 +89,15 @@ def test_instruction_matmul_flops_of_a_compiled_module():
     assert flops.hlo_matmul_flops(COMPILED_HLO) == {"f32 x f32": mlp}  # dots only, each once
 
 
+def test_the_matmul_column_labels_the_ratio_the_16_bit_share_or_a_missing_count():
+    from mtt_jax.benchmark import matmul_label
+    row = lambda ratio, dtype, share: {"hlo_matmul_over_model": ratio, "dtype": dtype,
+                                       "low_precision_matmul_share": share}
+    assert matmul_label(row(1.0004, "float32", 0.0)) == "1.000"
+    assert matmul_label(row(1.667, "bfloat16", 0.9915)) == "1.667 (99.2% 16-bit)"
+    assert matmul_label(row(None, "bfloat16", None)) == "-"  # an HLO the counter could not read
+
+
 def lowered_step_matmul_flops(spec: str, overrides: dict = None):
     """`benchmark.step_matmul_flops` and the formula's count for a config spec with ``overrides``
     (flattened field names)."""
