@@ -12,6 +12,10 @@ instruction. On a GPU the kernels are events of the device planes (``/device:GPU
 instruction in their ``hlo_op`` stat; the host threads there only launch them, so where device planes
 hold such kernels, only they count. The GPU reading is tested on a synthetic profile only: no GPU
 trace has been read yet.
+
+Each row also has its matmul FLOPs: every instruction's (`flops.instruction_matmul_flops`) times its
+executions, which are its events over its distinct kernel names (a split-K gemm launches a gemm and a
+reduction per execution; an XLA:CPU thunk is one event).
 """
 
 from __future__ import annotations
@@ -102,17 +106,25 @@ def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
     "XLA Ops", carry no ``hlo_op`` and would count a loop and its kernels twice), else the host's
     thunks."""
     def matched(plane_list, instruction_of):
-        return [(instruction, event.duration_ns) for plane in plane_list for line in plane.lines
-                for event in line.events if (instruction := instruction_of(event, labels)) is not None]
+        return [(instruction, event.duration_ns, event.name) for plane in plane_list
+                for line in plane.lines for event in line.events
+                if (instruction := instruction_of(event, labels)) is not None]
     planes = list(planes)
     events = (matched([p for p in planes if p.name.startswith("/device:")], kernel_instruction) or
               matched([p for p in planes if not p.name.startswith("/device:")], thunk_instruction))
     nanoseconds, matmul_flops = collections.Counter(), collections.Counter()
-    counts = collections.defaultdict(set)
-    for instruction, duration in events:
+    counts, kernels = collections.defaultdict(set), collections.defaultdict(set)
+    launches = collections.Counter()
+    for instruction, duration, kernel in events:
         nanoseconds[labels[instruction]] += duration
-        matmul_flops[labels[instruction]] += (instruction_flops or {}).get(instruction, 0.0)
         counts[labels[instruction]].add(instruction)
+        kernels[instruction].add(kernel)
+        launches[instruction] += 1
+    # An instruction may launch several kernels per execution (a split-K gemm and its reduction):
+    # its executions are its events over its distinct kernel names.
+    for instruction, n in launches.items():
+        executions = n / len(kernels[instruction])
+        matmul_flops[labels[instruction]] += (instruction_flops or {}).get(instruction, 0.0) * executions
     total = sum(nanoseconds.values())
     return [OpTime(label, ns / 1e6 / num_steps, ns / total, len(counts[label]),
                    matmul_flops[label] / num_steps)

@@ -227,7 +227,7 @@ def test_op_times_read_gpu_kernels_from_the_device_planes_and_cpu_thunks_from_th
     from types import SimpleNamespace as N
     from mtt_jax.profiling import rows_by_source_op
     labels = {"fusion.1": "fwd trunk/block_*/mlp/wi/dot_general", "fusion.2": "bwd trunk/block_*/ln/mul",
-              "while.3": "fwd while"}
+              "while.3": "fwd while", "gemm.4": "fwd heads/dot_general"}
     event = lambda name, ns, **stats: N(name=name, duration_ns=ns, stats=list(stats.items()))
     host = N(name="/host:CPU",
              lines=[N(name="tf_XLAEigen", events=[event("fusion.1", 7), event("fusion.2", 3)])])
@@ -235,12 +235,18 @@ def test_op_times_read_gpu_kernels_from_the_device_planes_and_cpu_thunks_from_th
         N(name="Stream #13(Compute)", events=[
             event("sm90_xmma_gemm_bf16", 300, hlo_op="while.3::fusion.1", hlo_module="jit_train_step"),
             event("sm90_xmma_gemm_bf16", 100, hlo_op="fusion.1"),
-            event("loop_multiply_fusion", 100, hlo_op="while.3::fusion.2"), event("memcpy", 50)]),
+            event("loop_multiply_fusion", 100, hlo_op="while.3::fusion.2"), event("memcpy", 50),
+            # a split-K gemm: two kernels per execution, one execution per step
+            event("gemm_splitk", 200, hlo_op="gemm.4"), event("splitk_reduce", 50, hlo_op="gemm.4"),
+            event("gemm_splitk", 200, hlo_op="gemm.4"), event("splitk_reduce", 50, hlo_op="gemm.4")]),
         N(name="XLA Ops", events=[event("while.3", 600), event("fusion.1", 450), event("fusion.2", 150)])])
-    rows = rows_by_source_op([host, gpu], labels, num_steps=2, instruction_flops={"fusion.1": 1e6})
+    rows = rows_by_source_op([host, gpu], labels, num_steps=2,
+                             instruction_flops={"fusion.1": 1e6, "gemm.4": 3e6})
     assert [(r.label, r.ms_per_step * 1e6, r.share, r.count) for r in rows] == [
-        ("fwd trunk/block_*/mlp/wi/dot_general", 200, 0.8, 1), ("bwd trunk/block_*/ln/mul", 50, 0.2, 1)]
-    # fusion.1 ran twice in 2 steps, 400 ns in all: 1e6 FLOPs per step in 200 ns per step.
-    assert (rows[0].matmul_flops_per_step, rows[1].matmul_flops_per_step) == (1e6, 0.0)
-    assert rows[0].matmul_flops_per_s == pytest.approx(1e6 / 200e-9)
+        ("fwd heads/dot_general", 250, 0.5, 1), ("fwd trunk/block_*/mlp/wi/dot_general", 200, 0.4, 1),
+        ("bwd trunk/block_*/ln/mul", 50, 0.1, 1)]
+    # fusion.1 ran twice in 2 steps, 400 ns in all: 1e6 FLOPs per step in 200 ns per step. gemm.4's
+    # four kernels are two executions: 3e6 FLOPs per step, not 6e6.
+    assert [r.matmul_flops_per_step for r in rows] == [3e6, 1e6, 0.0]
+    assert rows[1].matmul_flops_per_s == pytest.approx(1e6 / 200e-9)
     assert [r.ms_per_step * 1e6 for r in rows_by_source_op([host], labels, 1)] == [7, 3]  # a CPU
