@@ -135,7 +135,7 @@ def format_op_table(rows: list[OpTime], top: int = 20) -> str:
     if not rows:
         return ("no XLA op events matched the compiled HLO (open the trace directory in TensorBoard's "
                 "profile plugin)")
-    rate = lambda r: f"{r.matmul_flops_per_s / 1e9:.1f}" if r.matmul_flops_per_step else "-"
+    rate = lambda r: f"{r.matmul_flops_per_s / 1e9:.4g}" if r.matmul_flops_per_step else "-"
     lines = ["| source op | op ms / step (summed over threads or streams) | share | HLO ops | "
              "matmul GFLOP/s per op time |", "|---|---|---|---|---|"]
     lines += [f"| {r.label} | {r.ms_per_step:.1f} | {100 * r.share:.1f}% | {r.count} | {rate(r)} |"
