@@ -46,7 +46,7 @@ def test_hlo_matmul_flops_count_every_dot_by_operand_dtypes():
     count = flops.hlo_matmul_flops(lowered.compiler_ir("hlo").as_hlo_text())
     assert count == {"f32 x f32": 2 * 3 * 4 * 5 * 6, "bf16 x bf16": 2 * 3 * 4 * 5 * 7}
     assert flops.low_precision_share(count) == pytest.approx(840 / 1560)
-    # Also the optimized module's text, whose operands are written with their shapes.
+    # Also a compiled module's text.
     compiled = flops.hlo_matmul_flops(jax.jit(lambda a, b: a @ b).lower(
         jnp.zeros((4, 5)), jnp.zeros((5, 6))).compile().as_text())
     assert sum(compiled.values()) == 2 * 4 * 5 * 6
