@@ -83,6 +83,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _CUBLAS_GEMM = re.compile(r'custom_call_target="__cublas\$')
+_CUDNN_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha\w*"')
+_LOGITS_SHAPE = re.compile(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +135,25 @@ def _dims(shape: str) -> tuple[str, list[int]]:
     return dtype, [int(d) for d in dims.split(",") if d]
 
 
+def _fused_attention_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
+    """cuDNN's fused attention (custom calls ``__cudnn$fmha...``, operands q, k, v first): its two
+    matmuls over the logits' shape ``[..., L, S]`` (in the backend config), ``2 S |q| + 2 L |v|``; the
+    backward twice that, the model's count (flash attention's recomputation of ``q k^T`` is not)."""
+    logits = _LOGITS_SHAPE.search(instruction.attributes)
+    if not logits:
+        raise ValueError(f"no intermediate_tensor_shape in cuDNN attention {instruction.name}")
+    queries, keys = (int(d) for d in re.findall(r"\d+", logits.group(1))[-2:])
+    q_size, v_size = (math.prod(_dims(shapes[o])[1]) for o in (instruction.operands[0],
+                                                               instruction.operands[2]))
+    forward = 2.0 * (keys * q_size + queries * v_size)
+    return 2 * forward if "Backward" in _CUDNN_ATTENTION.search(instruction.attributes).group(0) else forward
+
+
 def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
-    """2 x outputs x contracted size of a ``dot`` or a cuBLAS gemm custom call, else 0."""
+    """2 x outputs x contracted size of a ``dot`` or a cuBLAS gemm custom call, the matmuls of cuDNN's
+    fused attention, else 0."""
+    if instruction.op == "custom-call" and _CUDNN_ATTENTION.search(instruction.attributes):
+        return _fused_attention_flops(instruction, shapes)
     if instruction.op == "dot":
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.attributes)
     elif instruction.op == "custom-call" and _CUBLAS_GEMM.search(instruction.attributes):
@@ -147,9 +166,10 @@ def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
 
 
 def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
-    """FLOPs (2 per multiply-add) of the ``dot`` instructions in an HLO module's text, keyed by their
-    operands' element types (``"bf16 x bf16"``), as the compiler sees the program: a check of
-    `training_flops` against the model that was traced, and of which matmuls run in low precision.
+    """FLOPs (2 per multiply-add) of the ``dot`` instructions and cuDNN fused attention calls in an HLO
+    module's text, keyed by their operands' element types (``"bf16 x bf16"``), as the compiler sees the
+    program: a check of `training_flops` against the model that was traced, and of which matmuls run in
+    low precision.
 
     Read the module before optimization (``jax.jit(f).lower(...).compiler_ir("hlo").as_hlo_text()``):
     global shapes, dtypes as traced. A dot inside a loop body counts once, and both branches of a
@@ -159,7 +179,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     shapes = {i.name: i.shape for i in instructions}
     by_dtypes: dict[str, float] = collections.Counter()
     for i in instructions:
-        if i.op == "dot":
+        if i.op == "dot" or (i.op == "custom-call" and _CUDNN_ATTENTION.search(i.attributes)):
             lhs, rhs = (_dims(shapes[o])[0] for o in i.operands[:2])
             by_dtypes[f"{lhs} x {rhs}"] += _matmul_flops(i, shapes)
     return dict(by_dtypes)
@@ -167,9 +187,9 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
 
 def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
     """Matmul FLOPs of each instruction of a compiled module that runs as one op, by name: a ``dot``, a
-    cuBLAS gemm custom call, or a fusion with dots inside (XLA:CPU's YNNPACK fusions, GPU Triton gemm
-    fusions; nested fusions included). Per execution: a profile's events of an instruction inside a
-    loop times these give the loop's FLOPs. cuDNN's fused attention (a custom call) is not counted."""
+    cuBLAS gemm or cuDNN fused attention custom call, or a fusion with dots inside (XLA:CPU's YNNPACK
+    fusions, GPU Triton gemm fusions; nested fusions included). Per execution: a profile's events of an
+    instruction inside a loop times these give the loop's FLOPs."""
     instructions = _parse_hlo(compiled_hlo_text)
     by_name = {i.name: i for i in instructions}
     shapes = {i.name: i.shape for i in instructions}

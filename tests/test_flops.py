@@ -68,12 +68,14 @@ COMPILED_HLO = """HloModule jit_step
   ROOT %tanh.1 = f32[768,1024]{1,0} tanh(%inner)
 }
 
-ENTRY %main (x: f32[6,128,256], w: f32[256,1024], a: bf16[4,512,16], b: bf16[512,256]) -> f32[768,1024] {
+ENTRY %main (x: f32[6,128,256], w: f32[256,1024], a: bf16[4,512,16], b: bf16[512,256], a2: bf16[2,16,4,8]) -> f32[768,1024] {
   %x = f32[6,128,256]{2,1,0} parameter(0)
   %w = f32[256,1024]{1,0} parameter(1)
   %a = bf16[4,512,16]{2,1,0} parameter(2)
   %b = bf16[512,256]{1,0} parameter(3)
+  %a2 = bf16[2,16,4,8]{3,2,1,0} parameter(4)
   %gemm = (bf16[4,16,256]{2,1,0}, s8[4194304]{0}) custom-call(bf16[4,512,16]{2,1,0} %a, bf16[512,256]{1,0} %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":[]}}}
+  %attention = (bf16[2,4,16,8]{3,1,2,0}, f32[2,4,16]{2,1,0}, u8[0]{0}) custom-call(%a2, %a2, %a2), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": {"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "16", "16"]}}}
   %copy.1 = f32[6,128,256]{2,1,0} copy(%x)
   ROOT %outer = f32[768,1024]{1,0} fusion(%copy.1, %w), kind=kLoop, calls=%fused_outer
 }
@@ -82,11 +84,15 @@ ENTRY %main (x: f32[6,128,256], w: f32[256,1024], a: bf16[4,512,16], b: bf16[512
 
 def test_instruction_matmul_flops_of_a_compiled_module():
     """Per op that runs: a fusion counts the dots of the fusions it calls; a cuBLAS gemm its
-    contracting dimensions from the backend config; a copy nothing."""
+    contracting dimensions from the backend config; cuDNN's attention q k^T and p v over the logits'
+    shape [B, H, L, S] from its backend config; a copy nothing."""
     count = flops.instruction_matmul_flops(COMPILED_HLO)
     mlp = 2 * 768 * 1024 * 256
-    assert count == {"dot.1": mlp, "inner": mlp, "outer": mlp, "gemm": 2 * 4 * 16 * 256 * 512}
-    assert flops.hlo_matmul_flops(COMPILED_HLO) == {"f32 x f32": mlp}  # dots only, each once
+    attention = 2 * (2 * 4 * 16 * 16 * 8) * 2  # B H L S K, two matmuls
+    assert count == {"dot.1": mlp, "inner": mlp, "outer": mlp, "gemm": 2 * 4 * 16 * 256 * 512,
+                     "attention": attention}
+    # The lowered program's count: dots and cuDNN's attention, each once; no cuBLAS before compiling.
+    assert flops.hlo_matmul_flops(COMPILED_HLO) == {"f32 x f32": mlp, "bf16 x bf16": attention}
 
 
 def test_the_matmul_column_labels_the_ratio_the_16_bit_share_or_a_missing_count():

@@ -299,14 +299,20 @@ def test_the_models_attention_kernel_reaches_every_block():
 CUDNN_ATTENTION = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward")
 
 
-def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(monkeypatch):
-    """No GPU here, so the model's gradient is lowered for CUDA with JAX's cuDNN version and compute
-    capability probes stubbed: every check ``jax.nn.dot_product_attention`` makes of the inputs and
-    the mask runs, and the HLO must hold cuDNN's fused forward and backward (the mask as a bias)."""
+@pytest.fixture
+def cudnn_probes_stubbed(monkeypatch):
+    """JAX's cuDNN version and compute-capability probes answer as on a recent GPU, so that a model
+    with the cuDNN kernel lowers for CUDA on this CPU."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
     monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)
+
+
+def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(cudnn_probes_stubbed):
+    """No GPU here, so the model's gradient is lowered for CUDA with JAX's cuDNN version and compute
+    capability probes stubbed: every check ``jax.nn.dot_product_attention`` makes of the inputs and
+    the mask runs, and the HLO must hold cuDNN's fused forward and backward (the mask as a bias)."""
     model = small_model(SEQ, "multi", TOKENS, attention_kernel="cudnn", dtype=jnp.bfloat16)
     inputs = tokens()
     params = nn.unbox(model.clone(attention_kernel="einsum").init(jax.random.key(0), inputs)["params"])
@@ -324,6 +330,25 @@ def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(m
     q = jnp.zeros((2, 16, 4, 8), jnp.bfloat16)
     with pytest.raises(ValueError, match="Bias must have same seq length"):
         jax.nn.dot_product_attention(q, q, q, mask=jnp.ones((2, 1, 1, 16), bool), implementation="cudnn")
+
+
+def test_the_matmul_count_reads_cudnn_attention_as_the_einsums_it_replaces(cudnn_probes_stubbed):
+    """`flops.hlo_matmul_flops` of the bf16 model's gradient lowered for CUDA with cuDNN's fused
+    attention (custom calls, not dots) equals that of the einsum kernel's, all in bf16 x bf16."""
+    from mtt_jax import flops
+    inputs = tokens()
+    counts = {}
+    for kernel, platform in (("cudnn", "cuda"), ("einsum", "cpu")):
+        model = small_model(SEQ, "multi", TOKENS, attention_kernel=kernel, dtype=jnp.bfloat16)
+        params = nn.unbox(model.clone(attention_kernel="einsum").init(jax.random.key(0), inputs)["params"])
+        loss = lambda p: sum(jnp.sum(o.astype(jnp.float32))
+                             for o in jax.tree.leaves(model.apply({"params": p}, inputs)[0]))
+        lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=(platform,))
+        hlo = lowered.compiler_ir("hlo").as_hlo_text()
+        assert ("__cudnn$fmha" in hlo) == (kernel == "cudnn")
+        counts[kernel] = flops.hlo_matmul_flops(hlo)
+    assert set(counts["cudnn"]) == {"bf16 x bf16"}
+    assert counts["cudnn"]["bf16 x bf16"] == pytest.approx(counts["einsum"]["bf16 x bf16"], rel=1e-9)
 
 
 def test_attention_kernel_cudnn_off_gpu_is_a_one_line_config_error():
