@@ -148,8 +148,7 @@ class Variant:
         self.compile_seconds = time.perf_counter() - start
         self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
         try:  # a check beside the timing, which an HLO it cannot read must not stop
-            self.matmul_flops = step_matmul_flops(config, setup, self.state, self.batch,
-                                                  lowered if config.grad_accum_steps == 1 else None)
+            self.matmul_flops = step_matmul_flops(config, setup, self.state, self.batch, lowered)
         except (ValueError, KeyError, AttributeError, IndexError) as e:
             print(f"  warning: the step's matmul FLOPs were not counted ({type(e).__name__}: {e})")
             self.matmul_flops = None
@@ -225,11 +224,11 @@ def step_matmul_flops(config, setup, state, batch, lowered=None) -> dict[str, fl
     """Matmul FLOPs of the config's train step as XLA sees it (`flops.hlo_matmul_flops`, by operand
     dtypes): the step lowered (not compiled) without microbatching, whose scan would count one
     microbatch, and without the periodic diagnostics, a conditional whose branch would count on every
-    step. ``lowered``: the step already lowered that way. For loss-weighting methods the total checks
-    `flops.training_flops` against the traced model; for gradient methods it includes their per-task
-    backward passes."""
+    step. ``lowered``: the config's step as lowered already, reused when it has neither. For
+    loss-weighting methods the total checks `flops.training_flops` against the traced model; for
+    gradient methods it includes their per-task backward passes."""
     from mtt_jax import flops, train
-    if lowered is None or config.weighting.get("diagnostics_every", 0):
+    if lowered is None or config.grad_accum_steps > 1 or config.weighting.get("diagnostics_every", 0):
         counted = config.copy_and_resolve_references()
         counted.grad_accum_steps, counted.grad_accum_unroll = 1, 1
         counted.weighting.diagnostics_every = 0

@@ -112,9 +112,9 @@ def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
     planes = list(planes)
     events = (matched([p for p in planes if p.name.startswith("/device:")], kernel_instruction) or
               matched([p for p in planes if not p.name.startswith("/device:")], thunk_instruction))
-    nanoseconds, matmul_flops = collections.Counter(), collections.Counter()
+    instruction_flops = instruction_flops or {}
+    nanoseconds, matmul_flops, launches = collections.Counter(), collections.Counter(), collections.Counter()
     counts, kernels = collections.defaultdict(set), collections.defaultdict(set)
-    launches = collections.Counter()
     for instruction, duration, kernel in events:
         nanoseconds[labels[instruction]] += duration
         counts[labels[instruction]].add(instruction)
@@ -124,7 +124,7 @@ def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
     # its executions are its events over its distinct kernel names.
     for instruction, n in launches.items():
         executions = n / len(kernels[instruction])
-        matmul_flops[labels[instruction]] += (instruction_flops or {}).get(instruction, 0.0) * executions
+        matmul_flops[labels[instruction]] += instruction_flops.get(instruction, 0.0) * executions
     total = sum(nanoseconds.values())
     return [OpTime(label, ns / 1e6 / num_steps, ns / total, len(counts[label]),
                    matmul_flops[label] / num_steps)
@@ -135,18 +135,16 @@ def format_op_table(rows: list[OpTime], top: int = 20) -> str:
     if not rows:
         return ("no XLA op events matched the compiled HLO (open the trace directory in TensorBoard's "
                 "profile plugin)")
-    rate = lambda r: f"{r.matmul_flops_per_s / 1e9:.4g}" if r.matmul_flops_per_step else "-"
+    def line(r: OpTime) -> str:
+        rate = f"{r.matmul_flops_per_s / 1e9:.4g}" if r.matmul_flops_per_step else "-"
+        return f"| {r.label} | {r.ms_per_step:.1f} | {100 * r.share:.1f}% | {r.count} | {rate} |"
     lines = ["| source op | op ms / step (summed over threads or streams) | share | HLO ops | "
              "matmul GFLOP/s per op time |", "|---|---|---|---|---|"]
-    lines += [f"| {r.label} | {r.ms_per_step:.1f} | {100 * r.share:.1f}% | {r.count} | {rate(r)} |"
-              for r in rows[:top]]
+    lines += [line(r) for r in rows[:top]]
     rest = rows[top:]
     if rest:
-        folded = OpTime("", sum(r.ms_per_step for r in rest), 0.0, 0,
-                        sum(r.matmul_flops_per_step for r in rest))
-        lines.append(f"| ({len(rest)} more) | {folded.ms_per_step:.1f} | "
-                     f"{100 * sum(r.share for r in rest):.1f}% | {sum(r.count for r in rest)} | "
-                     f"{rate(folded)} |")
+        lines.append(line(OpTime(f"({len(rest)} more)", *(sum(getattr(r, field) for r in rest) for field in
+                                 ("ms_per_step", "share", "count", "matmul_flops_per_step")))))
     matmul = sum(r.matmul_flops_per_step for r in rows)
     in_matmuls = sum(r.share for r in rows if r.matmul_flops_per_step)
     lines.append(f"\nmatmul FLOPs per step in the profiled ops: {matmul / 1e12:.4g} TFLOP; "
