@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.ffn = "dense"                 # or "task_moe": task-gated mixture-of-experts feed-forward
     c.model.num_experts = 4               # task_moe: experts per block (mlp_dim split over them)
     c.model.film = False                  # task-conditioned LayerNorms in every block (CA-MTL)
+    c.model.scan_layers = False           # blocks as one nn.scan: compile time independent of depth
 
     c.weighting = ml_collections.ConfigDict()
     c.weighting.name = "ew"               # any of mtt_jax.weighting.METHODS

@@ -6,6 +6,8 @@
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 8,16,32 --unrolls 1,2,4
     python -m mtt_jax.benchmark --config configs/benchmark.py --paired_peak
+    python -m mtt_jax.benchmark --config configs/benchmark.py --config.model.num_layers=24 \
+        --scan_layers false,true    # compile time of unrolled vs scanned blocks
     python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 \
         --attention_kernels auto,xla    # on a GPU
 
@@ -15,9 +17,10 @@ the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.flops
 MFU, peak memory per device, and, with ``--loop``, the time per step of the real input pipeline + step
 loop and the fraction of it spent waiting on the host. On CPU the peak is measured in the same run with
 a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes x
-microbatching x attention kernels) run side by side in one process, so their ratios compare like with
-like. The attention column counts the cuDNN fused attention calls in the lowered step
-(`cudnn_attention_calls`), so a GPU row says whether cuDNN's kernel ran. ``HLO matmuls / model`` is the
+microbatching x layer scans x attention kernels) run side by side in one process, so their ratios
+compare like with like. The attention column counts the cuDNN fused attention call sites in the lowered
+step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says whether cuDNN's
+kernel ran. ``HLO matmuls / model`` is the
 lowered step's matmul FLOPs (`step_matmul_flops`) over the formula's: about 1 for loss-weighting methods,
 which checks the MFU's numerator against the traced program; above 1 for gradient methods, by their
 per-task backward passes. With a 16-bit dtype it adds the share of matmul FLOPs with 16-bit operands.
@@ -51,6 +54,8 @@ _GRAD_ACCUMS = flags.DEFINE_list("grad_accums", [], "Microbatches per step to co
                                  "(the same update, computed in pieces).")
 _UNROLLS = flags.DEFINE_list("unrolls", [], "Microbatches per scan iteration to compare, e.g. 1,2,4 "
                              "(``grad_accum_unroll``: independent chains of work for the cores).")
+_SCAN_LAYERS = flags.DEFINE_list("scan_layers", [], "Blocks unrolled or as one nn.scan "
+                                  "(``model.scan_layers``) to compare, e.g. false,true.")
 _ATTENTION_KERNELS = flags.DEFINE_list(
     "attention_kernels", [], "Attention kernels to compare (``attention_kernel``: auto, cudnn, xla, "
     "einsum), e.g. cudnn,xla on a GPU.")
@@ -87,6 +92,14 @@ def _jitted_matmul():
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _boolean(flag: str, text: str) -> bool:
+    """``true`` / ``false`` (any case, or 1 / 0) from a comma-list flag; anything else is an error."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        _fail(f"--{flag}: {text!r} is not true or false")
+    return value
 
 
 def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 30) -> float:
@@ -194,6 +207,7 @@ class Variant:
             "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
             "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps,
             "grad_accum_unroll": config.get("grad_accum_unroll", 1),
+            "scan_layers": config.model.get("scan_layers", False),
             "attention_kernel": config.get("attention_kernel", "auto"),
             "cudnn_attention_calls": self.cudnn_attention_calls,
             "step_ms": 1e3 * step_seconds, "step_ms_per_round": [1e3 * t for t in self.times],
@@ -222,11 +236,12 @@ class Variant:
 
 def step_matmul_flops(config, setup, state, batch, lowered=None) -> dict[str, float]:
     """Matmul FLOPs of the config's train step as XLA sees it (`flops.hlo_matmul_flops`, by operand
-    dtypes): the step lowered (not compiled) without microbatching, whose scan would count one
-    microbatch, and without the periodic diagnostics, a conditional whose branch would count on every
-    step. ``lowered``: the config's step as lowered already, reused when it has neither. For
-    loss-weighting methods the total checks `flops.training_flops` against the traced model; for
-    gradient methods it includes their per-task backward passes."""
+    dtypes; a layer scan counts by its trip count). The step is lowered (not compiled) without
+    microbatching, whose data-parallel scan runs in a ``shard_map`` on each shard's rows, and without
+    the periodic diagnostics, a conditional whose branch would count on every step. ``lowered``: the
+    config's step as lowered already, reused when it has neither. For loss-weighting methods the
+    total checks `flops.training_flops` against the traced model; for gradient methods it includes
+    their per-task backward passes."""
     from mtt_jax import flops, train
     if lowered is None or config.grad_accum_steps > 1 or config.weighting.get("diagnostics_every", 0):
         counted = config.copy_and_resolve_references()
@@ -296,12 +311,15 @@ def variants(config):
     dtypes = _DTYPES.value or [config.dtype]
     accums = [int(a) for a in _GRAD_ACCUMS.value] or [config.grad_accum_steps]
     unrolls = [int(u) for u in _UNROLLS.value] or [config.get("grad_accum_unroll", 1)]
+    scans = [_boolean("scan_layers", s) for s in _SCAN_LAYERS.value] or [
+        config.model.get("scan_layers", False)]
     kernels = _ATTENTION_KERNELS.value or [config.get("attention_kernel", "auto")]
-    for method, mesh, dtype, accum, unroll, kernel in itertools.product(methods, meshes, dtypes, accums,
-                                                                         unrolls, kernels):
+    for method, mesh, dtype, accum, unroll, scan, kernel in itertools.product(
+            methods, meshes, dtypes, accums, unrolls, scans, kernels):
         variant = config.copy_and_resolve_references()
         variant.weighting.name, variant.dtype, variant.grad_accum_steps = method, dtype, accum
         variant.grad_accum_unroll, variant.attention_kernel = unroll, kernel
+        variant.model.scan_layers = scan
         if mesh:
             variant.mesh.data, variant.mesh.fsdp, variant.mesh.tensor = (int(v) for v in mesh.split("x"))
         yield variant
@@ -329,16 +347,17 @@ def matmul_label(row: dict) -> str:
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
-    lines = ["| method | mesh | dtype | accum | unroll | attention | step ms | x first | compile s | "
+    lines = ["| method | mesh | dtype | accum | unroll | layers | attention | step ms | x first | compile s | "
              "examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | peak MiB/dev | "
              "host batch ms | step/host |" +
              (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
-             "|---" * (18 + paired + 2 * loop) + "|"]
+             "|---" * (19 + paired + 2 * loop) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
         line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['grad_accum_steps']} | "
-                f"{r['grad_accum_unroll']} | {attention_label(r)} | {r['step_ms']:.1f} | "
+                f"{r['grad_accum_unroll']} | {'scan' if r['scan_layers'] else 'unrolled'} | "
+                f"{attention_label(r)} | {r['step_ms']:.1f} | "
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
                 f"{r['model_tflops_per_step']:.4f} | {matmul_label(r)} | {r['achieved_tflops_per_s']:.3f} | "
                 f"{100 * r['mfu']:.1f}% | {memory} | {r['host_batch_ms']:.2f} | {r['step_over_host']:.0f} |")
@@ -384,7 +403,8 @@ def main(argv) -> None:
         except config_check.ConfigError as e:
             _fail(str(e))
         print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
-              f"unroll {variant.grad_accum_unroll} attention {variant.attention_kernel}: "
+              f"unroll {variant.grad_accum_unroll}{' scan' if variant.model.scan_layers else ''} "
+              f"attention {variant.attention_kernel}: "
               f"{compiled[-1].compile_seconds:.1f} s", flush=True)
     paired = _PAIRED_PEAK.value and peak_source.startswith("measured")
     boundary_peaks = [measured_matmul_peak(repeats=3)] if paired else []

@@ -85,6 +85,9 @@ _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _CUBLAS_GEMM = re.compile(r'custom_call_target="__cublas\$')
 _CUDNN_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha\w*"')
 _LOGITS_SHAPE = re.compile(r'"intermediate_tensor_shape":\s*\{[^{}]*?"dimensions":\s*\[([^\]]*)\]')
+_ENTRY = re.compile(r"^ENTRY %?([\w.\-]+) ", re.MULTILINE)
+_CALLED = re.compile(r"\b(calls|to_apply|body|branch_computations|true_computation|false_computation)="
+                     r"(\{[^{}]*\}|%?[\w.\-]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,7 @@ class _Instruction:
     op: str
     operands: list[str]   # names
     attributes: str
+    root: bool = False    # the computation's ROOT
 
 
 def _split_top_level(text: str) -> tuple[list[str], str]:
@@ -125,7 +129,8 @@ def _parse_hlo(hlo_text: str) -> list[_Instruction]:
         if m:
             operands, attributes = _split_top_level(m.group(4))
             instructions.append(_Instruction(m.group(1), computation, m.group(2), m.group(3),
-                                             [o.split()[-1].lstrip("%") for o in operands], attributes))
+                                             [o.split()[-1].lstrip("%") for o in operands], attributes,
+                                             line.lstrip().startswith("ROOT ")))
     return instructions
 
 
@@ -165,6 +170,35 @@ def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
     return 2.0 * math.prod(_dims(instruction.shape)[1]) * math.prod(lhs_dims[a] for a in axes)
 
 
+def _constant(instruction: _Instruction | None) -> int | None:
+    if instruction is None or instruction.op != "constant":
+        return None
+    try:
+        return int(instruction.operands[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _trip_count(loop: _Instruction, by_name: dict[str, _Instruction],
+                by_computation: dict[str, list[_Instruction]]) -> int:
+    """Iterations of a counted ``while``: its condition's root is ``counter < N`` (the counter at tuple
+    index 0, N a constant) and the counter starts at a constant, as `jax.lax.scan` and ``fori_loop``
+    lower. Any other loop (one that stops on a test of its values) counts as one iteration."""
+    condition = re.search(r"condition=%?([\w.\-]+)", loop.attributes).group(1)
+    root = next((i for i in by_computation[condition] if i.root), None)
+    if root is None or root.op != "compare" or "direction=LT" not in root.attributes:
+        return 1
+    counter, bound = (by_name.get(o) for o in root.operands[:2])
+    if counter is None or counter.op != "get-tuple-element" or not re.search(r"\bindex=0\b",
+                                                                              counter.attributes):
+        return 1
+    initial = by_name.get(loop.operands[0]) if loop.operands else None
+    start = _constant(by_name.get(initial.operands[0]) if initial is not None and initial.op == "tuple"
+                      and initial.operands else None)
+    end = _constant(bound)
+    return max(end - start, 0) if start is not None and end is not None else 1
+
+
 def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     """FLOPs (2 per multiply-add) of the ``dot`` instructions and cuDNN fused attention calls in an HLO
     module's text, keyed by their operands' element types (``"bf16 x bf16"``), as the compiler sees the
@@ -172,17 +206,42 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     low precision.
 
     Read the module before optimization (``jax.jit(f).lower(...).compiler_ir("hlo").as_hlo_text()``):
-    global shapes, dtypes as traced. A dot inside a loop body counts once, and both branches of a
-    conditional count, so count a step without microbatching.
+    global shapes, dtypes as traced. Computations count as often as the entry runs them: a scan's
+    body (microbatches, ``model.scan_layers``) times its trip count (`_trip_count`), a called
+    computation once per call, and every branch of a conditional, so count a step without periodic
+    diagnostics. A dot outside what the entry calls (a parse this counter does not follow) is an error.
     """
     instructions = _parse_hlo(hlo_text)
     shapes = {i.name: i.shape for i in instructions}
-    by_dtypes: dict[str, float] = collections.Counter()
+    by_name = {i.name: i for i in instructions}
+    by_computation: dict[str, list[_Instruction]] = collections.defaultdict(list)
     for i in instructions:
-        if i.op == "dot" or (i.op == "custom-call" and _CUDNN_ATTENTION.search(i.attributes)):
-            lhs, rhs = (_dims(shapes[o])[0] for o in i.operands[:2])
-            by_dtypes[f"{lhs} x {rhs}"] += _matmul_flops(i, shapes)
-    return dict(by_dtypes)
+        by_computation[i.computation].append(i)
+    reached = set()
+
+    @functools.cache
+    def computation_flops(name: str) -> tuple[tuple[str, float], ...]:
+        reached.add(name)
+        total: dict[str, float] = collections.Counter()
+        for i in by_computation[name]:
+            if i.op == "dot" or (i.op == "custom-call" and _CUDNN_ATTENTION.search(i.attributes)):
+                lhs, rhs = (_dims(shapes[o])[0] for o in i.operands[:2])
+                total[f"{lhs} x {rhs}"] += _matmul_flops(i, shapes)
+            for kind, called in _CALLED.findall(i.attributes):
+                times = _trip_count(i, by_name, by_computation) if kind == "body" else 1
+                for callee in re.findall(r"[\w.\-]+", called):
+                    for key, value in computation_flops(callee):
+                        total[key] += times * value
+        return tuple(total.items())
+
+    entry = _ENTRY.search(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    by_dtypes = dict(computation_flops(entry.group(1)))
+    missed = sorted({i.computation for i in instructions if i.op == "dot"} - reached)
+    if missed:
+        raise ValueError(f"dots in computations the entry does not reach as parsed: {missed[:3]}")
+    return by_dtypes
 
 
 def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:

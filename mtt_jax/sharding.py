@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("layers", None),       # the stacked blocks of model.scan_layers
 )
 
 

@@ -52,6 +52,28 @@ def test_hlo_matmul_flops_count_every_dot_by_operand_dtypes():
     assert sum(compiled.values()) == 2 * 4 * 5 * 6
 
 
+def test_hlo_matmul_flops_count_loop_bodies_by_their_trip_counts():
+    """A scan's body counts once per iteration (nested scans multiply, an unrolled scan's body holds
+    its copies), a ``fori_loop`` from 2 to 7 five times, and a loop that stops on a test of its values
+    (the weighting solvers') once."""
+    import jax
+    import jax.numpy as jnp
+    w, x = jnp.zeros((4, 8, 8)), jnp.zeros((3, 8))
+    dot = 2 * 3 * 8 * 8
+
+    def count(f, *args):
+        return sum(flops.hlo_matmul_flops(jax.jit(f).lower(*args).compiler_ir("hlo").as_hlo_text()).values())
+    layer = lambda c, wi: (jnp.tanh(c @ wi), None)
+    assert count(lambda w, x: jax.lax.scan(layer, x, w)[0], w, x) == 4 * dot
+    assert count(lambda w, x: jax.lax.scan(layer, x, w, unroll=2)[0], w, x) == 4 * dot
+    assert count(jax.grad(lambda w, x: jax.lax.scan(layer, x, w)[0].sum()), w, x) == 3 * 4 * dot
+    nested = lambda w, x: jax.lax.scan(lambda c, _: (jax.lax.scan(layer, c, w)[0], None), x, None, length=5)[0]
+    assert count(nested, w, x) == 5 * 4 * dot
+    assert count(lambda w, x: jax.lax.fori_loop(2, 7, lambda i, c: c @ w[0], x), w, x) == 5 * dot
+    until = lambda w, x: jax.lax.while_loop(lambda c: c.sum() < 1.0, lambda c: c @ w[0] + 1.0, x)
+    assert count(until, w, x) == dot
+
+
 COMPILED_HLO = """HloModule jit_step
 
 %fused_dot (param_0: f32[6,128,256], param_1: f32[256,1024]) -> f32[768,1024] {
@@ -123,12 +145,15 @@ def lowered_step_matmul_flops(spec: str, overrides: dict = None):
 
 def test_the_formula_counts_the_matmuls_of_the_traced_step():
     """The formula against the compiler's view of the lowered step, not only a hand count: the
-    multi-input text model in bf16 (microbatched, as the reference), and the single-input image model.
-    The bf16 step runs every matmul with 16-bit operands."""
+    multi-input text model in bf16 (microbatched, as the reference) and with its layers as one scan,
+    and the single-input image model. The bf16 step runs every matmul with 16-bit operands."""
     counted, model, _ = lowered_step_matmul_flops("configs.benchmark:tasks8", {
         "dtype": "bfloat16", "batch_size": 16, "grad_accum_steps": 2})
     assert sum(counted.values()) == pytest.approx(model, rel=1e-3)
     assert flops.low_precision_share(counted) == 1.0, counted
+    counted, _, _ = lowered_step_matmul_flops("configs.benchmark:tasks8", {  # layers as one scan
+        "batch_size": 16, "grad_accum_steps": 2, "model.scan_layers": True})
+    assert sum(counted.values()) == pytest.approx(model, rel=1e-3)
     counted, model, _ = lowered_step_matmul_flops("configs.default:tiny")  # the patch embedding has no
     assert sum(counted.values()) == pytest.approx(model, rel=0.01)        # input gradient: 2x, not 3x
 
@@ -206,11 +231,27 @@ def test_benchmark_compares_attention_kernels_and_refuses_cudnn_off_a_gpu(tmp_pa
     assert [r["attention_kernel"] for r in rows] == ["einsum", "xla"]
     assert all(r["cudnn_attention_calls"] == {"forward": 0, "backward": 0} for r in rows)  # a CPU
     assert rows[0]["model_tflops_per_step"] == rows[1]["model_tflops_per_step"]
-    assert "| 1 | 1 | einsum |" in result.stdout and "| 1 | 1 | xla |" in result.stdout
+    assert "| 1 | 1 | unrolled | einsum |" in result.stdout and "| 1 | 1 | unrolled | xla |" in result.stdout
     refused = run_benchmark("--attention_kernels=xla,cudnn", f"--out={tmp_path / 'no.json'}")
     assert refused.returncode == 2 and not (tmp_path / "no.json").exists()
     assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and "cudnn" in refused.stderr
     assert "compiled" not in refused.stdout  # refused before any work
+
+
+def test_benchmark_compares_unrolled_and_scanned_layers(tmp_path):
+    import json
+    out = tmp_path / "bench.json"
+    result = run_benchmark("--steps=1", "--scan_layers=false,true", "--config.model.num_layers=3",
+                           f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["scan_layers"] for r in rows] == [False, True]
+    assert rows[1]["hlo_matmul_over_model"] == pytest.approx(rows[0]["hlo_matmul_over_model"], rel=1e-9)
+    assert "| unrolled | auto |" in result.stdout and "| scan | auto |" in result.stdout
+    refused = run_benchmark("--scan_layers=false,maybe", f"--out={tmp_path / 'no.json'}")
+    assert refused.returncode == 2 and not (tmp_path / "no.json").exists()
+    assert refused.stderr.strip().splitlines()[-1] == "error: --scan_layers: 'maybe' is not true or false"
+    assert "compiled" not in refused.stdout
 
 
 def test_source_labels_fold_layers_and_mark_the_pass():

@@ -210,3 +210,39 @@ def test_grad_accumulation_with_a_gram_method_equals_one_big_step():
     np.testing.assert_allclose(metrics_2["task_losses"], metrics_1["task_losses"], rtol=1e-5)
     np.testing.assert_allclose(metrics_2["weights"], metrics_1["weights"], rtol=1e-3, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), params_2, params_1)
+
+
+def test_scanned_layers_on_a_mesh_shard_like_the_unrolled_blocks_and_step_the_same():
+    """``model.scan_layers`` on a 2x2x2 mesh: the stacked kernels keep the unrolled kernels' sharding
+    behind a replicated ``layers`` axis, and from the same parameters one microbatched step gives the
+    same loss and updated parameters."""
+    from tests.test_models import stack_blocks
+    config = seq_config(data=2, fsdp=2, tensor=2)
+    config.model.num_layers, config.model.dropout_rate = 3, 0.0
+    scanned_config = config.copy_and_resolve_references()
+    scanned_config.model.scan_layers = True
+    (setup, step, batch), (scanned_setup, scanned_step, scanned_batch) = (
+        compile_step(c, grad_accum_steps=2) for c in (config, scanned_config))
+    P = jax.sharding.PartitionSpec
+    specs = jax.tree.map(lambda s: s.spec, scanned_setup.state_shardings.params["model"]["trunk"])
+    unrolled_specs = jax.tree.map(lambda s: s.spec, setup.state_shardings.params["model"]["trunk"])
+    assert specs["blocks"]["block"]["mlp"]["wi"]["kernel"] == P(None, "fsdp", "tensor")
+    for stacked, plain in zip(jax.tree.leaves(specs["blocks"], is_leaf=lambda x: isinstance(x, P)),
+                              jax.tree.leaves(unrolled_specs["block_0"], is_leaf=lambda x: isinstance(x, P))):
+        assert stacked == P(None, *plain)
+
+    state = setup.create_state()
+    params = jax.device_get(state.params)
+    params["model"]["trunk"] = stack_blocks(params["model"]["trunk"], 3)
+    scanned_state = scanned_setup.create_state().replace(
+        params=jax.device_put(params, scanned_setup.state_shardings.params))
+    with setup.context():
+        new_state, metrics = step(state, batch)
+    with scanned_setup.context():
+        new_scanned, scanned_metrics = scanned_step(scanned_state, scanned_batch)
+    np.testing.assert_allclose(scanned_metrics["loss"], metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(scanned_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-4)
+    expected = jax.device_get(new_state.params)
+    expected["model"]["trunk"] = stack_blocks(expected["model"]["trunk"], 3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(new_scanned.params), expected)

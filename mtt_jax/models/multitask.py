@@ -58,6 +58,7 @@ class MultiTaskTransformer(nn.Module):
     num_experts: int = 4
     film: bool = False               # task-conditioned LayerNorms in every block (needs task_encoder)
     attention_kernel: str = "auto"   # auto | cudnn | xla | einsum (`layers.dot_product_attention`)
+    scan_layers: bool = False        # the trunk's blocks as one nn.scan over stacked parameters
 
     def setup(self):
         if self.input_spec.kind == "image":
@@ -75,7 +76,7 @@ class MultiTaskTransformer(nn.Module):
                              "set task_encoder=True")
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
                            self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
-                           self.attention_kernel)
+                           self.attention_kernel, self.scan_layers)
         if self.task_attention == "cross":
             kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                           dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -210,4 +211,5 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, memory_tokens=m.memory_tokens, remat=m.remat,
         dtype=dtype, ffn=m.get("ffn", "dense"), num_experts=m.get("num_experts", 4),
-        film=m.get("film", False), attention_kernel=config.get("attention_kernel", "auto"))
+        film=m.get("film", False), attention_kernel=config.get("attention_kernel", "auto"),
+        scan_layers=m.get("scan_layers", False))

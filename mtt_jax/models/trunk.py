@@ -105,8 +105,30 @@ class PositionalEncoding(nn.Module):
         return x_BxLxD + table[:length].astype(x_BxLxD.dtype)
 
 
+class ScannedBlock(nn.Module):
+    """One encoder block as the step of `nn.scan` over layers: ``(x, inputs) -> (x, None)``, with
+    ``train`` an attribute, as a scan step takes arrays only."""
+    block_cls: type
+    block_args: tuple
+    train: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None,
+                 task_ids_BxL: jax.Array | None, task_features_TxD: jax.Array | None):
+        x_BxLxD = self.block_cls(*self.block_args, name="block")(x_BxLxD, key_mask_BxL, self.train,
+                                                                task_ids_BxL, task_features_TxD)
+        return x_BxLxD, None
+
+
 class Trunk(nn.Module):
-    """N pre-LN encoder blocks and a final LayerNorm over an embedded sequence ``x_BxLxD``."""
+    """N pre-LN encoder blocks and a final LayerNorm over an embedded sequence ``x_BxLxD``.
+
+    ``scan_layers``: the blocks' parameters are stacked on a leading ``layers`` axis
+    (``trunk/blocks/block/...``, replicated) and the blocks run as one `nn.scan`, so XLA compiles
+    one block instead of N (MaxText's ``scan_layers``). The same function as the unrolled blocks,
+    whose parameters are ``trunk/block_{i}/...`` (tested); compile time falls with N, and the step
+    may run slightly slower, as XLA cannot schedule across layers.
+    """
     num_layers: int
     num_heads: int
     mlp_dim: int
@@ -118,6 +140,7 @@ class Trunk(nn.Module):
     num_tasks: int = 0
     film: bool = False        # task-conditioned LayerNorms (`mtt_jax.models.layers.TaskFiLM`)
     attention_kernel: str = "auto"   # `mtt_jax.models.layers.dot_product_attention`'s kernel
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -128,10 +151,17 @@ class Trunk(nn.Module):
         block_cls = EncoderBlock
         if REMAT_POLICIES[self.remat] is not None:
             block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+        block_args = (self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, self.ffn,
+                      self.num_experts, self.num_tasks, self.film, self.attention_kernel)
         x_BxLxD = nn.Dropout(self.dropout_rate)(constrain(x_BxLxD), deterministic=not train)
-        for i in range(self.num_layers):
-            x_BxLxD = block_cls(self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, self.ffn,
-                                self.num_experts, self.num_tasks, self.film, self.attention_kernel,
-                                name=f"block_{i}")(x_BxLxD, key_mask_BxL, train, task_ids_BxL,
-                                                   task_features_TxD)
+        if self.scan_layers:
+            blocks = nn.scan(ScannedBlock, variable_axes={"params": 0},
+                             split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                             length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxLxD, _ = blocks(block_cls, block_args, train, name="blocks")(
+                x_BxLxD, key_mask_BxL, task_ids_BxL, task_features_TxD)
+        else:
+            for i in range(self.num_layers):
+                x_BxLxD = block_cls(*block_args, name=f"block_{i}")(
+                    x_BxLxD, key_mask_BxL, train, task_ids_BxL, task_features_TxD)
         return layer_norm("ln_final", self.dtype)(x_BxLxD)
