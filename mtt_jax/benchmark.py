@@ -347,8 +347,8 @@ def matmul_label(row: dict) -> str:
 def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
-    lines = ["| method | mesh | dtype | accum | unroll | layers | attention | step ms | x first | compile s | "
-             "examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | peak MiB/dev | "
+    lines = ["| method | mesh | dtype | accum | unroll | layers | attention | step ms | x first | "
+             "compile s | examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | peak MiB/dev | "
              "host batch ms | step/host |" +
              (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
              "|---" * (19 + paired + 2 * loop) + "|"]

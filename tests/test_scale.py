@@ -218,7 +218,7 @@ def test_scanned_layers_on_a_mesh_shard_like_the_unrolled_blocks_and_step_the_sa
     same loss and updated parameters."""
     from tests.test_models import stack_blocks
     config = seq_config(data=2, fsdp=2, tensor=2)
-    config.model.num_layers, config.model.dropout_rate = 3, 0.0
+    config.model.num_layers, config.model.dropout_rate = 2, 0.0
     scanned_config = config.copy_and_resolve_references()
     scanned_config.model.scan_layers = True
     (setup, step, batch), (scanned_setup, scanned_step, scanned_batch) = (
@@ -233,7 +233,7 @@ def test_scanned_layers_on_a_mesh_shard_like_the_unrolled_blocks_and_step_the_sa
 
     state = setup.create_state()
     params = jax.device_get(state.params)
-    params["model"]["trunk"] = stack_blocks(params["model"]["trunk"], 3)
+    params["model"]["trunk"] = stack_blocks(params["model"]["trunk"], 2)
     scanned_state = scanned_setup.create_state().replace(
         params=jax.device_put(params, scanned_setup.state_shardings.params))
     with setup.context():
@@ -243,6 +243,6 @@ def test_scanned_layers_on_a_mesh_shard_like_the_unrolled_blocks_and_step_the_sa
     np.testing.assert_allclose(scanned_metrics["loss"], metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(scanned_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-4)
     expected = jax.device_get(new_state.params)
-    expected["model"]["trunk"] = stack_blocks(expected["model"]["trunk"], 3)
+    expected["model"]["trunk"] = stack_blocks(expected["model"]["trunk"], 2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  jax.device_get(new_scanned.params), expected)
