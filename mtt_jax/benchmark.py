@@ -20,10 +20,10 @@ a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods 
 microbatching x layer scans x attention kernels) run side by side in one process, so their ratios
 compare like with like. The attention column counts the cuDNN fused attention call sites in the lowered
 step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says whether cuDNN's
-kernel ran. ``HLO matmuls / model`` is the
-lowered step's matmul FLOPs (`step_matmul_flops`) over the formula's: about 1 for loss-weighting methods,
-which checks the MFU's numerator against the traced program; above 1 for gradient methods, by their
-per-task backward passes. With a 16-bit dtype it adds the share of matmul FLOPs with 16-bit operands.
+kernel ran. ``HLO matmuls / model`` is the lowered step's matmul FLOPs (`step_matmul_flops`) over the
+formula's: about 1 for loss-weighting methods, which checks the MFU's numerator against the traced
+program; above 1 for gradient methods, by their per-task backward passes. With a 16-bit dtype it adds
+the share of matmul FLOPs with 16-bit operands.
 
 ``--paired_peak`` (CPU) also measures the peak between the rounds of timed steps and reports the median
 and range of each round's MFU against the better of the two peaks around it. On a shared or throttling
@@ -348,8 +348,8 @@ def format_table(results: list[dict]) -> str:
     base = results[0]["step_ms"]
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
     lines = ["| method | mesh | dtype | accum | unroll | layers | attention | step ms | x first | "
-             "compile s | examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | peak MiB/dev | "
-             "host batch ms | step/host |" +
+             "compile s | examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | "
+             "peak MiB/dev | host batch ms | step/host |" +
              (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
              "|---" * (19 + paired + 2 * loop) + "|"]
     for r in results:

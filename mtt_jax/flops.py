@@ -154,6 +154,12 @@ def _fused_attention_flops(instruction: _Instruction, shapes: dict[str, str]) ->
     return 2 * forward if "Backward" in _CUDNN_ATTENTION.search(instruction.attributes).group(0) else forward
 
 
+def _is_counted_matmul(instruction: _Instruction) -> bool:
+    """A ``dot`` or a cuDNN fused attention call: what `hlo_matmul_flops` counts."""
+    return instruction.op == "dot" or (instruction.op == "custom-call"
+                                       and bool(_CUDNN_ATTENTION.search(instruction.attributes)))
+
+
 def _matmul_flops(instruction: _Instruction, shapes: dict[str, str]) -> float:
     """2 x outputs x contracted size of a ``dot`` or a cuBLAS gemm custom call, the matmuls of cuDNN's
     fused attention, else 0."""
@@ -224,7 +230,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
         reached.add(name)
         total: dict[str, float] = collections.Counter()
         for i in by_computation[name]:
-            if i.op == "dot" or (i.op == "custom-call" and _CUDNN_ATTENTION.search(i.attributes)):
+            if _is_counted_matmul(i):
                 lhs, rhs = (_dims(shapes[o])[0] for o in i.operands[:2])
                 total[f"{lhs} x {rhs}"] += _matmul_flops(i, shapes)
             for kind, called in _CALLED.findall(i.attributes):
@@ -238,9 +244,9 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     by_dtypes = dict(computation_flops(entry.group(1)))
-    missed = sorted({i.computation for i in instructions if i.op == "dot"} - reached)
+    missed = sorted({i.computation for i in instructions if _is_counted_matmul(i)} - reached)
     if missed:
-        raise ValueError(f"dots in computations the entry does not reach as parsed: {missed[:3]}")
+        raise ValueError(f"matmuls in computations the entry does not reach as parsed: {missed[:3]}")
     return by_dtypes
 
 
