@@ -146,7 +146,7 @@ class Variant:
     """One compiled configuration: its setup, compiled step, state and a fixed device batch."""
 
     def __init__(self, config):
-        from mtt_jax import sharding, train
+        from mtt_jax import flops, sharding, train
 
         self.config = config
         self.setup = setup = train.build(config)
@@ -162,7 +162,7 @@ class Variant:
         self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
         try:  # a check beside the timing, which an HLO it cannot read must not stop
             self.matmul_flops = step_matmul_flops(config, setup, self.state, self.batch, lowered)
-        except (ValueError, KeyError, AttributeError, IndexError) as e:
+        except flops.UNREADABLE_HLO as e:
             print(f"  warning: the step's matmul FLOPs were not counted ({type(e).__name__}: {e})")
             self.matmul_flops = None
         self.times: list[float] = []

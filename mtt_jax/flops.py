@@ -118,7 +118,24 @@ def _split_top_level(text: str) -> tuple[list[str], str]:
     return [p.strip() for p in parts + [text[start:]] if p.strip()], ""
 
 
-def _parse_hlo(hlo_text: str) -> list[_Instruction]:
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    """A parsed HLO module's instructions, indexed by name and by computation."""
+    instructions: list[_Instruction]
+    by_name: dict[str, _Instruction]
+    by_computation: dict[str, list[_Instruction]]
+
+    @property
+    def shapes(self) -> dict[str, str]:
+        return {name: i.shape for name, i in self.by_name.items()}
+
+
+# What reading an HLO text this parser does not follow raises; the benchmark and the profile report
+# such a failure beside their timings instead of stopping.
+UNREADABLE_HLO = (ValueError, KeyError, AttributeError, IndexError)
+
+
+def _parse_hlo(hlo_text: str) -> _Module:
     instructions, computation = [], ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -131,7 +148,10 @@ def _parse_hlo(hlo_text: str) -> list[_Instruction]:
             instructions.append(_Instruction(m.group(1), computation, m.group(2), m.group(3),
                                              [o.split()[-1].lstrip("%") for o in operands], attributes,
                                              line.lstrip().startswith("ROOT ")))
-    return instructions
+    by_computation = collections.defaultdict(list)
+    for i in instructions:
+        by_computation[i.computation].append(i)
+    return _Module(instructions, {i.name: i for i in instructions}, by_computation)
 
 
 def _dims(shape: str) -> tuple[str, list[int]]:
@@ -155,7 +175,8 @@ def _fused_attention_flops(instruction: _Instruction, shapes: dict[str, str]) ->
 
 
 def _is_counted_matmul(instruction: _Instruction) -> bool:
-    """A ``dot`` or a cuDNN fused attention call: what `hlo_matmul_flops` counts."""
+    """A ``dot`` or a cuDNN fused attention call: what `hlo_matmul_flops` counts (a module before
+    optimization has no cuBLAS gemms)."""
     return instruction.op == "dot" or (instruction.op == "custom-call"
                                        and bool(_CUDNN_ATTENTION.search(instruction.attributes)))
 
@@ -185,13 +206,13 @@ def _constant(instruction: _Instruction | None) -> int | None:
         return None
 
 
-def _trip_count(loop: _Instruction, by_name: dict[str, _Instruction],
-                by_computation: dict[str, list[_Instruction]]) -> int:
+def _trip_count(loop: _Instruction, module: _Module) -> int:
     """Iterations of a counted ``while``: its condition's root is ``counter < N`` (the counter at tuple
     index 0, N a constant) and the counter starts at a constant, as `jax.lax.scan` and ``fori_loop``
     lower. Any other loop (one that stops on a test of its values) counts as one iteration."""
     condition = re.search(r"condition=%?([\w.\-]+)", loop.attributes).group(1)
-    root = next((i for i in by_computation[condition] if i.root), None)
+    root = next((i for i in module.by_computation[condition] if i.root), None)
+    by_name = module.by_name
     if root is None or root.op != "compare" or "direction=LT" not in root.attributes:
         return 1
     counter, bound = (by_name.get(o) for o in root.operands[:2])
@@ -215,26 +236,24 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     global shapes, dtypes as traced. Computations count as often as the entry runs them: a scan's
     body (microbatches, ``model.scan_layers``) times its trip count (`_trip_count`), a called
     computation once per call, and every branch of a conditional, so count a step without periodic
-    diagnostics. A dot outside what the entry calls (a parse this counter does not follow) is an error.
+    diagnostics. A matmul outside what the entry calls (a parse this counter does not follow) is an
+    error.
     """
-    instructions = _parse_hlo(hlo_text)
-    shapes = {i.name: i.shape for i in instructions}
-    by_name = {i.name: i for i in instructions}
-    by_computation: dict[str, list[_Instruction]] = collections.defaultdict(list)
-    for i in instructions:
-        by_computation[i.computation].append(i)
+    module = _parse_hlo(hlo_text)
+    shapes = module.shapes
+    matmul_flops = {i.name: _matmul_flops(i, shapes) for i in module.instructions if _is_counted_matmul(i)}
     reached = set()
 
     @functools.cache
     def computation_flops(name: str) -> tuple[tuple[str, float], ...]:
         reached.add(name)
         total: dict[str, float] = collections.Counter()
-        for i in by_computation[name]:
-            if _is_counted_matmul(i):
+        for i in module.by_computation[name]:
+            if i.name in matmul_flops:
                 lhs, rhs = (_dims(shapes[o])[0] for o in i.operands[:2])
-                total[f"{lhs} x {rhs}"] += _matmul_flops(i, shapes)
+                total[f"{lhs} x {rhs}"] += matmul_flops[i.name]
             for kind, called in _CALLED.findall(i.attributes):
-                times = _trip_count(i, by_name, by_computation) if kind == "body" else 1
+                times = _trip_count(i, module) if kind == "body" else 1
                 for callee in re.findall(r"[\w.\-]+", called):
                     for key, value in computation_flops(callee):
                         total[key] += times * value
@@ -244,7 +263,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     by_dtypes = dict(computation_flops(entry.group(1)))
-    missed = sorted({i.computation for i in instructions if _is_counted_matmul(i)} - reached)
+    missed = sorted({module.by_name[name].computation for name in matmul_flops} - reached)
     if missed:
         raise ValueError(f"matmuls in computations the entry does not reach as parsed: {missed[:3]}")
     return by_dtypes
@@ -255,21 +274,17 @@ def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
     cuBLAS gemm or cuDNN fused attention custom call, or a fusion with dots inside (XLA:CPU's YNNPACK
     fusions, GPU Triton gemm fusions; nested fusions included). Per execution: a profile's events of an
     instruction inside a loop times these give the loop's FLOPs."""
-    instructions = _parse_hlo(compiled_hlo_text)
-    by_name = {i.name: i for i in instructions}
-    shapes = {i.name: i.shape for i in instructions}
-    by_computation = collections.defaultdict(list)
-    for i in instructions:
-        by_computation[i.computation].append(i)
+    module = _parse_hlo(compiled_hlo_text)
+    shapes = module.shapes
 
     @functools.cache
     def op_flops(name: str) -> float:
-        i = by_name[name]
+        i = module.by_name[name]
         if i.op != "fusion":
             return _matmul_flops(i, shapes)
         called = re.search(r"calls=%?([\w.\-]+)", i.attributes)
-        return sum(op_flops(j.name) for j in by_computation[called.group(1)]) if called else 0.0
-    return {i.name: f for i in instructions if (f := op_flops(i.name))}
+        return sum(op_flops(j.name) for j in module.by_computation[called.group(1)]) if called else 0.0
+    return {i.name: f for i in module.instructions if (f := op_flops(i.name))}
 
 
 def low_precision_share(flops_by_dtypes: dict[str, float]) -> float:

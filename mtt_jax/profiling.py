@@ -79,7 +79,7 @@ def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text:
     profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
     try:  # the FLOP rates are a column beside the times, which an HLO it cannot read must not stop
         instruction_flops = flops.instruction_matmul_flops(hlo_text)
-    except (ValueError, KeyError, AttributeError, IndexError) as e:
+    except flops.UNREADABLE_HLO as e:
         print(f"warning: no matmul FLOP rates in the profile ({type(e).__name__}: {e})")
         instruction_flops = {}
     return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps, instruction_flops)
