@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mtt_jax import workdir as workdir_lib
+
 SIZES = ("tiny", "quick", "full")
 
 
@@ -53,6 +55,10 @@ def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = No
     args.size = "tiny" if args.tiny else "quick" if args.quick else "full"
     if args.seeds < 0:
         parser.error("--seeds must be >= 1")
+    try:
+        workdir_lib.check_location(args.workdir)  # before hours of work, not when writing the table
+    except workdir_lib.WorkdirError as e:
+        parser.error(str(e))
     configure_compilation(args.compile if args.compile != "auto" else
                           ("optimized" if args.size == "full" else "fast"), level=0 if args.tiny else 1)
     return args
@@ -123,8 +129,7 @@ def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str,
     os.makedirs(workdir, exist_ok=True)
     record = {"experiment": name, "size": args.size, "command": command_line(),
               "wall_seconds": round(log.elapsed, 1), **results}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(to_jsonable(record), f, indent=1)
+    workdir_lib.write_json(os.path.join(workdir, "results.json"), to_jsonable(record), indent=1)
     write_table(workdir, name, header, record, table, stats_over)
     log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
 
@@ -157,10 +162,7 @@ class PartialResults:
         return saved.get("results", {}) if saved.get("identity") == self.identity else {}
 
     def save(self, results: dict) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path + ".tmp", "w") as f:
-            json.dump(to_jsonable({"identity": self.identity, "results": results}), f)
-        os.replace(self.path + ".tmp", self.path)
+        workdir_lib.write_json(self.path, to_jsonable({"identity": self.identity, "results": results}))
 
     def discard(self) -> None:
         if os.path.exists(self.path):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import re
 import statistics
@@ -374,8 +373,15 @@ def main(argv) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
     import jax
-    from mtt_jax import config_check
+    from mtt_jax import config_check, workdir
 
+    try:  # outputs that could not be written after the work are refused before it
+        if _OUT.value:
+            workdir.check_output_file(_OUT.value, "--out")
+        if _PROFILE.value:
+            workdir.check_location(_PROFILE.value, "--profile")
+    except workdir.WorkdirError as e:
+        _fail(str(e))
     config = _CONFIG.value
     all_variants = list(variants(config))
     for variant in all_variants:  # every variant is checked before any is run
@@ -428,14 +434,14 @@ def main(argv) -> None:
               f"(trace in {_PROFILE.value}):")
         print(profiling.format_op_table(rows))
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-                       "peak_flops_per_device": peak, "peak_source": peak_source,
-                       "measured_bf16_matmul_flops": matmul_flops,
-                       "boundary_peak_flops": boundary_peaks,
-                       "results": results,
-                       "profile": [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s}
-                                   for r in profile_rows]}, f, indent=2)
+        workdir.write_json(_OUT.value, {
+            "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+            "peak_flops_per_device": peak, "peak_source": peak_source,
+            "measured_bf16_matmul_flops": matmul_flops,
+            "boundary_peak_flops": boundary_peaks,
+            "results": results,
+            "profile": [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s}
+                        for r in profile_rows]}, indent=2)
 
 
 if __name__ == "__main__":

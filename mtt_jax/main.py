@@ -1,7 +1,7 @@
 """Command line: ``python -m mtt_jax.main --config configs/default.py --workdir DIR [--config.x=y]``.
 
-The config and the workdir are checked before anything is created: a bad config, or a workdir that
-holds a different run, exits with status 2 and one line saying what is wrong and how to fix it.
+The config and the workdir are checked before anything is created: a bad config, a workdir that
+holds a different run, or one the run could not keep (a ``gs://`` URL, a file) exits with status 2 and one line saying what is wrong and how to fix it.
 
 Multi-host (DESIGN §6): on Cloud TPU and under SLURM, ``jax.distributed.initialize()`` finds the
 coordinator itself; elsewhere pass ``--coordinator_address --num_processes --process_id``. CPU
@@ -64,6 +64,7 @@ def main(argv) -> None:
     config = _CONFIG.value
     try:
         config_check.validate(config, jax.device_count())
+        workdir.check_location(_WORKDIR.value)
         if not _OVERWRITE.value:
             workdir.prepare(_WORKDIR.value, config)  # refuse a different run before any work
     except (config_check.ConfigError, workdir.WorkdirError) as e:

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from mtt_jax.tasks import TaskSpec
+from mtt_jax.workdir import write_json
 
 
 def per_task_table(tasks: Sequence[TaskSpec], metrics: dict) -> str:
@@ -74,10 +75,9 @@ def write_affinity(workdir: str, tasks: Sequence[TaskSpec], mean_affinity, count
     for k in range(2, len(tasks)):
         groups, score = best_grouping(mean_affinity, k)
         groupings[str(k)] = {"groups": [[names[i] for i in g] for g in groups], "score": score}
-    with open(os.path.join(workdir, "affinity.json"), "w") as f:
-        json.dump({"tasks": names, "measurements": count,
-                   "affinity": np.round(mean_affinity, 6).tolist(), "best_groupings": groupings}, f,
-                  indent=2)
+    write_json(os.path.join(workdir, "affinity.json"),
+               {"tasks": names, "measurements": count,
+                "affinity": np.round(mean_affinity, 6).tolist(), "best_groupings": groupings}, indent=2)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
@@ -22,6 +23,46 @@ class WorkdirError(ValueError):
     """The workdir holds another run; the message is one line."""
 
 
+# A URL such as gs://bucket/run: os.path would treat it as the relative folder "gs:/bucket/run".
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_location(workdir: str, flag: str = "--workdir") -> None:
+    """Refuses a folder the outputs could not be kept in: a URL (``gs://``, ``s3://``: the writers use
+    local file I/O, so the run would land in a local folder named ``gs:`` and be lost with the machine)
+    or a path that exists and is not a folder."""
+    _refuse_url(workdir, flag)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"{workdir} exists and is not a folder; pass a folder for {flag}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuses a results file that could not be written after the work: a URL or an existing folder."""
+    _refuse_url(path, flag)
+    if os.path.isdir(path):
+        raise WorkdirError(f"{flag}={path} is a folder; pass a file name")
+
+
+def _refuse_url(path: str, flag: str) -> None:
+    if _URL.match(path):
+        raise WorkdirError(f"{flag}={path}: URL workdirs are not supported yet; mount the bucket with "
+                           f"gcsfuse and pass its local path (launch/README.md)")
+
+
+def write_json(path: str, value, **dump_options) -> None:
+    """``json.dump`` to ``path`` through a temporary file and a rename (creating the folder), so that
+    ``path`` holds either its previous content or the whole new one, never half of it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w") as f:
+            json.dump(value, f, **dump_options)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def run_identity(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k not in RESUMABLE_FIELDS}
 
@@ -32,6 +73,7 @@ def config_dict(config) -> dict:
 
 def prepare(workdir: str, config, overwrite: bool = False) -> bool:
     """Checks (and with ``overwrite`` clears) ``workdir``; returns True if it holds a run to resume."""
+    check_location(workdir)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return False
@@ -54,5 +96,4 @@ def prepare(workdir: str, config, overwrite: bool = False) -> bool:
 
 
 def write_config(workdir: str, config) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_dict(config), f, indent=2, sort_keys=True)
+    write_json(os.path.join(workdir, "config.json"), config_dict(config), indent=2, sort_keys=True)

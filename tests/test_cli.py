@@ -19,10 +19,12 @@ def run_cli(workdir, *overrides, config="configs/default.py:tiny"):
 def test_cli_runs_end_to_end_on_a_tiny_override(tmp_path):
     workdir = tmp_path / "run"
     result = run_cli(workdir, "--config.total_steps=6", "--config.eval_every=3", "--config.log_every=3",
-                     "--config.weighting.name=fixed", "--config.weighting.weights=(1.0,0.5)")
+                     "--config.weighting.name=fixed", "--config.weighting.weights=(1.0,0.5)",
+                     "--config.affinity.every=3")
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("config.json", "metrics.jsonl", "summary.md"):
+    for name in ("config.json", "metrics.jsonl", "summary.md", "affinity.json"):
         assert (workdir / name).exists()
+    assert "## Task affinity (TAG lookahead, mean of 2;" in (workdir / "summary.md").read_text()
     lines = [l for l in result.stdout.splitlines() if l.startswith("step ")]
     assert lines and all("steps/s" in l and "ETA" in l and "loss" in l for l in lines)
     assert "\r" not in result.stdout  # not a terminal: whole lines, no progress-bar redraws
@@ -46,6 +48,48 @@ def test_bad_config_exits_before_any_work(tmp_path, override, expected):
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-1500:]
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("where", ["url", "file"])
+def test_a_workdir_the_run_could_not_keep_exits_before_any_work(tmp_path, where):
+    """A ``gs://`` URL would become a local folder named ``gs:``, lost with the machine; a file cannot
+    hold the run. Both stop with one line, --overwrite or not, and nothing is created or cleared."""
+    if where == "url":
+        workdir, expected = "gs://bucket/run", "URL workdirs are not supported yet; mount the bucket"
+    else:
+        workdir, expected = tmp_path / "a_file", "exists and is not a folder"
+        workdir.write_text("kept\n")
+    result = run_cli(workdir, "--overwrite")
+    assert result.returncode == 2
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-1500:]
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))
+    if where == "file":
+        assert workdir.read_text() == "kept\n"
+
+
+def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):
+    from mtt_jax import workdir
+    folder, results = tmp_path / "folder", tmp_path / "folder" / "results.json"
+    workdir.check_location(str(folder), "--profile")  # not there yet: created later
+    workdir.check_output_file(str(results), "--out")
+    with pytest.raises(workdir.WorkdirError, match="--out=.* is a folder; pass a file name"):
+        workdir.check_output_file(str(tmp_path), "--out")
+    with pytest.raises(workdir.WorkdirError, match="--out=s3://b/r.json: URL workdirs are not supported"):
+        workdir.check_output_file("s3://b/r.json", "--out")
+    workdir.write_json(str(results), {"step": 1})  # creates the folder
+    assert results.read_text() == '{"step": 1}'
+    with pytest.raises(workdir.WorkdirError, match="exists and is not a folder; pass a folder for --profile"):
+        workdir.check_location(str(results), "--profile")
+
+    def fail_midway(value, f, **options):
+        f.write('{"step": ')
+        raise OSError("disk full")
+    monkeypatch.setattr(workdir.json, "dump", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        workdir.write_json(str(results), {"step": 2})
+    assert results.read_text() == '{"step": 1}'  # the previous content, whole
+    assert sorted(p.name for p in folder.iterdir()) == ["results.json"]  # no temporary left
 
 
 def test_unshardable_model_exits_before_touching_the_workdir(tmp_path):

@@ -87,6 +87,18 @@ def test_every_experiment_documents_its_cost(capsys):
         assert "--quick" in usage and "--tiny" not in usage, name  # --tiny is hidden
 
 
+def test_every_experiment_refuses_a_url_workdir_before_any_work(capsys):
+    """A ``gs://`` workdir would end, hours later, in a local folder named ``gs:``."""
+    import importlib
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"experiments.{name}")
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--workdir", "gs://bucket/run", "--tiny"])
+        assert exit_info.value.code == 2, name
+        assert "URL workdirs are not supported yet" in capsys.readouterr().err, name
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
 # --- the experiments at tiny size ------------------------------------------------------------------------
 
 def test_mmoe_correlation(results):
