@@ -39,11 +39,12 @@ import itertools
 import math
 import re
 import statistics
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mtt_jax.cli import fail, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).")
 _METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first).")
@@ -88,16 +89,11 @@ def _jitted_matmul():
     return jax.jit(lambda x, y: x @ y)
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _boolean(flag: str, text: str) -> bool:
     """``true`` / ``false`` (any case, or 1 / 0) from a comma-list flag; anything else is an error."""
     value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
     if value is None:
-        _fail(f"--{flag}: {text!r} is not true or false")
+        fail(f"--{flag}: {text!r} is not true or false")
     return value
 
 
@@ -371,7 +367,7 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}")
+        fail(f"unexpected arguments {argv[1:]}")
     import jax
     from mtt_jax import config_check, workdir
 
@@ -381,14 +377,14 @@ def main(argv) -> None:
         if _PROFILE.value:
             workdir.check_location(_PROFILE.value, "--profile")
     except workdir.WorkdirError as e:
-        _fail(str(e))
+        fail(str(e))
     config = _CONFIG.value
     all_variants = list(variants(config))
     for variant in all_variants:  # every variant is checked before any is run
         try:
             config_check.validate(variant, jax.device_count())
         except config_check.ConfigError as e:
-            _fail(str(e))
+            fail(str(e))
     if _MOCK_DATA.value:
         import contextlib
         from mtt_jax.data import tfds_io
@@ -407,7 +403,7 @@ def main(argv) -> None:
         try:
             compiled.append(Variant(variant))
         except config_check.ConfigError as e:
-            _fail(str(e))
+            fail(str(e))
         print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
               f"unroll {variant.grad_accum_unroll}{' scan' if variant.model.scan_layers else ''} "
               f"attention {variant.attention_kernel}: "
@@ -445,4 +441,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

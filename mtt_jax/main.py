@@ -11,10 +11,11 @@ processes exchange collectives through gloo.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mtt_jax.cli import fail, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
                                           lock_config=True)
@@ -25,11 +26,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def auto_detected_cluster() -> bool:
@@ -77,4 +73,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

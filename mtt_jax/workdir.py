@@ -20,7 +20,7 @@ OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.
 
 
 class WorkdirError(ValueError):
-    """The workdir holds another run; the message is one line."""
+    """The workdir cannot take this run (another run's, a URL, not writable); the message is one line."""
 
 
 # A URL such as gs://bucket/run: os.path would treat it as the relative folder "gs:/bucket/run".
@@ -29,24 +29,38 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def check_location(workdir: str, flag: str = "--workdir") -> None:
     """Refuses a folder the outputs could not be kept in: a URL (``gs://``, ``s3://``: the writers use
-    local file I/O, so the run would land in a local folder named ``gs:`` and be lost with the machine)
-    or a path that exists and is not a folder."""
+    local file I/O, so the run would land in a local folder named ``gs:`` and be lost with the machine),
+    a path that exists and is not a folder, or one that cannot be created or written."""
     _refuse_url(workdir, flag)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"{workdir} exists and is not a folder; pass a folder for {flag}")
+    _check_writable(workdir, flag)
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """Refuses a results file that could not be written after the work: a URL or an existing folder."""
+    """Refuses a results file that could not be written after the work: a URL, an existing folder, or
+    one in a folder that cannot be created or written."""
     _refuse_url(path, flag)
     if os.path.isdir(path):
         raise WorkdirError(f"{flag}={path} is a folder; pass a file name")
+    _check_writable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """``path``, or the nearest folder above it that exists (where it will be created), is writable."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(f"{flag}={path}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(f"{flag}={path}: {existing} is not writable")
 
 
 def _refuse_url(path: str, flag: str) -> None:
     if _URL.match(path):
-        raise WorkdirError(f"{flag}={path}: URL workdirs are not supported yet; mount the bucket with "
-                           f"gcsfuse and pass its local path (launch/README.md)")
+        raise WorkdirError(f"{flag}={path}: URLs are not supported yet (outputs are written as local "
+                           f"files); mount the bucket with gcsfuse and pass its local path (launch/README.md)")
 
 
 def write_json(path: str, value, **dump_options) -> None:

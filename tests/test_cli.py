@@ -55,7 +55,7 @@ def test_a_workdir_the_run_could_not_keep_exits_before_any_work(tmp_path, where)
     """A ``gs://`` URL would become a local folder named ``gs:``, lost with the machine; a file cannot
     hold the run. Both stop with one line, --overwrite or not, and nothing is created or cleared."""
     if where == "url":
-        workdir, expected = "gs://bucket/run", "URL workdirs are not supported yet; mount the bucket"
+        workdir, expected = "gs://bucket/run", "URLs are not supported yet"
     else:
         workdir, expected = tmp_path / "a_file", "exists and is not a folder"
         workdir.write_text("kept\n")
@@ -75,12 +75,18 @@ def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, mo
     workdir.check_output_file(str(results), "--out")
     with pytest.raises(workdir.WorkdirError, match="--out=.* is a folder; pass a file name"):
         workdir.check_output_file(str(tmp_path), "--out")
-    with pytest.raises(workdir.WorkdirError, match="--out=s3://b/r.json: URL workdirs are not supported"):
+    with pytest.raises(workdir.WorkdirError, match="--out=s3://b/r.json: URLs are not supported"):
         workdir.check_output_file("s3://b/r.json", "--out")
     workdir.write_json(str(results), {"step": 1})  # creates the folder
     assert results.read_text() == '{"step": 1}'
     with pytest.raises(workdir.WorkdirError, match="exists and is not a folder; pass a folder for --profile"):
         workdir.check_location(str(results), "--profile")
+    with pytest.raises(workdir.WorkdirError, match="results.json is a file, so the folder cannot be created"):
+        workdir.check_location(str(results / "run"))
+    with monkeypatch.context() as patch:  # this suite may run as root, which may write anywhere
+        patch.setattr(workdir.os, "access", lambda path, mode: str(path) != str(folder))
+        with pytest.raises(workdir.WorkdirError, match=r"--out=.*: .*folder is not writable"):
+            workdir.check_output_file(str(folder / "new" / "bench.json"), "--out")
 
     def fail_midway(value, f, **options):
         f.write('{"step": ')
@@ -90,6 +96,31 @@ def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, mo
         workdir.write_json(str(results), {"step": 2})
     assert results.read_text() == '{"step": 1}'  # the previous content, whole
     assert sorted(p.name for p in folder.iterdir()) == ["results.json"]  # no temporary left
+
+
+def test_a_missing_config_file_exits_with_one_line(tmp_path):
+    result = run_cli(tmp_path / "never_created", "--config.total_steps=2", config="configs/nope.py:tiny")
+    assert result.returncode == 2 and not (tmp_path / "never_created").exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: --config: configs/nope.py is not a file (give configs/<name>.py[:variant])"]
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("learning_rate", -1e-3, "optimizer.learning_rate=-0.001 must be a finite number >= 0"),
+    ("learning_rate", float("nan"), "optimizer.learning_rate=nan must be a finite number >= 0"),
+    ("b2", 1.0, "optimizer.b2=1.0 must be a number in [0, 1)"),
+    ("weight_decay", -0.1, "optimizer.weight_decay=-0.1 must be a finite number >= 0"),
+    ("grad_clip_norm", 0.0, "optimizer.grad_clip_norm=0 would zero every update"),
+    ("warmup_steps", -5, "optimizer.warmup_steps=-5 must be an integer >= 0"),
+])
+def test_optimizer_settings_that_would_not_train_are_refused(field, value, expected):
+    from configs import default
+    from mtt_jax import config_check
+    config = default.get_config("tiny")
+    config.optimizer[field] = value
+    with pytest.raises(config_check.ConfigError) as error:
+        config_check.validate(config, 1)
+    assert str(error.value).startswith(expected)
 
 
 def test_unshardable_model_exits_before_touching_the_workdir(tmp_path):

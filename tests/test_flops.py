@@ -251,7 +251,7 @@ def test_benchmark_compares_attention_kernels_and_layer_scans_and_refuses_bad_va
     assert "compiled" not in refused.stdout
     refused = run_benchmark("--out=gs://bucket/bench.json")  # not writable after the work: refused before
     assert refused.returncode == 2 and "compiled" not in refused.stdout, refused.stderr[-1500:]
-    assert "URL workdirs are not supported yet" in refused.stderr.strip().splitlines()[-1]
+    assert "URLs are not supported yet" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_source_labels_fold_layers_and_mark_the_pass():
