@@ -16,6 +16,7 @@ from mtt_jax.data import mixtures
 from mtt_jax.models import TASK_ATTENTION
 from mtt_jax.models.layers import ATTENTION_KERNELS
 from mtt_jax.models.trunk import REMAT_POLICIES
+from mtt_jax.weighting.base import check_range
 
 DTYPES = ("float32", "bfloat16")
 NONFINITE = ("skip", "halt")
@@ -49,6 +50,7 @@ def validate(config, num_devices: int) -> None:
     _check_model(config)
     _check_weighting(config)
     _check_optimizer(config.optimizer)
+    _check_affinity(config.get("affinity"))
     _check_mixture(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
@@ -134,29 +136,35 @@ def _check_model(config) -> None:
                           "set model.task_encoder=True")
 
 
-def _in_range(field: str, value, low: float, high: float = math.inf, high_open: bool = False) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or value < low or value > high or (high_open and value == high):
-        bounds = (f"a number in [{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high) else
-                  f"a finite number >= {low:g}")
-        raise ConfigError(f"{field}={value!r} must be {bounds}")
-
-
 def _check_optimizer(o) -> None:
     """AdamW's fields (`train_step.make_optimizer`): a negative learning rate (ascent), a clipping norm
     of 0 (every update zeroed), or Adam's decay rates outside [0, 1) would run without an error and
     train nothing or diverge."""
-    _in_range("optimizer.learning_rate", o.learning_rate, 0.0)  # 0: a frozen model, on purpose
-    _in_range("optimizer.end_learning_rate_factor", o.end_learning_rate_factor, 0.0)
-    _in_range("optimizer.b1", o.b1, 0.0, 1.0, high_open=True)
-    _in_range("optimizer.b2", o.b2, 0.0, 1.0, high_open=True)
-    _in_range("optimizer.weight_decay", o.weight_decay, 0.0)
-    _in_range("optimizer.grad_clip_norm", o.grad_clip_norm, 0.0)
-    if o.grad_clip_norm == 0:
-        raise ConfigError("optimizer.grad_clip_norm=0 would zero every update; give a positive norm "
-                          "(a large one, e.g. 1e9, turns clipping off)")
+    inf = math.inf
+    try:
+        check_range("optimizer.learning_rate", o.learning_rate, 0.0, inf, high_open=True)  # 0: frozen
+        check_range("optimizer.end_learning_rate_factor", o.end_learning_rate_factor, 0.0, inf,
+                    high_open=True)
+        check_range("optimizer.b1", o.b1, 0.0, 1.0, high_open=True)
+        check_range("optimizer.b2", o.b2, 0.0, 1.0, high_open=True)
+        check_range("optimizer.weight_decay", o.weight_decay, 0.0, inf, high_open=True)
+        check_range("optimizer.grad_clip_norm", o.grad_clip_norm, 0.0, inf, low_open=True, high_open=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(o.warmup_steps, int) or isinstance(o.warmup_steps, bool) or o.warmup_steps < 0:
         raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps!r} must be an integer >= 0")
+
+
+def _check_affinity(a) -> None:
+    """TAG's lookahead (`mtt_jax.affinity`): a negative period would measure it at every step."""
+    if not a:
+        return
+    if not isinstance(a.every, int) or isinstance(a.every, bool) or a.every < 0:
+        raise ConfigError(f"affinity.every={a.every!r} must be an integer >= 0 (0: off)")
+    try:
+        check_range("affinity.lr", a.get("lr", 0.0), 0.0, math.inf, high_open=True)
+    except ValueError as e:
+        raise ConfigError(f"{e} (0: the current learning rate)") from None
 
 
 def _check_attention_kernel(kernel: str) -> None:

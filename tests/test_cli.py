@@ -106,18 +106,21 @@ def test_a_missing_config_file_exits_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("learning_rate", -1e-3, "optimizer.learning_rate=-0.001 must be a finite number >= 0"),
-    ("learning_rate", float("nan"), "optimizer.learning_rate=nan must be a finite number >= 0"),
-    ("b2", 1.0, "optimizer.b2=1.0 must be a number in [0, 1)"),
-    ("weight_decay", -0.1, "optimizer.weight_decay=-0.1 must be a finite number >= 0"),
-    ("grad_clip_norm", 0.0, "optimizer.grad_clip_norm=0 would zero every update"),
+    ("learning_rate", -1e-3, "optimizer.learning_rate=-0.001 must be in [0.0, inf)"),
+    ("learning_rate", float("nan"), "optimizer.learning_rate=nan must be in [0.0, inf)"),
+    ("b2", 1.0, "optimizer.b2=1.0 must be in [0.0, 1.0)"),
+    ("weight_decay", -0.1, "optimizer.weight_decay=-0.1 must be in [0.0, inf)"),
+    ("grad_clip_norm", 0.0, "optimizer.grad_clip_norm=0.0 must be in (0.0, inf)"),
     ("warmup_steps", -5, "optimizer.warmup_steps=-5 must be an integer >= 0"),
+    ("affinity.every", -1, "affinity.every=-1 must be an integer >= 0 (0: off)"),
+    ("affinity.lr", -0.1, "affinity.lr=-0.1 must be in [0.0, inf) (0: the current learning rate)"),
 ])
-def test_optimizer_settings_that_would_not_train_are_refused(field, value, expected):
+def test_optimizer_and_affinity_settings_that_would_not_train_are_refused(field, value, expected):
     from configs import default
     from mtt_jax import config_check
     config = default.get_config("tiny")
-    config.optimizer[field] = value
+    section, name = field.split(".") if "." in field else ("optimizer", field)
+    config[section][name] = value
     with pytest.raises(config_check.ConfigError) as error:
         config_check.validate(config, 1)
     assert str(error.value).startswith(expected)

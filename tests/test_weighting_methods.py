@@ -93,6 +93,10 @@ def test_registry_names_options_and_errors():
         make("nope")
     with pytest.raises(ValueError, match="normalization='l1'; choose one of: none, l2, loss, loss"):
         make("mgda", normalization="l1")
+    with pytest.raises(ValueError, match=r"^weighting.cagrad.c=-1.0 must be in \[0.0, inf\]$"):
+        make("cagrad", c=-1.0)
+    with pytest.raises(ValueError, match=r"^weighting.famo.w_lr=nan must be in \(0.0, inf\]$"):
+        make("famo", w_lr=float("nan"))
     # The sub-config wins over the older top-level field; the top-level one still works.
     config = ml_collections.ConfigDict({"name": "uncertainty", "init_log_var": 0.0,
                                         "uncertainty": {"init_log_var": 1.0}})

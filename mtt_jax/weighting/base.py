@@ -124,7 +124,15 @@ def validate_choice(method: str, option: str, value, choices) -> None:
 
 def validate_range(method: str, option: str, value: float, low: float, high: float = float("inf"),
                    *, low_open: bool = False) -> None:
-    ok = (value > low if low_open else value >= low) and value <= high
+    check_range(f"weighting.{method}.{option}", value, low, high, low_open=low_open)
+
+
+def check_range(field: str, value: float, low: float, high: float = float("inf"), *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a number in the interval (NaN and booleans are not)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
     if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"weighting.{method}.{option}={value!r} must be in {bracket}{low}, {high}]")
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{field}={value!r} must be in {interval}")
