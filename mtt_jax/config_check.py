@@ -41,6 +41,11 @@ def _positive(config, *fields: str) -> None:
             raise ConfigError(f"{field}={value!r} must be a positive integer")
 
 
+def _non_negative_integer(field: str, value, note: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{field}={value!r} must be an integer >= 0{note}")
+
+
 def validate(config, num_devices: int) -> None:
     _positive(config, "total_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
               "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
@@ -151,16 +156,14 @@ def _check_optimizer(o) -> None:
         check_range("optimizer.grad_clip_norm", o.grad_clip_norm, 0.0, inf, low_open=True, high_open=True)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not isinstance(o.warmup_steps, int) or isinstance(o.warmup_steps, bool) or o.warmup_steps < 0:
-        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps!r} must be an integer >= 0")
+    _non_negative_integer("optimizer.warmup_steps", o.warmup_steps)
 
 
 def _check_affinity(a) -> None:
     """TAG's lookahead (`mtt_jax.affinity`): a negative period would measure it at every step."""
     if not a:
         return
-    if not isinstance(a.every, int) or isinstance(a.every, bool) or a.every < 0:
-        raise ConfigError(f"affinity.every={a.every!r} must be an integer >= 0 (0: off)")
+    _non_negative_integer("affinity.every", a.every, " (0: off)")
     try:
         check_range("affinity.lr", a.get("lr", 0.0), 0.0, math.inf, high_open=True)
     except ValueError as e:
@@ -187,8 +190,7 @@ def _check_weighting(config) -> None:
                               "layout the tasks' representation gradients are disjoint blocks")
         if config.grad_accum_steps > 1:
             raise ConfigError("weighting.rep_grad=True does not support grad_accum_steps > 1")
-    if w.get("diagnostics_every", 0) < 0:
-        raise ConfigError(f"weighting.diagnostics_every={w.diagnostics_every} must be >= 0 (0: off)")
+    _non_negative_integer("weighting.diagnostics_every", w.get("diagnostics_every", 0), " (0: off)")
     num_tasks = len(config.tasks)
     if w.name == "fixed" and w.weights and len(w.weights) != num_tasks:
         raise ConfigError(f"weighting.weights={tuple(w.weights)} has {len(w.weights)} entries for "
