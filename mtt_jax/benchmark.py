@@ -119,13 +119,13 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
 
 def device_peak() -> tuple[float, str]:
     import jax
-    from mtt_jax.flops import DATASHEET_BF16_PEAK
+    from mtt_jax.flops import datasheet_bf16_peak
     device = jax.devices()[0]
     if device.platform == "cpu":
         return measured_matmul_peak(), "measured f32 matmul, 2048^3, best of 30"
     kind = device.device_kind
-    if kind in DATASHEET_BF16_PEAK:
-        return DATASHEET_BF16_PEAK[kind], f"datasheet bf16 ({kind})"
+    if (peak := datasheet_bf16_peak(kind)) is not None:
+        return peak, f"datasheet bf16 ({kind})"
     return measured_matmul_peak("bfloat16", 8192), f"measured bf16 matmul ({kind})"
 
 

@@ -299,15 +299,28 @@ def model_flops_utilization(flops_per_step: float, step_seconds: float, peak_flo
     return flops_per_step / step_seconds / peak_flops if step_seconds > 0 and peak_flops > 0 else math.nan
 
 
-# Datasheet dense bf16 peaks per device (FLOP/s), for MFU on accelerators.
-DATASHEET_BF16_PEAK = {
-    "NVIDIA H100 80GB HBM3": 989e12,   # SXM, dense
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-}
+# Datasheet dense (not 2:4-sparse) bf16 peaks per JAX device, for MFU on accelerators: the first
+# pattern that `device_kind` matches (case-insensitive), so the more specific names come first. NVIDIA's
+# H100 / H200 datasheet (SXM, PCIe and NVL forms), A100, L40S and L4 datasheets; Cloud TPU's system
+# architecture pages, per chip (one JAX device from v4 on).
+DATASHEET_BF16_PEAK = (
+    (r"\bGH200\b", 989e12),          # Grace Hopper: the H100 SXM tensor cores
+    (r"\bH[12]00\b.*\bPCIe\b", 756e12),
+    (r"\bH[12]00\b.*\bNVL\b", 835e12),
+    (r"\bH[12]00\b", 989e12),        # SXM: "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    (r"\bA100\b", 312e12),           # SXM4 and PCIe, 40 and 80 GB
+    (r"\bL40S\b", 362e12),
+    (r"\bL4\b", 121e12),
+    (r"^TPU v4\b", 275e12),
+    (r"^TPU v5 ?lite\b|^TPU v5e\b", 197e12),
+    (r"^TPU v5p?$", 459e12),           # v5p reports "TPU v5"
+    (r"^TPU v6 ?lite\b|^TPU v6e\b", 918e12),
+)
+
+
+def datasheet_bf16_peak(device_kind: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of a JAX device kind from `DATASHEET_BF16_PEAK`, or None."""
+    for pattern, peak in DATASHEET_BF16_PEAK:
+        if re.search(pattern, device_kind.strip(), re.IGNORECASE):
+            return peak
+    return None

@@ -173,6 +173,20 @@ def test_mfu():
     assert flops.model_flops_utilization(50.0, 1.0, 100.0) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("device_kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L4", 121e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12),
+    ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
+    ("NVIDIA H20", None), ("NVIDIA L40", None), ("TPU v3", None), ("Tesla V100-SXM2-16GB", None),
+])
+def test_datasheet_peaks_by_device_kind(device_kind, peak):
+    """Each kind gets its own form's peak (PCIe and NVL below SXM), and an unknown one None: the
+    benchmark then measures a bf16 matmul and says so, rather than borrow a neighbour's peak."""
+    assert flops.datasheet_bf16_peak(device_kind) == peak
+
+
 def run_benchmark(*args):
     """`python -m mtt_jax.benchmark` on the tiny default config, one CPU device."""
     import os
