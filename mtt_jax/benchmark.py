@@ -10,6 +10,8 @@
         --scan_layers false,true    # compile time of unrolled vs scanned blocks
     python -m mtt_jax.benchmark --config configs/benchmark.py:base --dtypes bfloat16 \
         --attention_kernels auto,xla    # on a GPU
+    python -m launch.local --num_processes 2 --devices_per_process 4 --module mtt_jax.benchmark -- \
+        --config configs/default.py    # two hosts on this machine; on a TPU pod, run it on every host
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports
@@ -25,6 +27,9 @@ formula's: about 1 for loss-weighting methods, which checks the MFU's numerator 
 program; above 1 for gradient methods, by their per-task backward passes. With a 16-bit dtype it adds
 the share of matmul FLOPs with 16-bit operands.
 
+Multi-host (`mtt_jax.cli.initialize_distributed`, as `mtt_jax.main`): every process compiles and runs
+the same steps over the global mesh; process 0 prints, profiles and writes ``--out``.
+
 ``--paired_peak`` (CPU) also measures the peak between the rounds of timed steps and reports the median
 and range of each round's MFU against the better of the two peaks around it. On a shared or throttling
 machine the peak moves with the step; the main MFU column (median step against the best peak of the
@@ -37,14 +42,16 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import re
 import statistics
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtt_jax.cli import fail, parse_flags
+from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).")
 _METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first).")
@@ -368,8 +375,13 @@ def format_table(results: list[dict]) -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
+    initialize_distributed()  # multi-host: every process runs the same steps; process 0 reports
     import jax
     from mtt_jax import config_check, workdir
+
+    primary = jax.process_index() == 0
+    if not primary:
+        sys.stdout = open(os.devnull, "w")
 
     try:  # outputs that could not be written after the work are refused before it
         if _OUT.value:
@@ -422,14 +434,17 @@ def main(argv) -> None:
     results = [v.result(peak, _LOOP.value, _STEPS.value, boundary_peaks) for v in compiled]
     print(format_table(results))
     profile_rows = []
-    if _PROFILE.value:
+    if _PROFILE.value and not primary:
+        for _ in range(3):  # the steps that process 0 traces, which need every process
+            compiled[0].step()
+    elif _PROFILE.value:
         from mtt_jax import profiling
         first = compiled[0]
         profile_rows = rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
         print(f"\nXLA op time by source op, {first.config.weighting.name} {first.config.dtype} "
               f"(trace in {_PROFILE.value}):")
         print(profiling.format_op_table(rows))
-    if _OUT.value:
+    if _OUT.value and primary:
         workdir.write_json(_OUT.value, {
             "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "peak_flops_per_device": peak, "peak_source": peak_source,

@@ -1,12 +1,16 @@
 """What the command lines (`mtt_jax.main`, `mtt_jax.benchmark`) share: bad input ends in one line on
-stderr and exit status 2, before any work (DESIGN §7)."""
+stderr and exit status 2, before any work (DESIGN §7), and the multi-host start (DESIGN §6)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app
+from absl import app, flags
+
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def fail(message: str) -> None:
@@ -39,3 +43,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     if config_argument is not None and (problem := config_file_problem(config_argument)):
         fail(problem)
     return app.parse_flags_with_usage(argv)
+
+
+def auto_detected_cluster() -> bool:
+    """Environments where jax.distributed.initialize() finds the coordinator by itself."""
+    slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = int(os.environ.get("TPU_WORKER_COUNT", os.environ.get("MEGASCALE_NUM_SLICES", "1"))) > 1
+    return slurm or tpu_pod or "TPU_WORKER_HOSTNAMES" in os.environ
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` from ``--coordinator_address --num_processes --process_id``
+    (CPU processes then exchange collectives through gloo), or by itself on Cloud TPU and SLURM."""
+    import jax
+
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            fail("--coordinator_address, --num_processes and --process_id go together; give all three")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    elif auto_detected_cluster():
+        jax.distributed.initialize()

@@ -1,52 +1,27 @@
 """Command line: ``python -m mtt_jax.main --config configs/default.py --workdir DIR [--config.x=y]``.
 
 The config and the workdir are checked before anything is created: a bad config, a workdir that
-holds a different run, or one the run could not keep (a ``gs://`` URL, a file) exits with status 2 and one line saying what is wrong and how to fix it.
+holds a different run, or one the run could not keep (a ``gs://`` URL, a file) exits with status 2 and
+one line saying what is wrong and how to fix it.
 
-Multi-host (DESIGN §6): on Cloud TPU and under SLURM, ``jax.distributed.initialize()`` finds the
-coordinator itself; elsewhere pass ``--coordinator_address --num_processes --process_id``. CPU
-processes exchange collectives through gloo.
+Multi-host (DESIGN §6, `mtt_jax.cli.initialize_distributed`): on Cloud TPU and under SLURM,
+``jax.distributed.initialize()`` finds the coordinator itself; elsewhere pass ``--coordinator_address
+--num_processes --process_id``. CPU processes exchange collectives through gloo.
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtt_jax.cli import fail, parse_flags
+from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a different run found in --workdir.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress lines on stdout.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def auto_detected_cluster() -> bool:
-    """Environments where jax.distributed.initialize() finds the coordinator by itself."""
-    slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = int(os.environ.get("TPU_WORKER_COUNT", os.environ.get("MEGASCALE_NUM_SLICES", "1"))) > 1
-    return slurm or tpu_pod or "TPU_WORKER_HOSTNAMES" in os.environ
-
-
-def initialize_distributed() -> None:
-    import jax
-
-    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            fail("--coordinator_address, --num_processes and --process_id go together; give all three")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-    elif auto_detected_cluster():
-        jax.distributed.initialize()
 
 
 def main(argv) -> None:

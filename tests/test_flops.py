@@ -268,6 +268,27 @@ def test_benchmark_compares_attention_kernels_and_layer_scans_and_refuses_bad_va
     assert "URLs are not supported yet" in refused.stderr.strip().splitlines()[-1]
 
 
+def test_the_benchmark_runs_on_two_hosts_and_process_0_reports(tmp_path):
+    """Two processes (`launch.local`, 2 CPU devices each, gloo): one global 4-device mesh, every process
+    runs the same steps (the profiled ones too, which need all of them), only process 0 prints and
+    writes."""
+    import io
+    import json
+    import math
+    from launch import local
+    out, log = tmp_path / "bench.json", io.StringIO()
+    status = local.launch(2, 2, ["--config=configs/default.py:tiny", "--steps=1", f"--out={out}",
+                                 f"--profile={tmp_path / 'trace'}"],
+                          module="mtt_jax.benchmark", timeout=300, out=log)
+    assert status == 0, log.getvalue()[-3000:]
+    rows = [line for line in log.getvalue().splitlines() if "| ew | 4x1x1 |" in line]
+    assert len(rows) == 1 and rows[0].startswith("[0] "), log.getvalue()[-3000:]
+    assert not any(line.startswith("[1] ") and "|" in line for line in log.getvalue().splitlines())
+    report = json.loads(out.read_text())
+    assert report["devices"] == 4 and report["profile"]
+    assert report["results"][0]["step_ms"] > 0 and math.isfinite(report["results"][0]["mfu"])
+
+
 def test_source_labels_fold_layers_and_mark_the_pass():
     from mtt_jax.profiling import instruction_labels, source_label
     name = ("jit(train_step)/while/body/closed_call/transpose(jvp(MultiTaskTransformer))/"
