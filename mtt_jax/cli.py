@@ -42,7 +42,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     config_argument = _config_argument(argv)
     if config_argument is not None and (problem := config_file_problem(config_argument)):
         fail(problem)
-    return app.parse_flags_with_usage(argv)
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+        if problem := unknown_field_problem(e, argv):
+            fail(problem)
+        raise
+
+
+def unknown_field_problem(error: Exception, argv: list[str]) -> str | None:
+    """One line for ml_collections' error on an override of a missing field (``--config.modl.x=1``:
+    ``'modl'`` and its "Did you mean" line), naming the override; None for any other error."""
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
+        error = error.args[0]
+    lines = str(error.args[0] if error.args else "").splitlines()
+    if not lines:
+        return None
+    field = lines[0].strip("'\"")
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if field in o[len("--config."):].split(".")]
+    if not named:
+        return None
+    hint = f"; {lines[1][0].lower()}{lines[1][1:]}" if len(lines) > 1 and lines[1] else ""
+    return f"{named[0]}: the config has no field {field!r}{hint}"
 
 
 def auto_detected_cluster() -> bool:

@@ -39,6 +39,8 @@ def test_cli_runs_end_to_end_on_a_tiny_override(tmp_path):
     ("--config.mesh.data=3", "needs 3 devices"),
     ("--config.model.task_attention=everything", "model.task_attention='everything' is not valid"),
     ("--config.attention_kernel=cudnn", "attention_kernel='cudnn' needs a GPU"),
+    ("--config.model.num_layer=3", "--config.model.num_layer: the config has no field 'num_layer'; "
+                                   'did you mean "num_layers"'),
 ])
 def test_bad_config_exits_before_any_work(tmp_path, override, expected):
     workdir = tmp_path / "never_created"
