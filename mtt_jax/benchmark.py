@@ -66,7 +66,8 @@ _SCAN_LAYERS = flags.DEFINE_list("scan_layers", [], "Blocks unrolled or as one n
 _ATTENTION_KERNELS = flags.DEFINE_list(
     "attention_kernels", [], "Attention kernels to compare (``attention_kernel``: auto, cudnn, xla, "
     "einsum), e.g. cudnn,xla on a GPU.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).",
+                             lower_bound=1)
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _PAIRED_PEAK = flags.DEFINE_bool(
@@ -77,7 +78,7 @@ _PAIRED_PEAK = flags.DEFINE_bool(
 _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first variant into this directory "
                                "and print its XLA op times by source op (`mtt_jax.profiling`).")
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
-                                  "with this many examples per split (0: real data).")
+                                  "with this many examples per split (0: real data).", lower_bound=0)
 flags.mark_flags_as_required(["config"])
 
 
@@ -94,6 +95,22 @@ def median_seconds(fn, repeats: int) -> float:
 def _jitted_matmul():
     import jax
     return jax.jit(lambda x, y: x @ y)
+
+
+def _integer(flag: str, text: str) -> int:
+    """An integer from a comma-list flag; anything else is an error (the range is the config check's)."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        fail(f"--{flag}: {text!r} is not an integer")
+
+
+def _mesh(text: str) -> tuple[int, int, int]:
+    """``DATAxFSDPxTENSOR`` (``-1`` fills the devices left over) from ``--meshes``."""
+    parts = text.strip().split("x")
+    if len(parts) != 3:
+        fail(f"--meshes: {text!r} is not DATAxFSDPxTENSOR, e.g. 8x1x1 or 2x2x2")
+    return tuple(_integer("meshes", part) for part in parts)
 
 
 def _boolean(flag: str, text: str) -> bool:
@@ -309,10 +326,10 @@ def time_loop(config, setup, compiled, holder: Variant, steps: int, rounds: int 
 
 def variants(config):
     methods = _METHODS.value or [config.weighting.name]
-    meshes = _MESHES.value or [None]
     dtypes = _DTYPES.value or [config.dtype]
-    accums = [int(a) for a in _GRAD_ACCUMS.value] or [config.grad_accum_steps]
-    unrolls = [int(u) for u in _UNROLLS.value] or [config.get("grad_accum_unroll", 1)]
+    meshes = [_mesh(m) for m in _MESHES.value] or [None]
+    accums = [_integer("grad_accums", a) for a in _GRAD_ACCUMS.value] or [config.grad_accum_steps]
+    unrolls = [_integer("unrolls", u) for u in _UNROLLS.value] or [config.get("grad_accum_unroll", 1)]
     scans = [_boolean("scan_layers", s) for s in _SCAN_LAYERS.value] or [
         config.model.get("scan_layers", False)]
     kernels = _ATTENTION_KERNELS.value or [config.get("attention_kernel", "auto")]
@@ -323,7 +340,7 @@ def variants(config):
         variant.grad_accum_unroll, variant.attention_kernel = unroll, kernel
         variant.model.scan_layers = scan
         if mesh:
-            variant.mesh.data, variant.mesh.fsdp, variant.mesh.tensor = (int(v) for v in mesh.split("x"))
+            variant.mesh.data, variant.mesh.fsdp, variant.mesh.tensor = mesh
         yield variant
 
 

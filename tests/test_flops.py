@@ -268,6 +268,24 @@ def test_benchmark_compares_attention_kernels_and_layer_scans_and_refuses_bad_va
     assert "URLs are not supported yet" in refused.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("parse,text,expected", [
+    ("mesh", "2x2x2", (2, 2, 2)), ("mesh", "-1x2x1", (-1, 2, 1)), ("integer", " 16", 16),
+    ("mesh", "2x2", "error: --meshes: '2x2' is not DATAxFSDPxTENSOR, e.g. 8x1x1 or 2x2x2"),
+    ("mesh", "2xax1", "error: --meshes: 'a' is not an integer"),
+    ("integer", "x", "error: --grad_accums: 'x' is not an integer"),
+])
+def test_the_benchmark_reads_its_variant_lists_or_stops_in_one_line(parse, text, expected, capsys):
+    from mtt_jax import benchmark
+    read = (lambda: benchmark._mesh(text)) if parse == "mesh" else (
+        lambda: benchmark._integer("grad_accums", text))
+    if not isinstance(expected, str):
+        assert read() == expected
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        read()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == expected
+
+
 def test_the_benchmark_runs_on_two_hosts_and_process_0_reports(tmp_path):
     """Two processes (`launch.local`, 2 CPU devices each, gloo): one global 4-device mesh, every process
     runs the same steps (the profiled ones too, which need all of them), only process 0 prints and
