@@ -160,8 +160,16 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
                        overwrite: bool = False) -> tuple[steps.TrainState, dict]:
     is_primary = jax.process_index() == 0
     setup = build(config)  # first: a config that cannot be sharded fails before the workdir is touched
-    resuming = workdir_lib.prepare(workdir, config, overwrite)
+    if overwrite and not is_primary:  # process 0 clears the shared workdir
+        resuming = False
+    else:
+        resuming = workdir_lib.prepare(workdir, config, overwrite)
+    if jax.process_count() > 1:  # every process has read the workdir before process 0 writes to it
+        multihost_utils.sync_global_devices("mtt_jax: workdir prepared")
     os.makedirs(workdir, exist_ok=True)
+    if is_primary:  # first, so that whatever the run writes next is known to be this run's
+        workdir_lib.write_config(workdir, config)
+        summary.discard(workdir)  # a summary describes a finished run only
     tasks, source, mesh = setup.tasks, setup.source, setup.mesh
     layout = source.layout  # of the eval batches (the train batches may be a flat mixture)
     schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
@@ -195,9 +203,6 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False,
 
     # --- Writers ------------------------------------------------------------------------------------------
     first_step = int(state.step)
-    if is_primary:
-        workdir_lib.write_config(workdir, config)
-        summary.discard(workdir)  # a summary describes a finished run only
     writer = MetricWriter(workdir, enabled=is_primary, resume_after_step=first_step)
     progress = Progress(config.total_steps, first_step, enabled=is_primary and not quiet)
 

@@ -16,7 +16,7 @@ import shutil
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
                               "grad_accum_unroll", "attention_kernel"})
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
-           "task_attention.png")
+           "task_attention.png", "affinity.json")
 
 
 class WorkdirError(ValueError):
@@ -86,27 +86,43 @@ def config_dict(config) -> dict:
 
 
 def prepare(workdir: str, config, overwrite: bool = False) -> bool:
-    """Checks (and with ``overwrite`` clears) ``workdir``; returns True if it holds a run to resume."""
+    """Checks (and with ``overwrite`` clears) ``workdir``; returns True if it holds a run to resume.
+
+    Outputs without their ``config.json`` (copied in, or left by another tool) belong to no known run:
+    resuming from them, or writing a new run among them, would mix two runs, so they are refused too.
+    """
     check_location(workdir)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return False
     if overwrite:
-        for name in OUTPUTS:
-            target = os.path.join(workdir, name)
+        for target in (os.path.join(workdir, name) for name in OUTPUTS):
             if os.path.isdir(target):
                 shutil.rmtree(target)
             elif os.path.exists(target):
                 os.remove(target)
         return False
-    with open(path) as f:
-        previous = run_identity(json.load(f))
+    present = [name for name in OUTPUTS if _holds(os.path.join(workdir, name))]
+    if not present:
+        return False
+    if "config.json" not in present:
+        raise WorkdirError(f"{workdir} holds {', '.join(present)} without the config.json of their run; "
+                           f"use another --workdir or pass --overwrite to discard them")
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            previous = run_identity(json.load(f))
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
+        raise WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}); fix or remove it, or pass "
+                           f"--overwrite to discard the run") from None
     current = run_identity(config_dict(config))
     if previous != current:
         changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
         raise WorkdirError(f"{workdir} holds a run with a different config (fields: {', '.join(changed)}); "
                            f"use another --workdir or pass --overwrite to discard it")
     return True
+
+
+def _holds(path: str) -> bool:
+    """A file, or a folder with anything in it (an empty one is what a run stopped at its start left)."""
+    return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
 
 
 def write_config(workdir: str, config) -> None:

@@ -70,6 +70,26 @@ def test_a_workdir_the_run_could_not_keep_exits_before_any_work(tmp_path, where)
         assert workdir.read_text() == "kept\n"
 
 
+def test_a_workdir_whose_run_is_unknown_is_refused_and_overwrite_clears_every_output(tmp_path):
+    """Outputs without their config.json, or a config.json that cannot be read, belong to no known
+    run: resuming from them or writing among them would mix two runs."""
+    from configs import default
+    from mtt_jax import workdir
+    config = default.get_config("tiny")
+    (tmp_path / "checkpoints").mkdir()  # empty: what a run stopped at its start leaves
+    assert not workdir.prepare(str(tmp_path), config)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
+    with pytest.raises(workdir.WorkdirError, match="holds metrics.jsonl without the config.json of their run"):
+        workdir.prepare(str(tmp_path), config)
+    (tmp_path / "config.json").write_text("{cut sho")
+    with pytest.raises(workdir.WorkdirError, match=r"config.json cannot be read \(JSONDecodeError"):
+        workdir.prepare(str(tmp_path), config)
+    (tmp_path / "affinity.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert not workdir.prepare(str(tmp_path), config, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's outputs go
+
+
 def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):
     from mtt_jax import workdir
     folder, results = tmp_path / "folder", tmp_path / "folder" / "results.json"
