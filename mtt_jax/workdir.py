@@ -3,6 +3,8 @@
 A workdir that holds ``config.json`` belongs to that run. Starting a different run there (any field
 that changes the computation differs) is refused unless ``overwrite`` is given, which clears the old
 outputs first. Fields that only change how often things are logged or saved may differ on resume.
+Paths the outputs could not be kept at (URLs, files, unwritable folders) are refused before any work,
+and JSON results are written whole or not at all (`write_json`).
 """
 
 from __future__ import annotations
