@@ -51,6 +51,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtt_jax import cli
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).")
@@ -80,6 +81,7 @@ _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first vari
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
                                   "with this many examples per split (0: real data).", lower_bound=0)
 flags.mark_flags_as_required(["config"])
+flags.adopt_module_key_flags(cli)  # --coordinator_address --num_processes --process_id in --help
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtt_jax import cli
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
@@ -22,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metr
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a different run found in --workdir.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress lines on stdout.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(cli)  # --coordinator_address --num_processes --process_id in --help
 
 
 def main(argv) -> None:
