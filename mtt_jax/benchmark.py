@@ -27,6 +27,9 @@ formula's: about 1 for loss-weighting methods, which checks the MFU's numerator 
 program; above 1 for gradient methods, by their per-task backward passes. With a 16-bit dtype it adds
 the share of matmul FLOPs with 16-bit operands.
 
+A variant that the device cannot run (XLA's runtime error, e.g. out of memory) is reported and left out;
+the others still run, and the exit status is then 1 (`compile_variants`).
+
 Multi-host (`mtt_jax.cli.initialize_distributed`, as `mtt_jax.main`): every process compiles and runs
 the same steps over the global mesh; process 0 prints, profiles and writes ``--out``.
 
@@ -346,6 +349,32 @@ def variants(config):
         yield variant
 
 
+def variant_name(config) -> str:
+    m = config.mesh
+    return (f"{config.weighting.name} mesh {m.data}x{m.fsdp}x{m.tensor} {config.dtype} "
+            f"accum {config.grad_accum_steps} unroll {config.get('grad_accum_unroll', 1)}"
+            f"{' scan' if config.model.get('scan_layers', False) else ''} "
+            f"attention {config.get('attention_kernel', 'auto')}")
+
+
+def compile_variants(configs) -> tuple[list[Variant], list[dict]]:
+    """Compiles and warms up each variant. One that the device cannot run (out of memory, a kernel it
+    lacks: XLA's runtime error) is reported as failed and left out, so that the others still give
+    their rows: on a lent GPU, one variant must not cost the whole comparison."""
+    import jax
+    compiled, failed = [], []
+    for config in configs:
+        try:
+            compiled.append(Variant(config))
+        except jax.errors.JaxRuntimeError as e:
+            error = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            failed.append({"variant": variant_name(config), "error": error})
+            print(f"  failed {variant_name(config)}: {error}", flush=True)
+            continue
+        print(f"  compiled {variant_name(config)}: {compiled[-1].compile_seconds:.1f} s", flush=True)
+    return compiled, failed
+
+
 def attention_label(row: dict) -> str:
     """``auto``, or ``auto (cuDNN 12+12)`` where the step calls cuDNN's fused attention forward + backward."""
     calls = row["cudnn_attention_calls"]
@@ -429,16 +458,13 @@ def main(argv) -> None:
         matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
         print(f"measured bf16 matmul, 8192^3, best of 10: {matmul_flops / 1e12:.1f} TFLOP/s "
               f"({100 * matmul_flops / peak:.1f}% of the datasheet peak)", flush=True)
-    compiled = []
-    for variant in all_variants:
-        try:
-            compiled.append(Variant(variant))
-        except config_check.ConfigError as e:
-            fail(str(e))
-        print(f"  compiled {variant.weighting.name} {variant.dtype} accum {variant.grad_accum_steps} "
-              f"unroll {variant.grad_accum_unroll}{' scan' if variant.model.scan_layers else ''} "
-              f"attention {variant.attention_kernel}: "
-              f"{compiled[-1].compile_seconds:.1f} s", flush=True)
+    try:
+        compiled, failed = compile_variants(all_variants)
+    except config_check.ConfigError as e:
+        fail(str(e))
+    if not compiled:
+        print("error: no variant could run on this device (see the 'failed' lines)", file=sys.stderr)
+        sys.exit(1)
     paired = _PAIRED_PEAK.value and peak_source.startswith("measured")
     boundary_peaks = [measured_matmul_peak(repeats=3)] if paired else []
     # Interleaved rounds: every variant sees the same machine conditions.
@@ -452,6 +478,8 @@ def main(argv) -> None:
         print(f"peak after the timed steps: best {peak / 1e12:.3f} TFLOP/s", flush=True)
     results = [v.result(peak, _LOOP.value, _STEPS.value, boundary_peaks) for v in compiled]
     print(format_table(results))
+    for failure in failed:
+        print(f"not run: {failure['variant']}: {failure['error']}")
     profile_rows = []
     if _PROFILE.value and not primary:
         for _ in range(3):  # the steps that process 0 traces, which need every process
@@ -469,9 +497,11 @@ def main(argv) -> None:
             "peak_flops_per_device": peak, "peak_source": peak_source,
             "measured_bf16_matmul_flops": matmul_flops,
             "boundary_peak_flops": boundary_peaks,
-            "results": results,
+            "results": results, "failed": failed,
             "profile": [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s}
                         for r in profile_rows]}, indent=2)
+    if failed:  # the table is written, but it is not the whole comparison that was asked for
+        sys.exit(1)
 
 
 if __name__ == "__main__":

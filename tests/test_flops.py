@@ -286,6 +286,32 @@ def test_the_benchmark_reads_its_variant_lists_or_stops_in_one_line(parse, text,
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == expected
 
 
+def test_a_variant_the_device_cannot_run_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    import jax
+    from configs import default
+    from mtt_jax import benchmark
+
+    class FakeVariant:  # compiling is not what is tested here
+        compile_seconds = 1.0
+
+        def __init__(self, config):
+            if config.attention_kernel == "xla":
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9GiB.\nstack")
+            self.config = config
+
+    monkeypatch.setattr(benchmark, "Variant", FakeVariant)
+    configs = []
+    for kernel in ("xla", "einsum"):
+        configs.append(default.get_config("tiny"))
+        configs[-1].attention_kernel = kernel
+    compiled, failed = benchmark.compile_variants(configs)
+    assert [v.config.attention_kernel for v in compiled] == ["einsum"]
+    assert failed == [{"variant": "ew mesh -1x1x1 float32 accum 1 unroll 1 attention xla",
+                       "error": "RESOURCE_EXHAUSTED: Out of memory allocating 9GiB."}]
+    assert "  failed ew mesh -1x1x1 float32 accum 1 unroll 1 attention xla: RESOURCE_EXHAUSTED" in (
+        capsys.readouterr().out)
+
+
 def test_the_benchmark_runs_on_two_hosts_and_process_0_reports(tmp_path):
     """Two processes (`launch.local`, 2 CPU devices each, gloo): one global 4-device mesh, every process
     runs the same steps (the profiled ones too, which need all of them), only process 0 prints and
