@@ -26,6 +26,7 @@ deterministic methods. Everything inside is jax, in f32, and compiles under ``ja
 from __future__ import annotations
 
 import abc
+import numbers
 from typing import Any
 
 import jax
@@ -130,7 +131,7 @@ def validate_range(method: str, option: str, value: float, low: float, high: flo
 def check_range(field: str, value: float, low: float, high: float = float("inf"), *,
                 low_open: bool = False, high_open: bool = False) -> None:
     """Raises ValueError unless ``value`` is a number in the interval (NaN and booleans are not)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
     ok = number and (value > low if low_open else value >= low) and (
         value < high if high_open else value <= high)
     if not ok:
