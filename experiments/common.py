@@ -137,9 +137,9 @@ def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str,
 def write_table(workdir: str, name: str, header: str, record: dict, table: str,
                 stats_over: str = "seeds") -> None:
     """``table.md``: the header, the command, size and wall time of ``record`` (a results.json), the table."""
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(f"# {name}\n\n{header}\n\nCommand: `{record['command']}` (size: {record['size']}; "
-                f"wall time {record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.\n\n{table}")
+    command = (f"Command: `{record['command']}` (size: {record['size']}; wall time "
+               f"{record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.")
+    workdir_lib.write_text(os.path.join(workdir, "table.md"), f"# {name}\n\n{header}\n\n{command}\n\n{table}")
 
 
 class PartialResults:

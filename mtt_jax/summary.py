@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from mtt_jax.tasks import TaskSpec
-from mtt_jax.workdir import write_json
+from mtt_jax.workdir import write_json, write_text
 
 
 def per_task_table(tasks: Sequence[TaskSpec], metrics: dict) -> str:
@@ -62,8 +62,7 @@ def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, con
                   attention_table(tasks, saved["affinity"], "+.2e")]
         for k, grouping in saved["best_groupings"].items():
             parts.append(f"- best {k} groups: {grouping['groups']} (score {grouping['score']:.4f})")
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write("\n".join(parts) + "\n")
+    write_text(os.path.join(workdir, "summary.md"), "\n".join(parts) + "\n")
     write_plots(workdir, tasks)
 
 

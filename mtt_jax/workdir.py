@@ -4,7 +4,7 @@ A workdir that holds ``config.json`` belongs to that run. Starting a different r
 that changes the computation differs) is refused unless ``overwrite`` is given, which clears the old
 outputs first. Fields that only change how often things are logged or saved may differ on resume.
 Paths the outputs could not be kept at (URLs, files, unwritable folders) are refused before any work,
-and JSON results are written whole or not at all (`write_json`).
+and results are written whole or not at all (`write_text`, `write_json`).
 """
 
 from __future__ import annotations
@@ -62,21 +62,27 @@ def _check_writable(path: str, flag: str) -> None:
 def _refuse_url(path: str, flag: str) -> None:
     if _URL.match(path):
         raise WorkdirError(f"{flag}={path}: URLs are not supported yet (outputs are written as local "
-                           f"files); mount the bucket with gcsfuse and pass its local path (launch/README.md)")
+                           "files); mount the bucket with gcsfuse and pass its local path "
+                           "(launch/README.md)")
 
 
-def write_json(path: str, value, **dump_options) -> None:
-    """``json.dump`` to ``path`` through a temporary file and a rename (creating the folder), so that
-    ``path`` holds either its previous content or the whole new one, never half of it."""
+def write_text(path: str, text: str) -> None:
+    """Writes ``path`` through a temporary file and a rename (creating the folder), so that ``path``
+    holds either its previous content or the whole new one, never half of it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
         with open(temporary, "w") as f:
-            json.dump(value, f, **dump_options)
+            f.write(text)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_json(path: str, value, **dump_options) -> None:
+    """`write_text` of ``json.dumps(value, **dump_options)``."""
+    write_text(path, json.dumps(value, **dump_options))
 
 
 def run_identity(config_dict: dict) -> dict:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mtt_jax.workdir import write_text
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.ndarray, np.generic)):
@@ -65,8 +67,7 @@ def _truncate_after(path: str, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError):  # a line cut short by a kill
             continue
-    with open(path, "w") as f:
-        f.writelines(kept)
+    write_text(path, "".join(kept))  # a kill while truncating must not lose the records kept
 
 
 class Progress:

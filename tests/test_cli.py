@@ -110,10 +110,10 @@ def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, mo
         with pytest.raises(workdir.WorkdirError, match=r"--out=.*: .*folder is not writable"):
             workdir.check_output_file(str(folder / "new" / "bench.json"), "--out")
 
-    def fail_midway(value, f, **options):
-        f.write('{"step": ')
+    def fail_to_rename(source, target):  # the new content is written, then the rename fails
+        assert open(source).read() == '{"step": 2}'
         raise OSError("disk full")
-    monkeypatch.setattr(workdir.json, "dump", fail_midway)
+    monkeypatch.setattr(workdir.os, "replace", fail_to_rename)
     with pytest.raises(OSError, match="disk full"):
         workdir.write_json(str(results), {"step": 2})
     assert results.read_text() == '{"step": 1}'  # the previous content, whole
