@@ -45,7 +45,8 @@ def main(argv) -> None:
     from mtt_jax import data
     try:
         train.train_and_evaluate(config, _WORKDIR.value, quiet=_QUIET.value, overwrite=_OVERWRITE.value)
-    except (config_check.ConfigError, train.NonFiniteLossError, data.DatasetNotPreparedError) as e:
+    except (config_check.ConfigError, workdir.WorkdirError, train.NonFiniteLossError,
+            data.DatasetNotPreparedError) as e:
         fail(str(e))
 
 

@@ -158,8 +158,14 @@ def compile_affinity(setup: Setup, config, schedule) -> Callable:
 
 def train_and_evaluate(config, workdir: str, quiet: bool = False,
                        overwrite: bool = False) -> tuple[steps.TrainState, dict]:
-    is_primary = jax.process_index() == 0
     setup = build(config)  # first: a config that cannot be sharded fails before the workdir is touched
+    with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):  # one run at a time per workdir
+        return _train_and_evaluate(setup, config, workdir, quiet, overwrite)
+
+
+def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
+                        overwrite: bool) -> tuple[steps.TrainState, dict]:
+    is_primary = jax.process_index() == 0
     if overwrite and not is_primary:  # process 0 clears the shared workdir
         resuming = False
     else:

@@ -9,10 +9,13 @@ and results are written whole or not at all (`write_text`, `write_json`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
@@ -126,6 +129,36 @@ def prepare(workdir: str, config, overwrite: bool = False) -> bool:
         raise WorkdirError(f"{workdir} holds a run with a different config (fields: {', '.join(changed)}); "
                            f"use another --workdir or pass --overwrite to discard it")
     return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str, enabled: bool = True):
+    """Holds ``workdir/.lock`` (``flock``) for a run, so that a second run started in the same workdir
+    (the command launched twice, a requeued job whose first copy still runs) stops with one line
+    instead of writing metrics and checkpoints among the first one's. The lock ends with the process.
+    Where the filesystem has no ``flock`` (some network and FUSE mounts) the run goes on unlocked."""
+    if not enabled:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to end or "
+                               f"use another --workdir") from None
+        except OSError:  # no flock on this filesystem
+            pass
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _holds(path: str) -> bool:

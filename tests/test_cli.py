@@ -90,6 +90,20 @@ def test_a_workdir_whose_run_is_unknown_is_refused_and_overwrite_clears_every_ou
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's outputs go
 
 
+def test_a_second_run_in_a_workdir_in_use_stops_before_writing(tmp_path):
+    """The same command launched twice, or a requeued job while its first copy still runs."""
+    import os
+    from configs import default
+    from mtt_jax import train, workdir
+    with workdir.lock(str(tmp_path)):  # the first run
+        with pytest.raises(workdir.WorkdirError,
+                           match=rf"is in use by another run \(pid {os.getpid()} on .+\); wait for it"):
+            train.train_and_evaluate(default.get_config("tiny"), str(tmp_path), quiet=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
+    with workdir.lock(str(tmp_path)):  # released with the first run
+        pass
+
+
 def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):
     from mtt_jax import workdir
     folder, results = tmp_path / "folder", tmp_path / "folder" / "results.json"
