@@ -37,13 +37,21 @@ def _positive(config, *fields: str) -> None:
         value = config
         for part in field.split("."):
             value = value[part]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{field}={value!r} must be a positive integer")
+        _integer_at_least(field, value, 1)
 
 
-def _non_negative_integer(field: str, value, note: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{field}={value!r} must be an integer >= 0{note}")
+def _integer_at_least(field: str, value, minimum: int, note: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{field}={value!r} must be {kind}{note}")
+
+
+def _in_range(field: str, value, low: float, high: float = math.inf, note: str = "", **open_ends) -> None:
+    """`weighting.base.check_range`, the methods' range check, as a ConfigError."""
+    try:
+        check_range(field, value, low, high, **open_ends)
+    except ValueError as e:
+        raise ConfigError(f"{e}{note}") from None
 
 
 def validate(config, num_devices: int) -> None:
@@ -145,29 +153,21 @@ def _check_optimizer(o) -> None:
     """AdamW's fields (`train_step.make_optimizer`): a negative learning rate (ascent), a clipping norm
     of 0 (every update zeroed), or Adam's decay rates outside [0, 1) would run without an error and
     train nothing or diverge."""
-    inf = math.inf
-    try:
-        check_range("optimizer.learning_rate", o.learning_rate, 0.0, inf, high_open=True)  # 0: frozen
-        check_range("optimizer.end_learning_rate_factor", o.end_learning_rate_factor, 0.0, inf,
-                    high_open=True)
-        check_range("optimizer.b1", o.b1, 0.0, 1.0, high_open=True)
-        check_range("optimizer.b2", o.b2, 0.0, 1.0, high_open=True)
-        check_range("optimizer.weight_decay", o.weight_decay, 0.0, inf, high_open=True)
-        check_range("optimizer.grad_clip_norm", o.grad_clip_norm, 0.0, inf, low_open=True, high_open=True)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _non_negative_integer("optimizer.warmup_steps", o.warmup_steps)
+    _in_range("optimizer.learning_rate", o.learning_rate, 0.0, high_open=True)  # 0: a frozen model
+    _in_range("optimizer.end_learning_rate_factor", o.end_learning_rate_factor, 0.0, high_open=True)
+    _in_range("optimizer.b1", o.b1, 0.0, 1.0, high_open=True)
+    _in_range("optimizer.b2", o.b2, 0.0, 1.0, high_open=True)
+    _in_range("optimizer.weight_decay", o.weight_decay, 0.0, high_open=True)
+    _in_range("optimizer.grad_clip_norm", o.grad_clip_norm, 0.0, low_open=True, high_open=True)
+    _integer_at_least("optimizer.warmup_steps", o.warmup_steps, 0)
 
 
 def _check_affinity(a) -> None:
     """TAG's lookahead (`mtt_jax.affinity`): a negative period would measure it at every step."""
     if not a:
         return
-    _non_negative_integer("affinity.every", a.every, " (0: off)")
-    try:
-        check_range("affinity.lr", a.get("lr", 0.0), 0.0, math.inf, high_open=True)
-    except ValueError as e:
-        raise ConfigError(f"{e} (0: the current learning rate)") from None
+    _integer_at_least("affinity.every", a.every, 0, " (0: off)")
+    _in_range("affinity.lr", a.get("lr", 0.0), 0.0, note=" (0: the current learning rate)", high_open=True)
 
 
 def _check_attention_kernel(kernel: str) -> None:
@@ -190,7 +190,7 @@ def _check_weighting(config) -> None:
                               "layout the tasks' representation gradients are disjoint blocks")
         if config.grad_accum_steps > 1:
             raise ConfigError("weighting.rep_grad=True does not support grad_accum_steps > 1")
-    _non_negative_integer("weighting.diagnostics_every", w.get("diagnostics_every", 0), " (0: off)")
+    _integer_at_least("weighting.diagnostics_every", w.get("diagnostics_every", 0), 0, " (0: off)")
     num_tasks = len(config.tasks)
     if w.name == "fixed" and w.weights and len(w.weights) != num_tasks:
         raise ConfigError(f"weighting.weights={tuple(w.weights)} has {len(w.weights)} entries for "

@@ -37,9 +37,10 @@ def main(argv) -> None:
     config = _CONFIG.value
     try:
         config_check.validate(config, jax.device_count())
-        workdir.check_location(_WORKDIR.value)
-        if not _OVERWRITE.value:
-            workdir.prepare(_WORKDIR.value, config)  # refuse a different run before any work
+        if _OVERWRITE.value:
+            workdir.check_location(_WORKDIR.value)
+        else:
+            workdir.prepare(_WORKDIR.value, config)  # refuse a different run (or place) before any work
     except (config_check.ConfigError, workdir.WorkdirError) as e:
         fail(str(e))
     from mtt_jax import data

@@ -135,11 +135,13 @@ def prepare(workdir: str, config, overwrite: bool = False) -> bool:
 def lock(workdir: str, enabled: bool = True):
     """Holds ``workdir/.lock`` (``flock``) for a run, so that a second run started in the same workdir
     (the command launched twice, a requeued job whose first copy still runs) stops with one line
-    instead of writing metrics and checkpoints among the first one's. The lock ends with the process.
-    Where the filesystem has no ``flock`` (some network and FUSE mounts) the run goes on unlocked."""
+    instead of writing metrics and checkpoints among the first one's. It is released when the block
+    ends (or the process does). Where the filesystem has no ``flock`` (some network and FUSE mounts)
+    the run goes on unlocked. A location `check_location` refuses is not created."""
     if not enabled:
         yield
         return
+    check_location(workdir)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, ".lock"), "a+") as f:
         try:

@@ -102,6 +102,9 @@ def test_a_second_run_in_a_workdir_in_use_stops_before_writing(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
     with workdir.lock(str(tmp_path)):  # released with the first run
         pass
+    with pytest.raises(workdir.WorkdirError, match="URLs are not supported yet"):  # not locked into ./gs:
+        train.train_and_evaluate(default.get_config("tiny"), "gs://bucket/run", quiet=True)
+    assert not os.path.exists("gs:")
 
 
 def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):
