@@ -18,7 +18,7 @@ measured), then times ``--steps`` train steps (interleaved across variants, roun
 the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and
 MFU, peak memory per device, and, with ``--loop``, the time per step of the real input pipeline + step
 loop and the fraction of it spent waiting on the host. On CPU the peak is measured in the same run with
-a large f32 matmul; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes x
+a large matmul of each row's dtype; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes x
 microbatching x layer scans x attention kernels) run side by side in one process, so their ratios
 compare like with like. The attention column counts the cuDNN fused attention call sites in the lowered
 step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says whether cuDNN's
@@ -146,16 +146,29 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size ** 3 / fastest
 
 
-def device_peak() -> tuple[float, str]:
+def device_peaks(dtypes) -> tuple[dict[str, float], str]:
+    """The peak FLOP/s per device that each compute dtype's rows are measured against, and its source.
+
+    On a CPU, a matmul of the row's own dtype measured in this run: XLA:CPU's bf16 matmul is not its
+    f32 one (on this repository's AVX-512 CI machine it is 0.7-0.85x as fast), so a bf16 row against
+    the f32 peak would understate its MFU, and a CPU with fast bf16 units would overstate it. On a
+    GPU/TPU, the datasheet dense bf16 peak for every dtype, as MaxText's MFU does; a kind without a
+    datasheet entry gets a measured 8192^3 bf16 matmul.
+    """
     import jax
     from mtt_jax.flops import datasheet_bf16_peak
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return measured_matmul_peak(), "measured f32 matmul, 2048^3, best of 30"
+        return ({d: measured_matmul_peak(d) for d in dtypes},
+                "measured matmul of the row's dtype, 2048^3, best of 30")
     kind = device.device_kind
     if (peak := datasheet_bf16_peak(kind)) is not None:
-        return peak, f"datasheet bf16 ({kind})"
-    return measured_matmul_peak("bfloat16", 8192), f"measured bf16 matmul ({kind})"
+        return dict.fromkeys(dtypes, peak), f"datasheet bf16 ({kind})"
+    return dict.fromkeys(dtypes, measured_matmul_peak("bfloat16", 8192)), f"measured bf16 matmul ({kind})"
+
+
+def format_peaks(peaks: dict[str, float]) -> str:
+    return ", ".join(f"{p / 1e12:.3f} TFLOP/s ({dtype})" for dtype, p in peaks.items())
 
 
 def peak_memory_bytes(compiled) -> int | None:
@@ -215,8 +228,9 @@ class Variant:
                                flops.low_precision_share(self.matmul_flops))))
 
     def result(self, peak: float, loop: bool, steps: int, boundary_peaks: list[float] = ()) -> dict:
-        """The row of this variant; ``boundary_peaks`` (measured before, between and after the rounds
-        of timed steps: one more than the steps) adds the paired MFU."""
+        """The row of this variant; ``peak``: its dtype's (`device_peaks`); ``boundary_peaks`` (its
+        dtype's, measured before, between and after the rounds of timed steps: one more than the steps)
+        adds the paired MFU."""
         from mtt_jax import flops
         config, setup = self.config, self.setup
         step_seconds = statistics.median(self.times)
@@ -243,6 +257,7 @@ class Variant:
             "achieved_tflops_per_s": count.training / step_seconds / 1e12,
             "mfu": flops.model_flops_utilization(count.training / setup.mesh.devices.size, step_seconds,
                                                  peak),
+            "peak_flops_per_device": peak,
             "peak_memory_mib_per_device": memory / 2 ** 20 if memory else None,
         }
         if boundary_peaks:
@@ -450,14 +465,16 @@ def main(argv) -> None:
         from mtt_jax.data import tfds_io
         stack = contextlib.ExitStack()
         stack.enter_context(tfds_io.mock_data(_MOCK_DATA.value))
-    peak, peak_source = device_peak()
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak "
-          f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
+    dtypes = list(dict.fromkeys(v.dtype for v in all_variants))  # in the order of the rows
+    peaks, peak_source = device_peaks(dtypes)
+    measured = peak_source.startswith("measured")
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak per device "
+          f"{format_peaks(peaks)} ({peak_source})", flush=True)
     matmul_flops = None
-    if not peak_source.startswith("measured"):  # what a large bf16 matmul reaches, beside the datasheet
+    if not measured:  # what a large bf16 matmul reaches, beside the datasheet
         matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
         print(f"measured bf16 matmul, 8192^3, best of 10: {matmul_flops / 1e12:.1f} TFLOP/s "
-              f"({100 * matmul_flops / peak:.1f}% of the datasheet peak)", flush=True)
+              f"({100 * matmul_flops / peaks[dtypes[0]]:.1f}% of the datasheet peak)", flush=True)
     try:
         compiled, failed = compile_variants(all_variants)
     except config_check.ConfigError as e:
@@ -465,18 +482,21 @@ def main(argv) -> None:
     if not compiled:
         print("error: no variant could run on this device (see the 'failed' lines)", file=sys.stderr)
         sys.exit(1)
-    paired = _PAIRED_PEAK.value and peak_source.startswith("measured")
-    boundary_peaks = [measured_matmul_peak(repeats=3)] if paired else []
+    paired = _PAIRED_PEAK.value and measured
+    boundary_peaks = {d: [measured_matmul_peak(d, repeats=3)] if paired else [] for d in dtypes}
     # Interleaved rounds: every variant sees the same machine conditions.
     for _ in range(_STEPS.value):
         for variant in compiled:
             variant.time_one_step()
-        if paired:
-            boundary_peaks.append(measured_matmul_peak(repeats=3))
-    if peak_source.startswith("measured"):  # again after the steps; the best of all is the peak
-        peak = max([peak, device_peak()[0], *boundary_peaks])
-        print(f"peak after the timed steps: best {peak / 1e12:.3f} TFLOP/s", flush=True)
-    results = [v.result(peak, _LOOP.value, _STEPS.value, boundary_peaks) for v in compiled]
+        for dtype, boundary in boundary_peaks.items():
+            if paired:
+                boundary.append(measured_matmul_peak(dtype, repeats=3))
+    if measured:  # again after the steps; the best of all is the peak
+        again, _ = device_peaks(dtypes)
+        peaks = {d: max([peaks[d], again[d], *boundary_peaks[d]]) for d in dtypes}
+        print(f"peak after the timed steps: best {format_peaks(peaks)}", flush=True)
+    results = [v.result(peaks[v.config.dtype], _LOOP.value, _STEPS.value, boundary_peaks[v.config.dtype])
+               for v in compiled]
     print(format_table(results))
     for failure in failed:
         print(f"not run: {failure['variant']}: {failure['error']}")
@@ -494,7 +514,7 @@ def main(argv) -> None:
     if _OUT.value and primary:
         workdir.write_json(_OUT.value, {
             "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-            "peak_flops_per_device": peak, "peak_source": peak_source,
+            "peak_flops_per_device": peaks, "peak_source": peak_source,
             "measured_bf16_matmul_flops": matmul_flops,
             "boundary_peak_flops": boundary_peaks,
             "results": results, "failed": failed,

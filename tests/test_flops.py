@@ -199,36 +199,42 @@ def run_benchmark(*args):
                            *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_benchmark_command_compares_microbatching_side_by_side(tmp_path):
-    """The CLI end to end: one row per variant, the same model FLOPs, MFU against the measured peak."""
+def test_benchmark_command_compares_microbatching_and_dtypes_side_by_side(tmp_path):
+    """The CLI end to end: one row per variant, the same model FLOPs, MFU against the peak of a matmul
+    of the row's own dtype measured in the same run."""
     import json
     import statistics
     out = tmp_path / "bench.json"
-    result = run_benchmark("--steps=2", "--grad_accums=1,2", "--unrolls=1,2", "--paired_peak",
-                           f"--out={out}", f"--profile={tmp_path / 'trace'}")
+    result = run_benchmark("--steps=2", "--dtypes=float32,bfloat16", "--grad_accums=2", "--unrolls=1,2",
+                           "--paired_peak", f"--out={out}", f"--profile={tmp_path / 'trace'}")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["peak_source"].startswith("measured") and report["peak_flops_per_device"] > 1e9
+    assert report["peak_source"].startswith("measured")
+    peaks, boundaries = report["peak_flops_per_device"], report["boundary_peak_flops"]
+    assert set(peaks) == set(boundaries) == {"float32", "bfloat16"} and min(peaks.values()) > 1e9
     rows = report["results"]
-    assert ([(r["grad_accum_steps"], r["grad_accum_unroll"]) for r in rows] ==
-            [(1, 1), (1, 2), (2, 1), (2, 2)])
+    assert ([(r["dtype"], r["grad_accum_steps"], r["grad_accum_unroll"]) for r in rows] ==
+            [("float32", 2, 1), ("float32", 2, 2), ("bfloat16", 2, 1), ("bfloat16", 2, 2)])
     assert len({r["model_tflops_per_step"] for r in rows}) == 1 and rows[0]["model_tflops_per_step"] > 0
     # The lowered step's matmuls, counted without microbatching: the same for every row, the model's.
     assert len({r["hlo_matmul_tflops_per_step"] for r in rows}) == 1
     assert rows[0]["hlo_matmul_over_model"] == pytest.approx(1.0, abs=0.01)
-    assert all(r["low_precision_matmul_share"] == 0.0 for r in rows)  # float32
-    boundary_peaks = report["boundary_peak_flops"]  # before, between and after the 2 rounds
-    assert len(boundary_peaks) == 3 and max(boundary_peaks) <= report["peak_flops_per_device"]
-    round_peaks = [max(boundary_peaks[:2]), max(boundary_peaks[1:])]
+    assert [r["low_precision_matmul_share"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
     for r in rows:
+        peak, boundary_peaks = peaks[r["dtype"]], boundaries[r["dtype"]]
+        assert r["peak_flops_per_device"] == peak
+        # before, between and after the 2 rounds, each a matmul of the row's dtype
+        assert len(boundary_peaks) == 3 and max(boundary_peaks) <= peak
+        round_peaks = [max(boundary_peaks[:2]), max(boundary_peaks[1:])]
         assert 0 < r["mfu"] < 1.5 and r["step_ms"] > 0
-        assert abs(r["achieved_tflops_per_s"] * 1e12 / report["peak_flops_per_device"] - r["mfu"]) < 1e-6
+        assert abs(r["achieved_tflops_per_s"] * 1e12 / peak - r["mfu"]) < 1e-6
         # Each round's step against the better peak around it; the main MFU: the best peak of the run.
         per_round = [r["model_tflops_per_step"] * 1e12 / (1e-3 * t * p)
                      for t, p in zip(r["step_ms_per_round"], round_peaks)]
         assert r["mfu_paired"] == pytest.approx(statistics.median(per_round), rel=1e-9)
         assert (r["mfu_paired_min"], r["mfu_paired_max"]) == pytest.approx((min(per_round), max(per_round)))
         assert r["mfu_paired_max"] >= r["mfu"]
+    assert "TFLOP/s (float32), " in result.stdout and "TFLOP/s (bfloat16) (measured" in result.stdout
     assert "| accum | unroll |" in result.stdout and "MFU paired (range)" in result.stdout
     profile = result.stdout.split("XLA op time by source op")[1]
     assert "trunk/block_*/" in profile and "dot_general |" in profile and "% |" in profile
