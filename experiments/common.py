@@ -21,6 +21,7 @@ only takes effect before JAX's backend starts, i.e. from the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,6 +63,19 @@ def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = No
     configure_compilation(args.compile if args.compile != "auto" else
                           ("optimized" if args.size == "full" else "fast"), level=0 if args.tiny else 1)
     return args
+
+
+def run_locked(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> dict:
+    """``run(args)`` holding ``args.workdir``'s lock (`mtt_jax.workdir.lock`): a second copy of the
+    command in the same workdir (launched twice, or requeued while the first still runs) stops with one
+    line and exit status 2 before any work, instead of writing its partial results among the first's."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(workdir_lib.lock(args.workdir))
+        except workdir_lib.WorkdirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return run(args)
 
 
 def configure_compilation(mode: str, level: int = 1) -> None:

@@ -183,7 +183,7 @@ def main(argv=None) -> None:
         parser.add_argument("--models", default=",".join(MODELS),
                             help="comma-separated subset of " + ", ".join(MODELS))
     args = common.parse_args(__doc__, FULL_COST, argv, extra)
-    run(args)
+    common.run_locked(run, args)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def main(argv=None) -> None:
         parser.add_argument("--data_dir", default="", help="TFDS data_dir for --source multimnist")
     args = common.parse_args(__doc__, FULL_COST, argv, extra)
     try:
-        run(args)
+        common.run_locked(run, args)
     except DatasetNotPreparedError as error:   # TFDS data missing: one line that says how to prepare it
         sys.exit(f"experiments.multimnist: {error}")
 

@@ -159,7 +159,7 @@ def plot(results: dict, workdir: str) -> None:
 
 def main(argv=None) -> None:
     args = common.parse_args(__doc__, FULL_COST, argv)
-    run(args)
+    common.run_locked(run, args)
 
 
 if __name__ == "__main__":

@@ -218,9 +218,9 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"error: unknown --methods {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
     if args.from_results:
-        rebuild_outputs(args.workdir)
+        common.run_locked(lambda a: rebuild_outputs(a.workdir), args)
         return
-    run(args)
+    common.run_locked(run, args)
 
 
 if __name__ == "__main__":

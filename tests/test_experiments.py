@@ -99,6 +99,22 @@ def test_every_experiment_refuses_a_url_workdir_before_any_work(capsys):
     assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 
+def test_every_experiment_refuses_a_workdir_in_use_before_any_work(tmp_path, capsys):
+    """A second copy of an experiment (launched twice, or requeued while the first runs) would write
+    its partial results among the first one's: it stops in one line, and writes nothing."""
+    import importlib
+    from mtt_jax import workdir
+    with workdir.lock(str(tmp_path)):
+        for name in EXPERIMENTS:
+            module = importlib.import_module(f"experiments.{name}")
+            with pytest.raises(SystemExit) as exit_info:
+                module.main(["--workdir", str(tmp_path), "--tiny"])
+            assert exit_info.value.code == 2, name
+            error = capsys.readouterr().err.strip().splitlines()
+            assert error[-1].startswith("error: ") and "in use by another run (pid " in error[-1], name
+        assert os.listdir(tmp_path) == [".lock"]
+
+
 # --- the experiments at tiny size ------------------------------------------------------------------------
 
 def test_mmoe_correlation(results):
