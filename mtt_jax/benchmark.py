@@ -18,11 +18,11 @@ measured), then times ``--steps`` train steps (interleaved across variants, roun
 the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and
 MFU, peak memory per device, and, with ``--loop``, the time per step of the real input pipeline + step
 loop and the fraction of it spent waiting on the host. On CPU the peak is measured in the same run with
-a large matmul of each row's dtype; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x meshes x dtypes x
-microbatching x layer scans x attention kernels) run side by side in one process, so their ratios
-compare like with like. The attention column counts the cuDNN fused attention call sites in the lowered
-step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says whether cuDNN's
-kernel ran. ``HLO matmuls / model`` is the lowered step's matmul FLOPs (`step_matmul_flops`) over the
+a large matmul of each row's dtype; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x
+meshes x dtypes x microbatching x layer scans x attention kernels) run side by side in one process, so
+their ratios compare like with like. The attention column counts the cuDNN fused attention call sites in
+the lowered step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says
+whether cuDNN's kernel ran. ``HLO matmuls / model`` is the lowered step's matmul FLOPs (`step_matmul_flops`) over the
 formula's: about 1 for loss-weighting methods, which checks the MFU's numerator against the traced
 program; above 1 for gradient methods, by their per-task backward passes. With a 16-bit dtype it adds
 the share of matmul FLOPs with 16-bit operands.
