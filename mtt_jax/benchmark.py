@@ -22,10 +22,10 @@ a large matmul of each row's dtype; on GPU/TPU it is the datasheet bf16 peak. Va
 meshes x dtypes x microbatching x layer scans x attention kernels) run side by side in one process, so
 their ratios compare like with like. The attention column counts the cuDNN fused attention call sites in
 the lowered step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says
-whether cuDNN's kernel ran. ``HLO matmuls / model`` is the lowered step's matmul FLOPs (`step_matmul_flops`) over the
-formula's: about 1 for loss-weighting methods, which checks the MFU's numerator against the traced
-program; above 1 for gradient methods, by their per-task backward passes. With a 16-bit dtype it adds
-the share of matmul FLOPs with 16-bit operands.
+whether cuDNN's kernel ran. ``HLO matmuls / model`` is the lowered step's matmul FLOPs
+(`step_matmul_flops`) over the formula's: about 1 for loss-weighting methods, which checks the MFU's
+numerator against the traced program; above 1 for gradient methods, by their per-task backward passes.
+With a 16-bit dtype it adds the share of matmul FLOPs with 16-bit operands.
 
 A variant that the device cannot run (XLA's runtime error, e.g. out of memory) is reported and left out;
 the others still run, and the exit status is then 1 (`compile_variants`).
