@@ -8,7 +8,9 @@ layer index folded (``block_*``) and the pass marked (``fwd`` / ``bwd``: under `
 table of a few rows says which part of the model dominates.
 
 Which events count: on XLA:CPU every instruction (thunk) is one event on a host thread, named after the
-instruction. On a GPU the kernels are events of the device planes (``/device:GPU:N``) with the
+instruction; a control-flow thunk (``while``, ``conditional``, ``call``) spans the thunks of the
+computations it runs, which are events of their own, so only the leaf thunks count (else every scan
+counts its body twice). On a GPU the kernels are events of the device planes (``/device:GPU:N``) with the
 instruction in their ``hlo_op`` stat; the host threads there only launch them, so where device planes
 hold such kernels, only they count. The GPU reading is tested on a synthetic profile only: no GPU
 trace has been read yet.
@@ -32,6 +34,9 @@ from mtt_jax import flops
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$", re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat"}
+_OPCODE = re.compile(r"\s*([\w\-]+)\(")
+# Opcodes whose XLA:CPU thunk runs other computations' thunks, each traced as an event of its own.
+CONTROL_FLOW = frozenset({"while", "conditional", "call"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,38 @@ def instruction_labels(hlo_text: str) -> dict[str, str]:
     return labels
 
 
+def _opcode(right_hand_side: str) -> str | None:
+    """``(s32[], f32[8]{0}) while(%t), ...`` -> ``while``: the word before the first ``(`` after the
+    shape, which is a tuple (nested parentheses) or one token (``f32[8,4]{1,0}``)."""
+    rest = right_hand_side
+    if rest.startswith("("):
+        depth = 0
+        for i, char in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if depth == 0:
+                rest = rest[i + 1:]
+                break
+    else:
+        rest = rest.partition(" ")[2]
+    m = _OPCODE.match(rest)
+    return m.group(1) if m else None
+
+
+def instruction_opcodes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its opcode (``fusion``, ``while``, ``get-tuple-element``, ...)."""
+    opcodes = {}
+    for m in _INSTRUCTION.finditer(hlo_text):
+        if (opcode := _opcode(m.group(2))) is not None:
+            opcodes[m.group(1)] = opcode
+    return opcodes
+
+
+def control_flow_instructions(hlo_text: str) -> frozenset[str]:
+    """The instructions whose thunk encloses other thunks' events (`CONTROL_FLOW`), by opcode: a name
+    says nothing (``%while.7`` may be the loop's ``get-tuple-element``)."""
+    return frozenset(name for name, opcode in instruction_opcodes(hlo_text).items() if opcode in CONTROL_FLOW)
+
+
 def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text: str) -> list[OpTime]:
     """Traces ``num_steps`` calls of ``step()`` and returns rows by source op, per step."""
     import jax
@@ -82,7 +119,8 @@ def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text:
     except flops.UNREADABLE_HLO as e:
         print(f"warning: no matmul FLOP rates in the profile ({type(e).__name__}: {e})")
         instruction_flops = {}
-    return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps, instruction_flops)
+    return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps, instruction_flops,
+                             control_flow=control_flow_instructions(hlo_text))
 
 
 def thunk_instruction(event, labels: dict[str, str]) -> str | None:
@@ -100,18 +138,23 @@ def kernel_instruction(event, labels: dict[str, str]) -> str | None:
 
 
 def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
-                      instruction_flops: dict[str, float] | None = None) -> list[OpTime]:
+                      instruction_flops: dict[str, float] | None = None,
+                      control_flow: frozenset[str] = frozenset()) -> list[OpTime]:
     """Event time (and matmul FLOPs, from ``instruction_flops`` per execution) by source op, per step:
     the kernels of the device planes where there are any (lines the profiler derives there, such as
     "XLA Ops", carry no ``hlo_op`` and would count a loop and its kernels twice), else the host's
-    thunks."""
+    thunks but those of the ``control_flow`` instructions (`control_flow_instructions`), whose events
+    span their bodies' thunks."""
     def matched(plane_list, instruction_of):
         return [(instruction, event.duration_ns, event.name) for plane in plane_list
                 for line in plane.lines for event in line.events
                 if (instruction := instruction_of(event, labels)) is not None]
+    def leaf_thunk_instruction(event, labels):
+        instruction = thunk_instruction(event, labels)
+        return None if instruction in control_flow else instruction
     planes = list(planes)
     events = (matched([p for p in planes if p.name.startswith("/device:")], kernel_instruction) or
-              matched([p for p in planes if not p.name.startswith("/device:")], thunk_instruction))
+              matched([p for p in planes if not p.name.startswith("/device:")], leaf_thunk_instruction))
     instruction_flops = instruction_flops or {}
     nanoseconds, matmul_flops, launches = collections.Counter(), collections.Counter(), collections.Counter()
     counts, kernels = collections.defaultdict(set), collections.defaultdict(set)
