@@ -406,3 +406,89 @@ def test_scanned_blocks_compute_what_the_unrolled_blocks_compute():
     for a, b in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves({**grads, "trunk": stack_blocks(
             grads["trunk"], 2)})):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+def test_an_image_of_more_than_512_patches_gets_a_position_for_every_patch(positional):
+    """64 x 64 in 2 x 2 patches: 1024 patches, twice the 512 rows a table sized by the image's height
+    had. Token models keep their 512-row learned table, the shape in existing checkpoints."""
+    from mtt_jax.models.layers import sinusoidal_positions
+    model = MultiTaskTransformer(tasks=DIGITS, layout="single", input_spec=InputSpec("image", (64, 64, 3)),
+                                 num_layers=1, d_model=8, num_heads=2, mlp_dim=16, patch_size=2,
+                                 positional=positional)
+    inputs = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+    variables = init_with_random_heads(model, inputs)
+    outputs, _ = model.apply(variables, inputs)
+    for t in DIGITS:
+        assert outputs[t.name].shape == (2, t.num_classes)
+        assert np.isfinite(outputs[t.name]).all()
+    positions = model.apply(variables, jnp.zeros((1, 1024, 8)), method=lambda m, x: m.positions(x))[0]
+    table = (sinusoidal_positions(1024, 8) if positional == "sinusoidal"
+             else variables["params"]["positions"]["table"])
+    assert table.shape == (1024, 8)
+    np.testing.assert_array_equal(positions, table)
+    tokens_model = small_model(SEQ, "multi", TOKENS, positional="learned")
+    shapes = jax.eval_shape(tokens_model.init, jax.random.key(0), tokens())["params"]
+    assert nn.unbox(shapes)["positions"]["table"].shape == (512, 32)
+
+
+def test_the_positional_table_covers_patches_chunks_and_tokens():
+    from mtt_jax.models.multitask import num_positions
+    assert num_positions(InputSpec("image", (64, 32, 3)), 4) == 16 * 8
+    assert num_positions(InputSpec("image", (12, 12)), 2) == 36
+    assert num_positions(InputSpec("vector", (2000,)), 2) == 1000
+    assert num_positions(TOKENS, 2) == 16
+
+
+def _dot_output_dtypes(jaxpr, size: int) -> list:
+    """Output dtypes of the ``dot_general``s with ``size`` elements in ``jaxpr`` and the jaxprs it calls
+    (the logits' matmul sits inside `attention_logits`'s custom VJP)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.size == size:
+            found.append(eqn.outvars[0].aval.dtype)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _dot_output_dtypes(sub, size)
+    return found
+
+
+def _task_attention_case(layout: str, dtype):
+    """A task-attention module, its inputs and the element count of its logits (no other matmul in
+    the module has as many)."""
+    from mtt_jax.models.task_attention import MultiInputTaskAttention
+    if layout == "single":  # logits [B=5, H=2, T=3, S=3]
+        streams = jax.random.normal(jax.random.key(1), (5, 3, 16))
+        return SingleInputTaskAttention(num_heads=2, dtype=dtype), (streams, False), 5 * 2 * 3 * 3
+    x = jax.random.normal(jax.random.key(1), (3, 2, 5, 16))  # logits [T=3, B=2, L=5, H=2, S=3, M=4]
+    mask = jnp.ones((3, 2, 5), bool).at[:, 1, 3:].set(False)
+    return (MultiInputTaskAttention(num_heads=2, memory_tokens=4, dtype=dtype), (x, mask, False),
+            3 * 2 * 5 * 2 * 3 * 4)
+
+
+@pytest.mark.parametrize("layout", ["single", "multi"])
+def test_bf16_task_attention_computes_its_logits_as_the_trunk_does(layout):
+    """As `attention_logits`: the logits come out of the bf16 matmul in f32 (not rounded to bf16
+    before the softmax), the backward matmuls run in bf16, and values and gradients match f32."""
+    from mtt_jax import flops
+    module, args, logits_size = _task_attention_case(layout, jnp.bfloat16)
+    f32_module = module.clone(dtype=jnp.float32)
+    params = nn.unbox(f32_module.init(jax.random.key(0), *args)["params"])
+    low_args = (args[0].astype(jnp.bfloat16),) + args[1:]
+    jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, *args[1:]))(params, low_args[0])
+    assert _dot_output_dtypes(jaxpr.jaxpr, logits_size) == [jnp.float32]
+
+    def loss(m, p, x):
+        out, mass = m.apply({"params": p}, x, *args[1:])
+        return jnp.sum(jnp.sin(out.astype(jnp.float32))) + jnp.sum(mass * jnp.arange(mass.size).reshape(
+            mass.shape))
+    grad = jax.jit(jax.grad(lambda p, x: loss(module, p, x), (0, 1)))
+    hlo = grad.lower(params, low_args[0]).compiler_ir("hlo").as_hlo_text()
+    assert set(flops.hlo_matmul_flops(hlo)) == {"bf16 x bf16"}
+    low = grad(params, low_args[0])
+    reference = jax.grad(lambda p, x: loss(f32_module, p, x), (0, 1))(params, args[0])
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(reference))  # bf16 noise is relative to it
+    for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0.05, atol=0.02 * scale)

@@ -67,8 +67,9 @@ class MultiTaskTransformer(nn.Module):
             self.embed = VectorEmbed(self.patch_size, self.d_model, self.dtype)
         else:
             self.embed = TokenEmbed(self.input_spec.vocab_size, self.d_model, self.dtype)
-        max_length = max(512, self.input_spec.shape[0])
-        self.positions = PositionalEncoding(self.positional, max_length)
+        # At least 512 rows, the size of the learned table in existing checkpoints.
+        self.positions = PositionalEncoding(self.positional,
+                                            max(512, num_positions(self.input_spec, self.patch_size)))
         if self.task_encoder:
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
         elif self.film:
@@ -194,6 +195,18 @@ class MultiTaskTransformer(nn.Module):
             jnp.swapaxes(x.reshape(batch, num_tasks, length, self.d_model), 0, 1),
             ("task", "batch", "length", "embed"))
         return x_TxBxLxD, token_mask_TxBxL
+
+
+def num_positions(input_spec: InputSpec, patch_size: int) -> int:
+    """Length of the embedded sequence that gets positions: the patches of an image, the chunks of a
+    feature vector, the tokens of a token sequence. Task tokens are prepended after the positions are
+    added, and memory tokens live in task attention, so neither needs a row of the table."""
+    if input_spec.kind == "image":
+        height, width = input_spec.shape[:2]
+        return (height // patch_size) * (width // patch_size)
+    if input_spec.kind == "vector":
+        return input_spec.shape[0] // patch_size
+    return input_spec.shape[0]
 
 
 def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: InputSpec,

@@ -20,13 +20,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.models.layers import Dtype, HeadsProjection, kernel_init, layer_norm, masked_softmax
+from mtt_jax.models.layers import (Dtype, HeadsProjection, attention_logits, kernel_init, layer_norm,
+                                   masked_softmax)
 
 
 def _task_mask(num_tasks: int, include_self: bool) -> jax.Array:
     """``[T, T]`` boolean: may task i (row) attend to task j (column)."""
     allowed = jnp.ones((num_tasks, num_tasks), bool)
     return allowed if include_self else ~jnp.eye(num_tasks, dtype=bool)
+
+
+def _memory_logits(q_TxBxLxHxK: jax.Array, k_SxMxHxK: jax.Array) -> jax.Array:
+    """``[T, B, L, H, S, M]`` logits of every query against every memory token, computed as the trunk's
+    (`attention_logits`: f32 logits, a bf16 backward in a bf16 model).
+
+    Each task's queries meet the memory as one batch ``[B, L, H, K]`` against the memory broadcast over
+    B (a few rows per task, so the copy is small). Merging T into the batch would split the sharded
+    example axis inside the merged one, which GSPMD cannot express (as in `MultiTaskTransformer`).
+    """
+    tasks, batch, length, heads, head_dim = q_TxBxLxHxK.shape
+    rows = k_SxMxHxK.shape[0] * k_SxMxHxK.shape[1]
+    k_BxRxHxK = jnp.broadcast_to(k_SxMxHxK.reshape(1, rows, heads, head_dim), (batch, rows, heads, head_dim))
+    logits_TxBxHxLxR = jax.vmap(attention_logits, in_axes=(0, None))(q_TxBxLxHxK, k_BxRxHxK)
+    return jnp.swapaxes(logits_TxBxHxLxR, 2, 3).reshape(
+        (tasks, batch, length, heads) + k_SxMxHxK.shape[:2])
 
 
 class SingleInputTaskAttention(nn.Module):
@@ -43,7 +60,7 @@ class SingleInputTaskAttention(nn.Module):
         project = lambda name, y: HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(y)
         h_BxTxD = layer_norm("ln", self.dtype)(streams_BxTxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (project(n, h_BxTxD) for n in ("query", "key", "value"))
-        logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(head_dim)
+        logits_BxHxTxS = attention_logits(q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(head_dim)
         weights_BxHxTxS = masked_softmax(logits_BxHxTxS, _task_mask(num_tasks, self.include_self))
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS.astype(self.dtype), v_BxTxHxK)
         out_BxTxD = HeadsProjection(self.num_heads, head_dim, False, self.dtype, name="out")(out_BxTxHxK)
@@ -77,7 +94,7 @@ class MultiInputTaskAttention(nn.Module):
         q_TxBxLxHxK = project("query", layer_norm("ln", self.dtype)(x_TxBxLxD))
         memory_TxMxD = layer_norm("ln_memory", self.dtype)(memory_TxMxD.astype(self.dtype))
         k_SxMxHxK, v_SxMxHxK = project("key", memory_TxMxD), project("value", memory_TxMxD)
-        logits = jnp.einsum("tblhk,smhk->tblhsm", q_TxBxLxHxK, k_SxMxHxK) / jnp.sqrt(head_dim)
+        logits = _memory_logits(q_TxBxLxHxK, k_SxMxHxK) / jnp.sqrt(head_dim)
         shape = logits.shape
         mask_TxS = _task_mask(num_tasks, self.include_self)
         if query_task_B is None:   # query task t = position t of the leading axis

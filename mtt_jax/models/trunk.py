@@ -95,6 +95,9 @@ class PositionalEncoding(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         length, d_model = x_BxLxD.shape[-2:]
+        if length > self.max_length:
+            raise ValueError(f"a sequence of {length} positions is longer than the "
+                             f"positional table's {self.max_length} rows")
         if self.kind == "sinusoidal":
             table = sinusoidal_positions(self.max_length, d_model)
         elif self.kind == "learned":
