@@ -177,8 +177,13 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Seque
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if method.needs_losses_after_step:  # FAMO: the same batch's losses after the update
-        outputs, _ = apply_model(model, params["model"], batch, True, {"dropout": dropout_rng})
-        weighting_state = method.after_step(weighting_state, losses_T, loss_fn(outputs, batch))
+        if grad_accum_steps == 1:
+            outputs, _ = apply_model(model, params["model"], batch, True, {"dropout": dropout_rng})
+            after_T = loss_fn(outputs, batch)
+        else:  # microbatch by microbatch, with the dropout of the losses before
+            after_T = batch_mean_losses(model, params, batch, loss_fn, layout, grad_accum_steps,
+                                        grad_accum_unroll, dropout_rng)
+        weighting_state = method.after_step(weighting_state, losses_T, after_T)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -239,33 +244,69 @@ def global_losses(losses_T: jax.Array) -> jax.Array:
 
 def _loss_method_grads(state, batch, model, loss_fn, method, dropout_rng, method_rng, layout,
                        grad_accum_steps, grad_accum_unroll=1):
-    """Gradient of the method's combined loss, over microbatches when asked."""
-    def objective(params, micro_batch, rng):
-        outputs, aux = apply_model(model, params["model"], micro_batch, True, {"dropout": rng})
-        losses_T = global_losses(loss_fn(outputs, micro_batch))
-        total, weights_T, weighting_state = method.combine(
-            params["weighting"], state.weighting_state, losses_T, state.step, method_rng)
-        return total, (losses_T, weights_T, weighting_state, aux)
+    """Gradient of the method's combined loss, over microbatches when asked.
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    With microbatches the update is the one of the whole batch: the model's gradient is
+    ``sum_t (d total / d L_t)(Lbar) grad Lbar_t`` at the batch's mean losses ``Lbar``, accumulated as
+    the gradient of ``sum_t w_t L_t`` with those weights fixed. Where the combination is linear in the
+    losses (``combine_is_linear``: EW, UW, RLW, DWA) the weights do not depend on ``Lbar``; any other
+    method (GLS, STCH, FAMO) weighs a task by its loss, so a forward pass over the microbatches first
+    gives ``Lbar``. The method's own parameters get their gradient, and the logged weights, total and
+    new state come, from ``combine`` at ``Lbar`` (DWA's and STCH's epoch means count every example, not
+    the last microbatch's). ``combine`` runs outside the per-shard scan.
+    """
+    weighting_params = state.params["weighting"]
+    combine = lambda params, losses_T: method.combine(params, state.weighting_state, losses_T, state.step,
+                                                      method_rng)
     if grad_accum_steps == 1:
-        (total, (losses_T, weights_T, weighting_state, aux)), grads = grad_fn(
-            state.params, batch, dropout_rng)
+        def objective(params):
+            outputs, aux = apply_model(model, params["model"], batch, True, {"dropout": dropout_rng})
+            losses_T = loss_fn(outputs, batch)
+            total, weights_T, weighting_state = combine(params["weighting"], losses_T)
+            return total, (losses_T, weights_T, weighting_state, aux)
+        (total, (losses_T, weights_T, weighting_state, aux)), grads = jax.value_and_grad(
+            objective, has_aux=True)(state.params)
         return grads, total, losses_T, weights_T, weighting_state, aux
+
+    num_tasks = len(jax.tree.leaves(batch["mask"]))
+    mean_T = None if method.combine_is_linear else batch_mean_losses(
+        model, state.params, batch, loss_fn, layout, grad_accum_steps, grad_accum_unroll, dropout_rng)
+    weights_T = jax.grad(lambda l: combine(weighting_params, l)[0])(
+        jnp.ones(num_tasks) if mean_T is None else mean_T)
+
+    def linearised(model_params, micro_batch, rng):
+        outputs, aux = apply_model(model, model_params, micro_batch, True, {"dropout": rng})
+        losses_T = global_losses(loss_fn(outputs, micro_batch))
+        return jnp.sum(weights_T * losses_T.astype(jnp.float32)), (losses_T, aux)
 
     def accumulate(carry, micro):
         rng, micro_batch = micro
-        (total, extras), grads = grad_fn(state.params, micro_batch, rng)
-        return jax.tree.map(jnp.add, carry, (total, extras[0], grads)), extras[1:]
-    num_tasks = len(jax.tree.leaves(batch["mask"]))
-    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), jnp.zeros(num_tasks), state.params))
-    (total, losses_T, grads), (weights_T, weighting_state, aux) = scan_microbatches(
+        (_, (losses_T, aux)), grads = jax.value_and_grad(linearised, has_aux=True)(
+            state.params["model"], micro_batch, rng)
+        return jax.tree.map(jnp.add, carry, (losses_T, grads)), aux
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(num_tasks), state.params["model"]))
+    (losses_T, model_grads), aux = scan_microbatches(
         accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng)
-    total, losses_T, grads = jax.tree.map(lambda x: x / grad_accum_steps, (total, losses_T, grads))
-    # Weights and method state of the last microbatch; the task-attention map averaged.
-    weights_T, weighting_state = jax.tree.map(lambda x: x[-1], (weights_T, weighting_state))
-    aux = jax.tree.map(lambda x: x.mean(0), aux)
+    losses_T, model_grads = jax.tree.map(lambda x: x / grad_accum_steps, (losses_T, model_grads))
+    if mean_T is not None:  # the losses the weights were taken at
+        losses_T = mean_T
+    grads = {"model": model_grads,
+             "weighting": jax.grad(lambda p: combine(p, losses_T)[0])(weighting_params)}
+    total, weights_T, weighting_state = combine(weighting_params, losses_T)
+    aux = jax.tree.map(lambda x: x.mean(0), aux)  # the task-attention map, averaged
     return grads, total, losses_T, weights_T, weighting_state, aux
+
+
+def batch_mean_losses(model, params, batch, loss_fn, layout, num_micro, unroll, rng) -> jax.Array:
+    """The batch's per-task mean losses, computed microbatch by microbatch (forward only, with the
+    dropout keys of `scan_microbatches`, so that they are the losses the gradient pass sees)."""
+    def accumulate(sums_T, micro):
+        key, micro_batch = micro
+        outputs, _ = apply_model(model, params["model"], micro_batch, True, {"dropout": key})
+        return sums_T + global_losses(loss_fn(outputs, micro_batch)), None
+    num_tasks = len(jax.tree.leaves(batch["mask"]))
+    sums_T, _ = scan_microbatches(accumulate, jnp.zeros(num_tasks), batch, layout, num_micro, unroll, rng)
+    return sums_T / num_micro
 
 
 def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_rng, method_rng, layout,
@@ -295,7 +336,7 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,
                                                     (losses_T, grads_T, task_side))
         aux = jax.tree.map(lambda x: x.mean(0), aux)
-        apply = lambda c: task_grads.combine(c, grads_T)
+        apply = functools.partial(task_grads.combine, grads_T=grads_T)  # the unscaled ones (IMTL-L)
         to_params = lambda direction: direction
 
     # A method's elementwise loss transform (IMTL-L) scales each task's gradient by its derivative.

@@ -155,6 +155,32 @@ def test_grad_accumulation_equals_one_big_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1)
 
 
+@pytest.mark.parametrize("method", ["gls", "famo", "dwa", "imtl"])
+def test_grad_accumulation_equals_one_big_step_for_methods_that_weigh_by_the_losses(method):
+    """GLS and FAMO weigh a task by its loss, DWA keeps epoch means of the losses, IMTL-L scales each
+    task's gradient: with 4 microbatches each must still make the update, weights and method state of
+    one step on the whole batch (before: the last microbatch's losses and state, and IMTL-L's scale
+    applied twice)."""
+    config = default_config.get_config("tiny")
+    config.batch_size, config.weighting.name = 32, method
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.source.train_batch(3, 32), setup.batch_shardings, "single")
+    results = []
+    for accum in (1, 4):
+        state = setup.create_state()
+        if method == "imtl":  # a trained IMTL-L scale: at s = 0 a double scaling is invisible
+            state = state.replace(params={**state.params, "weighting": {"loss_scale": jnp.array([0.7, -0.4])}})
+        with setup.context():
+            state, metrics = train.compile_train_step(setup, accum)(state, batch)
+        results.append(jax.device_get((state.params, state.weighting_state, metrics)))
+    (params_1, method_state_1, metrics_1), (params_4, method_state_4, metrics_4) = results
+    for key in ("loss", "task_losses", "weights", "grad_norm"):
+        np.testing.assert_allclose(metrics_4[key], metrics_1[key], rtol=1e-4, err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 method_state_4, method_state_1)
+
+
 def test_nonfinite_batch_is_not_applied():
     config = default_config.get_config("tiny")
     setup = train.build(config)

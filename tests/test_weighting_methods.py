@@ -324,6 +324,44 @@ def test_imtl_loss_balance_transforms_losses():
     assert make("imtl", 3, loss_balance=False).init_params() == {}
 
 
+def test_imtl_leaves_a_zero_gradient_task_out_of_the_solve():
+    # An absent task (empty mask: gradient exactly 0) used to take all the weight and make d = 0.
+    g_TxP = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    d, a, _ = gram_direction("imtl", g_TxP)
+    d_live, a_live, _ = gram_direction("imtl", g_TxP[:2])
+    np.testing.assert_allclose(a_live, [2 / 3, 1 / 3], rtol=1e-5)
+    np.testing.assert_allclose(a, [2 / 3, 1 / 3, 0.0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(d, [2 / 3, 2 / 3, 0.0], rtol=1e-5, atol=1e-7)
+    assert a[2] == 0.0
+    # The dead task's position does not matter, and the remaining tasks match IMTL on them alone.
+    g_TxP = random_gradients(6, num=4, scales=(1.0, 3.0, 0.5, 2.0))
+    g_TxP[1] = 0.0
+    d, a, _ = gram_direction("imtl", g_TxP)
+    d_live, a_live, _ = gram_direction("imtl", g_TxP[[0, 2, 3]])
+    np.testing.assert_allclose(a, np.insert(a_live, 1, 0.0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d, d_live, rtol=1e-4, atol=1e-6)
+
+
+def test_imtl_all_zero_gradients_give_a_zero_update():
+    d, a, _ = gram_direction("imtl", np.zeros((3, 4)))
+    assert np.all(np.isfinite(a)) and np.all(a == 0.0) and np.all(d == 0.0)
+
+
+def test_imtl_loss_balance_ignores_an_absent_task():
+    # exp(s) * 0 - s would push an absent task's s up by the main optimizer on every step it is absent.
+    method = make("imtl", 3)
+    params = {"loss_scale": jnp.asarray([0.5, 1.0, -1.0])}
+    losses = jnp.asarray([2.0, 0.0, 3.0])
+    transform = lambda p, l: method.transform_losses(p, l).sum()
+    np.testing.assert_allclose(method.transform_losses(params, losses),
+                               [np.exp(0.5) * 2.0 - 0.5, 0.0, np.exp(-1.0) * 3.0 + 1.0], rtol=1e-6)
+    scale_grad = jax.grad(transform)(params, losses)["loss_scale"]
+    np.testing.assert_allclose(scale_grad, [np.exp(0.5) * 2.0 - 1.0, 0.0, np.exp(-1.0) * 3.0 - 1.0],
+                               rtol=1e-6)
+    loss_grad = jax.grad(transform, argnums=1)(params, losses)
+    np.testing.assert_allclose(loss_grad, [np.exp(0.5), 0.0, np.exp(-1.0)], rtol=1e-6)
+
+
 def test_nash_mtl_bargaining_solution_invariance_and_clipping():
     g_TxP = random_gradients(5, num=3)
     kmat = g_TxP @ g_TxP.T
@@ -528,6 +566,62 @@ def test_famo_weights_and_logit_update_direction():
     np.testing.assert_allclose(w2.sum(), 1.0, rtol=1e-6)
 
 
+def test_gls_leaves_a_zero_loss_task_out():
+    # An absent task (loss exactly 0) used to drag the geometric mean to ~1e-4 and every weight with it.
+    total, w, _ = run_combine("gls", [0.5, 0.0, 4.0])
+    total_present, w_present, _ = run_combine("gls", [0.5, 4.0])
+    assert total == pytest.approx(np.sqrt(0.5 * 4.0), rel=1e-6)
+    assert total == pytest.approx(total_present, rel=1e-6)
+    np.testing.assert_allclose(w, [w_present[0], 0.0, w_present[1]], rtol=1e-6)
+    method = make("gls")
+    grad = jax.grad(lambda l: method.combine({}, {}, l, 0)[0])(jnp.asarray([0.5, 0.0, 4.0]))
+    np.testing.assert_allclose(grad, w, rtol=1e-5)
+    total, w, _ = run_combine("gls", [0.0, 0.0, 0.0])
+    assert total == 0.0 and np.all(w == 0.0)
+    grad = jax.grad(lambda l: method.combine({}, {}, l, 0)[0])(jnp.zeros(3))
+    assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
+
+
+def test_famo_leaves_a_zero_loss_task_out_of_weights_and_logit_updates():
+    # Task 1 is absent on every step; tasks 0 and 2 must evolve as FAMO on those two tasks alone.
+    method, method_present = make("famo"), make("famo", 2)
+    after, after_present = jax.jit(method.after_step), jax.jit(method_present.after_step)
+    state, state_present = method.init_state(), method_present.init_state()
+    losses = np.array([1.0, 0.0, 4.0])
+    for factors in ([0.5, 1.0, 0.9], [0.9, 1.0, 0.6], [0.8, 1.0, 0.95]):
+        _, w, _ = run_combine("famo", losses, state=state)
+        _, w_present, _ = run_combine("famo", losses[[0, 2]], state=state_present)
+        np.testing.assert_allclose(w, [w_present[0], 0.0, w_present[1]], rtol=1e-6)
+        np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+        after_losses = losses * np.array(factors)
+        state = after(state, jnp.asarray(losses), jnp.asarray(after_losses))
+        state_present = after_present(state_present, jnp.asarray(losses[[0, 2]]),
+                                      jnp.asarray(after_losses[[0, 2]]))
+        losses = np.where(losses > 0, after_losses, 0.0)
+        np.testing.assert_allclose(np.asarray(state["logits"])[[0, 2]], state_present["logits"], rtol=1e-5)
+        assert state["logits"][1] == 0.0  # an absent task's logit does not move (nor decay)
+        for leaf in jax.tree.leaves(state["opt_state"]):
+            if leaf.shape == (3,):
+                assert leaf[1] == 0.0  # nor do its Adam moments
+    assert not np.allclose(state["logits"], 0.0)
+
+
+def test_famo_with_every_task_absent_gives_zeros_and_keeps_its_state():
+    method = make("famo")
+    state = jax.jit(method.after_step)(method.init_state(), jnp.asarray([1.0, 2.0, 4.0]),
+                                       jnp.asarray([0.5, 2.0, 3.6]))
+    total, w, _ = run_combine("famo", [0.0, 0.0, 0.0], state=state)
+    assert total == 0.0 and np.all(w == 0.0)
+    grad = jax.grad(lambda l: method.combine({}, state, l, 0)[0])(jnp.zeros(3))
+    assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
+    new_state = jax.jit(method.after_step)(state, jnp.zeros(3), jnp.zeros(3))
+    np.testing.assert_array_equal(new_state["logits"], state["logits"])
+    for new, old in zip(jax.tree.leaves(new_state["opt_state"]), jax.tree.leaves(state["opt_state"])):
+        assert np.all(np.isfinite(new))
+        if new.shape == (3,):
+            np.testing.assert_array_equal(new, old)
+
+
 def test_stch_warms_up_on_log_losses_then_uses_the_nadir():
     state = None
     for step in range(6):  # epoch_steps = 2, warmup_epochs = 2: steps 0-3 warm up; nadir = epoch 1 mean
@@ -541,3 +635,15 @@ def test_stch_warms_up_on_log_losses_then_uses_the_nadir():
     scaled = np.log(losses / nadir)
     assert total == pytest.approx(3 * np.log(np.sum(np.exp(scaled))), rel=1e-5)
     np.testing.assert_allclose(w, 3 * np.exp(scaled) / np.exp(scaled).sum() / losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in weighting.METHODS.items() if cls.requires == "losses"))
+def test_combine_is_linear_exactly_when_the_weights_ignore_the_loss_values(name):
+    """Gradient accumulation takes a linear method's weights at any losses and linearises the others at
+    the batch's mean losses (`mtt_jax.train_step`): the flag must say which is which."""
+    method = make(name, 3)
+    params, state = method.init_params(), method.init_state()
+    weights_at = lambda losses_T: jax.grad(lambda l: method.combine(params, state, l, jnp.int32(0),
+                                                                    jax.random.key(0))[0])(losses_T)
+    same = np.allclose(weights_at(jnp.array([0.3, 1.0, 2.5])), weights_at(jnp.array([2.0, 0.1, 0.7])))
+    assert same == method.combine_is_linear

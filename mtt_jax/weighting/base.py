@@ -39,6 +39,11 @@ class WeightingMethod(abc.ABC):
     name: str = ""
     requires: str = "losses"                 # "losses" | "gram" | "grads"
     needs_losses_after_step: bool = False    # FAMO: call `after_step` with the same batch's new losses
+    # ``combine``'s total is affine in the losses, with weights that do not depend on their values
+    # (EW, UW, RLW, DWA): gradient accumulation may then combine each microbatch's losses. Otherwise it
+    # first computes the batch's mean losses and differentiates the combination there (one more
+    # forward pass over the batch; `mtt_jax.train_step`).
+    combine_is_linear: bool = False
 
     def __init__(self, num_tasks: int):
         if num_tasks < 1:

@@ -26,6 +26,14 @@ class IMTL(WeightingMethod):
     IMTL-L (``loss_balance=True``, paper and LibMTL): learned ``s`` (init 0, in params, trained by the main
     optimizer) turns each loss into ``exp(s_t) L_t - s_t`` (optimum ``exp(s_t) L_t = 1``) via
     `transform_losses`, which the step must apply before taking per-task gradients.
+
+    Absent tasks (not in the paper): a task with no labelled examples in the batch has loss exactly 0 and
+    gradient exactly 0 (masked means). Its unit gradient is undefined and its equation would force the
+    common projection to 0 (all weight on the dead task, ``d = 0``), so zero-gradient tasks are left out
+    of the solve by masking (static shapes): the system is the one over the remaining tasks, the dead
+    task's coefficient is 0 and the Gram is renormalised over the live tasks. No live task: ``d = 0``.
+    IMTL-L leaves an absent task's transformed loss at 0, independent of ``s``: otherwise
+    ``d/ds (e^s 0 - s) = -1`` would push its ``s`` up on every step it is absent.
     """
     name = "imtl"
     requires = "gram"
@@ -42,19 +50,29 @@ class IMTL(WeightingMethod):
         if not self.loss_balance:
             return losses_T
         scale_T = params["loss_scale"]
-        return jnp.exp(scale_T) * losses_T.astype(jnp.float32) - scale_T
+        losses_T = losses_T.astype(jnp.float32)
+        return jnp.where(losses_T != 0, jnp.exp(scale_T) * losses_T - scale_T, 0.0)  # 0: absent task
 
     def gram_weights(self, state, gram_TxT, losses_T, step, rng=None):
         normalized, _ = solvers.normalize_gram(as_gram(gram_TxT, self.num_tasks))
         num = self.num_tasks
         norms_T = jnp.sqrt(jnp.maximum(jnp.diagonal(normalized), 0.0))
-        norms_T = jnp.where(norms_T > 1e-12, norms_T, 1.0)
+        live_T = norms_T > 1e-12
+        num_live = jnp.sum(live_T.astype(jnp.float32))
+        # Mean squared norm over the live tasks, as if solving on them alone (x 1.0 when all are live).
+        live_scale = num / jnp.maximum(num_live, 1.0)
+        normalized = normalized * live_scale
+        norms_T = jnp.where(live_T, norms_T * jnp.sqrt(live_scale), 1.0)
+        live_TxT = live_T[:, None] & live_T[None, :]
+        cosine_TxT = jnp.where(live_TxT, normalized / (norms_T[:, None] * norms_T[None, :]),
+                               jnp.eye(num, dtype=jnp.float32))  # a dead task's row reads b_t = 0
         system = jnp.zeros((num + 1, num + 1), jnp.float32)
-        system = system.at[:num, :num].set(normalized / (norms_T[:, None] * norms_T[None, :]))
-        system = system.at[:num, num].set(-1.0).at[num, :num].set(1.0 / norms_T)
+        system = system.at[:num, :num].set(cosine_TxT)
+        system = system.at[:num, num].set(jnp.where(live_T, -1.0, 0.0))
+        system = system.at[num, :num].set(jnp.where(live_T, 1.0 / norms_T, 0.0))
         rhs = jnp.zeros((num + 1,), jnp.float32).at[num].set(1.0)
         b_T = jnp.linalg.lstsq(system, rhs, rcond=self.rcond)[0][:num]
-        return b_T / norms_T, state
+        return jnp.where(live_T, b_T / norms_T, 0.0), state
 
 
 class AlignedMTL(WeightingMethod):

@@ -51,6 +51,7 @@ class DynamicWeightAverage(WeightingMethod):
     per-step losses instead of epoch means would be a different, much noisier method.
     """
     name = "dwa"
+    combine_is_linear = True  # the weights come from earlier epochs' means
 
     def __init__(self, num_tasks: int, temperature: float = 2.0, epoch_steps: int = 100):
         super().__init__(num_tasks)

@@ -23,6 +23,16 @@ class FAMO(WeightingMethod):
     Defaults (LibMTL): ``w_lr=0.025``, ``gamma=1e-3`` (L2 weight decay added to the gradient as in
     ``torch.optim.Adam(weight_decay=...)``; the official code defaults to 0.01, 0.001 for QM9), min-loss
     offset 0. Needs ``L_t > 0``: losses are clamped at ``min_loss`` (1e-8) before every log/division.
+
+    Absent tasks (not in the paper): a loss of exactly 0 means the task had no labelled examples in the
+    batch (masked mean). Clamped, it would take nearly all the weight, so it is left out: ``c`` and the
+    weights are over the present tasks (``softmax`` restricted to them), an absent task gets weight 0.
+    In `after_step` a task counts as present when its loss before and after are both nonzero; the logit
+    gradient is ``J^T delta`` of the softmax restricted to the present tasks (so an absent task's
+    ``delta = 0`` is not read as "its loss did not fall"), and an absent task's logit and Adam moments
+    are left unchanged (no weight decay either; only Adam's shared step count advances). Present tasks
+    thus evolve as FAMO on the present tasks alone. With every loss nonzero this is bit for bit the
+    update above; no task present gives weights 0, total 0 and an unchanged state.
     """
     name = "famo"
     needs_losses_after_step = True
@@ -42,16 +52,26 @@ class FAMO(WeightingMethod):
         return {"logits": logits_T, "opt_state": self._optimizer().init(logits_T)}
 
     def combine(self, params, state, losses_T, step, rng=None):
+        present_T = losses_T != 0
         z_T = jax.nn.softmax(state["logits"])
         safe_T = clamp_losses(losses_T, self.min_loss)
-        inverse_T = z_T / jax.lax.stop_gradient(safe_T)
-        weights_T = jax.lax.stop_gradient(inverse_T / jnp.sum(inverse_T))
+        inverse_T = jnp.where(present_T, z_T / jax.lax.stop_gradient(safe_T), 0.0)
+        normaliser = jnp.sum(inverse_T)
+        weights_T = jax.lax.stop_gradient(inverse_T / jnp.where(normaliser > 0, normaliser, 1.0))
         return jnp.sum(weights_T * safe_T), weights_T, state
 
     def after_step(self, state, losses_before_T, losses_after_T):
+        present_T = (losses_before_T != 0) & (losses_after_T != 0)
         delta_T = (jnp.log(clamp_losses(losses_before_T, self.min_loss))
                    - jnp.log(clamp_losses(losses_after_T, self.min_loss)))
-        _, vjp = jax.vjp(jax.nn.softmax, state["logits"])
+        delta_T = jnp.where(present_T, delta_T, 0.0)
+        # softmax over the present tasks (-inf logits get z = 0); none present: any, the update is dropped
+        in_softmax_T = present_T | ~jnp.any(present_T)
+        _, vjp = jax.vjp(lambda w: jax.nn.softmax(jnp.where(in_softmax_T, w, -jnp.inf)), state["logits"])
         (logit_grad_T,) = vjp(delta_T)
+        logit_grad_T = jnp.where(present_T, logit_grad_T, 0.0)
         updates, opt_state = self._optimizer().update(logit_grad_T, state["opt_state"], state["logits"])
-        return {"logits": optax.apply_updates(state["logits"], updates), "opt_state": opt_state}
+        keep_per_task = lambda new, old: (jnp.where(present_T, new, old) if jnp.shape(new) == present_T.shape
+                                          else new)  # Adam's moments per task; its step count is shared
+        logits_T = jnp.where(present_T, optax.apply_updates(state["logits"], updates), state["logits"])
+        return {"logits": logits_T, "opt_state": jax.tree.map(keep_per_task, opt_state, state["opt_state"])}

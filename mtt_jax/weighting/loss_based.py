@@ -16,6 +16,7 @@ class EqualWeighting(WeightingMethod):
     Weight 1 per task (LibMTL's convention; its docstring says 1/T), so ``d = sum_t g_t``: sum scale.
     """
     name = "ew"
+    combine_is_linear = True
 
     def combine(self, params, state, losses_T, step, rng=None):
         weights_T = jnp.ones((self.num_tasks,), jnp.float32)
@@ -28,6 +29,7 @@ class FixedWeighting(WeightingMethod):
     The weights come from ``weighting.weights`` (or ``weighting.fixed.weights``); sum scale for all-ones.
     """
     name = "fixed"
+    combine_is_linear = True
 
     def __init__(self, num_tasks: int, weights: Sequence[float] = ()):
         super().__init__(num_tasks)
@@ -51,6 +53,7 @@ class UncertaintyWeighting(WeightingMethod):
     approaches 0.
     """
     name = "uncertainty"
+    combine_is_linear = True
 
     def __init__(self, num_tasks: int, init_log_var: float = -0.5):
         super().__init__(num_tasks)
@@ -74,6 +77,7 @@ class RandomLossWeighting(WeightingMethod):
     Uniform/Dirichlet/Bernoulli samplers, not offered here). Stochastic: needs ``rng``.
     """
     name = "rlw"
+    combine_is_linear = True
 
     def combine(self, params, state, losses_T, step, rng=None):
         z_T = jax.random.normal(require_rng(self, rng), (self.num_tasks,), jnp.float32)
@@ -88,6 +92,12 @@ class GeometricLossWeighting(WeightingMethod):
     logged (applied) weights are ``gm / (T L_t)`` -- not LibMTL's ``L_t / (T prod L)``, which is wrong.
     Needs ``L_t > 0``: losses are clamped at ``min_loss`` (default 1e-8; below it the task gets no
     gradient). Scale: for equal losses the weights are 1/T each (mean-like).
+
+    Absent tasks (not in the paper): a loss of exactly 0 means the task had no labelled examples in the
+    batch (masked mean). Clamping it would drag the product to ~0 and the step of every other task with
+    it, so such a task is left out: the geometric mean is over the ``n`` present tasks,
+    ``(prod_{t present} L_t)^(1/n)``, with weights ``gm / (n L_t)`` and 0 for absent tasks; no task
+    present gives total 0 and weights 0. With every loss nonzero this is the formula above, bit for bit.
     """
     name = "gls"
 
@@ -97,7 +107,11 @@ class GeometricLossWeighting(WeightingMethod):
         self.min_loss = float(min_loss)
 
     def combine(self, params, state, losses_T, step, rng=None):
+        present_T = losses_T != 0
+        num_present = jnp.sum(present_T.astype(jnp.float32))
+        to_present = self.num_tasks / jnp.maximum(num_present, 1.0)  # exactly 1.0 when all are present
         losses_T = clamp_losses(losses_T, self.min_loss)
-        total = jnp.exp(jnp.mean(jnp.log(losses_T)))
-        weights_T = jax.lax.stop_gradient(total / (self.num_tasks * losses_T))
-        return total, weights_T, state
+        log_mean = jnp.mean(jnp.where(present_T, jnp.log(losses_T), 0.0)) * to_present
+        total = jnp.where(num_present > 0, jnp.exp(log_mean), 0.0)
+        weights_T = jnp.where(present_T, total / (self.num_tasks * losses_T) * to_present, 0.0)
+        return total, jax.lax.stop_gradient(weights_T), state
