@@ -2,9 +2,10 @@
 
 - The whole train state (step, params, optimizer, weighting state, RNG) is saved every
   ``checkpoint_every`` steps, asynchronously, keeping the newest ``keep``. Every process takes part.
-- Restore walks the saved steps from newest to oldest: a partial or corrupt checkpoint is skipped with a
-  warning and the one before it is used. Orbax writes into a temporary directory and renames it when the
-  save is committed, so a save cut short by SIGKILL never looks like a finished one.
+- Restore walks the saved steps from newest to oldest: a partial or corrupt checkpoint is moved aside
+  (``<step>.unreadable``) with a warning and the one before it is used. Orbax writes into a temporary
+  directory and renames it when the save is committed, so a save cut short by SIGKILL never looks like
+  a finished one.
 - SIGTERM (preemption notice on Cloud TPU and SLURM) sets a flag; the loop saves at the step it reached
   and exits cleanly (T5X's pattern).
 - Because the batch and the dropout RNG of step s are functions of (seed, s), restarting the same
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -45,14 +47,32 @@ class Checkpointer:
         return saved
 
     def restore_latest(self, abstract_state: PyTree) -> PyTree | None:
-        """The newest readable checkpoint restored into ``abstract_state``'s shapes and shardings."""
+        """The newest readable checkpoint restored into ``abstract_state``'s shapes and shardings.
+
+        An unreadable newer one is moved aside to ``<step>.unreadable`` (kept for inspection; orbax no
+        longer lists it), so that the run saves that step again when it gets there: orbax refuses to
+        save over an existing step, and a damaged final checkpoint would otherwise stay the final one.
+        """
+        restored = None
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+                restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+                break
             except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
-                logging.warning("checkpoint at step %d is unreadable (%s: %s); trying the one before",
-                                step, type(e).__name__, str(e).splitlines()[0][:200])
-        return None
+                logging.warning("checkpoint at step %d is unreadable (%s: %s); moved aside to %s.unreadable "
+                                "and trying the one before", step, type(e).__name__,
+                                str(e).splitlines()[0][:200], step)
+                self._move_aside(step)
+        self._manager.reload()
+        self._last_saved = self._manager.latest_step()
+        return restored
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_count() > 1:  # every process has tried to read it before process 0 moves it
+            multihost_utils.sync_global_devices(f"mtt_jax: checkpoint {step} read")
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            os.replace(path, _free_name(f"{path}.unreadable"))
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -63,6 +83,15 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _free_name(path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``, ... if it is taken (a step damaged twice keeps both)."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
 
 
 def abstract_like(abstract_tree: PyTree, shardings: PyTree) -> PyTree:

@@ -199,7 +199,6 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     gradient_method = setup.method.requires != "losses"
     affinity_every = config.affinity.every if config.get("affinity") else 0
     affinity_fn = compile_affinity(setup, config, schedule) if affinity_every else None
-    affinity_sum, affinity_count = 0.0, 0
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     eval_batch_shardings = sharding.batch_shardings(
         source.train_batch(0, config.eval_batch_size), mesh, layout)
@@ -211,6 +210,9 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     first_step = int(state.step)
     writer = MetricWriter(workdir, enabled=is_primary, resume_after_step=first_step)
     progress = Progress(config.total_steps, first_step, enabled=is_primary and not quiet)
+    # The measurements kept from before the checkpoint (none on a fresh start), so that a resumed
+    # run's affinity.json averages the same measurements as an uninterrupted one.
+    affinity_sum, affinity_count = affinity_so_far(workdir) if is_primary and first_step else (0.0, 0)
 
     def evaluate(step: int) -> dict:
         metrics = run_eval(eval_step, state, source, tasks, config.eval_batch_size,
@@ -252,6 +254,10 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                      f"{dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
     pending = None  # (step, metrics) of the previous step, read one step late
     last_eval, start, step = {}, time.perf_counter(), first_step
+    if first_step and eval_missing(workdir, first_step, config, is_primary):
+        # Killed after the checkpoint of an eval step was committed but before its eval was written:
+        # the eval is a function of the restored state, so it is run now rather than lost.
+        last_eval = evaluate(first_step)
     guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
     with setup.context(), checkpoint.PreemptionFlag() as preemption, guard:
         try:
@@ -259,7 +265,9 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
                     affinity_TxT = np.asarray(jax.device_get(affinity_fn(state, batch)))
                     affinity_sum, affinity_count = affinity_sum + affinity_TxT, affinity_count + 1
-                    writer.write(step, "affinity", {"affinity": np.round(affinity_TxT, 5).tolist()})
+                    # Stamped like the train record of the same batch (the update it looks ahead of),
+                    # so that a resume drops exactly the measurements it will take again; unrounded.
+                    writer.write(step + 1, "affinity", {"affinity": affinity_TxT.tolist()})
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     log_train(*pending)
@@ -270,6 +278,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     pending = None
                     last_eval = evaluate(step + 1)
                 if preemption_requested(preemption, step + 1, config.log_every):
+                    if pending is not None:  # this step's record: the resumed run starts after it
+                        log_train(*pending)
                     checkpointer.maybe_save(step + 1, state, force=True)
                     checkpointer.close()
                     writer.close()
@@ -286,7 +296,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     checkpointer.close()
     writer.close()
     if not last_eval and is_primary:  # restarted after the run had finished: nothing new to evaluate
-        last_eval = next((r for r in reversed(summary.read_metrics(workdir)) if r["split"] == "eval"), {})
+        last_eval = next((r for r in reversed(summary.read_metrics(workdir))
+                          if r["split"] == "eval" and r["step"] == config.total_steps), {})
     if is_primary and affinity_count:
         summary.write_affinity(workdir, tasks, affinity_sum / affinity_count, affinity_count)
     if is_primary:
@@ -294,6 +305,28 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                               wall_seconds=time.perf_counter() - start,
                               skipped_steps=int(state.skipped_steps))
     return state, last_eval
+
+
+def affinity_so_far(workdir: str) -> tuple[np.ndarray | float, int]:
+    """The sum and number of the TAG affinity measurements in ``metrics.jsonl`` (float32, in order:
+    the sum an uninterrupted run accumulates)."""
+    measured = [np.asarray(r["affinity"], np.float32) for r in summary.read_metrics(workdir)
+                if r["split"] == "affinity"]
+    total = 0.0
+    for affinity_TxT in measured:
+        total = total + affinity_TxT
+    return total, len(measured)
+
+
+def eval_missing(workdir: str, step: int, config, is_primary: bool) -> bool:
+    """Whether ``step`` is an eval step without an eval record (process 0 reads; all agree)."""
+    if step % config.eval_every and step != config.total_steps:
+        return False
+    missing = is_primary and not any(r["split"] == "eval" and r["step"] == step
+                                     for r in summary.read_metrics(workdir))
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+    return missing
 
 
 def preemption_requested(flag: checkpoint.PreemptionFlag, step: int, every: int) -> bool:

@@ -108,9 +108,52 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, c
     abstract = checkpoint.abstract_like(jax.tree.map(lambda x: x, train.nn.unbox(setup.abstract_state)),
                                         setup.state_shardings)
     state = checkpointer.restore_latest(abstract)
-    checkpointer.close()
     assert state is not None and int(state.step) == latest - 10
     assert any("unreadable" in r.message for r in caplog.records)
+    # Moved aside, kept for inspection, and no longer in the way of saving that step again (orbax
+    # refuses to save over an existing step: the damaged final checkpoint would stay the final one).
+    assert os.path.isdir(os.path.join(ckpt_dir, f"{latest}.unreadable")) and latest not in checkpointer.steps()
+    assert checkpointer.maybe_save(latest, state, force=True)
+    checkpointer.close()
+    caplog.clear()
+    checkpointer = checkpoint.Checkpointer(str(uninterrupted), 10, 3)
+    assert max(checkpointer.steps()) == latest
+    assert checkpointer.restore_latest(abstract) is not None and not caplog.records
+    checkpointer.close()
+
+
+def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, tmp_path):
+    """SIGTERM at a log step keeps that step's train record; TAG's affinity.json after a resume averages
+    every measurement, as an uninterrupted run's does; an eval lost between its step's checkpoint and
+    its record is run when the run resumes."""
+    config = seqtasks_config.get_config("tiny")  # 20 steps, eval every 10, log every 5
+    config.affinity.every, config.checkpoint_every = 1, 1000
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    train.train_and_evaluate(config, str(reference), quiet=True)
+    monkeypatch.setattr(train, "preemption_requested", lambda flag, step, every: step == 15)
+    state, _ = train.train_and_evaluate(config, str(interrupted), quiet=True)
+    assert int(state.step) == 15 and not os.path.exists(interrupted / "summary.md")
+    monkeypatch.undo()
+    train.train_and_evaluate(config, str(interrupted), quiet=True)
+    for split in ("train", "eval", "affinity"):
+        assert ([r["step"] for r in records(interrupted, split)] ==
+                [r["step"] for r in records(reference, split)]), split
+    assert [r["step"] for r in records(interrupted, "train")] == [5, 10, 15, 20]
+    assert len(records(interrupted, "affinity")) == 20
+    ours, theirs = (json.loads((d / "affinity.json").read_text()) for d in (interrupted, reference))
+    assert ours["measurements"] == theirs["measurements"] == 20
+    np.testing.assert_allclose(ours["affinity"], theirs["affinity"], atol=1e-6)
+    # Killed after step 20's checkpoint was committed, before its eval was written: rerun.
+    lines = (reference / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (reference / "metrics.jsonl").write_text("".join(
+        l for l in lines if not (json.loads(l)["split"] == "eval" and json.loads(l)["step"] == 20)))
+    summary_before = (reference / "summary.md").read_text()
+    (reference / "summary.md").unlink()
+    _, final = train.train_and_evaluate(config, str(reference), quiet=True)
+    assert [r["step"] for r in records(reference, "eval")] == [10, 20] and final
+    tables = [[l for l in text.splitlines() if l.startswith("|")]  # the metrics, not the wall time
+              for text in ((reference / "summary.md").read_text(), summary_before)]
+    assert tables[0] == tables[1] and len(tables[0]) > 3
 
 
 def inject_nan_at(monkeypatch, bad_step):
