@@ -127,7 +127,7 @@ def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, 
     every measurement, as an uninterrupted run's does; an eval lost between its step's checkpoint and
     its record is run when the run resumes."""
     config = seqtasks_config.get_config("tiny")  # 20 steps, eval every 10, log every 5
-    config.affinity.every, config.checkpoint_every = 1, 1000
+    config.affinity.every, config.checkpoint_every = 4, 1000
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     train.train_and_evaluate(config, str(reference), quiet=True)
     monkeypatch.setattr(train, "preemption_requested", lambda flag, step, every: step == 15)
@@ -139,9 +139,9 @@ def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, 
         assert ([r["step"] for r in records(interrupted, split)] ==
                 [r["step"] for r in records(reference, split)]), split
     assert [r["step"] for r in records(interrupted, "train")] == [5, 10, 15, 20]
-    assert len(records(interrupted, "affinity")) == 20
+    assert [r["step"] for r in records(interrupted, "affinity")] == [4, 8, 12, 16, 20]
     ours, theirs = (json.loads((d / "affinity.json").read_text()) for d in (interrupted, reference))
-    assert ours["measurements"] == theirs["measurements"] == 20
+    assert ours["measurements"] == theirs["measurements"] == 5
     np.testing.assert_allclose(ours["affinity"], theirs["affinity"], atol=1e-6)
     # Killed after step 20's checkpoint was committed, before its eval was written: rerun.
     lines = (reference / "metrics.jsonl").read_text().splitlines(keepends=True)

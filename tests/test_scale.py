@@ -155,12 +155,12 @@ def test_grad_accumulation_equals_one_big_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1)
 
 
-@pytest.mark.parametrize("method", ["gls", "famo", "dwa", "imtl"])
+@pytest.mark.parametrize("method", ["famo", "dwa", "imtl"])
 def test_grad_accumulation_equals_one_big_step_for_methods_that_weigh_by_the_losses(method):
-    """GLS and FAMO weigh a task by its loss, DWA keeps epoch means of the losses, IMTL-L scales each
-    task's gradient: with 4 microbatches each must still make the update, weights and method state of
-    one step on the whole batch (before: the last microbatch's losses and state, and IMTL-L's scale
-    applied twice)."""
+    """FAMO (like GLS and STCH) weighs a task by its loss, DWA keeps epoch means of the losses, IMTL-L
+    scales each task's gradient: with 4 microbatches each must still make the update, weights and
+    method state of one step on the whole batch (before: the last microbatch's losses and state, and
+    IMTL-L's scale applied twice)."""
     config = default_config.get_config("tiny")
     config.batch_size, config.weighting.name = 32, method
     setup = train.build(config)
