@@ -72,6 +72,8 @@ _ATTENTION_KERNELS = flags.DEFINE_list(
     "einsum), e.g. cudnn,xla on a GPU.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps).",
                              lower_bound=1)
+_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 30, "Runs of the peak matmul where it is measured "
+                                     "(the best counts; before and after the timed steps).", lower_bound=1)
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _PAIRED_PEAK = flags.DEFINE_bool(
@@ -146,7 +148,7 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size ** 3 / fastest
 
 
-def device_peaks(dtypes) -> tuple[dict[str, float], str]:
+def device_peaks(dtypes, repeats: int = 30) -> tuple[dict[str, float], str]:
     """The peak FLOP/s per device that each compute dtype's rows are measured against, and its source.
 
     On a CPU, a matmul of the row's own dtype measured in this run: XLA:CPU's bf16 matmul is not its
@@ -159,12 +161,13 @@ def device_peaks(dtypes) -> tuple[dict[str, float], str]:
     from mtt_jax.flops import datasheet_bf16_peak
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return ({d: measured_matmul_peak(d) for d in dtypes},
-                "measured matmul of the row's dtype, 2048^3, best of 30")
+        return ({d: measured_matmul_peak(d, repeats=repeats) for d in dtypes},
+                f"measured matmul of the row's dtype, 2048^3, best of {repeats}")
     kind = device.device_kind
     if (peak := datasheet_bf16_peak(kind)) is not None:
         return dict.fromkeys(dtypes, peak), f"datasheet bf16 ({kind})"
-    return dict.fromkeys(dtypes, measured_matmul_peak("bfloat16", 8192)), f"measured bf16 matmul ({kind})"
+    return (dict.fromkeys(dtypes, measured_matmul_peak("bfloat16", 8192, repeats)),
+            f"measured bf16 matmul ({kind})")
 
 
 def format_peaks(peaks: dict[str, float]) -> str:
@@ -466,7 +469,7 @@ def main(argv) -> None:
         stack = contextlib.ExitStack()
         stack.enter_context(tfds_io.mock_data(_MOCK_DATA.value))
     dtypes = list(dict.fromkeys(v.dtype for v in all_variants))  # in the order of the rows
-    peaks, peak_source = device_peaks(dtypes)
+    peaks, peak_source = device_peaks(dtypes, _PEAK_REPEATS.value)
     measured = peak_source.startswith("measured")
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak per device "
           f"{format_peaks(peaks)} ({peak_source})", flush=True)
@@ -492,7 +495,7 @@ def main(argv) -> None:
         for dtype, boundary in boundary_peaks.items() if paired else ():
             boundary.append(measured_matmul_peak(dtype, repeats=3))
     if measured:  # again after the steps; the best of all is the peak
-        again, _ = device_peaks(dtypes)
+        again, _ = device_peaks(dtypes, _PEAK_REPEATS.value)
         peaks = {d: max([peaks[d], again[d], *boundary_peaks[d]]) for d in dtypes}
         print(f"peak after the timed steps: best {format_peaks(peaks)}", flush=True)
     results = [v.result(peaks[v.config.dtype], _LOOP.value, _STEPS.value, boundary_peaks[v.config.dtype])
