@@ -165,13 +165,18 @@ def test_grad_accumulation_equals_one_big_step_for_methods_that_weigh_by_the_los
     config.batch_size, config.weighting.name = 32, method
     setup = train.build(config)
     batch = sharding.shard_batch(setup.source.train_batch(3, 32), setup.batch_shardings, "single")
+    steps = {accum: train.compile_train_step(setup, accum) for accum in (1, 4)}
+    with setup.context():  # from zero-initialised heads every loss is log(10) and the trunk gets no
+        start = setup.create_state()  # gradient: two steps first, so that losses differ by example
+        for warm_up in (1, 2):
+            start, _ = steps[1](start, sharding.shard_batch(setup.source.train_batch(warm_up, 32),
+                                                            setup.batch_shardings, "single"))
+    if method == "imtl":  # a trained IMTL-L scale: at s = 0 a double scaling is invisible
+        start = start.replace(params={**start.params, "weighting": {"loss_scale": jnp.array([0.7, -0.4])}})
     results = []
     for accum in (1, 4):
-        state = setup.create_state()
-        if method == "imtl":  # a trained IMTL-L scale: at s = 0 a double scaling is invisible
-            state = state.replace(params={**state.params, "weighting": {"loss_scale": jnp.array([0.7, -0.4])}})
         with setup.context():
-            state, metrics = train.compile_train_step(setup, accum)(state, batch)
+            state, metrics = steps[accum](jax.tree.map(jnp.copy, start), batch)  # the step donates it
         results.append(jax.device_get((state.params, state.weighting_state, metrics)))
     (params_1, method_state_1, metrics_1), (params_4, method_state_4, metrics_4) = results
     for key in ("loss", "task_losses", "weights", "grad_norm"):
