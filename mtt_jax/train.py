@@ -210,9 +210,10 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     first_step = int(state.step)
     writer = MetricWriter(workdir, enabled=is_primary, resume_after_step=first_step)
     progress = Progress(config.total_steps, first_step, enabled=is_primary and not quiet)
-    # The measurements kept from before the checkpoint (none on a fresh start), so that a resumed
+    # The records kept from before the checkpoint (read once, by process 0, on a resume): a resumed
     # run's affinity.json averages the same measurements as an uninterrupted one.
-    affinity_sum, affinity_count = affinity_so_far(workdir) if is_primary and first_step else (0.0, 0)
+    kept = summary.read_metrics(workdir) if is_primary and first_step else []
+    affinity_sum, affinity_count = affinity_so_far(kept)
 
     def evaluate(step: int) -> dict:
         metrics = run_eval(eval_step, state, source, tasks, config.eval_batch_size,
@@ -254,7 +255,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                      f"{dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
     pending = None  # (step, metrics) of the previous step, read one step late
     last_eval, start, step = {}, time.perf_counter(), first_step
-    if first_step and eval_missing(workdir, first_step, config, is_primary):
+    if first_step and eval_missing(kept, first_step, config):
         # Killed after the checkpoint of an eval step was committed but before its eval was written:
         # the eval is a function of the restored state, so it is run now rather than lost.
         last_eval = evaluate(first_step)
@@ -273,7 +274,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     log_train(*pending)
                 pending = (step + 1, metrics)
                 checkpointer.maybe_save(step + 1, state)
-                if (step + 1) % config.eval_every == 0 or step + 1 == config.total_steps:
+                if is_eval_step(step + 1, config):
                     log_train(*pending)
                     pending = None
                     last_eval = evaluate(step + 1)
@@ -307,23 +308,27 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     return state, last_eval
 
 
-def affinity_so_far(workdir: str) -> tuple[np.ndarray | float, int]:
-    """The sum and number of the TAG affinity measurements in ``metrics.jsonl`` (float32, in order:
-    the sum an uninterrupted run accumulates)."""
-    measured = [np.asarray(r["affinity"], np.float32) for r in summary.read_metrics(workdir)
-                if r["split"] == "affinity"]
+def is_eval_step(step: int, config) -> bool:
+    return step % config.eval_every == 0 or step == config.total_steps
+
+
+def affinity_so_far(records: list[dict]) -> tuple[np.ndarray | float, int]:
+    """The sum and number of the TAG affinity measurements among ``metrics.jsonl``'s records (float32,
+    in order: the sum an uninterrupted run accumulates)."""
+    measured = [np.asarray(r["affinity"], np.float32) for r in records if r["split"] == "affinity"]
     total = 0.0
     for affinity_TxT in measured:
         total = total + affinity_TxT
     return total, len(measured)
 
 
-def eval_missing(workdir: str, step: int, config, is_primary: bool) -> bool:
-    """Whether ``step`` is an eval step without an eval record (process 0 reads; all agree)."""
-    if step % config.eval_every and step != config.total_steps:
+def eval_missing(records: list[dict], step: int, config) -> bool:
+    """Whether ``step`` is an eval step without an eval record among process 0's ``records`` (the
+    other processes have none and take process 0's answer)."""
+    if not is_eval_step(step, config):
         return False
-    missing = is_primary and not any(r["split"] == "eval" and r["step"] == step
-                                     for r in summary.read_metrics(workdir))
+    missing = jax.process_index() == 0 and not any(r["split"] == "eval" and r["step"] == step
+                                                   for r in records)
     if jax.process_count() > 1:
         missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
     return missing
