@@ -80,7 +80,8 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+_OPCODE_AND_OPERANDS = re.compile(r"\s*([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _CUBLAS_GEMM = re.compile(r'custom_call_target="__cublas\$')
 _CUDNN_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha\w*"')
@@ -135,7 +136,24 @@ class _Module:
 UNREADABLE_HLO = (ValueError, KeyError, AttributeError, IndexError)
 
 
-def _parse_hlo(hlo_text: str) -> _Module:
+def _split_shape(right_hand_side: str) -> tuple[str, str]:
+    """``(s32[], (f32[8]{0}, f32[])) while(%t), ...`` -> the shape and the rest: a tuple shape up to its
+    matching parenthesis (tuples nest, as a loop's state may), else one token (``f32[8,4]{1,0}``)."""
+    if not right_hand_side.startswith("("):
+        shape, _, rest = right_hand_side.partition(" ")
+        return shape, rest
+    depth = 0
+    for i, char in enumerate(right_hand_side):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return right_hand_side[:i + 1], right_hand_side[i + 1:]
+    raise ValueError(f"unbalanced tuple shape: {right_hand_side[:80]}")
+
+
+def parse_hlo(hlo_text: str) -> _Module:
+    """An HLO module's text (``as_hlo_text()``, before or after optimization) -> its instructions: name,
+    computation, shape, opcode, operand names and the attribute text (``metadata={op_name=...}``
+    included). The one reader of HLO text here, shared by the FLOP counters and `mtt_jax.profiling`."""
     instructions, computation = [], ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -143,9 +161,13 @@ def _parse_hlo(hlo_text: str) -> _Module:
             computation = header.group(1)
             continue
         m = _INSTRUCTION.match(line)
-        if m:
-            operands, attributes = _split_top_level(m.group(4))
-            instructions.append(_Instruction(m.group(1), computation, m.group(2), m.group(3),
+        if not m:
+            continue
+        shape, rest = _split_shape(m.group(2))
+        call = _OPCODE_AND_OPERANDS.match(rest)
+        if call:
+            operands, attributes = _split_top_level(call.group(2))
+            instructions.append(_Instruction(m.group(1), computation, shape, call.group(1),
                                              [o.split()[-1].lstrip("%") for o in operands], attributes,
                                              line.lstrip().startswith("ROOT ")))
     by_computation = collections.defaultdict(list)
@@ -239,7 +261,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     diagnostics. A matmul outside what the entry calls (a parse this counter does not follow) is an
     error.
     """
-    module = _parse_hlo(hlo_text)
+    module = parse_hlo(hlo_text)
     shapes = module.shapes
     matmul_flops = {i.name: _matmul_flops(i, shapes) for i in module.instructions if _is_counted_matmul(i)}
     reached = set()
@@ -274,7 +296,7 @@ def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
     cuBLAS gemm or cuDNN fused attention custom call, or a fusion with dots inside (XLA:CPU's YNNPACK
     fusions, GPU Triton gemm fusions; nested fusions included). Per execution: a profile's events of an
     instruction inside a loop times these give the loop's FLOPs."""
-    module = _parse_hlo(compiled_hlo_text)
+    module = parse_hlo(compiled_hlo_text)
     shapes = module.shapes
 
     @functools.cache

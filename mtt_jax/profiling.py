@@ -31,10 +31,8 @@ from typing import Callable
 
 from mtt_jax import flops
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$", re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat"}
-_OPCODE = re.compile(r"\s*([\w\-]+)\(")
 # Opcodes whose XLA:CPU thunk runs other computations' thunks, each traced as an event of its own.
 CONTROL_FLOW = frozenset({"while", "conditional", "call"})
 
@@ -68,36 +66,15 @@ def source_label(op_name: str) -> str:
 def instruction_labels(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> `source_label` of its op_name."""
     labels = {}
-    for m in _INSTRUCTION.finditer(hlo_text):
-        op_name = _OP_NAME.search(m.group(2))
-        labels[m.group(1)] = source_label(op_name.group(1) if op_name else "")
+    for i in flops.parse_hlo(hlo_text).instructions:
+        op_name = _OP_NAME.search(i.attributes)
+        labels[i.name] = source_label(op_name.group(1) if op_name else "")
     return labels
-
-
-def _opcode(right_hand_side: str) -> str | None:
-    """``(s32[], f32[8]{0}) while(%t), ...`` -> ``while``: the word before the first ``(`` after the
-    shape, which is a tuple (nested parentheses) or one token (``f32[8,4]{1,0}``)."""
-    rest = right_hand_side
-    if rest.startswith("("):
-        depth = 0
-        for i, char in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(char, 0)
-            if depth == 0:
-                rest = rest[i + 1:]
-                break
-    else:
-        rest = rest.partition(" ")[2]
-    m = _OPCODE.match(rest)
-    return m.group(1) if m else None
 
 
 def instruction_opcodes(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> its opcode (``fusion``, ``while``, ``get-tuple-element``, ...)."""
-    opcodes = {}
-    for m in _INSTRUCTION.finditer(hlo_text):
-        if (opcode := _opcode(m.group(2))) is not None:
-            opcodes[m.group(1)] = opcode
-    return opcodes
+    return {i.name: i.op for i in flops.parse_hlo(hlo_text).instructions}
 
 
 def control_flow_instructions(hlo_text: str) -> frozenset[str]:

@@ -76,6 +76,51 @@ def test_hlo_matmul_flops_count_loop_bodies_by_their_trip_counts():
     assert count(until, w, x) == dot
 
 
+
+NESTED_STATE_LOOP = """HloModule nested
+
+%body (s: (s32[], (f32[3,8], f32[8,8]))) -> (s32[], (f32[3,8], f32[8,8])) {
+  %s = (s32[], (f32[3,8]{1,0}, f32[8,8]{1,0})) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %pair = (f32[3,8]{1,0}, f32[8,8]{1,0}) get-tuple-element(%s), index=1
+  %x = f32[3,8]{1,0} get-tuple-element(%pair), index=0
+  %w = f32[8,8]{1,0} get-tuple-element(%pair), index=1
+  %dot.1 = f32[3,8]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %new_pair = (f32[3,8]{1,0}, f32[8,8]{1,0}) tuple(%dot.1, %w)
+  ROOT %t = (s32[], (f32[3,8]{1,0}, f32[8,8]{1,0})) tuple(%next, %new_pair)
+}
+
+%cond (s: (s32[], (f32[3,8], f32[8,8]))) -> pred[] {
+  %s = (s32[], (f32[3,8]{1,0}, f32[8,8]{1,0})) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[3,8], w: f32[8,8]) -> f32[3,8] {
+  %x = f32[3,8]{1,0} parameter(0)
+  %w = f32[8,8]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %pair = (f32[3,8]{1,0}, f32[8,8]{1,0}) tuple(%x, %w)
+  %init = (s32[], (f32[3,8]{1,0}, f32[8,8]{1,0})) tuple(%zero, %pair)
+  %loop = (s32[], (f32[3,8]{1,0}, /*index=1*/f32[8,8]{1,0})) while(%init), condition=%cond, body=%body
+  %out = (f32[3,8]{1,0}, f32[8,8]{1,0}) get-tuple-element(%loop), index=1
+  ROOT %y = f32[3,8]{1,0} get-tuple-element(%out), index=0
+}
+"""
+
+
+def test_a_loop_whose_state_nests_tuples_is_read_and_counted_by_its_trip_count():
+    """Tuple shapes nest (a loop's state may hold tuples): the loop, its body's dot and its six
+    iterations are all read, where a flat-tuple reader would miss the loop and its body."""
+    module = flops.parse_hlo(NESTED_STATE_LOOP)
+    assert module.by_name["loop"].op == "while"
+    assert module.by_name["loop"].shape.startswith("(s32[], (f32[3,8]{1,0}, /*index=1*/f32[8,8]")
+    assert module.by_name["init"].operands == ["zero", "pair"]
+    assert flops.hlo_matmul_flops(NESTED_STATE_LOOP) == {"f32 x f32": 6 * 2 * 3 * 8 * 8}
+
 COMPILED_HLO = """HloModule jit_step
 
 %fused_dot (param_0: f32[6,128,256], param_1: f32[256,1024]) -> f32[768,1024] {
