@@ -68,11 +68,16 @@ class Checkpointer:
         return restored
 
     def _move_aside(self, step: int) -> None:
-        if jax.process_count() > 1:  # every process has tried to read it before process 0 moves it
+        """Process 0 renames the step's directory; the others wait on both sides of the rename, so
+        that none is still reading it when it moves and none lists it again after (the manager's
+        reload and the next restore see the same steps on every process)."""
+        if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mtt_jax: checkpoint {step} read")
         if jax.process_index() == 0:
             path = os.path.join(self.directory, str(step))
             os.replace(path, _free_name(f"{path}.unreadable"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"mtt_jax: checkpoint {step} moved aside")
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())

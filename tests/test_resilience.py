@@ -97,13 +97,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, c
     setup = train.build(config)
     ckpt_dir = os.path.join(uninterrupted, "checkpoints")
     latest = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-    # Truncate every data file of the newest checkpoint to half its size.
-    for root, _, files in os.walk(os.path.join(ckpt_dir, str(latest))):
-        for name in files:
-            path = os.path.join(root, name)
-            size = os.path.getsize(path)
-            with open(path, "r+b") as f:
-                f.truncate(size // 2)
+    truncate_files(os.path.join(ckpt_dir, str(latest)))
     checkpointer = checkpoint.Checkpointer(str(uninterrupted), 10, 3)
     abstract = checkpoint.abstract_like(jax.tree.map(lambda x: x, train.nn.unbox(setup.abstract_state)),
                                         setup.state_shardings)
@@ -193,17 +187,43 @@ def test_injected_nan_halts_with_checkpoint_kept(monkeypatch, tmp_path):
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [10]
 
 
+def truncate_files(directory):
+    """Every data file under ``directory`` cut to half its size, as a write interrupted mid-file."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+
+
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-    args = ["--config=configs/seqtasks.py:tiny", "--quiet"]
+    """Two processes of 4 devices train as one process of 8; relaunched over a damaged final
+    checkpoint, they move it aside together, resume from the one before and save it again."""
+    args = ["--config=configs/seqtasks.py:tiny", "--quiet", "--config.checkpoint_every=10",
+            f"--workdir={tmp_path / 'two'}"]
     out = io.StringIO()
-    status = local.launch(2, 4, args + [f"--workdir={tmp_path / 'two'}"], timeout=300, out=out)
+    status = local.launch(2, 4, args, timeout=300, out=out)
     assert status == 0, out.getvalue()[-3000:]
     config = seqtasks_config.get_config("tiny")
     _, single = train.train_and_evaluate(config, str(tmp_path / "one"), quiet=True)
-    two = records(tmp_path / "two", "eval")[-1]
     assert len(jax.devices()) == 8
-    for key, value in single.items():
-        if isinstance(value, float):
-            np.testing.assert_allclose(two[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
-    ones = [r["loss"] for r in records(tmp_path / "one", "train")]
-    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "two", "train")], ones, rtol=1e-4)
+
+    def assert_two_match_one():
+        two = records(tmp_path / "two", "eval")[-1]
+        for key, value in single.items():
+            if isinstance(value, float):
+                np.testing.assert_allclose(two[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+        ones = [r["loss"] for r in records(tmp_path / "one", "train")]
+        np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "two", "train")], ones, rtol=1e-4)
+    assert_two_match_one()
+
+    checkpoints = tmp_path / "two" / "checkpoints"
+    truncate_files(checkpoints / "20")
+    os.remove(tmp_path / "two" / "summary.md")
+    out = io.StringIO()
+    status = local.launch(2, 4, args, timeout=300, out=out)
+    assert status == 0, out.getvalue()[-3000:]
+    assert "checkpoint at step 20 is unreadable" in out.getvalue()
+    assert sorted(os.listdir(checkpoints)) == ["10", "20", "20.unreadable"]
+    assert os.path.exists(tmp_path / "two" / "summary.md")
+    assert_two_match_one()
