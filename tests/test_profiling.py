@@ -72,3 +72,24 @@ def test_a_scan_counts_its_body_once(tmp_path):
     profile = jax.profiler.ProfileData.from_file(str(next(tmp_path.rglob("*.xplane.pb"))))
     threads = sum(len(list(plane.lines)) for plane in profile.planes if plane.name == "/host:CPU")
     assert sum(r.ms_per_step for r in rows) <= 1e3 * sum(walls) / num_steps * threads
+
+
+def test_a_conditional_counts_its_taken_branch_once(tmp_path):
+    """A scan whose body picks one of two matmul branches with `lax.cond`: the ``conditional`` thunk's
+    event would span the taken branch's thunks, so only the branch's own ops count, each execution
+    once (10 of the taken branch's matmul, none of the other's)."""
+    n, length = 128, 10
+
+    def body(c, _):
+        c = jax.lax.cond(c[0, 0] > 0, lambda c: jnp.tanh(c @ w), lambda c: jnp.sin(c @ w.T @ w), c)
+        return c, None
+
+    x, w = jnp.ones((n, n)), jnp.full((n, n), 0.01)
+    f = jax.jit(lambda x: jax.lax.scan(body, x, None, length=length)[0])
+    compiled = f.lower(x).compile()
+    assert "conditional(" in compiled.as_text()
+    compiled(x).block_until_ready()
+    rows = profiling.op_times(lambda: compiled(x).block_until_ready(), 2, str(tmp_path), compiled.as_text())
+    assert not [r.label for r in rows if "cond" in r.label or "while" in r.label]
+    assert sum(r.matmul_flops_per_step for r in rows) == 2 * n**3 * length  # the taken branch only
+    assert sum(r.share for r in rows) == pytest.approx(1)
