@@ -75,6 +75,9 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 war
 _PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 30, "Runs of the peak matmul where it is measured "
                                      "(the best counts; before and after the timed steps).", lower_bound=1)
 _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop (host wait).")
+_LOOP_ROUNDS = flags.DEFINE_integer("loop_rounds", 11, "With --loop: alternating rounds of --steps loop "
+                                    "steps and --steps pure steps; the ratio is the median over rounds.",
+                                    lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _PAIRED_PEAK = flags.DEFINE_bool(
     "paired_peak", False, "On CPU, also measure the matmul peak (best of 3) between the rounds of timed "
@@ -230,10 +233,10 @@ class Variant:
         return dict(zip(keys, (total / 1e12, total / model_flops,
                                flops.low_precision_share(self.matmul_flops))))
 
-    def result(self, peak: float, loop: bool, steps: int, boundary_peaks: list[float] = ()) -> dict:
-        """The row of this variant; ``peak``: its dtype's (`device_peaks`); ``boundary_peaks`` (its
-        dtype's, measured before, between and after the rounds of timed steps: one more than the steps)
-        adds the paired MFU."""
+    def result(self, peak: float, loop_rounds: int, steps: int, boundary_peaks: list[float] = ()) -> dict:
+        """The row of this variant; ``peak``: its dtype's (`device_peaks`); ``loop_rounds`` > 0 adds the
+        loop's time (`time_loop`); ``boundary_peaks`` (its dtype's, measured before, between and after
+        the rounds of timed steps: one more than the steps) adds the paired MFU."""
         from mtt_jax import flops
         config, setup = self.config, self.setup
         step_seconds = statistics.median(self.times)
@@ -271,8 +274,8 @@ class Variant:
                            "mfu_paired_min": min(per_round), "mfu_paired_max": max(per_round)})
         host_seconds = host_batch_seconds(config, setup)
         result.update({"host_batch_ms": 1e3 * host_seconds, "step_over_host": step_seconds / host_seconds})
-        if loop:
-            result.update(time_loop(config, setup, self.compiled, self, steps))
+        if loop_rounds:
+            result.update(time_loop(config, setup, self.compiled, self, steps, loop_rounds))
         return result
 
 
@@ -316,10 +319,12 @@ def host_batch_seconds(config, setup, repeats: int = 20) -> float:
     return median_seconds(build, repeats)
 
 
-def time_loop(config, setup, compiled, holder: Variant, steps: int, rounds: int = 5) -> dict:
+def time_loop(config, setup, compiled, holder: Variant, steps: int, rounds: int = 11) -> dict:
     """The train loop's own pattern (prefetched host batches, dispatch, metrics read one step late)
     against the pure step, in alternating rounds of ``steps`` steps each, so that both see the same
-    machine conditions; the ratio is the median over rounds."""
+    machine conditions; the ratio is the median over rounds, with its range. (On a 2-core CPU one
+    round's ratio moves by +-10% with the machine, even between two copies of the same loop: 5 rounds
+    put the median anywhere in 0.99-1.06.)"""
     import jax
     from mtt_jax import train
 
@@ -342,8 +347,10 @@ def time_loop(config, setup, compiled, holder: Variant, steps: int, rounds: int 
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) / steps)
-    ratio = statistics.median(l / p for l, p in zip(loop_seconds, pure_seconds))
+    ratios = [l / p for l, p in zip(loop_seconds, pure_seconds)]
+    ratio = statistics.median(ratios)
     return {"loop_step_ms": 1e3 * statistics.median(loop_seconds), "loop_over_step": ratio,
+            "loop_over_step_min": min(ratios), "loop_over_step_max": max(ratios), "loop_rounds": rounds,
             "host_wait_fraction": max(0.0, 1.0 - 1.0 / ratio)}
 
 
@@ -418,7 +425,7 @@ def format_table(results: list[dict]) -> str:
     lines = ["| method | mesh | dtype | accum | unroll | layers | attention | step ms | x first | "
              "compile s | examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | "
              "peak MiB/dev | host batch ms | step/host |" +
-             (" MFU paired (range) |" if paired else "") + (" loop/step | host wait |" if loop else ""),
+             (" MFU paired (range) |" if paired else "") + (" loop/step (range) | host wait |" if loop else ""),
              "|---" * (19 + paired + 2 * loop) + "|"]
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
@@ -433,7 +440,8 @@ def format_table(results: list[dict]) -> str:
             line += (f" {100 * r['mfu_paired']:.1f}% ({100 * r['mfu_paired_min']:.1f}-"
                      f"{100 * r['mfu_paired_max']:.1f}%) |")
         if loop:
-            line += f" {r['loop_over_step']:.3f} | {100 * r['host_wait_fraction']:.1f}% |"
+            line += (f" {r['loop_over_step']:.3f} ({r['loop_over_step_min']:.3f}-{r['loop_over_step_max']:.3f})"
+                     f" | {100 * r['host_wait_fraction']:.1f}% |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -498,7 +506,8 @@ def main(argv) -> None:
         again, _ = device_peaks(dtypes, _PEAK_REPEATS.value)
         peaks = {d: max([peaks[d], again[d], *boundary_peaks[d]]) for d in dtypes}
         print(f"peak after the timed steps: best {format_peaks(peaks)}", flush=True)
-    results = [v.result(peaks[v.config.dtype], _LOOP.value, _STEPS.value, boundary_peaks[v.config.dtype])
+    results = [v.result(peaks[v.config.dtype], _LOOP_ROUNDS.value if _LOOP.value else 0, _STEPS.value,
+                        boundary_peaks[v.config.dtype])
                for v in compiled]
     print(format_table(results))
     for failure in failed:

@@ -252,7 +252,8 @@ def test_benchmark_command_compares_dtypes_side_by_side(tmp_path):
     import statistics
     out = tmp_path / "bench.json"
     result = run_benchmark("--steps=2", "--dtypes=float32,bfloat16", "--grad_accums=2", "--unrolls=2",
-                           "--paired_peak", f"--out={out}", f"--profile={tmp_path / 'trace'}")
+                           "--paired_peak", f"--out={out}", f"--profile={tmp_path / 'trace'}", "--loop",
+                           "--loop_rounds=3")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["peak_source"].startswith("measured")
@@ -280,8 +281,13 @@ def test_benchmark_command_compares_dtypes_side_by_side(tmp_path):
         assert r["mfu_paired"] == pytest.approx(statistics.median(per_round), rel=1e-9)
         assert (r["mfu_paired_min"], r["mfu_paired_max"]) == pytest.approx((min(per_round), max(per_round)))
         assert r["mfu_paired_max"] >= r["mfu"]
+        # The loop against the pure step: the median of 3 alternating rounds' ratios, and their range.
+        assert r["loop_rounds"] == 3 and r["loop_step_ms"] > 0
+        assert r["loop_over_step_min"] <= r["loop_over_step"] <= r["loop_over_step_max"]
+        assert r["host_wait_fraction"] == pytest.approx(max(0.0, 1 - 1 / r["loop_over_step"]))
     assert "TFLOP/s (float32), " in result.stdout and "TFLOP/s (bfloat16) (measured" in result.stdout
     assert "| accum | unroll |" in result.stdout and "MFU paired (range)" in result.stdout
+    assert "| loop/step (range) | host wait |" in result.stdout
     profile = result.stdout.split("XLA op time by source op")[1]
     assert "trunk/block_*/" in profile and "dot_general |" in profile and "% |" in profile
     # The profiled ops' matmuls (compiled, each execution) are the lowered step's, up to the tiny dots
