@@ -138,7 +138,8 @@ UNREADABLE_HLO = (ValueError, KeyError, AttributeError, IndexError)
 
 def _split_shape(right_hand_side: str) -> tuple[str, str]:
     """``(s32[], (f32[8]{0}, f32[])) while(%t), ...`` -> the shape and the rest: a tuple shape up to its
-    matching parenthesis (tuples nest, as a loop's state may), else one token (``f32[8,4]{1,0}``)."""
+    matching parenthesis (tuples nest, as a loop's state may), else one token (``f32[8,4]{1,0}``). An
+    unclosed tuple leaves no rest, so the line is not read as an instruction."""
     if not right_hand_side.startswith("("):
         shape, _, rest = right_hand_side.partition(" ")
         return shape, rest
@@ -147,7 +148,7 @@ def _split_shape(right_hand_side: str) -> tuple[str, str]:
         depth += {"(": 1, ")": -1}.get(char, 0)
         if depth == 0:
             return right_hand_side[:i + 1], right_hand_side[i + 1:]
-    raise ValueError(f"unbalanced tuple shape: {right_hand_side[:80]}")
+    return right_hand_side, ""
 
 
 def parse_hlo(hlo_text: str) -> _Module:
