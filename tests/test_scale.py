@@ -38,7 +38,7 @@ def one_device(tmp_path_factory):
     return run_metrics(seq_config(num_devices=1, data=1), tmp_path_factory.mktemp("one"))
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+@pytest.mark.parametrize("data,fsdp,tensor", [(8, 1, 1), (2, 2, 2)])  # pure data; all three axes at once
 def test_eight_devices_match_one_device(one_device, tmp_path, data, fsdp, tensor):
     losses, final = run_metrics(seq_config(data=data, fsdp=fsdp, tensor=tensor), tmp_path)
     ref_losses, ref_final = one_device
