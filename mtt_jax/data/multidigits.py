@@ -23,7 +23,6 @@ import functools
 from typing import Iterator, Sequence
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from mtt_jax.data import base
 
@@ -39,7 +38,10 @@ _EVAL_PAIRS_KEY = 2019
 
 @functools.lru_cache(maxsize=1)
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """All 1797 sklearn digits as ``(images f32[N, 8, 8] in [0, 1], labels int32[N])``."""
+    """All 1797 sklearn digits as ``(images f32[N, 8, 8] in [0, 1], labels int32[N])``. scikit-learn is
+    imported here, not with the module: it takes ~1.8 s, which every run of another source (and every
+    command that stops on a bad config) would pay."""
+    from sklearn.datasets import load_digits
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     return images, digits.target.astype(np.int32)
