@@ -292,12 +292,13 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
     return by_dtypes
 
 
-def instruction_matmul_flops(compiled_hlo_text: str) -> dict[str, float]:
+def instruction_matmul_flops(compiled_hlo: str | _Module) -> dict[str, float]:
     """Matmul FLOPs of each instruction of a compiled module that runs as one op, by name: a ``dot``, a
     cuBLAS gemm or cuDNN fused attention custom call, or a fusion with dots inside (XLA:CPU's YNNPACK
     fusions, GPU Triton gemm fusions; nested fusions included). Per execution: a profile's events of an
-    instruction inside a loop times these give the loop's FLOPs."""
-    module = parse_hlo(compiled_hlo_text)
+    instruction inside a loop times these give the loop's FLOPs. ``compiled_hlo``: the module's text, or
+    its `parse_hlo` already read."""
+    module = parse_hlo(compiled_hlo) if isinstance(compiled_hlo, str) else compiled_hlo
     shapes = module.shapes
 
     @functools.cache

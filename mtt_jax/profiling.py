@@ -65,8 +65,12 @@ def source_label(op_name: str) -> str:
 
 def instruction_labels(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> `source_label` of its op_name."""
+    return _labels(flops.parse_hlo(hlo_text))
+
+
+def _labels(module) -> dict[str, str]:
     labels = {}
-    for i in flops.parse_hlo(hlo_text).instructions:
+    for i in module.instructions:
         op_name = _OP_NAME.search(i.attributes)
         labels[i.name] = source_label(op_name.group(1) if op_name else "")
     return labels
@@ -80,24 +84,30 @@ def instruction_opcodes(hlo_text: str) -> dict[str, str]:
 def control_flow_instructions(hlo_text: str) -> frozenset[str]:
     """The instructions whose thunk encloses other thunks' events (`CONTROL_FLOW`), by opcode: a name
     says nothing (``%while.7`` may be the loop's ``get-tuple-element``)."""
-    return frozenset(name for name, opcode in instruction_opcodes(hlo_text).items() if opcode in CONTROL_FLOW)
+    return _control_flow(flops.parse_hlo(hlo_text))
+
+
+def _control_flow(module) -> frozenset[str]:
+    return frozenset(i.name for i in module.instructions if i.op in CONTROL_FLOW)
 
 
 def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text: str) -> list[OpTime]:
-    """Traces ``num_steps`` calls of ``step()`` and returns rows by source op, per step."""
+    """Traces ``num_steps`` calls of ``step()`` and returns rows by source op, per step; the HLO text is
+    read once for the labels, the control-flow instructions and the matmul FLOPs."""
     import jax
     with jax.profiler.trace(trace_dir):
         for _ in range(num_steps):
             step()
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+    module = flops.parse_hlo(hlo_text)
     try:  # the FLOP rates are a column beside the times, which an HLO it cannot read must not stop
-        instruction_flops = flops.instruction_matmul_flops(hlo_text)
+        instruction_flops = flops.instruction_matmul_flops(module)
     except flops.UNREADABLE_HLO as e:
         print(f"warning: no matmul FLOP rates in the profile ({type(e).__name__}: {e})")
         instruction_flops = {}
-    return rows_by_source_op(profile.planes, instruction_labels(hlo_text), num_steps, instruction_flops,
-                             control_flow=control_flow_instructions(hlo_text))
+    return rows_by_source_op(profile.planes, _labels(module), num_steps, instruction_flops,
+                             control_flow=_control_flow(module))
 
 
 def thunk_instruction(event, labels: dict[str, str]) -> str | None:

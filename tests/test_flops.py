@@ -76,7 +76,6 @@ def test_hlo_matmul_flops_count_loop_bodies_by_their_trip_counts():
     assert count(until, w, x) == dot
 
 
-
 NESTED_STATE_LOOP = """HloModule nested
 
 %body (s: (s32[], (f32[3,8], f32[8,8]))) -> (s32[], (f32[3,8], f32[8,8])) {
@@ -120,6 +119,7 @@ def test_a_loop_whose_state_nests_tuples_is_read_and_counted_by_its_trip_count()
     assert module.by_name["loop"].shape.startswith("(s32[], (f32[3,8]{1,0}, /*index=1*/f32[8,8]")
     assert module.by_name["init"].operands == ["zero", "pair"]
     assert flops.hlo_matmul_flops(NESTED_STATE_LOOP) == {"f32 x f32": 6 * 2 * 3 * 8 * 8}
+
 
 COMPILED_HLO = """HloModule jit_step
 
