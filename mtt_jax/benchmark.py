@@ -54,7 +54,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtt_jax import cli
+from mtt_jax import cli, huge_pages
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).")
@@ -480,7 +480,8 @@ def main(argv) -> None:
     peaks, peak_source = device_peaks(dtypes, _PEAK_REPEATS.value)
     measured = peak_source.startswith("measured")
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak per device "
-          f"{format_peaks(peaks)} ({peak_source})", flush=True)
+          f"{format_peaks(peaks)} ({peak_source}); host allocations on huge pages: "
+          f"{'yes' if huge_pages.enabled() else 'no'} (`mtt_jax.huge_pages`)", flush=True)
     matmul_flops = None
     if not measured:  # what a large bf16 matmul reaches, beside the datasheet
         matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
@@ -527,6 +528,7 @@ def main(argv) -> None:
         workdir.write_json(_OUT.value, {
             "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "peak_flops_per_device": peaks, "peak_source": peak_source,
+            "huge_pages": huge_pages.enabled(),
             "measured_bf16_matmul_flops": matmul_flops,
             "boundary_peak_flops": boundary_peaks,
             "results": results, "failed": failed,
@@ -537,4 +539,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    huge_pages.exec_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtt_jax import cli
+from mtt_jax import cli, huge_pages
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
@@ -52,4 +52,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    huge_pages.exec_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,78 @@
+"""Large host allocations on transparent huge pages, for the step time of the CPU backend.
+
+XLA:CPU takes each execution's temporary buffer (220 MiB for ``configs/benchmark.py``) from malloc,
+and glibc maps a block that large afresh on every call and unmaps it after: the kernel faults it in
+4 KiB at a time, 56,000 minor page faults per step and 5-8% of the two cores' time in the kernel
+(``resource.getrusage`` around the steps). glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc 2.35 and
+later) advises such mappings to use transparent huge pages, which the kernel's default ``madvise``
+mode then grants: 540 faults per step, and the reference config's MFU 2-4 points higher, measured
+side by side (docs/performance_cpu.md).
+
+glibc reads its tunables when a process starts, so the command lines re-execute themselves once with
+the tunable added (`exec_with_huge_pages`, first thing in ``__main__``), as launchers such as
+PyTorch's ``torch.backends.xeon.run_cpu`` set up the allocator before the program. The process keeps
+its id, arguments and open files. ``MTT_JAX_HUGE_PAGES=0`` leaves the process as it was started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Mapping
+
+TUNABLE = "glibc.malloc.hugetlb=1"
+OPT_OUT = "MTT_JAX_HUGE_PAGES"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_huge_pages_mode(path: str = THP_MODE_FILE) -> str | None:
+    """The kernel's mode for transparent huge pages (``always``, ``madvise`` or ``never``), or None
+    where the kernel has none."""
+    try:
+        with open(path) as f:
+            selected = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return None
+    return selected.group(1) if selected else None
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library where it is glibc, else None."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def environment_with_huge_pages(environ: Mapping[str, str], thp_mode: str | None,
+                                glibc: tuple[int, int] | None) -> dict[str, str] | None:
+    """``environ`` with `TUNABLE` added to ``GLIBC_TUNABLES``, or None where re-executing would change
+    nothing: opted out, the tunable given already, a glibc without it, or a kernel whose mode is not
+    ``madvise`` (``always`` gives huge pages without advice, ``never`` refuses them)."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (environ.get(OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb=" in tunables or thp_mode != "madvise"
+            or glibc is None or glibc < (2, 35)):
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+
+
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process's large allocations are advised onto huge pages (for the benchmark's
+    report): the tunable is set and the kernel grants advised huge pages."""
+    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":") and transparent_huge_pages_mode() in (
+        "madvise", "always")
+
+
+def exec_with_huge_pages() -> None:
+    """Replaces this process by the same command with the tunable set, where that changes anything
+    (`environment_with_huge_pages`); otherwise returns. Call it before any work: nothing done
+    before it survives."""
+    environ = environment_with_huge_pages(os.environ, transparent_huge_pages_mode(), glibc_version())
+    command = getattr(sys, "orig_argv", None)  # the interpreter's own arguments too: -m, -X, ...
+    if environ is not None and command:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *command[1:]], environ)
