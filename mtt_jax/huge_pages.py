@@ -59,11 +59,22 @@ def environment_with_huge_pages(environ: Mapping[str, str], thp_mode: str | None
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
-def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+def starting_environment() -> Mapping[str, str]:
+    """The environment this process was started with (glibc read its tunables from it), which later
+    changes to ``os.environ`` do not alter; ``os.environ`` where /proc does not say."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return os.environ
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+
+
+def enabled() -> bool:
     """Whether this process's large allocations are advised onto huge pages (for the benchmark's
-    report): the tunable is set and the kernel grants advised huge pages."""
-    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":") and transparent_huge_pages_mode() in (
-        "madvise", "always")
+    report): it started with the tunable, and the kernel grants advised huge pages."""
+    tunables = starting_environment().get("GLIBC_TUNABLES", "")
+    return TUNABLE in tunables.split(":") and transparent_huge_pages_mode() in ("madvise", "always")
 
 
 def exec_with_huge_pages() -> None:

@@ -2,6 +2,8 @@
 
 import os
 
+from mtt_jax import huge_pages
+
 # The suite's cost is compiling, not running, its tiny programs: LLVM's cheaper pipeline compiles them
 # about 30% faster (a cold test_zoo subset: 45 s -> 32 s). Test processes only; subprocesses inherit it.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -12,3 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compilation cache between them so each program compiles once per test session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/mtt_jax_test_compilation_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# pytest-xdist starts its workers after reading this file: they start with host allocations on huge
+# pages, as the command lines do (`mtt_jax.huge_pages`; test_zoo.py with a warm compilation cache: 57
+# -> 50 s). The command-line subprocesses then find the tunable set and do not re-execute.
+os.environ.update(huge_pages.environment_with_huge_pages(
+    os.environ, huge_pages.transparent_huge_pages_mode(), huge_pages.glibc_version()) or {})
