@@ -2,7 +2,7 @@
 
 XLA:CPU takes each execution's temporary buffer (220 MiB for ``configs/benchmark.py``) from malloc,
 and glibc maps a block that large afresh on every call and unmaps it after: the kernel faults it in
-4 KiB at a time, 56,000 minor page faults per step and 5-8% of the two cores' time in the kernel
+4 KiB at a time, 56,000 minor page faults per step and 5-10% of the two cores' time in the kernel
 (``resource.getrusage`` around the steps). glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc 2.35 and
 later) advises such mappings to use transparent huge pages, which the kernel's default ``madvise``
 mode then grants: 540 faults per step, and the reference config's MFU 2-4 points higher, measured
@@ -83,7 +83,7 @@ def exec_with_huge_pages() -> None:
     before it survives."""
     environ = environment_with_huge_pages(os.environ, transparent_huge_pages_mode(), glibc_version())
     command = getattr(sys, "orig_argv", None)  # the interpreter's own arguments too: -m, -X, ...
-    if environ is not None and command:
+    if environ is not None and command and sys.executable:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *command[1:]], environ)

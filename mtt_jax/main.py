@@ -4,6 +4,9 @@ The config and the workdir are checked before anything is created: a bad config,
 holds a different run, or one the run could not keep (a ``gs://`` URL, a file) exits with status 2 and
 one line saying what is wrong and how to fix it.
 
+On Linux the command first re-executes itself once with its large host allocations on huge pages
+(`mtt_jax.huge_pages`; ``MTT_JAX_HUGE_PAGES=0`` opts out).
+
 Multi-host (DESIGN §6, `mtt_jax.cli.initialize_distributed`): on Cloud TPU and under SLURM,
 ``jax.distributed.initialize()`` finds the coordinator itself; elsewhere pass ``--coordinator_address
 --num_processes --process_id``. CPU processes exchange collectives through gloo.

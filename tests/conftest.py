@@ -19,3 +19,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # -> 50 s). The command-line subprocesses then find the tunable set and do not re-execute.
 os.environ.update(huge_pages.environment_with_huge_pages(
     os.environ, huge_pages.transparent_huge_pages_mode(), huge_pages.glibc_version()) or {})
+
+# pytest-xdist hands whole modules to its two workers in collection order, so a long module collected
+# last leaves one worker alone at the end. The longest ones go first (longest-processing-time-first
+# scheduling); the others keep their order, and every module's tests keep theirs.
+LONGEST_MODULES = ("test_scale.py", "test_experiments.py", "test_zoo.py", "test_resilience.py",
+                   "test_flops.py", "test_flat_mixture.py", "test_models.py", "test_task_grads.py",
+                   "test_train.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
