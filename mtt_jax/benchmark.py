@@ -479,9 +479,10 @@ def main(argv) -> None:
     dtypes = list(dict.fromkeys(v.dtype for v in all_variants))  # in the order of the rows
     peaks, peak_source = device_peaks(dtypes, _PEAK_REPEATS.value)
     measured = peak_source.startswith("measured")
+    on_huge_pages = huge_pages.enabled()
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak per device "
           f"{format_peaks(peaks)} ({peak_source}); host allocations on huge pages: "
-          f"{'yes' if huge_pages.enabled() else 'no'} (`mtt_jax.huge_pages`)", flush=True)
+          f"{'yes' if on_huge_pages else 'no'} (`mtt_jax.huge_pages`)", flush=True)
     matmul_flops = None
     if not measured:  # what a large bf16 matmul reaches, beside the datasheet
         matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
@@ -528,7 +529,7 @@ def main(argv) -> None:
         workdir.write_json(_OUT.value, {
             "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "peak_flops_per_device": peaks, "peak_source": peak_source,
-            "huge_pages": huge_pages.enabled(),
+            "huge_pages": on_huge_pages,
             "measured_bf16_matmul_flops": matmul_flops,
             "boundary_peak_flops": boundary_peaks,
             "results": results, "failed": failed,

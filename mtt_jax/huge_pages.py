@@ -59,6 +59,11 @@ def environment_with_huge_pages(environ: Mapping[str, str], thp_mode: str | None
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
+def this_machine_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str] | None:
+    """`environment_with_huge_pages` for this machine's kernel and C library."""
+    return environment_with_huge_pages(environ, transparent_huge_pages_mode(), glibc_version())
+
+
 def starting_environment() -> Mapping[str, str]:
     """The environment this process was started with (glibc read its tunables from it), which later
     changes to ``os.environ`` do not alter; ``os.environ`` where /proc does not say."""
@@ -81,7 +86,7 @@ def exec_with_huge_pages() -> None:
     """Replaces this process by the same command with the tunable set, where that changes anything
     (`environment_with_huge_pages`); otherwise returns. Call it before any work: nothing done
     before it survives."""
-    environ = environment_with_huge_pages(os.environ, transparent_huge_pages_mode(), glibc_version())
+    environ = this_machine_environment()
     command = getattr(sys, "orig_argv", None)  # the interpreter's own arguments too: -m, -X, ...
     if environ is not None and command and sys.executable:
         sys.stdout.flush()

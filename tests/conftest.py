@@ -17,8 +17,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # pytest-xdist starts its workers after reading this file: they start with host allocations on huge
 # pages, as the command lines do (`mtt_jax.huge_pages`; test_zoo.py with a warm compilation cache: 57
 # -> 50 s). The command-line subprocesses then find the tunable set and do not re-execute.
-os.environ.update(huge_pages.environment_with_huge_pages(
-    os.environ, huge_pages.transparent_huge_pages_mode(), huge_pages.glibc_version()) or {})
+os.environ.update(huge_pages.this_machine_environment() or {})
 
 # pytest-xdist hands whole modules to its two workers in collection order, so a long module collected
 # last leaves one worker alone at the end. The longest ones go first (longest-processing-time-first

@@ -8,8 +8,7 @@ import pytest
 
 from mtt_jax import huge_pages
 
-MACHINE = (huge_pages.transparent_huge_pages_mode(), huge_pages.glibc_version())
-GRANTED = huge_pages.environment_with_huge_pages({}, *MACHINE) is not None
+GRANTED = huge_pages.this_machine_environment({}) is not None
 
 
 @pytest.mark.parametrize("environ, thp_mode, glibc, tunables", [
