@@ -111,6 +111,13 @@ def batch_shardings(host_batch: Mapping[str, Any], mesh: Mesh, layout: str) -> A
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def data_is_manual() -> bool:
+    """Whether the code is being traced inside a `jax.shard_map` manual over ``data`` (the data-parallel
+    microbatch loop, `train_step.scan_microbatches`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and DATA_AXIS in mesh.manual_axes
+
+
 def rules_without(rules: Sequence[Sequence[Any]], axis: str) -> tuple[tuple[str, Any], ...]:
     """``rules`` with mesh axis ``axis`` removed: the rules inside a `jax.shard_map` manual over it."""
     def drop(axes):

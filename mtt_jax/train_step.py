@@ -236,8 +236,7 @@ def scan_microbatches(accumulate: Callable, zeros: PyTree, batch: dict, layout: 
 def global_losses(losses_T: jax.Array) -> jax.Array:
     """A shard's per-task mean losses -> the microbatch's, inside `scan_microbatches`' shard_map
     (identity elsewhere). Differentiable: each shard's gradient is then its part of the global one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and sharding.DATA_AXIS in mesh.manual_axes:
+    if sharding.data_is_manual():
         return jax.lax.pmean(losses_T, sharding.DATA_AXIS)
     return losses_T
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtt_jax import sharding
 from mtt_jax.models.layers import (Dtype, EncoderBlock, constrain, kernel_init, layer_norm,
                                    sinusoidal_positions)
 
@@ -26,7 +27,10 @@ class TokenEmbed(nn.Module):
     The lookup reads the table whole along ``embed``, as FSDP gathers every weight before use. From a
     table sharded over ``embed`` the looked-up rows come out sharded over ``embed``, and GSPMD can turn
     those into batch-sharded rows only by replicating them on every device ("involuntary full
-    rematerialization" with ``mesh.fsdp`` and ``mesh.tensor`` > 1).
+    rematerialization" with ``mesh.fsdp`` and ``mesh.tensor`` > 1). Inside the data-parallel microbatch
+    loop (`sharding.data_is_manual`) the table is read whole along ``vocab`` too: XLA in JAX 0.11.2
+    aborts partitioning the vocab-sharded lookup there on a data x fsdp x tensor mesh (a CHECK in
+    ``ExpandDeviceGroupsWithIota``), and a whole table is what FSDP gathers for every other weight.
     """
     vocab_size: int
     d_model: int
@@ -37,7 +41,8 @@ class TokenEmbed(nn.Module):
         table = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, name="embedding",
                          embedding_init=kernel_init(("vocab", "embed"),
                                                     nn.initializers.normal(self.d_model ** -0.5)))
-        table_VxD = nn.with_logical_constraint(table.embedding, ("vocab", None)).astype(self.dtype)
+        axes = (None, None) if sharding.data_is_manual() else ("vocab", None)
+        table_VxD = nn.with_logical_constraint(table.embedding, axes).astype(self.dtype)
         return jnp.take(table_VxD, tokens_BxL, axis=0) * jnp.sqrt(self.d_model).astype(self.dtype)
 
 
