@@ -32,7 +32,8 @@ from typing import Callable
 from mtt_jax import flops
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "eval_jaxpr"}  # eval_jaxpr: JAX 0.11
+# Op-name segments of JAX's wrappers (``eval_jaxpr``: inside a scan body, from JAX 0.11 on).
+_WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "eval_jaxpr"}
 # Opcodes whose XLA:CPU thunk runs other computations' thunks, each traced as an event of its own.
 CONTROL_FLOW = frozenset({"while", "conditional", "call"})
 

@@ -397,6 +397,7 @@ def test_source_labels_fold_layers_and_mark_the_pass():
     assert source_label(name) == "bwd trunk/block_*/mlp/wo/dot_general"
     assert source_label("jit(f)/jvp(M)/M.encode/trunk/block_0/ln_mlp/reduce_sum") == \
         "fwd trunk/block_*/ln_mlp/reduce_sum"
+    assert source_label("jit(scan)/while/body/eval_jaxpr/dot_general") == "fwd dot_general"  # JAX 0.11
     hlo = ('  %fusion.7 = f32[8,4]{1,0} fusion(%p.1), kind=kLoop, metadata={op_name="' + name + '"}\n'
            '  ROOT %copy.2 = f32[8]{0} copy(%p.2)\n')
     assert instruction_labels(hlo) == {"fusion.7": "bwd trunk/block_*/mlp/wo/dot_general",
