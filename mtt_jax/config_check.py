@@ -190,6 +190,9 @@ def _check_weighting(config) -> None:
                               "layout the tasks' representation gradients are disjoint blocks")
         if config.grad_accum_steps > 1:
             raise ConfigError("weighting.rep_grad=True does not support grad_accum_steps > 1")
+        if method.state_mirrors_params:
+            raise ConfigError(f"weighting.rep_grad=True does not work with {w.name!r}: its state is shaped "
+                              "like the shared parameters, not the representation; set rep_grad=False")
     _integer_at_least("weighting.diagnostics_every", w.get("diagnostics_every", 0), 0, " (0: off)")
     num_tasks = len(config.tasks)
     if w.name == "fixed" and w.weights and len(w.weights) != num_tasks:

@@ -221,16 +221,19 @@ def test_bf16_computes_in_bf16_with_f32_params_and_losses():
     assert metrics["loss"].dtype == jnp.float32 and bool(metrics["finite"])
 
 
-def test_method_state_that_mirrors_params_is_sharded_like_them():
-    """DB-MTL's per-task gradient EMA, [T, *param], shards like the parameter behind its task axis."""
+@pytest.mark.parametrize("name,field", [("db_mtl", "buffer"), ("excess_mtl", "grad_sq_sum"),
+                                        ("moco", "tracked")])
+def test_method_state_that_mirrors_params_is_sharded_like_them(name, field):
+    """Per-task state shaped [T, *param] (DB-MTL's gradient EMA, ExcessMTL's AdaGrad accumulators, MoCo's
+    tracked gradients) shards like the parameter behind its task axis."""
     config = default_config.get_config()
     config.mesh.data, config.mesh.fsdp = 1, 8
-    config.weighting.name = "db_mtl"
+    config.weighting.name = name
     setup = train.build(config)
-    spec = setup.state_shardings.weighting_state["buffer"]["trunk"]["block_0"]["mlp"]["wi"]["kernel"].spec
+    spec = setup.state_shardings.weighting_state[field]["trunk"]["block_0"]["mlp"]["wi"]["kernel"].spec
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     state = setup.create_state()
-    buffer = state.weighting_state["buffer"]["trunk"]["block_0"]["mlp"]["wi"]["kernel"]
+    buffer = state.weighting_state[field]["trunk"]["block_0"]["mlp"]["wi"]["kernel"]
     assert buffer.shape[0] == 2 and buffer.addressable_shards[0].data.shape[1] == buffer.shape[1] // 8
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mtt_jax import weighting
-from mtt_jax.weighting import projection
+from mtt_jax.weighting import projection, solvers
 
 GRAM_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "gram")
 GRADS_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "grads")
@@ -81,7 +81,7 @@ def test_registry_names_options_and_errors():
     assert sorted(weighting.METHODS) == sorted([
         "ew", "fixed", "uncertainty", "dwa", "rlw", "gls", "famo", "stch", "mgda", "pcgrad", "gradvac",
         "imtl", "cagrad", "nash_mtl", "aligned_mtl", "upgrad", "fairgrad", "gradnorm", "graddrop",
-        "db_mtl"])
+        "db_mtl", "excess_mtl", "moco"])
     assert weighting.DEFAULT_OPTIONS["cagrad"]["c"] == 0.5
     assert weighting.DEFAULT_OPTIONS["gradvac"]["beta"] == 0.5
     assert weighting.DEFAULT_OPTIONS["dwa"] == {"temperature": 2.0, "epoch_steps": 100}
@@ -134,6 +134,8 @@ IDENTICAL_SCALE = {  # d = factor * g for T = 3 identical gradients g with |g| =
     "mgda": 1.0, "imtl": 1.0, "upgrad": 1.0, "cagrad": 1.5 / 1.25,          # mean-like; CAGrad (1+c)/(1+c^2)
     "pcgrad": 3.0, "gradvac": 3.0, "aligned_mtl": 3.0, "gradnorm": 3.0,     # sums
     "graddrop": 3.0, "db_mtl": 0.3,                                         # DB-MTL: 0.1 x at step 1
+    "excess_mtl": 3.0,                                                      # EW at its first update
+    "moco": 0.25,                            # y = beta_1 L g / |g| = g / 4, weights stay on 1/T
     "nash_mtl": 0.5,                                                        # clipped to |d| = 1
     "fairgrad": np.sqrt(3.0) / 2.0,                                         # |d|^2 = T without clipping
 }
@@ -506,6 +508,90 @@ def test_graddrop_keeps_consistent_signs_and_leak_one_is_the_sum():
                                rtol=1e-6)
     draws = {tuple(grads_direction("graddrop", conflict, seed=s)[0]) for s in range(6)}
     assert len(draws) > 1
+
+
+# --- ExcessMTL and MoCo ---------------------------------------------------------------------------------
+
+def excess_mtl_reference(steps_g, eta=1e-2, eps=1e-7):
+    """ExcessMTL's weights and directions over a sequence of per-task gradient matrices, in float64."""
+    grad_sq_sum, weights, baseline, out = 0.0, np.ones(len(steps_g[0])), None, []
+    for g_TxP in steps_g:
+        grad_sq_sum = grad_sq_sum + g_TxP ** 2
+        excess = np.sum(g_TxP ** 2 / np.sqrt(grad_sq_sum + eps), axis=1)
+        if baseline is None:
+            baseline = excess
+        else:
+            weights = weights * np.exp(eta * excess / baseline)
+            weights = weights / weights.sum() * len(weights)
+        out.append((weights @ g_TxP, weights))
+    return out
+
+
+def test_excess_mtl_is_ew_first_then_steps_on_normalised_excess_risks():
+    steps_g = [random_gradients(s, num=3) for s in (20, 21, 22)]
+    state = None
+    for step, (g_TxP, (d_ref, w_ref)) in enumerate(zip(steps_g, excess_mtl_reference(steps_g, eta=0.5))):
+        d, w, state = grads_direction("excess_mtl", g_TxP, step=step + 4, state=state, robust_step_size=0.5)
+        np.testing.assert_allclose(w, w_ref, rtol=1e-5)
+        np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["weights"].sum(), 3.0, rtol=1e-6)
+    assert not np.allclose(w, 1.0)  # the weights moved
+    with pytest.raises(ValueError, match="init_state_for"):
+        make("excess_mtl").init_state()
+
+
+def test_excess_mtl_weights_ignore_each_task_s_gradient_scale():
+    """e_t scales with |g_t| and so does its baseline e^0_t: rescaling one task's gradients at every
+    step leaves the weights as they were (the paper's normalisation by the first excess risk)."""
+    steps_g = [random_gradients(s, num=3) for s in (30, 31, 32)]
+    scaled_g = [g * np.array([[1.0], [10.0], [0.1]]) for g in steps_g]
+    weights = {}
+    for key, run in (("plain", steps_g), ("scaled", scaled_g)):
+        state = None
+        for step, g_TxP in enumerate(run):
+            _, weights[key], state = grads_direction("excess_mtl", g_TxP, step=step, state=state,
+                                                     robust_step_size=0.5)
+    np.testing.assert_allclose(weights["scaled"], weights["plain"], rtol=1e-4)
+
+
+def simplex_projection_reference(v):
+    """The Euclidean projection onto the simplex by bisection on the threshold (float64)."""
+    low, high = v.min() - 1.0, v.max()
+    for _ in range(200):
+        theta = (low + high) / 2
+        low, high = (theta, high) if np.maximum(v - theta, 0).sum() > 1 else (low, theta)
+    return np.maximum(v - (low + high) / 2, 0)
+
+
+@pytest.mark.parametrize("v", [[0.2, 0.3, 0.5], [0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [-1.0, 0.3, 0.1, 0.4],
+                               [3.0, -2.0, 2.9, 0.0, -0.5]])
+def test_project_to_simplex_matches_the_bisection_reference(v):
+    w = np.asarray(jax.jit(solvers.project_to_simplex)(jnp.asarray(v)))
+    np.testing.assert_allclose(w, simplex_projection_reference(np.asarray(v, np.float64)), atol=1e-6)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("simplex_step,gamma", [("projection", 10.0), ("softmax", 0.1)])
+def test_moco_tracks_rescaled_gradients_and_steps_its_weights(simplex_step, gamma):
+    """Three updates against a float64 replay of Alg. 1; gamma 10 makes the projection clip a weight."""
+    losses = np.array([0.5, 2.0, 1.0])
+    tracked, weights, state, smallest = np.zeros((3, 6)), np.full(3, 1 / 3), None, 1.0
+    for step, seed in enumerate((40, 41, 42)):
+        g_TxP = random_gradients(seed, num=3)
+        k = step + 1.0
+        h = g_TxP / (np.linalg.norm(g_TxP, axis=1, keepdims=True) + 1e-8) * losses[:, None]
+        tracked = tracked - 0.5 / np.sqrt(k) * (tracked - h)
+        moved = weights - gamma / np.sqrt(k) * (tracked @ tracked.T) @ weights
+        weights = (simplex_projection_reference(moved) if simplex_step == "projection"
+                   else np.exp(moved) / np.exp(moved).sum())
+        d, w, state = grads_direction("moco", g_TxP, losses=losses, step=step, state=state,
+                                      simplex_step=simplex_step, gamma=gamma)
+        np.testing.assert_allclose(w, weights, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d, weights @ tracked, rtol=1e-5, atol=1e-6)
+        smallest = min(smallest, weights.min())
+    assert (smallest == 0.0) == (simplex_step == "projection")  # only the projection reaches the boundary
+    with pytest.raises(ValueError, match="init_state_for"):
+        make("moco").init_state()
 
 
 # --- Loss-based methods ---------------------------------------------------------------------------------

@@ -69,3 +69,13 @@ def test_mgda_single_input_with_and_without_representation_gradients(rep_grad):
     moved = jax.device_get(state.params["model"]["trunk"]["block_0"]["mlp"]["wi"]["kernel"])
     initial = jax.device_get(setup.create_state().params["model"]["trunk"]["block_0"]["mlp"]["wi"]["kernel"])
     assert np.abs(moved - initial).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in weighting.METHODS.items() if c.state_mirrors_params))
+def test_representation_gradients_are_refused_for_state_shaped_like_the_parameters(name):
+    from mtt_jax import config_check
+    config = default_config.get_config("tiny")
+    config.weighting.name, config.weighting.rep_grad = name, True
+    with pytest.raises(config_check.ConfigError, match=rf"^weighting.rep_grad=True does not work with "
+                                                       rf"'{name}': its state is shaped like the shared"):
+        config_check.validate(config, 1)

@@ -5,8 +5,8 @@ builds ``CAGrad(num_tasks, c=0.4)``; `DEFAULT_OPTIONS` lists every method's opti
 older top-level fields still work: ``weighting.weights`` (fixed) and ``weighting.init_log_var``
 (uncertainty); the sub-config wins where both are set. Method families: `loss_based`, `epoch_based`,
 `famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining` (Gram matrix);
-`elementwise` (per-task gradients). Scale conventions differ across methods (sum vs mean, clipped);
-see each class docstring and /work/shared/METHODS.md.
+`elementwise`, `tracking` (per-task gradients). Scale conventions differ across methods (sum vs mean,
+clipped); see each class docstring and /work/shared/METHODS.md.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from mtt_jax.weighting.loss_based import (EqualWeighting, FixedWeighting, Geomet
                                           RandomLossWeighting, UncertaintyWeighting)
 from mtt_jax.weighting.multi_objective import MGDA, UPGrad, CAGrad
 from mtt_jax.weighting.projection import GradVac, PCGrad
+from mtt_jax.weighting.tracking import ExcessMTL, MoCo
 
 METHODS: dict[str, type[WeightingMethod]] = {cls.name: cls for cls in (
     EqualWeighting, FixedWeighting, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
     GeometricLossWeighting, FAMO, SmoothTchebycheff,
     GradNorm, MGDA, PCGrad, GradVac, IMTL, CAGrad, NashMTL, AlignedMTL, UPGrad, FairGrad,
-    GradDrop, DBMTL)}
+    GradDrop, DBMTL, ExcessMTL, MoCo)}
 
 
 def _constructor_defaults(cls: type[WeightingMethod]) -> dict[str, Any]:

@@ -44,6 +44,10 @@ class WeightingMethod(abc.ABC):
     # first computes the batch's mean losses and differentiates the combination there (one more
     # forward pass over the batch; `mtt_jax.train_step`).
     combine_is_linear: bool = False
+    # The state holds per-task leaves shaped like the shared parameters (``[T, *param.shape]``: DB-MTL's
+    # EMA, ExcessMTL's accumulators, MoCo's tracked gradients): built by ``init_state_for`` only, and
+    # not usable with representation gradients (`mtt_jax.config_check`).
+    state_mirrors_params: bool = False
 
     def __init__(self, num_tasks: int):
         if num_tasks < 1:
@@ -56,6 +60,9 @@ class WeightingMethod(abc.ABC):
 
     def init_state(self) -> PyTree:
         """Non-trainable state with fixed shapes; ``{}`` if none."""
+        if self.state_mirrors_params:
+            raise ValueError(f"weighting {self.name!r} keeps per-task state shaped like the shared "
+                             "parameters: build its state with init_state_for(shared_shapes)")
         return {}
 
     def init_state_for(self, shared_shapes: PyTree) -> PyTree:
@@ -107,6 +114,18 @@ def require_rng(method: WeightingMethod, rng: jax.Array | None) -> jax.Array:
     if rng is None:
         raise ValueError(f"weighting {method.name!r} is stochastic: pass rng (a jax.random.key)")
     return rng
+
+
+def per_task_sum(tree_T: PyTree, fn=lambda leaf: leaf) -> jax.Array:
+    """``sum`` over all leaves and all non-task axes of ``fn(leaf)``: a ``[T]`` vector (leaves carry a
+    leading task axis)."""
+    leaves = jax.tree.leaves(tree_T)
+    return sum(jnp.sum(fn(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
+
+
+def task_zeros(num_tasks: int, shared_shapes: PyTree) -> PyTree:
+    """f32 zeros ``[T, *shape]`` for every leaf of ``shared_shapes`` (state that mirrors the params)."""
+    return jax.tree.map(lambda s: jnp.zeros((num_tasks, *s.shape), jnp.float32), shared_shapes)
 
 
 def as_gram(gram_TxT: jax.Array, num_tasks: int) -> jax.Array:

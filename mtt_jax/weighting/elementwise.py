@@ -10,13 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.weighting.base import PyTree, WeightingMethod, clamp_losses, require_rng, validate_range
-
-
-def _per_task_sum(tree_T: PyTree, fn) -> jax.Array:
-    """``sum`` over all leaves and all non-task axes of ``fn(leaf)``: a ``[T]`` vector."""
-    leaves = jax.tree.leaves(tree_T)
-    return sum(jnp.sum(fn(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
+from mtt_jax.weighting.base import (PyTree, WeightingMethod, clamp_losses, per_task_sum, require_rng,
+                                    task_zeros, validate_range)
 
 
 class GradDrop(WeightingMethod):
@@ -54,8 +49,8 @@ class GradDrop(WeightingMethod):
 
         kept_T = jax.tree.unflatten(treedef, [drop(g, k) for g, k in zip(leaves, keys)])
         direction = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), kept_T)
-        kept_mass_T = _per_task_sum(kept_T, jnp.abs)
-        mass_T = _per_task_sum(grads_T, lambda leaf: jnp.abs(leaf.astype(jnp.float32)))
+        kept_mass_T = per_task_sum(kept_T, jnp.abs)
+        mass_T = per_task_sum(grads_T, lambda leaf: jnp.abs(leaf.astype(jnp.float32)))
         return direction, kept_mass_T / jnp.where(mass_T > 0, mass_T, 1.0), state
 
 
@@ -75,6 +70,7 @@ class DBMTL(WeightingMethod):
     """
     name = "db_mtl"
     requires = "grads"
+    state_mirrors_params = True
 
     def __init__(self, num_tasks: int, beta: float = 0.9, sigma: float = 0.0, min_loss: float = 1e-8):
         super().__init__(num_tasks)
@@ -83,13 +79,8 @@ class DBMTL(WeightingMethod):
         validate_range(self.name, "min_loss", min_loss, 0.0, low_open=True)
         self.beta, self.sigma, self.min_loss = float(beta), float(sigma), float(min_loss)
 
-    def init_state(self) -> PyTree:
-        raise ValueError("weighting 'db_mtl' keeps a gradient EMA shaped like the shared parameters: "
-                         "build its state with init_state_for(shared_shapes)")
-
     def init_state_for(self, shared_shapes: PyTree) -> PyTree:
-        zeros = lambda s: jnp.zeros((self.num_tasks, *s.shape), jnp.float32)
-        return {"buffer": jax.tree.map(zeros, shared_shapes)}
+        return {"buffer": task_zeros(self.num_tasks, shared_shapes)}
 
     def aggregate(self, state, grads_T, losses_T, step, rng=None):
         step_count = jnp.asarray(step, jnp.float32) + 1.0
@@ -101,7 +92,7 @@ class DBMTL(WeightingMethod):
             return (1.0 - beta) * log_grad_T + beta * buffer_T
 
         buffer = jax.tree.map(update, state["buffer"], grads_T)
-        norms_T = jnp.sqrt(_per_task_sum(buffer, jnp.square))
+        norms_T = jnp.sqrt(per_task_sum(buffer, jnp.square))
         scale_T = jnp.where(norms_T > 0, jnp.max(norms_T) / jnp.where(norms_T > 0, norms_T, 1.0), 0.0)
         direction = jax.tree.map(lambda leaf: jnp.tensordot(scale_T, leaf, axes=1), buffer)
         return direction, scale_T, {"buffer": buffer}

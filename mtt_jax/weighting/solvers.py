@@ -7,6 +7,8 @@
 - `nonneg_qp`: ``min_{x >= 0} x^T Q x / 2 + c.x`` for positive definite ``Q`` by block principal pivoting
   (Judice & Pires 1994) with Murty's single-pivot fallback, which guarantees termination; each pivot is
   one masked T x T solve, and the result is exact up to that solve (UPGrad).
+- `project_to_simplex`: the Euclidean projection onto the probability simplex by sorting (Held, Wolfe &
+  Crowder 1974; Duchi et al. 2008, Fig. 1) (MoCo).
 - `solve_power_equation`: ``w > 0`` with ``(K w)_t = w_t^(-1/alpha)`` (Nash-MTL for alpha = 1, FairGrad),
   by damped Newton steps on the residual of a strictly convex problem (see its docstring).
 
@@ -28,6 +30,18 @@ def normalize_gram(gram_TxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = jnp.mean(jnp.diagonal(gram_TxT))
     scale = jnp.where(scale > TINY, scale, 1.0)
     return gram_TxT / scale, scale
+
+
+def project_to_simplex(v_T: jax.Array) -> jax.Array:
+    """``argmin_{w in simplex} |w - v|``: ``w = max(v - theta, 0)`` with the threshold ``theta`` from the
+    sorted values (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008, Fig. 1), exact in T log T."""
+    v_T = jnp.asarray(v_T, jnp.float32)
+    sorted_T = jnp.sort(v_T)[::-1]
+    excess_T = jnp.cumsum(sorted_T) - 1.0
+    index_T = jnp.arange(1, v_T.shape[0] + 1, dtype=jnp.float32)
+    support = jnp.sum(sorted_T - excess_T / index_T > 0)  # >= 1: the largest value always qualifies
+    theta = excess_T[support - 1] / support.astype(jnp.float32)
+    return jnp.maximum(v_T - theta, 0.0)
 
 
 def min_norm_two(gram_2x2: jax.Array) -> jax.Array:
