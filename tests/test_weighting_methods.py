@@ -540,6 +540,20 @@ def test_excess_mtl_is_ew_first_then_steps_on_normalised_excess_risks():
         make("excess_mtl").init_state()
 
 
+def test_excess_mtl_takes_each_baseline_at_the_first_nonzero_gradient():
+    """Zero-initialised heads give the shared parameters no gradient at step 0: the baselines are taken
+    at the first step with a gradient, and the weights then move (a zero baseline would freeze them)."""
+    steps_g = [np.zeros((3, 6))] + [random_gradients(s, num=3) for s in (50, 51)]
+    state = None
+    for step, g_TxP in enumerate(steps_g):
+        _, w, state = grads_direction("excess_mtl", g_TxP, step=step, state=state, robust_step_size=0.5)
+        if step < 2:
+            np.testing.assert_allclose(w, 1.0)
+    expected = excess_mtl_reference(steps_g[1:], eta=0.5)[-1][1]
+    np.testing.assert_allclose(w, expected, rtol=1e-5)
+    assert np.all(np.asarray(state["baseline"]) > 0) and not np.allclose(w, 1.0)
+
+
 def test_excess_mtl_weights_ignore_each_task_s_gradient_scale():
     """e_t scales with |g_t| and so does its baseline e^0_t: rescaling one task's gradients at every
     step leaves the weights as they were (the paper's normalisation by the first excess risk)."""

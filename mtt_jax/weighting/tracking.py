@@ -42,11 +42,12 @@ class ExcessMTL(WeightingMethod):
     optimum relative to where they started gain weight. Unlike loss-based weights, this is meant not to
     reward a task whose loss stays high only because its labels are noisy (the paper's motivation).
 
-    Defaults: ``robust_step_size`` (eta) 1e-2 and ``eps`` 1e-7, the official code's. The baseline is
-    taken at the method's first applied update (a state flag, so a skipped non-finite first step does
-    not count); LibMTL's ``first_epoch`` flag is in fact this first step. A task whose first excess risk
-    is 0 (no gradient on the shared parameters) keeps a ratio of 0, i.e. no push. Logged weights: the
-    ``lambda`` applied.
+    Defaults: ``robust_step_size`` (eta) 1e-2 and ``eps`` 1e-7, the official code's. The official code
+    (and LibMTL, whose ``first_epoch`` flag is in fact the first step) takes the baseline at the first
+    step. Here each task's baseline is its first positive excess risk: with zero-initialised heads the
+    shared parameters get no gradient at step 0, and a zero baseline would freeze the weights for the
+    whole run. Until its baseline is set a task's ratio is 0 (no push); a skipped non-finite step sets
+    nothing. Logged weights: the ``lambda`` applied.
     """
     name = "excess_mtl"
     requires = "grads"
@@ -61,22 +62,19 @@ class ExcessMTL(WeightingMethod):
     def init_state_for(self, shared_shapes: PyTree) -> PyTree:
         return {"grad_sq_sum": task_zeros(self.num_tasks, shared_shapes),
                 "baseline": jnp.zeros((self.num_tasks,), jnp.float32),
-                "weights": jnp.ones((self.num_tasks,), jnp.float32),
-                "started": jnp.zeros((), jnp.bool_)}
+                "weights": jnp.ones((self.num_tasks,), jnp.float32)}
 
     def aggregate(self, state, grads_T, losses_T, step, rng=None):
         grads_T = jax.tree.map(lambda g: g.astype(jnp.float32), grads_T)
         grad_sq_sum = jax.tree.map(lambda s, g: s + jnp.square(g), state["grad_sq_sum"], grads_T)
         excess_T = per_task_sum(jax.tree.map(lambda g, s: jnp.square(g) / jnp.sqrt(s + self.eps),
                                              grads_T, grad_sq_sum))
-        started = state["started"]
-        baseline_T = jnp.where(started, state["baseline"], excess_T)
-        ratio_T = jnp.where(started & (baseline_T > 0),
-                            excess_T / jnp.where(baseline_T > 0, baseline_T, 1.0), 0.0)
+        has_baseline_T = state["baseline"] > 0
+        baseline_T = jnp.where(has_baseline_T, state["baseline"], excess_T)
+        ratio_T = jnp.where(has_baseline_T, excess_T / jnp.where(has_baseline_T, baseline_T, 1.0), 0.0)
         logits_T = jnp.log(state["weights"]) + self.robust_step_size * ratio_T
         weights_T = self.num_tasks * jax.nn.softmax(logits_T)  # lambda exp(eta r), renormalised to T
-        new_state = {"grad_sq_sum": grad_sq_sum, "baseline": baseline_T, "weights": weights_T,
-                     "started": jnp.ones((), jnp.bool_)}
+        new_state = {"grad_sq_sum": grad_sq_sum, "baseline": baseline_T, "weights": weights_T}
         return _weighted_sum(weights_T, grads_T), weights_T, new_state
 
 
