@@ -123,6 +123,16 @@ def per_task_sum(tree_T: PyTree, fn=lambda leaf: leaf) -> jax.Array:
     return sum(jnp.sum(fn(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
 
 
+def scale_task_rows(tree_T: PyTree, factor_T: jax.Array) -> PyTree:
+    """Every leaf's task row t multiplied by ``factor_T[t]``."""
+    return jax.tree.map(lambda leaf: leaf * factor_T.reshape((-1,) + (1,) * (leaf.ndim - 1)), tree_T)
+
+
+def sum_task_rows(weights_T: jax.Array, tree_T: PyTree) -> PyTree:
+    """``sum_t w_t x_t`` leaf by leaf: an update direction, shaped like one task's gradient."""
+    return jax.tree.map(lambda leaf: jnp.tensordot(weights_T, leaf, axes=1), tree_T)
+
+
 def task_zeros(num_tasks: int, shared_shapes: PyTree) -> PyTree:
     """f32 zeros ``[T, *shape]`` for every leaf of ``shared_shapes`` (state that mirrors the params)."""
     return jax.tree.map(lambda s: jnp.zeros((num_tasks, *s.shape), jnp.float32), shared_shapes)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mtt_jax.weighting.base import (PyTree, WeightingMethod, clamp_losses, per_task_sum, require_rng,
-                                    task_zeros, validate_range)
+                                    scale_task_rows, sum_task_rows, task_zeros, validate_range)
 
 
 class GradDrop(WeightingMethod):
@@ -87,12 +87,8 @@ class DBMTL(WeightingMethod):
         beta = self.beta / step_count ** self.sigma
         inverse_T = 1.0 / clamp_losses(losses_T, self.min_loss)
 
-        def update(buffer_T, grad_T):
-            log_grad_T = grad_T.astype(jnp.float32) * inverse_T.reshape((-1,) + (1,) * (grad_T.ndim - 1))
-            return (1.0 - beta) * log_grad_T + beta * buffer_T
-
-        buffer = jax.tree.map(update, state["buffer"], grads_T)
+        log_grads_T = scale_task_rows(jax.tree.map(lambda g: g.astype(jnp.float32), grads_T), inverse_T)
+        buffer = jax.tree.map(lambda b, g: (1.0 - beta) * g + beta * b, state["buffer"], log_grads_T)
         norms_T = jnp.sqrt(per_task_sum(buffer, jnp.square))
         scale_T = jnp.where(norms_T > 0, jnp.max(norms_T) / jnp.where(norms_T > 0, norms_T, 1.0), 0.0)
-        direction = jax.tree.map(lambda leaf: jnp.tensordot(scale_T, leaf, axes=1), buffer)
-        return direction, scale_T, {"buffer": buffer}
+        return sum_task_rows(scale_T, buffer), scale_T, {"buffer": buffer}

@@ -13,19 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from mtt_jax.task_grads import gram_matrix
-from mtt_jax.weighting.base import (PyTree, WeightingMethod, per_task_sum, task_zeros,
-                                    validate_choice, validate_range)
+from mtt_jax.weighting.base import (PyTree, WeightingMethod, per_task_sum, scale_task_rows,
+                                    sum_task_rows, task_zeros, validate_choice, validate_range)
 from mtt_jax.weighting.solvers import project_to_simplex
-
-
-def _scale_rows(tree_T: PyTree, factor_T: jax.Array) -> PyTree:
-    """Every leaf's task row t multiplied by ``factor_T[t]``."""
-    return jax.tree.map(lambda leaf: leaf * factor_T.reshape((-1,) + (1,) * (leaf.ndim - 1)), tree_T)
-
-
-def _weighted_sum(weights_T: jax.Array, tree_T: PyTree) -> PyTree:
-    """``sum_t w_t x_t`` leaf by leaf: the update direction, shaped like one task's gradient."""
-    return jax.tree.map(lambda leaf: jnp.tensordot(weights_T, leaf, axes=1), tree_T)
 
 
 class ExcessMTL(WeightingMethod):
@@ -34,9 +24,9 @@ class ExcessMTL(WeightingMethod):
 
     Each task's excess risk ``L_t(theta) - L_t(theta*)`` is estimated by a diagonal second-order model
     whose curvature is the task's AdaGrad accumulator: ``S_t <- S_t + g_t^2`` (elementwise over the
-    shared parameters, the current gradient included) and ``e_t = sum g_t^2 / sqrt(S_t + eps)``. The
-    first update stores the baseline ``e^0 = e`` and keeps the weights (equal weighting); every later one
-    takes a multiplicative-weights step on the normalised excess risks,
+    shared parameters, the current gradient included) and ``e_t = sum g_t^2 / sqrt(S_t + eps)``. A
+    task's first positive ``e_t`` is stored as its baseline ``e^0_t`` (equal weighting until then); every
+    later update takes a multiplicative-weights step on the normalised excess risks,
     ``lambda_t <- lambda_t exp(eta e_t / e^0_t)``, renormalised to ``sum_t lambda_t = T``, and applies
     ``d = sum_t lambda_t g_t`` with the new weights (sum scale, EW's at the start). Tasks far from their
     optimum relative to where they started gain weight. Unlike loss-based weights, this is meant not to
@@ -75,7 +65,7 @@ class ExcessMTL(WeightingMethod):
         logits_T = jnp.log(state["weights"]) + self.robust_step_size * ratio_T
         weights_T = self.num_tasks * jax.nn.softmax(logits_T)  # lambda exp(eta r), renormalised to T
         new_state = {"grad_sq_sum": grad_sq_sum, "baseline": baseline_T, "weights": weights_T}
-        return _weighted_sum(weights_T, grads_T), weights_T, new_state
+        return sum_task_rows(weights_T, grads_T), weights_T, new_state
 
 
 class MoCo(WeightingMethod):
@@ -124,7 +114,7 @@ class MoCo(WeightingMethod):
         grads_T = jax.tree.map(lambda g: g.astype(jnp.float32), grads_T)
         if self.normalization == "loss":
             norms_T = jnp.sqrt(per_task_sum(grads_T, jnp.square))
-            grads_T = _scale_rows(grads_T, losses_T.astype(jnp.float32) / (norms_T + 1e-8))
+            grads_T = scale_task_rows(grads_T, losses_T.astype(jnp.float32) / (norms_T + 1e-8))
         k = jnp.asarray(step, jnp.float32) + 1.0
         beta_k, gamma_k = self.beta / k ** self.beta_sigma, self.gamma / k ** self.gamma_sigma
         tracked = jax.tree.map(lambda y, h: y - beta_k * (y - h), state["tracked"], grads_T)
@@ -132,4 +122,4 @@ class MoCo(WeightingMethod):
         moved_T = state["weights"] - gamma_k * gram_TxT @ state["weights"]
         weights_T = (project_to_simplex(moved_T) if self.simplex_step == "projection"
                      else jax.nn.softmax(moved_T))
-        return _weighted_sum(weights_T, tracked), weights_T, {"tracked": tracked, "weights": weights_T}
+        return sum_task_rows(weights_T, tracked), weights_T, {"tracked": tracked, "weights": weights_T}
