@@ -512,7 +512,7 @@ def test_graddrop_keeps_consistent_signs_and_leak_one_is_the_sum():
 
 # --- ExcessMTL and MoCo ---------------------------------------------------------------------------------
 
-def excess_mtl_reference(steps_g, eta=1e-2, eps=1e-7):
+def excess_mtl_reference(steps_g, eta=1e-2, eps=1e-7, baseline_kind="max"):
     """ExcessMTL's weights and directions over a sequence of per-task gradient matrices, in float64."""
     grad_sq_sum, weights, baseline, out = 0.0, np.ones(len(steps_g[0])), None, []
     for g_TxP in steps_g:
@@ -521,17 +521,22 @@ def excess_mtl_reference(steps_g, eta=1e-2, eps=1e-7):
         if baseline is None:
             baseline = excess
         else:
+            baseline = np.maximum(baseline, excess) if baseline_kind == "max" else baseline
             weights = weights * np.exp(eta * excess / baseline)
             weights = weights / weights.sum() * len(weights)
         out.append((weights @ g_TxP, weights))
     return out
 
 
-def test_excess_mtl_is_ew_first_then_steps_on_normalised_excess_risks():
+@pytest.mark.parametrize("baseline", ["max", "first"])
+def test_excess_mtl_is_ew_first_then_steps_on_normalised_excess_risks(baseline):
     steps_g = [random_gradients(s, num=3) for s in (20, 21, 22)]
+    steps_g[2] = steps_g[2] * 3.0  # above the first step's excess risks: the two baselines part
+    references = excess_mtl_reference(steps_g, eta=0.5, baseline_kind=baseline)
     state = None
-    for step, (g_TxP, (d_ref, w_ref)) in enumerate(zip(steps_g, excess_mtl_reference(steps_g, eta=0.5))):
-        d, w, state = grads_direction("excess_mtl", g_TxP, step=step + 4, state=state, robust_step_size=0.5)
+    for step, (g_TxP, (d_ref, w_ref)) in enumerate(zip(steps_g, references)):
+        d, w, state = grads_direction("excess_mtl", g_TxP, step=step + 4, state=state, robust_step_size=0.5,
+                                      baseline=baseline)
         np.testing.assert_allclose(w, w_ref, rtol=1e-5)
         np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state["weights"].sum(), 3.0, rtol=1e-6)
@@ -546,12 +551,32 @@ def test_excess_mtl_takes_each_baseline_at_the_first_nonzero_gradient():
     steps_g = [np.zeros((3, 6))] + [random_gradients(s, num=3) for s in (50, 51)]
     state = None
     for step, g_TxP in enumerate(steps_g):
-        _, w, state = grads_direction("excess_mtl", g_TxP, step=step, state=state, robust_step_size=0.5)
+        _, w, state = grads_direction("excess_mtl", g_TxP, step=step, state=state, robust_step_size=0.5,
+                                      baseline="first")
         if step < 2:
             np.testing.assert_allclose(w, 1.0)
-    expected = excess_mtl_reference(steps_g[1:], eta=0.5)[-1][1]
+    expected = excess_mtl_reference(steps_g[1:], eta=0.5, baseline_kind="first")[-1][1]
     np.testing.assert_allclose(w, expected, rtol=1e-5)
     assert np.all(np.asarray(state["baseline"]) > 0) and not np.allclose(w, 1.0)
+
+
+def test_excess_mtl_max_baseline_bounds_the_step_where_gradients_start_tiny():
+    """Zero-initialised heads: the first shared gradients are ~1e-5 of the later ones. The first-step
+    baseline sends every later ratio to ~1e5 and one task takes all the weight at once; the running
+    maximum keeps each ratio at most 1, so 20 steps of eta = 0.01 move a log-weight by at most 0.2."""
+    rng = np.random.default_rng(7)
+    steps_g = [random_gradients(40) * 1e-5] + [rng.normal(size=(3, 6)) * np.array([[1.0], [2.0], [4.0]])
+                                               for _ in range(20)]
+    final = {}
+    for baseline in ("first", "max"):
+        state = None
+        for step, g_TxP in enumerate(steps_g):
+            _, final[baseline], state = grads_direction("excess_mtl", g_TxP, step=step, state=state,
+                                                        baseline=baseline)
+    assert final["first"].max() > 2.9  # collapsed onto one task (the weights sum to 3)
+    log_w = np.log(final["max"])
+    assert log_w.max() - log_w.min() <= 0.01 * 20 + 1e-6
+    np.testing.assert_allclose(final["max"], excess_mtl_reference(steps_g)[-1][1], rtol=1e-4)
 
 
 def test_excess_mtl_weights_ignore_each_task_s_gradient_scale():
