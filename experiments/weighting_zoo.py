@@ -32,6 +32,7 @@ seeds x 300 steps, d_model 32, 1 layer, sequences of 16: about 6-9 minutes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -77,6 +78,8 @@ def method_config(size: str, method: str):
     c.weighting.name = method
     if method in EPOCH_BASED:
         c.weighting[method].epoch_steps = max(1, c.total_steps // 10)
+    if METHODS[method].requires == "sampled_gram":  # three equal samples of the batch: 33 rows for 32
+        c.batch_size = 3 * math.ceil(c.batch_size / 3)
     return c
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import jax
 
-from mtt_jax import data, sharding, tasks as tasks_lib, weighting
+from mtt_jax import data, sharding, tasks as tasks_lib, train_step, weighting
 from mtt_jax.data import mixtures
 from mtt_jax.models import TASK_ATTENTION
 from mtt_jax.models.layers import ATTENTION_KERNELS
@@ -76,11 +76,15 @@ def validate(config, num_devices: int) -> None:
     except ValueError as e:
         raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tensor") from None
     shards = shape[0] * shape[1]
-    for field, divisor in (("batch_size", shards * config.grad_accum_steps),
-                           ("eval_batch_size", shards)):
+    method = weighting.make_method(config.weighting, len(config.tasks))
+    num_micro = train_step.microbatch_count(method, config.grad_accum_steps)
+    micro_note = ("grad_accum_steps" if num_micro == config.grad_accum_steps else
+                  f"{num_micro} microbatches (grad_accum_steps={config.grad_accum_steps} raised to a multiple "
+                  f"of {method.name}'s {method.gradient_samples} gradient samples)")
+    for field, divisor in (("batch_size", shards * num_micro), ("eval_batch_size", shards)):
         if config[field] % divisor:
             raise ConfigError(f"{field}={config[field]} is not divisible by {divisor} (data x fsdp = "
-                              f"{shards} shards of mesh {shape}, times grad_accum_steps for the "
+                              f"{shards} shards of mesh {shape}, times {micro_note} for the "
                               f"train batch); choose a multiple of {divisor}")
 
 
@@ -190,6 +194,9 @@ def _check_weighting(config) -> None:
                               "layout the tasks' representation gradients are disjoint blocks")
         if config.grad_accum_steps > 1:
             raise ConfigError("weighting.rep_grad=True does not support grad_accum_steps > 1")
+        if method.gradient_samples > 1:
+            raise ConfigError(f"weighting.rep_grad=True does not work with {w.name!r}: it takes the "
+                              f"gradients of {method.gradient_samples} samples of the batch; set rep_grad=False")
         if method.state_mirrors_params:
             raise ConfigError(f"weighting.rep_grad=True does not work with {w.name!r}: its state is shaped "
                               "like the shared parameters, not the representation; set rep_grad=False")

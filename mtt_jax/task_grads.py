@@ -116,10 +116,14 @@ def _sum_copies(grads_T: PyTree) -> PyTree:
 
 def gram_matrix(grads_T: PyTree) -> jax.Array:
     """``K = G G^T`` in f32 over every leaf (the T x T inner products of the task gradients)."""
-    def leaf_gram(g):
-        flat = g.reshape(g.shape[0], -1).astype(jnp.float32)
-        return flat @ flat.T
-    return sum(leaf_gram(g) for g in jax.tree.leaves(grads_T))
+    return cross_gram_matrix(grads_T, grads_T)
+
+
+def cross_gram_matrix(grads_a_T: PyTree, grads_b_T: PyTree) -> jax.Array:
+    """``K = G_a G_b^T`` in f32 over every leaf: one set of task gradients against another (two samples'
+    for MoDo and SDMGrad; the same set gives the Gram matrix)."""
+    flat = lambda g: g.reshape(g.shape[0], -1).astype(jnp.float32)
+    return sum(flat(a) @ flat(b).T for a, b in zip(jax.tree.leaves(grads_a_T), jax.tree.leaves(grads_b_T)))
 
 
 def conflict_diagnostics(gram_TxT: jax.Array) -> dict[str, jax.Array]:

@@ -9,6 +9,7 @@ randomness as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax
@@ -315,26 +316,17 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         return task_grads.per_task_gradients(model, state.params["model"], micro_batch, tasks, layout,
                                              rng, loss_fn, rep_grad)
 
-    if grad_accum_steps == 1:
+    num_micro = microbatch_count(method, grad_accum_steps)
+    if num_micro == 1:
         result = gradients(batch, dropout_rng)
         losses_T, grads_T, task_side, aux = (result.losses_T, result.grads_T, result.task_side_grads,
                                              result.aux)
         apply, to_params = result.apply, result.to_params
-    else:  # rep_grad with accumulation is refused by config_check
-        def accumulate(carry, micro):
-            rng, micro_batch = micro
-            r = gradients(micro_batch, rng)
-            return jax.tree.map(jnp.add, carry, (r.losses_T, r.grads_T, r.task_side_grads)), r.aux
-        shared, task_side_params = task_grads.split_params(state.params["model"])
-        num_tasks = len(tasks)
-        zeros = (jnp.zeros((num_tasks,), jnp.float32),
-                 jax.tree.map(lambda p: jnp.zeros((num_tasks,) + p.shape, p.dtype), shared),
-                 jax.tree.map(jnp.zeros_like, task_side_params))
-        (losses_T, grads_T, task_side), aux = scan_microbatches(
-            accumulate, zeros, batch, layout, grad_accum_steps, grad_accum_unroll, dropout_rng)
-        losses_T, grads_T, task_side = jax.tree.map(lambda x: x / grad_accum_steps,
-                                                    (losses_T, grads_T, task_side))
-        aux = jax.tree.map(lambda x: x.mean(0), aux)
+    else:  # rep_grad with microbatches is refused by config_check
+        losses_T, grads_ST, task_side, aux = _sampled_task_gradients(
+            gradients, state.params["model"], batch, len(tasks), method.gradient_samples, num_micro,
+            layout, grad_accum_unroll, dropout_rng)
+        grads_T = jax.tree.map(lambda g: g[0], grads_ST)  # the only sample, or the one d is built from
         apply = functools.partial(task_grads.combine, grads_T=grads_T)  # the unscaled ones (IMTL-L)
         to_params = lambda direction: direction
 
@@ -344,12 +336,21 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     scale_T = jax.grad(transform, argnums=1)(weighting_params, losses_T)
     weighting_grads = jax.grad(transform, argnums=0)(weighting_params, losses_T)
     transformed_T = method.transform_losses(weighting_params, losses_T)
-    grads_T = jax.tree.map(lambda g: g * scale_T.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype),
-                           grads_T)
-    gram_TxT = task_grads.gram_matrix(grads_T)
-    if method.requires == "gram":
-        coeffs_T, weighting_state = method.gram_weights(state.weighting_state, gram_TxT, transformed_T,
-                                                        state.step, method_rng)
+    scale_rows = lambda tree, task_axis: jax.tree.map(
+        lambda g: g * jnp.expand_dims(scale_T, [a for a in range(g.ndim) if a != task_axis]).astype(g.dtype),
+        tree)
+    if method.requires == "sampled_gram":  # the diagnostics see the whole batch's mean gradients
+        grads_ST = scale_rows(grads_ST, 1)
+        sample = lambda s: jax.tree.map(lambda g: g[s], grads_ST)
+        gram_TxT = task_grads.gram_matrix(jax.tree.map(lambda g: g.mean(0), grads_ST))
+        cross_TxT = task_grads.cross_gram_matrix(sample(1), sample(2))
+    else:
+        grads_T = scale_rows(grads_T, 0)
+        gram_TxT = task_grads.gram_matrix(grads_T)
+    if method.requires in ("gram", "sampled_gram"):
+        coeffs_T, weighting_state = method.gram_weights(
+            state.weighting_state, cross_TxT if method.requires == "sampled_gram" else gram_TxT,
+            transformed_T, state.step, method_rng)
         shared_grads, weights_T = apply(coeffs_T * scale_T), coeffs_T
     else:
         direction, weights_T, weighting_state = method.aggregate(state.weighting_state, grads_T,
@@ -358,6 +359,37 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     grads = {"model": {**shared_grads, **task_side}, "weighting": weighting_grads}
     total = jnp.sum(jax.lax.stop_gradient(weights_T) * transformed_T)
     return grads, total, losses_T, weights_T, weighting_state, aux, gram_TxT
+
+
+def microbatch_count(method: WeightingMethod, grad_accum_steps: int) -> int:
+    """Microbatches of a step's batch: ``grad_accum_steps``, raised to the least multiple of it that the
+    method's gradient samples divide (MoDo and SDMGrad: 3 samples, so 3 for ``grad_accum_steps = 1``)."""
+    return math.lcm(grad_accum_steps, method.gradient_samples)
+
+
+def _sampled_task_gradients(gradients: Callable, model_params, batch, num_tasks, num_samples, num_micro,
+                            layout, unroll, rng):
+    """Per-task gradients over ``num_micro`` microbatches, accumulated into ``num_samples`` samples:
+    microbatch j adds to sample ``j % num_samples``. Microbatches are strided, so sample s holds the
+    examples ``s, s + S, s + 2S, ...`` whatever the microbatch count. Returns the batch's mean losses,
+    gradients ``[S, T, ...]`` (each sample's mean), task-side gradients and aux."""
+    def accumulate(carry, micro):
+        rng, micro_batch = micro
+        index, losses_T, grads_ST, task_side = carry
+        r = gradients(micro_batch, rng)
+        slot = index % num_samples
+        grads_ST = jax.tree.map(lambda acc, g: acc.at[slot].add(g), grads_ST, r.grads_T)
+        return (index + 1, losses_T + r.losses_T, grads_ST,
+                jax.tree.map(jnp.add, task_side, r.task_side_grads)), r.aux
+    shared, task_side_params = task_grads.split_params(model_params)
+    zeros = (jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), jnp.float32),
+             jax.tree.map(lambda p: jnp.zeros((num_samples, num_tasks) + p.shape, p.dtype), shared),
+             jax.tree.map(jnp.zeros_like, task_side_params))
+    (_, losses_T, grads_ST, task_side), aux = scan_microbatches(
+        accumulate, zeros, batch, layout, num_micro, unroll, rng)
+    per_sample = num_micro // num_samples
+    return (losses_T / num_micro, jax.tree.map(lambda g: g / per_sample, grads_ST),
+            jax.tree.map(lambda g: g / num_micro, task_side), jax.tree.map(lambda x: x.mean(0), aux))
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],

@@ -250,6 +250,47 @@ def test_grad_accumulation_with_a_gram_method_equals_one_big_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), params_2, params_1)
 
 
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_double_sampling_takes_three_strided_samples_of_the_batch(grad_accum_steps):
+    """MoDo's weights step on the cross-Gram of samples 1 and 2 (rows 1, 4, 7, ... and 2, 5, 8, ...) and
+    are applied to sample 0's per-task gradients (rows 0, 3, 6, ...), with or without accumulation (6
+    microbatches: microbatch j adds to sample j mod 3, the same rows). The logged Gram is that of the
+    samples' mean gradients (the batch's, up to the token counts of a tagging task's means)."""
+    from jax.flatten_util import ravel_pytree
+    from mtt_jax import task_grads, train_step
+    from tests.test_weighting_methods import simplex_projection_reference
+    config = seqtasks_config.get_config("tiny")
+    config.batch_size, config.model.dropout_rate = 12, 0.0
+    config.weighting.name, config.weighting.modo.gamma = "modo", 0.5
+    config.mesh.num_devices, config.mesh.data = 1, 1
+    setup = train.build(config)
+    batch = sharding.shard_batch(setup.source.train_batch(3, 12), setup.batch_shardings, "multi")
+    state, key = setup.create_state(), jax.random.key(0)
+    leaves, tree = jax.tree.flatten(state.params["model"])  # nonzero heads: the shared grads are not 0
+    leaves = [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype) for i, x in enumerate(leaves)]
+    state = state.replace(params={**state.params, "model": jax.tree.unflatten(tree, leaves)})
+    loss_fn = lambda outputs, b: train_step.task_losses(setup.tasks, outputs, b, "multi")
+    with setup.context():
+        grads, *_, weights_T, _, _, gram_TxT = jax.jit(lambda s, b: train_step._gradient_method_grads(
+            s, b, setup.model, setup.tasks, loss_fn, setup.method, key, key, "multi", grad_accum_steps,
+            False))(state, batch)
+        num_micro = 3 * grad_accum_steps
+        micro = train_step.microbatches(jax.device_get(batch), "multi", num_micro)
+        per_micro = [task_grads.per_task_gradients(
+            setup.model, state.params["model"], jax.tree.map(lambda x: x[j], micro), setup.tasks, "multi",
+            key, loss_fn).grads_T for j in range(num_micro)]
+    flat_micro = [np.stack([ravel_pytree(jax.tree.map(lambda g: g[t], g_T))[0] for t in range(4)])
+                  for g_T in per_micro]
+    flat = [np.mean(flat_micro[s::3], axis=0, dtype=np.float64) for s in range(3)]  # sample s: j % 3 == s
+    expected_T = simplex_projection_reference(np.full(4, 0.25) - 0.5 * (flat[1] @ flat[2].T + 0.1 * np.eye(4)) @ np.full(4, 0.25))
+    np.testing.assert_allclose(weights_T, expected_T, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected_T - 0.25).max() > 1e-2
+    shared, _ = task_grads.split_params(grads["model"])
+    np.testing.assert_allclose(ravel_pytree(shared)[0], expected_T @ flat[0], rtol=1e-4, atol=1e-7)
+    mean_TxP = sum(flat) / 3
+    np.testing.assert_allclose(gram_TxT, mean_TxP @ mean_TxP.T, rtol=1e-4, atol=1e-9)
+
+
 def test_scanned_layers_on_a_mesh_shard_like_the_unrolled_blocks_and_step_the_same():
     """``model.scan_layers`` on a 2x2x2 mesh: the stacked kernels keep the unrolled kernels' sharding
     behind a replicated ``layers`` axis, and from the same parameters one microbatched step gives the

@@ -15,6 +15,7 @@ from mtt_jax import weighting
 from mtt_jax.weighting import projection, solvers
 
 GRAM_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "gram")
+SAMPLED_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "sampled_gram")
 GRADS_METHODS = sorted(n for n, c in weighting.METHODS.items() if c.requires == "grads")
 
 
@@ -27,7 +28,8 @@ def make(name, num_tasks=3, **options):
 def compiled(name, num_tasks, options=()):
     """``(method, jitted entry point)`` for ``requires``; cached so each variant compiles once."""
     method = make(name, num_tasks, **dict(options))
-    entry = {"losses": method.combine, "gram": method.gram_weights, "grads": method.aggregate}
+    entry = {"losses": method.combine, "gram": method.gram_weights, "sampled_gram": method.gram_weights,
+             "grads": method.aggregate}
     return method, jax.jit(entry[method.requires])
 
 
@@ -81,7 +83,7 @@ def test_registry_names_options_and_errors():
     assert sorted(weighting.METHODS) == sorted([
         "ew", "fixed", "uncertainty", "dwa", "rlw", "gls", "famo", "stch", "mgda", "pcgrad", "gradvac",
         "imtl", "cagrad", "nash_mtl", "aligned_mtl", "upgrad", "fairgrad", "gradnorm", "graddrop",
-        "db_mtl", "excess_mtl", "moco"])
+        "db_mtl", "excess_mtl", "moco", "modo", "sdmgrad"])
     assert weighting.DEFAULT_OPTIONS["cagrad"]["c"] == 0.5
     assert weighting.DEFAULT_OPTIONS["gradvac"]["beta"] == 0.5
     assert weighting.DEFAULT_OPTIONS["dwa"] == {"temperature": 2.0, "epoch_steps": 100}
@@ -117,7 +119,7 @@ def test_every_method_jits_with_three_tasks(name):
         outputs = [total, weights, grad, state]
         if method.needs_losses_after_step:
             outputs.append(jax.jit(method.after_step)(state, losses, 0.9 * losses))
-    elif method.requires == "gram":
+    elif method.requires in ("gram", "sampled_gram"):
         d, coeffs, state = gram_direction(name, g_TxP, losses, step=5, seed=1)
         outputs = [d, coeffs, state]
     else:
@@ -138,14 +140,15 @@ IDENTICAL_SCALE = {  # d = factor * g for T = 3 identical gradients g with |g| =
     "moco": 0.25,                            # y = beta_1 L g / |g| = g / 4, weights stay on 1/T
     "nash_mtl": 0.5,                                                        # clipped to |d| = 1
     "fairgrad": np.sqrt(3.0) / 2.0,                                         # |d|^2 = T without clipping
+    "modo": 1.0, "sdmgrad": 1.0,                          # the weights stay on 1/T (noise-free cross-Gram)
 }
 
 
-@pytest.mark.parametrize("name", GRAM_METHODS + GRADS_METHODS)
+@pytest.mark.parametrize("name", GRAM_METHODS + SAMPLED_METHODS + GRADS_METHODS)
 def test_identical_gradients_give_a_multiple_of_g(name):
     g = unit(np.arange(1.0, 7.0)) * 2.0
     g_TxP = np.tile(g, (3, 1))
-    run = gram_direction if name in GRAM_METHODS else grads_direction
+    run = grads_direction if name in GRADS_METHODS else gram_direction
     d = run(name, g_TxP)[0]
     np.testing.assert_allclose(d, IDENTICAL_SCALE[name] * g, rtol=2e-5, atol=2e-5)
 
@@ -631,6 +634,76 @@ def test_moco_tracks_rescaled_gradients_and_steps_its_weights(simplex_step, gamm
     assert (smallest == 0.0) == (simplex_step == "projection")  # only the projection reaches the boundary
     with pytest.raises(ValueError, match="init_state_for"):
         make("moco").init_state()
+
+
+# --- MoDo and SDMGrad: weights from the cross-Gram of two samples -----------------------------------------
+
+def sampled_direction(name, samples, state=None, **options):
+    """``(d, coeffs, new_state)`` of a double-sampling method on three samples' gradient matrices: the
+    cross-Gram ``G_1 G_2^T`` goes in, the coefficients apply to ``G_0``."""
+    g0_TxP, g1_TxP, g2_TxP = (np.asarray(g, np.float64) for g in samples)
+    method, fn = compiled(name, len(g0_TxP), tuple(sorted(options.items())))
+    state = method.init_state() if state is None else state
+    coeffs, state = fn(state, jnp.asarray(g1_TxP @ g2_TxP.T, jnp.float32), jnp.ones(len(g0_TxP)),
+                       jnp.int32(0), jax.random.key(0))
+    coeffs = np.asarray(coeffs, np.float64)
+    return coeffs @ g0_TxP, coeffs, state
+
+
+def three_samples(seed):
+    """Three noisy samples of the same three task gradients: their cross-Gram is not symmetric, and a
+    diagonal entry may be negative."""
+    rng = np.random.default_rng(seed)
+    return [random_gradients(seed) + rng.normal(size=(3, 6)) for _ in range(3)]
+
+
+def test_modo_steps_its_weights_on_the_cross_gram():
+    """Three updates against a float64 replay of MoDo's Alg. 1; gamma 0.2 makes the projection clip."""
+    weights, state, smallest = np.full(3, 1 / 3), None, 1.0
+    for seed in (70, 71, 72):
+        samples = three_samples(seed)
+        cross = samples[1] @ samples[2].T
+        weights = simplex_projection_reference(weights - 0.2 * (cross + 0.1 * np.eye(3)) @ weights)
+        d, coeffs, state = sampled_direction("modo", samples, state=state, gamma=0.2)
+        np.testing.assert_allclose(coeffs, weights, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d, weights @ samples[0], rtol=1e-5, atol=1e-6)
+        smallest = min(smallest, weights.min())
+    assert smallest == 0.0
+    _, coeffs, _ = sampled_direction("modo", three_samples(73), gamma=0.0)
+    np.testing.assert_allclose(coeffs, 1 / 3)  # gamma 0: the mean gradient of sample 0
+
+
+def sdmgrad_reference(weights, cross, lam=0.3, steps=20, lr=5.0, momentum=0.5):
+    """SDMGrad's inner loop in float64: heavy-ball projected steps on the normalised cross-Gram."""
+    scale = np.mean(np.sqrt(np.maximum(np.diag(cross), 0.0)))
+    cross = cross / (scale ** 2 + 1e-8)
+    velocity = np.zeros_like(weights)
+    for _ in range(steps):
+        velocity = momentum * velocity + cross @ weights + lam * cross.mean(axis=1)
+        weights = simplex_projection_reference(weights - lr * velocity)
+    return weights, (weights + lam / len(weights)) / (1 + lam)
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.0])
+def test_sdmgrad_matches_its_inner_loop_and_moves_toward_the_mean(lam):
+    weights, state = np.full(3, 1 / 3), None
+    for seed in (80, 81):
+        samples = three_samples(seed)
+        weights, expected = sdmgrad_reference(weights, samples[1] @ samples[2].T, lam=lam)
+        d, coeffs, state = sampled_direction("sdmgrad", samples, state=state, lam=lam)
+        np.testing.assert_allclose(coeffs, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(d, expected @ samples[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(state["weights"], weights, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(weights, 1 / 3)
+    assert coeffs.min() >= lam / 3 / (1 + lam) - 1e-7  # every task keeps the mean's share
+    # Rescaling every gradient leaves the weights alone (the cross-Gram is normalised); a huge lam
+    # gives the mean gradient.
+    samples = three_samples(82)
+    _, plain, _ = sampled_direction("sdmgrad", samples, lam=lam)
+    _, scaled, _ = sampled_direction("sdmgrad", [10.0 * g for g in samples], lam=lam)
+    np.testing.assert_allclose(scaled, plain, rtol=1e-4, atol=1e-6)
+    _, mean_like, _ = sampled_direction("sdmgrad", samples, lam=1e6)
+    np.testing.assert_allclose(mean_like, 1 / 3, atol=1e-5)
 
 
 # --- Loss-based methods ---------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ def tiny_seq_config(name):
     config.optimizer.warmup_steps = 2
     if name in ("dwa", "stch"):  # several (short) epochs inside the run
         config.weighting[name].epoch_steps = 3
+    if weighting.METHODS[name].requires == "sampled_gram":  # 3 samples of the 8 shards' rows
+        config.batch_size = 24
     return config
 
 
@@ -78,4 +80,21 @@ def test_representation_gradients_are_refused_for_state_shaped_like_the_paramete
     config.weighting.name, config.weighting.rep_grad = name, True
     with pytest.raises(config_check.ConfigError, match=rf"^weighting.rep_grad=True does not work with "
                                                        rf"'{name}': its state is shaped like the shared"):
+        config_check.validate(config, 1)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in weighting.METHODS.items() if c.requires == "sampled_gram"))
+def test_double_sampling_needs_rows_for_three_samples_and_no_representation_gradients(name):
+    from mtt_jax import config_check
+    config = default_config.get_config("tiny")
+    config.weighting.name, config.batch_size, config.grad_accum_steps = name, 16, 2
+    with pytest.raises(config_check.ConfigError, match=(
+            rf"^batch_size=16 is not divisible by 6 \(data x fsdp = 1 shards of mesh \(1, 1, 1\), times 6 "
+            rf"microbatches \(grad_accum_steps=2 raised to a multiple of {name}'s 3 gradient samples\)")):
+        config_check.validate(config, 1)
+    config.batch_size = 18
+    config_check.validate(config, 1)
+    config.grad_accum_steps, config.weighting.rep_grad = 1, True
+    with pytest.raises(config_check.ConfigError, match=rf"^weighting.rep_grad=True does not work with "
+                                                       rf"'{name}': it takes the gradients of 3 samples"):
         config_check.validate(config, 1)

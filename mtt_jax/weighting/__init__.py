@@ -5,8 +5,9 @@ builds ``CAGrad(num_tasks, c=0.4)``; `DEFAULT_OPTIONS` lists every method's opti
 older top-level fields still work: ``weighting.weights`` (fixed) and ``weighting.init_log_var``
 (uncertainty); the sub-config wins where both are set. Method families: `loss_based`, `epoch_based`,
 `famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining` (Gram matrix);
-`elementwise`, `tracking` (per-task gradients). Scale conventions differ across methods (sum vs mean,
-clipped); see each class docstring and /work/shared/METHODS.md.
+`double_sampling` (cross-Gram of two samples); `elementwise`, `tracking` (per-task gradients). Scale
+conventions differ across methods (sum vs mean, clipped); see each class docstring and
+/work/shared/METHODS.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from mtt_jax.weighting.bargaining import FairGrad, NashMTL
 from mtt_jax.weighting.base import WeightingMethod
 from mtt_jax.weighting.closed_form import IMTL, AlignedMTL
+from mtt_jax.weighting.double_sampling import MoDo, SDMGrad
 from mtt_jax.weighting.elementwise import DBMTL, GradDrop
 from mtt_jax.weighting.epoch_based import DynamicWeightAverage, SmoothTchebycheff
 from mtt_jax.weighting.famo import FAMO
@@ -31,7 +33,7 @@ METHODS: dict[str, type[WeightingMethod]] = {cls.name: cls for cls in (
     EqualWeighting, FixedWeighting, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
     GeometricLossWeighting, FAMO, SmoothTchebycheff,
     GradNorm, MGDA, PCGrad, GradVac, IMTL, CAGrad, NashMTL, AlignedMTL, UPGrad, FairGrad,
-    GradDrop, DBMTL, ExcessMTL, MoCo)}
+    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo)}
 
 
 def _constructor_defaults(cls: type[WeightingMethod]) -> dict[str, Any]:

@@ -18,6 +18,9 @@ What a method consumes is declared by ``requires``; the step calls exactly one o
   ``sum_t stop_gradient(c_t) L_t``). The coefficients are what is logged.
 - ``"grads"``: ``aggregate`` maps the per-task gradients themselves (leaves with a leading ``T`` axis)
   to the update direction for the shared parameters.
+- ``"sampled_gram"`` (MoDo, SDMGrad): the step splits the batch into ``SAMPLED_GRAM_SAMPLES`` = 3
+  independent samples; ``gram_weights`` gets the cross-Gram ``K = G_1 G_2^T`` of samples 1 and 2 (not
+  symmetric) and its coefficients are applied to sample 0's gradients, ``d = sum_t c_t g_t^(0)``.
 
 ``step`` is the int32 count of updates so far (0-based); ``rng`` a typed PRNG key, or None for
 deterministic methods. Everything inside is jax, in f32, and compiles under ``jax.jit``.
@@ -35,9 +38,12 @@ import jax.numpy as jnp
 PyTree = Any
 
 
+SAMPLED_GRAM_SAMPLES = 3  # independent samples of a batch for ``requires == "sampled_gram"``
+
+
 class WeightingMethod(abc.ABC):
     name: str = ""
-    requires: str = "losses"                 # "losses" | "gram" | "grads"
+    requires: str = "losses"                 # "losses" | "gram" | "grads" | "sampled_gram"
     needs_losses_after_step: bool = False    # FAMO: call `after_step` with the same batch's new losses
     # ``combine``'s total is affine in the losses, with weights that do not depend on their values
     # (EW, UW, RLW, DWA): gradient accumulation may then combine each microbatch's losses. Otherwise it
@@ -53,6 +59,11 @@ class WeightingMethod(abc.ABC):
         if num_tasks < 1:
             raise ValueError(f"{type(self).__name__} needs num_tasks >= 1, got {num_tasks}")
         self.num_tasks = num_tasks
+
+    @property
+    def gradient_samples(self) -> int:
+        """Independent samples the step splits a batch into for the per-task gradients."""
+        return SAMPLED_GRAM_SAMPLES if self.requires == "sampled_gram" else 1
 
     def init_params(self) -> PyTree:
         """Parameters trained by the main optimizer; ``{}`` if none."""
@@ -88,7 +99,8 @@ class WeightingMethod(abc.ABC):
 
     def gram_weights(self, state: PyTree, gram_TxT: jax.Array, losses_T: jax.Array, step: jax.Array,
                      rng: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
-        """``requires == "gram"``: returns ``(coeffs_T, new_state)``; the step applies sum_t c_t g_t."""
+        """``requires == "gram"`` (or ``"sampled_gram"``, with the cross-Gram): returns
+        ``(coeffs_T, new_state)``; the step applies sum_t c_t g_t."""
         raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not the Gram matrix")
 
     def aggregate(self, state: PyTree, grads_T: PyTree, losses_T: jax.Array, step: jax.Array,
