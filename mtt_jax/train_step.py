@@ -147,7 +147,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Seque
 
     Loss-based methods differentiate their combined loss. Gram and per-task-gradient methods get the
     per-task gradients of the shared encoder (`mtt_jax.task_grads`) and set its update; the task side
-    (task attention, heads) gets the gradient of ``sum_t L_t``. Gradient-conflict diagnostics come for
+    (task attention, heads) gets the gradient of ``sum_t L_t``. MoDo and SDMGrad get them for three
+    strided samples of the batch (`_sampled_task_gradients`). Gradient-conflict diagnostics come for
     free with those methods and, for loss-based ones, are computed every ``diagnostics_every`` steps.
 
     With ``grad_accum_steps = k`` the batch is processed as k microbatches whose gradients and losses

@@ -606,7 +606,7 @@ def simplex_projection_reference(v):
 
 
 @pytest.mark.parametrize("v", [[0.2, 0.3, 0.5], [0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [-1.0, 0.3, 0.1, 0.4],
-                               [3.0, -2.0, 2.9, 0.0, -0.5]])
+                               [3.0, -2.0, 2.9, 0.0, -0.5], [1e9, 1e9, 0.0], [-3e9, 2e9, 2e9 + 256]])
 def test_project_to_simplex_matches_the_bisection_reference(v):
     w = np.asarray(jax.jit(solvers.project_to_simplex)(jnp.asarray(v)))
     np.testing.assert_allclose(w, simplex_projection_reference(np.asarray(v, np.float64)), atol=1e-6)

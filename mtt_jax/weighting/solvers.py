@@ -34,8 +34,13 @@ def normalize_gram(gram_TxT: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def project_to_simplex(v_T: jax.Array) -> jax.Array:
     """``argmin_{w in simplex} |w - v|``: ``w = max(v - theta, 0)`` with the threshold ``theta`` from the
-    sorted values (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008, Fig. 1), exact in T log T."""
+    sorted values (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008, Fig. 1), exact in T log T.
+
+    The projection ignores a common shift of ``v``, so ``v`` is first shifted to a maximum of 0: with
+    large entries (1e9, as a projected step with a large step size gives) ``v_max - (v_max - 1)``
+    would round to 0 in f32, leave no entry in the support and make ``theta`` NaN."""
     v_T = jnp.asarray(v_T, jnp.float32)
+    v_T = v_T - jnp.max(v_T)
     sorted_T = jnp.sort(v_T)[::-1]
     excess_T = jnp.cumsum(sorted_T) - 1.0
     index_T = jnp.arange(1, v_T.shape[0] + 1, dtype=jnp.float32)
