@@ -77,11 +77,11 @@ def validate(config, num_devices: int) -> None:
         raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tensor") from None
     shards = shape[0] * shape[1]
     method = weighting.make_method(config.weighting, len(config.tasks))
-    num_micro = train_step.microbatch_count(method, config.grad_accum_steps)
-    micro_note = ("grad_accum_steps" if num_micro == config.grad_accum_steps else
-                  f"{num_micro} microbatches (grad_accum_steps={config.grad_accum_steps} raised to a multiple "
-                  f"of {method.name}'s {method.gradient_samples} gradient samples)")
-    for field, divisor in (("batch_size", shards * num_micro), ("eval_batch_size", shards)):
+    rows = train_step.batch_rows_divisor(method, config.grad_accum_steps)
+    micro_note = ("grad_accum_steps" if method.gradient_samples == 1 else
+                  f"grad_accum_steps={config.grad_accum_steps} microbatches of {method.name}'s "
+                  f"{method.gradient_samples} gradient samples")
+    for field, divisor in (("batch_size", shards * rows), ("eval_batch_size", shards)):
         if config[field] % divisor:
             raise ConfigError(f"{field}={config[field]} is not divisible by {divisor} (data x fsdp = "
                               f"{shards} shards of mesh {shape}, times {micro_note} for the "

@@ -9,7 +9,6 @@ randomness as an uninterrupted one.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Sequence
 
 import flax
@@ -317,15 +316,14 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         return task_grads.per_task_gradients(model, state.params["model"], micro_batch, tasks, layout,
                                              rng, loss_fn, rep_grad)
 
-    num_micro = microbatch_count(method, grad_accum_steps)
-    if num_micro == 1:
+    if grad_accum_steps == 1 and method.gradient_samples == 1:
         result = gradients(batch, dropout_rng)
         losses_T, grads_T, task_side, aux = (result.losses_T, result.grads_T, result.task_side_grads,
                                              result.aux)
         apply, to_params = result.apply, result.to_params
     else:  # rep_grad with microbatches is refused by config_check
         losses_T, grads_ST, task_side, aux = _sampled_task_gradients(
-            gradients, state.params["model"], batch, len(tasks), method.gradient_samples, num_micro,
+            gradients, state.params["model"], batch, len(tasks), method.gradient_samples, grad_accum_steps,
             layout, grad_accum_unroll, dropout_rng)
         grads_T = jax.tree.map(lambda g: g[0], grads_ST)  # the only sample, or the one d is built from
         apply = functools.partial(task_grads.combine, grads_T=grads_T)  # the unscaled ones (IMTL-L)
@@ -362,35 +360,44 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     return grads, total, losses_T, weights_T, weighting_state, aux, gram_TxT
 
 
-def microbatch_count(method: WeightingMethod, grad_accum_steps: int) -> int:
-    """Microbatches of a step's batch: ``grad_accum_steps``, raised to the least multiple of it that the
-    method's gradient samples divide (MoDo and SDMGrad: 3 samples, so 3 for ``grad_accum_steps = 1``)."""
-    return math.lcm(grad_accum_steps, method.gradient_samples)
+def batch_rows_divisor(method: WeightingMethod, grad_accum_steps: int) -> int:
+    """What a step's rows (per data shard) must divide into: ``grad_accum_steps`` microbatches, each
+    split into the method's gradient samples (3 for MoDo and SDMGrad)."""
+    return grad_accum_steps * method.gradient_samples
 
 
 def _sampled_task_gradients(gradients: Callable, model_params, batch, num_tasks, num_samples, num_micro,
                             layout, unroll, rng):
-    """Per-task gradients over ``num_micro`` microbatches, accumulated into ``num_samples`` samples:
-    microbatch j adds to sample ``j % num_samples``. Microbatches are strided, so sample s holds the
-    examples ``s, s + S, s + 2S, ...`` whatever the microbatch count. Returns the batch's mean losses,
-    gradients ``[S, T, ...]`` (each sample's mean), task-side gradients and aux."""
+    """Per-task gradients of ``num_samples`` samples over ``num_micro`` microbatches: each microbatch is
+    split into ``num_samples`` strided parts, run as one ``vmap``-ed pass, and sample s is part s of
+    every microbatch (without accumulation: the examples ``s, s + S, s + 2S, ...``). Returns the batch's
+    mean losses, gradients ``[S, T, ...]`` (each sample's mean), task-side gradients and aux.
+    (An indexed update of one sample's accumulator per microbatch does not lower inside the per-shard
+    scan of a data-parallel mesh; a one-hot mask costs S times the adds.)"""
+    def sample_gradients(micro_batch, rng):
+        if num_samples == 1:
+            r = gradients(micro_batch, rng)
+            return r.losses_T, jax.tree.map(lambda g: g[None], r.grads_T), r.task_side_grads, r.aux
+
+        def arrays(part, key):
+            r = gradients(part, key)
+            return r.losses_T, r.grads_T, r.task_side_grads, r.aux
+        parts = microbatches(micro_batch, layout, num_samples)
+        losses_ST, grads_ST, task_side_S, aux_S = jax.vmap(arrays)(parts, jax.random.split(rng, num_samples))
+        mean = lambda tree: jax.tree.map(lambda x: x.mean(0), tree)
+        return losses_ST.mean(0), grads_ST, mean(task_side_S), mean(aux_S)
+
     def accumulate(carry, micro):
         rng, micro_batch = micro
-        index, losses_T, grads_ST, task_side = carry
-        r = gradients(micro_batch, rng)
-        slot = index % num_samples
-        grads_ST = jax.tree.map(lambda acc, g: acc.at[slot].add(g), grads_ST, r.grads_T)
-        return (index + 1, losses_T + r.losses_T, grads_ST,
-                jax.tree.map(jnp.add, task_side, r.task_side_grads)), r.aux
+        losses_T, grads_ST, task_side, aux = sample_gradients(micro_batch, rng)
+        return jax.tree.map(jnp.add, carry, (losses_T, grads_ST, task_side)), aux
     shared, task_side_params = task_grads.split_params(model_params)
-    zeros = (jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), jnp.float32),
+    zeros = (jnp.zeros((num_tasks,), jnp.float32),
              jax.tree.map(lambda p: jnp.zeros((num_samples, num_tasks) + p.shape, p.dtype), shared),
              jax.tree.map(jnp.zeros_like, task_side_params))
-    (_, losses_T, grads_ST, task_side), aux = scan_microbatches(
-        accumulate, zeros, batch, layout, num_micro, unroll, rng)
-    per_sample = num_micro // num_samples
-    return (losses_T / num_micro, jax.tree.map(lambda g: g / per_sample, grads_ST),
-            jax.tree.map(lambda g: g / num_micro, task_side), jax.tree.map(lambda x: x.mean(0), aux))
+    sums, aux = scan_microbatches(accumulate, zeros, batch, layout, num_micro, unroll, rng)
+    losses_T, grads_ST, task_side = jax.tree.map(lambda x: x / num_micro, sums)
+    return losses_T, grads_ST, task_side, jax.tree.map(lambda x: x.mean(0), aux)
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],

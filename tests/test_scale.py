@@ -60,7 +60,7 @@ def loop_all_reduced_elements(compiled_text):
     return elements
 
 
-@pytest.mark.parametrize("method", ["gls", "pcgrad"])
+@pytest.mark.parametrize("method", ["gls", "pcgrad", "modo"])
 def test_data_parallel_step_splits_the_work_and_reduces_once(method):
     """Multi-input, 4 microbatches, 1 vs 2 data-parallel devices. Each device computes half of the
     batch: the trunk once merged tasks and examples task-major, which GSPMD cannot shard, and each
@@ -71,6 +71,8 @@ def test_data_parallel_step_splits_the_work_and_reduces_once(method):
     for data in (1, 2):
         config = seqtasks_config.get_config("tiny")
         config.weighting.name, config.mesh.data, config.mesh.num_devices = method, data, data
+        if method == "modo":  # 12 microbatches (4 raised to a multiple of its 3 samples) on 2 shards
+            config.batch_size = 24
         setup, compiled, batch = compile_step(config, 4)
         with setup.context():
             state, metrics = compiled(setup.create_state(), batch)
@@ -81,10 +83,13 @@ def test_data_parallel_step_splits_the_work_and_reduces_once(method):
     (params_1, metrics_1, flops_1, _), (params_2, metrics_2, flops_2, in_loop) = results
     print(f"per-device FLOPs, 2 devices / 1 device: {flops_2 / flops_1:.3f}")
     assert flops_2 / flops_1 < 0.55
-    assert in_loop <= (0 if method == "pcgrad" else 2 * len(config.tasks))
-    # Shards average their own token means (padding differs between them): close, not bit-equal.
+    assert in_loop <= (2 * len(config.tasks) if method == "gls" else 0)
+    # Shards average their own token means (padding differs between them): close, not bit-equal. MoDo's
+    # samples are the same rows on 1 and 2 devices, but each sample's token mean is over 1 row per shard
+    # instead of 2: 0.5% apart (without the tagging task the two steps are equal to the last digit).
     np.testing.assert_allclose(metrics_2["loss"], metrics_1["loss"], rtol=1e-4)
-    np.testing.assert_allclose(metrics_2["grad_norm"], metrics_1["grad_norm"], rtol=1e-3)
+    np.testing.assert_allclose(metrics_2["grad_norm"], metrics_1["grad_norm"],
+                               rtol=1e-2 if method == "modo" else 1e-3)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_2, params_1)
 
 
@@ -253,9 +258,9 @@ def test_grad_accumulation_with_a_gram_method_equals_one_big_step():
 @pytest.mark.parametrize("grad_accum_steps", [1, 2])
 def test_double_sampling_takes_three_strided_samples_of_the_batch(grad_accum_steps):
     """MoDo's weights step on the cross-Gram of samples 1 and 2 (rows 1, 4, 7, ... and 2, 5, 8, ...) and
-    are applied to sample 0's per-task gradients (rows 0, 3, 6, ...), with or without accumulation (6
-    microbatches: microbatch j adds to sample j mod 3, the same rows). The logged Gram is that of the
-    samples' mean gradients (the batch's, up to the token counts of a tagging task's means)."""
+    are applied to sample 0's per-task gradients (rows 0, 3, 6, ...); with accumulation, sample s is
+    part s of every microbatch. The logged Gram is that of the samples' mean gradients (the batch's, up
+    to the token counts of a tagging task's means)."""
     from jax.flatten_util import ravel_pytree
     from mtt_jax import task_grads, train_step
     from tests.test_weighting_methods import simplex_projection_reference
@@ -274,14 +279,14 @@ def test_double_sampling_takes_three_strided_samples_of_the_batch(grad_accum_ste
         grads, *_, weights_T, _, _, gram_TxT = jax.jit(lambda s, b: train_step._gradient_method_grads(
             s, b, setup.model, setup.tasks, loss_fn, setup.method, key, key, "multi", grad_accum_steps,
             False))(state, batch)
-        num_micro = 3 * grad_accum_steps
-        micro = train_step.microbatches(jax.device_get(batch), "multi", num_micro)
-        per_micro = [task_grads.per_task_gradients(
-            setup.model, state.params["model"], jax.tree.map(lambda x: x[j], micro), setup.tasks, "multi",
-            key, loss_fn).grads_T for j in range(num_micro)]
-    flat_micro = [np.stack([ravel_pytree(jax.tree.map(lambda g: g[t], g_T))[0] for t in range(4)])
-                  for g_T in per_micro]
-    flat = [np.mean(flat_micro[s::3], axis=0, dtype=np.float64) for s in range(3)]  # sample s: j % 3 == s
+        micro = train_step.microbatches(jax.device_get(batch), "multi", grad_accum_steps)
+        per_part = [[task_grads.per_task_gradients(
+            setup.model, state.params["model"], jax.tree.map(lambda x: x[s], parts), setup.tasks, "multi",
+            key, loss_fn).grads_T for s in range(3)]  # part s of microbatch i
+            for parts in (train_step.microbatches(jax.tree.map(lambda x: x[i], micro), "multi", 3)
+                          for i in range(grad_accum_steps))]
+    as_matrix = lambda g_T: np.stack([ravel_pytree(jax.tree.map(lambda g: g[t], g_T))[0] for t in range(4)])
+    flat = [np.mean([as_matrix(parts[s]) for parts in per_part], axis=0, dtype=np.float64) for s in range(3)]
     expected_T = simplex_projection_reference(np.full(4, 0.25) - 0.5 * (flat[1] @ flat[2].T + 0.1 * np.eye(4)) @ np.full(4, 0.25))
     np.testing.assert_allclose(weights_T, expected_T, rtol=1e-4, atol=1e-6)
     assert np.abs(expected_T - 0.25).max() > 1e-2

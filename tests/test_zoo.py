@@ -89,8 +89,8 @@ def test_double_sampling_needs_rows_for_three_samples_and_no_representation_grad
     config = default_config.get_config("tiny")
     config.weighting.name, config.batch_size, config.grad_accum_steps = name, 16, 2
     with pytest.raises(config_check.ConfigError, match=(
-            rf"^batch_size=16 is not divisible by 6 \(data x fsdp = 1 shards of mesh \(1, 1, 1\), times 6 "
-            rf"microbatches \(grad_accum_steps=2 raised to a multiple of {name}'s 3 gradient samples\)")):
+            rf"^batch_size=16 is not divisible by 6 \(data x fsdp = 1 shards of mesh \(1, 1, 1\), times "
+            rf"grad_accum_steps=2 microbatches of {name}'s 3 gradient samples for the train batch\)")):
         config_check.validate(config, 1)
     config.batch_size = 18
     config_check.validate(config, 1)
