@@ -321,7 +321,7 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
         losses_T, grads_T, task_side, aux = (result.losses_T, result.grads_T, result.task_side_grads,
                                              result.aux)
         apply, to_params = result.apply, result.to_params
-    else:  # rep_grad with microbatches is refused by config_check
+    else:  # rep_grad with microbatches or gradient samples is refused by config_check
         losses_T, grads_ST, task_side, aux = _sampled_task_gradients(
             gradients, state.params["model"], batch, len(tasks), method.gradient_samples, grad_accum_steps,
             layout, grad_accum_unroll, dropout_rng)
