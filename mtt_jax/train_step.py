@@ -20,6 +20,7 @@ import optax
 from mtt_jax import sharding, task_grads, tasks as tasks_lib
 from mtt_jax.tasks import TaskSpec
 from mtt_jax.weighting import WeightingMethod
+from mtt_jax.weighting.base import scale_task_rows
 
 PyTree = Any
 
@@ -335,16 +336,13 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     scale_T = jax.grad(transform, argnums=1)(weighting_params, losses_T)
     weighting_grads = jax.grad(transform, argnums=0)(weighting_params, losses_T)
     transformed_T = method.transform_losses(weighting_params, losses_T)
-    scale_rows = lambda tree, task_axis: jax.tree.map(
-        lambda g: g * jnp.expand_dims(scale_T, [a for a in range(g.ndim) if a != task_axis]).astype(g.dtype),
-        tree)
     if method.requires == "sampled_gram":  # the diagnostics see the whole batch's mean gradients
-        grads_ST = scale_rows(grads_ST, 1)
+        grads_ST = jax.vmap(scale_task_rows, in_axes=(0, None))(grads_ST, scale_T)
         sample = lambda s: jax.tree.map(lambda g: g[s], grads_ST)
         gram_TxT = task_grads.gram_matrix(jax.tree.map(lambda g: g.mean(0), grads_ST))
         cross_TxT = task_grads.cross_gram_matrix(sample(1), sample(2))
     else:
-        grads_T = scale_rows(grads_T, 0)
+        grads_T = scale_task_rows(grads_T, scale_T)
         gram_TxT = task_grads.gram_matrix(grads_T)
     if method.requires in ("gram", "sampled_gram"):
         coeffs_T, weighting_state = method.gram_weights(

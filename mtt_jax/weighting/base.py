@@ -136,8 +136,9 @@ def per_task_sum(tree_T: PyTree, fn=lambda leaf: leaf) -> jax.Array:
 
 
 def scale_task_rows(tree_T: PyTree, factor_T: jax.Array) -> PyTree:
-    """Every leaf's task row t multiplied by ``factor_T[t]``."""
-    return jax.tree.map(lambda leaf: leaf * factor_T.reshape((-1,) + (1,) * (leaf.ndim - 1)), tree_T)
+    """Every leaf's task row t multiplied by ``factor_T[t]`` (in the leaf's dtype)."""
+    return jax.tree.map(
+        lambda leaf: leaf * factor_T.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype), tree_T)
 
 
 def sum_task_rows(weights_T: jax.Array, tree_T: PyTree) -> PyTree:

@@ -13,11 +13,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.weighting.base import WeightingMethod, validate_range
+from mtt_jax.weighting.base import WeightingMethod, as_gram, validate_range
 from mtt_jax.weighting.solvers import project_to_simplex
 
 
-class MoDo(WeightingMethod):
+class DoubleSampling(WeightingMethod):
+    """A method fed the cross-Gram of two samples, with weights on the simplex kept across steps."""
+    requires = "sampled_gram"
+
+    def init_state(self):
+        return {"weights": jnp.full((self.num_tasks,), 1.0 / self.num_tasks, jnp.float32)}
+
+
+class MoDo(DoubleSampling):
     """MoDo (Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective Learning: Optimization,
     Generalization and Conflict-Avoidance", NeurIPS 2023, Alg. 1).
 
@@ -29,7 +37,6 @@ class MoDo(WeightingMethod):
     Logged weights: the ``lambda`` applied.
     """
     name = "modo"
-    requires = "sampled_gram"
 
     def __init__(self, num_tasks: int, gamma: float = 1e-3, rho: float = 0.1):
         super().__init__(num_tasks)
@@ -37,17 +44,14 @@ class MoDo(WeightingMethod):
         validate_range(self.name, "rho", rho, 0.0)
         self.gamma, self.rho = float(gamma), float(rho)
 
-    def init_state(self):
-        return {"weights": jnp.full((self.num_tasks,), 1.0 / self.num_tasks, jnp.float32)}
-
     def gram_weights(self, state, gram_TxT, losses_T, step, rng=None):
-        cross_TxT = jnp.asarray(gram_TxT, jnp.float32)
+        cross_TxT = as_gram(gram_TxT, self.num_tasks)
         weights_T = state["weights"]
         weights_T = project_to_simplex(weights_T - self.gamma * (cross_TxT @ weights_T + self.rho * weights_T))
         return weights_T, {"weights": weights_T}
 
 
-class SDMGrad(WeightingMethod):
+class SDMGrad(DoubleSampling):
     """SDMGrad (Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and Provable
     Stochastic Algorithms", NeurIPS 2023, Alg. 1).
 
@@ -64,7 +68,6 @@ class SDMGrad(WeightingMethod):
     ``inner_steps`` 20, ``inner_lr`` 5, ``momentum`` 0.5. Logged weights: the coefficients ``c``.
     """
     name = "sdmgrad"
-    requires = "sampled_gram"
 
     def __init__(self, num_tasks: int, lam: float = 0.3, inner_steps: int = 20, inner_lr: float = 5.0,
                  momentum: float = 0.5):
@@ -76,11 +79,8 @@ class SDMGrad(WeightingMethod):
         self.lam, self.inner_steps = float(lam), int(inner_steps)
         self.inner_lr, self.momentum = float(inner_lr), float(momentum)
 
-    def init_state(self):
-        return {"weights": jnp.full((self.num_tasks,), 1.0 / self.num_tasks, jnp.float32)}
-
     def gram_weights(self, state, gram_TxT, losses_T, step, rng=None):
-        cross_TxT = jnp.asarray(gram_TxT, jnp.float32)
+        cross_TxT = as_gram(gram_TxT, self.num_tasks)
         scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(cross_TxT), 0.0)))
         cross_TxT = cross_TxT / (scale ** 2 + 1e-8)
         toward_mean_T = self.lam * cross_TxT.mean(axis=1)
