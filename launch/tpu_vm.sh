@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cloud TPU VM (single host or pod slice) launcher for mtt_jax. See launch/README.md.
 #
-#   bash launch/tpu_vm.sh up --name my-tpu --zone us-central2-b --workdir /gcs/BUCKET/runs/r1
+#   bash launch/tpu_vm.sh up --name my-tpu --zone us-central2-b --workdir gs://BUCKET/runs/r1
 #   bash launch/tpu_vm.sh logs delete --name my-tpu --zone us-central2-b
 #
 # Every step is one or two gcloud commands; --dry-run prints them (one per line, shell-quoted so
@@ -46,10 +46,11 @@ Options (both '--opt VALUE' and '--opt=VALUE' work):
   --version RUNTIME         TPU software version, default tpu-ubuntu2204-base
   --spot                    create a Spot (preemptible) TPU VM
   --config FILE[:VARIANT]   config for mtt_jax.main, default configs/default.py
-  --workdir DIR             run directory (required for train). Use /gcs/BUCKET/PATH on a pod
-                            slice or a Spot VM: every host writes to the same place and the
-                            checkpoints outlive the VM. A local path is relative to ~/REMOTE_DIR
-                            on each worker and is deleted with the VM.
+  --workdir DIR             run directory (required for train). Use gs://BUCKET/PATH (or a
+                            gcsfuse mount, /gcs/BUCKET/PATH) on a pod slice or a Spot VM: every
+                            host writes to the same place and the checkpoints outlive the VM. A
+                            local path is relative to ~/REMOTE_DIR on each worker and is deleted
+                            with the VM.
   --remote-dir DIR          code directory under the remote home, default mtt_jax
   --log-file FILE           training log under ~/REMOTE_DIR, default train.log
   --logs-dir DIR            local directory for 'logs', default tpu_logs/NAME
@@ -66,7 +67,7 @@ same --workdir; the run continues from its last checkpoint.
 
 Example:
   bash launch/$PROG up --name mtt-v4 --zone us-central2-b --accelerator-type v4-32 \\
-      --config configs/default.py --workdir /gcs/my-bucket/mtt/run1 -- --config.total_steps=20000
+      --config configs/default.py --workdir gs://my-bucket/mtt/run1 -- --config.total_steps=20000
   bash launch/$PROG logs --name mtt-v4 --zone us-central2-b
   bash launch/$PROG delete --name mtt-v4 --zone us-central2-b
 EOF
@@ -218,7 +219,7 @@ done
 for s in "${EXPANDED[@]}"; do
   if [[ $s == train ]]; then
     [[ -n $WORKDIR ]] ||
-      die "--workdir is required for train (e.g. --workdir /gcs/BUCKET/mtt/run1); see --help"
+      die "--workdir is required for train (e.g. --workdir gs://BUCKET/mtt/run1); see --help"
     [[ -n $CONFIG ]] || die "--config must not be empty (e.g. --config configs/default.py)"
   fi
 done

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from mtt_jax import workdir as workdir_lib
 
 PyTree = Any
 
 
 class Checkpointer:
     def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        local = not workdir_lib.is_url(workdir)
+        self.directory = workdir_lib.join(os.path.abspath(workdir) if local else workdir, "checkpoints")
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
@@ -37,9 +40,13 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._last_saved = self._manager.latest_step()
 
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `maybe_save` would save at ``step``: a multiple of ``every`` (or ``force``) not yet saved."""
+        return step != self._last_saved and (force or step % self.every == 0)
+
     def maybe_save(self, step: int, state: PyTree, force: bool = False) -> bool:
-        """Saves if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did."""
-        if step == self._last_saved or (step % self.every and not force):
+        """Saves if ``step`` is `due`; returns whether it did."""
+        if not self.due(step, force):
             return False
         saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
         if saved:
@@ -74,8 +81,8 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mtt_jax: checkpoint {step} read")
         if jax.process_index() == 0:
-            path = os.path.join(self.directory, str(step))
-            os.replace(path, _free_name(f"{path}.unreadable"))
+            path = workdir_lib.join(self.directory, str(step))
+            epath.Path(path).rename(_free_name(f"{path}.unreadable"))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mtt_jax: checkpoint {step} moved aside")
 
@@ -93,7 +100,7 @@ class Checkpointer:
 def _free_name(path: str) -> str:
     """``path``, or ``path.1``, ``path.2``, ... if it is taken (a step damaged twice keeps both)."""
     candidate, n = path, 0
-    while os.path.exists(candidate):
+    while workdir_lib.exists(candidate):
         n += 1
         candidate = f"{path}.{n}"
     return candidate
@@ -103,10 +110,6 @@ def abstract_like(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
     """ShapeDtypeStructs carrying the target shardings, for a sharded restore."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_tree, shardings)
-
-
-def remove_checkpoints(workdir: str) -> None:
-    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
 
 
 class PreemptionFlag:

@@ -1,8 +1,9 @@
 """Command line: ``python -m mtt_jax.main --config configs/default.py --workdir DIR [--config.x=y]``.
 
 The config and the workdir are checked before anything is created: a bad config, a workdir that
-holds a different run, or one the run could not keep (a ``gs://`` URL, a file) exits with status 2 and
-one line saying what is wrong and how to fix it.
+holds a different run, or one the run could not keep (a file, a bucket that cannot be written) exits
+with status 2 and one line saying what is wrong and how to fix it. ``--workdir`` may be a bucket URL
+(``gs://bucket/run``; `mtt_jax.workdir`).
 
 On Linux the command first re-executes itself once with its large host allocations on huge pages
 (`mtt_jax.huge_pages`; ``MTT_JAX_HUGE_PAGES=0`` opts out).
@@ -41,7 +42,7 @@ def main(argv) -> None:
     try:
         config_check.validate(config, jax.device_count())
         if _OVERWRITE.value:
-            workdir.check_location(_WORKDIR.value)
+            workdir.check_location(_WORKDIR.value, urls=True)
         else:
             workdir.prepare(_WORKDIR.value, config)  # refuse a different run (or place) before any work
     except (config_check.ConfigError, workdir.WorkdirError) as e:

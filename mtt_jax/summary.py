@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 
 from mtt_jax.tasks import TaskSpec
-from mtt_jax.workdir import write_json, write_text
+from mtt_jax.workdir import exists, join, read_text, remove, write_bytes, write_json, write_text
 
 
 def per_task_table(tasks: Sequence[TaskSpec], metrics: dict) -> str:
@@ -36,9 +36,7 @@ def attention_table(tasks: Sequence[TaskSpec], matrix, fmt: str = ".3f") -> str:
 def discard(workdir: str) -> None:
     """Removes the end-of-run outputs of an earlier (possibly interrupted) attempt."""
     for name in ("summary.md", "curves.png", "task_attention.png"):
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            os.remove(path)
+        remove(join(workdir, name))
 
 
 def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, config,
@@ -54,15 +52,14 @@ def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, con
     if "task_attention" in final_eval:
         parts += ["\n## Task attention (mean attention mass, rows sum to 1)\n",
                   attention_table(tasks, final_eval["task_attention"])]
-    affinity_path = os.path.join(workdir, "affinity.json")
-    if os.path.exists(affinity_path):
-        with open(affinity_path) as f:
-            saved = json.load(f)
+    affinity_path = join(workdir, "affinity.json")
+    if exists(affinity_path):
+        saved = json.loads(read_text(affinity_path))
         parts += [f"\n## Task affinity (TAG lookahead, mean of {saved['measurements']}; row i -> column j)\n",
                   attention_table(tasks, saved["affinity"], "+.2e")]
         for k, grouping in saved["best_groupings"].items():
             parts.append(f"- best {k} groups: {grouping['groups']} (score {grouping['score']:.4f})")
-    write_text(os.path.join(workdir, "summary.md"), "\n".join(parts) + "\n")
+    write_text(join(workdir, "summary.md"), "\n".join(parts) + "\n")
     write_plots(workdir, tasks)
 
 
@@ -74,14 +71,14 @@ def write_affinity(workdir: str, tasks: Sequence[TaskSpec], mean_affinity, count
     for k in range(2, len(tasks)):
         groups, score = best_grouping(mean_affinity, k)
         groupings[str(k)] = {"groups": [[names[i] for i in g] for g in groups], "score": score}
-    write_json(os.path.join(workdir, "affinity.json"),
+    write_json(join(workdir, "affinity.json"),
                {"tasks": names, "measurements": count,
                 "affinity": np.round(mean_affinity, 6).tolist(), "best_groupings": groupings}, indent=2)
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in read_text(join(workdir, "metrics.jsonl")).splitlines()
+            if line.strip()]
 
 
 def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
@@ -104,8 +101,7 @@ def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
-    plt.close(fig)
+    _save_png(fig, join(workdir, "curves.png"))
     if evals and "task_attention" in evals[-1]:
         matrix = np.asarray(evals[-1]["task_attention"])
         fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 1.2 * len(tasks) + 1.5))
@@ -116,5 +112,13 @@ def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
         ax.set(xlabel="attends to (keys/values)", ylabel="task (queries)", title="Task attention mass")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, "task_attention.png"), dpi=100)
-        plt.close(fig)
+        _save_png(fig, join(workdir, "task_attention.png"))
+
+
+def _save_png(fig, path: str) -> None:
+    """Saves and closes ``fig``, written whole (`write_bytes`; a local path or a bucket URL)."""
+    import matplotlib.pyplot as plt
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes(path, png.getvalue())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -172,7 +171,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         resuming = workdir_lib.prepare(workdir, config, overwrite)
     if jax.process_count() > 1:  # every process has read the workdir before process 0 writes to it
         multihost_utils.sync_global_devices("mtt_jax: workdir prepared")
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.makedirs(workdir)
     if is_primary:  # first, so that whatever the run writes next is known to be this run's
         workdir_lib.write_config(workdir, config)
         summary.discard(workdir)  # a summary describes a finished run only
@@ -249,11 +248,25 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         writer.write(step, "train", record)
         progress.update(step, record["loss"], force_line=True)
 
+    def log_pending() -> None:
+        """Logs the step whose metrics are still on the device (read one step late)."""
+        nonlocal pending
+        if pending is not None:
+            log_train(*pending)
+            pending = None
+
+    def save_checkpoint(step: int, state, force: bool = False) -> None:
+        """Stores the metrics records written so far first (a bucket workdir uploads them in batches),
+        so that every record a resume from this checkpoint keeps exists."""
+        if checkpointer.due(step, force):
+            writer.flush()
+            checkpointer.maybe_save(step, state, force=force)
+
     # --- Loop -----------------------------------------------------------------------------------------------
+    pending = None  # (step, metrics) of the previous step, read one step late
     progress.message(f"{f'resuming at step {first_step} of' if first_step else 'training'} "
                      f"{config.total_steps} steps on {mesh.devices.size} device(s), mesh "
                      f"{dict(mesh.shape)}, tasks {', '.join(config.tasks)}")
-    pending = None  # (step, metrics) of the previous step, read one step late
     last_eval, start, step = {}, time.perf_counter(), first_step
     if first_step and eval_missing(kept, first_step, config):
         # Killed after the checkpoint of an eval step was committed but before its eval was written:
@@ -270,30 +283,27 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     # so that a resume drops exactly the measurements it will take again; unrounded.
                     writer.write(step + 1, "affinity", {"affinity": affinity_TxT.tolist()})
                 state, metrics = train_step(state, batch)
-                if pending is not None:
-                    log_train(*pending)
+                log_pending()
                 pending = (step + 1, metrics)
-                checkpointer.maybe_save(step + 1, state)
+                if checkpointer.due(step + 1) or is_eval_step(step + 1, config):
+                    log_pending()  # this step's record before its checkpoint and its eval
+                save_checkpoint(step + 1, state)
                 if is_eval_step(step + 1, config):
-                    log_train(*pending)
-                    pending = None
                     last_eval = evaluate(step + 1)
                 if preemption_requested(preemption, step + 1, config.log_every):
-                    if pending is not None:  # this step's record: the resumed run starts after it
-                        log_train(*pending)
-                    checkpointer.maybe_save(step + 1, state, force=True)
+                    log_pending()  # this step's record: the resumed run starts after it
+                    save_checkpoint(step + 1, state, force=True)
                     checkpointer.close()
                     writer.close()
                     progress.message(f"SIGTERM: saved the checkpoint at step {step + 1}; exiting. "
                                      f"Run the same command to resume.")
                     return state, last_eval
-            if pending is not None:
-                log_train(*pending)
+            log_pending()
         except NonFiniteLossError:
             checkpointer.close()
             writer.close()
             raise
-    checkpointer.maybe_save(config.total_steps, state, force=True)
+    save_checkpoint(config.total_steps, state, force=True)
     checkpointer.close()
     writer.close()
     if not last_eval and is_primary:  # restarted after the run had finished: nothing new to evaluate

@@ -3,8 +3,13 @@
 A workdir that holds ``config.json`` belongs to that run. Starting a different run there (any field
 that changes the computation differs) is refused unless ``overwrite`` is given, which clears the old
 outputs first. Fields that only change how often things are logged or saved may differ on resume.
-Paths the outputs could not be kept at (URLs, files, unwritable folders) are refused before any work,
-and results are written whole or not at all (`write_text`, `write_json`).
+Paths the outputs could not be kept at (files, unwritable folders, buckets that cannot be written)
+are refused before any work, and results are written whole or not at all (`write_text`, `write_json`).
+
+A training workdir may be a bucket URL (``gs://bucket/run``; ``s3://`` with s3fs), as on Cloud TPU VMs
+whose disks go with the VM: every path here goes through `etils.epath` (gcsfs for ``gs://`` when
+TensorFlow is absent). An object store replaces an object whole, so a write there is whole or absent
+without the local temporary file and rename; it has no ``flock``, so such a workdir is not locked.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
-import shutil
 import socket
+import uuid
+
+from etils import epath
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
@@ -30,13 +38,31 @@ class WorkdirError(ValueError):
 
 # A URL such as gs://bucket/run: os.path would treat it as the relative folder "gs:/bucket/run".
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# The object stores a workdir may be on, and the package epath reaches each through (without TensorFlow).
+URL_PACKAGES = {"gs": "gcsfs", "s3": "s3fs"}
+_checked_urls: set[str] = set()
 
 
-def check_location(workdir: str, flag: str = "--workdir") -> None:
-    """Refuses a folder the outputs could not be kept in: a URL (``gs://``, ``s3://``: the writers use
-    local file I/O, so the run would land in a local folder named ``gs:`` and be lost with the machine),
-    a path that exists and is not a folder, or one that cannot be created or written."""
-    _refuse_url(workdir, flag)
+def is_url(path: str) -> bool:
+    return bool(_URL.match(str(path)))
+
+
+def join(workdir: str, *names: str) -> str:
+    """``os.path.join`` that keeps a URL's ``//``."""
+    return str(epath.Path(workdir).joinpath(*names)) if is_url(workdir) else os.path.join(workdir, *names)
+
+
+def check_location(workdir: str, flag: str = "--workdir", urls: bool = False) -> None:
+    """Refuses a folder the outputs could not be kept in: a path that exists and is not a folder, one
+    that cannot be created or written, and a URL unless ``urls`` (callers whose writers are local file
+    I/O: the run would land in a local folder named ``gs:`` and be lost with the machine). An accepted
+    URL must be on a known object store whose package is installed, and writable (`check_url`)."""
+    if is_url(workdir):
+        if not urls:
+            raise WorkdirError(f"{flag}={workdir}: URLs are supported for the --workdir of mtt_jax.main "
+                               "only; pass a local path (or a gcsfuse mount of the bucket)")
+        check_url(workdir, flag)
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"{workdir} exists and is not a folder; pass a folder for {flag}")
     _check_writable(workdir, flag)
@@ -45,10 +71,39 @@ def check_location(workdir: str, flag: str = "--workdir") -> None:
 def check_output_file(path: str, flag: str) -> None:
     """Refuses a results file that could not be written after the work: a URL, an existing folder, or
     one in a folder that cannot be created or written."""
-    _refuse_url(path, flag)
+    if is_url(path):
+        raise WorkdirError(f"{flag}={path}: URLs are not supported for {flag}; pass a local file name")
     if os.path.isdir(path):
         raise WorkdirError(f"{flag}={path} is a folder; pass a file name")
     _check_writable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def check_url(url: str, flag: str = "--workdir") -> None:
+    """A bucket URL the run can keep its outputs at: a known scheme, its filesystem package installed,
+    not an object (a file), and writable: a probe object is written and removed, so that missing
+    credentials or a missing bucket stop the run before any work, not at its first metrics."""
+    if url in _checked_urls:
+        return
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in URL_PACKAGES:
+        raise WorkdirError(f"{flag}={url}: unknown URL scheme {scheme}://; workdirs may be local paths or "
+                           f"{', '.join(s + '://' for s in URL_PACKAGES)} URLs")
+    target = epath.Path(url)
+    try:
+        if target.exists() and not target.is_dir():
+            raise WorkdirError(f"{url} is an object, not a folder; pass a folder for {flag}")
+        probe = target / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except WorkdirError:
+        raise
+    except ImportError:
+        raise WorkdirError(f"{flag}={url}: {scheme}:// needs the {URL_PACKAGES[scheme]} package "
+                           f"(pip install {URL_PACKAGES[scheme]}) or TensorFlow") from None
+    except Exception as e:  # credentials, a missing bucket, permissions: each store has its own types
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise WorkdirError(f"{flag}={url} cannot be written ({type(e).__name__}: {first_line})") from None
+    _checked_urls.add(url)
 
 
 def _check_writable(path: str, flag: str) -> None:
@@ -62,25 +117,51 @@ def _check_writable(path: str, flag: str) -> None:
         raise WorkdirError(f"{flag}={path}: {existing} is not writable")
 
 
-def _refuse_url(path: str, flag: str) -> None:
-    if _URL.match(path):
-        raise WorkdirError(f"{flag}={path}: URLs are not supported yet (outputs are written as local "
-                           "files); mount the bucket with gcsfuse and pass its local path "
-                           "(launch/README.md)")
+def makedirs(path: str) -> None:
+    """Creates the folder; a no-op for a URL (object stores have no folders: a write creates its
+    prefixes, and ``mkdir`` at a bucket's top level could try to create the bucket)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes ``path`` through a temporary file and a rename (creating the folder), so that ``path``
-    holds either its previous content or the whole new one, never half of it."""
+    """`write_bytes` of UTF-8 ``text``."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``path`` so that it holds either its previous content or the whole new one, never half
+    of it: locally through a temporary file and a rename (creating the folder); an object store's
+    upload replaces the object whole by itself."""
+    if is_url(path):
+        epath.Path(path).write_bytes(data)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(temporary, "w") as f:
-            f.write(text)
+        with open(temporary, "wb") as f:
+            f.write(data)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def read_text(path: str) -> str:
+    return epath.Path(path).read_text()
+
+
+def exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
+def remove(path: str) -> None:
+    """Removes a file or a whole folder; nothing if there is none."""
+    target = epath.Path(path)
+    if target.is_dir():
+        target.rmtree()
+    elif target.exists():
+        target.unlink()
 
 
 def write_json(path: str, value, **dump_options) -> None:
@@ -102,24 +183,20 @@ def prepare(workdir: str, config, overwrite: bool = False) -> bool:
     Outputs without their ``config.json`` (copied in, or left by another tool) belong to no known run:
     resuming from them, or writing a new run among them, would mix two runs, so they are refused too.
     """
-    check_location(workdir)
+    check_location(workdir, urls=True)
     if overwrite:
-        for target in (os.path.join(workdir, name) for name in OUTPUTS):
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
+        for name in OUTPUTS:
+            remove(join(workdir, name))
         return False
-    present = [name for name in OUTPUTS if _holds(os.path.join(workdir, name))]
+    present = [name for name in OUTPUTS if _holds(join(workdir, name))]
     if not present:
         return False
     if "config.json" not in present:
         raise WorkdirError(f"{workdir} holds {', '.join(present)} without the config.json of their run; "
                            f"use another --workdir or pass --overwrite to discard them")
-    path = os.path.join(workdir, "config.json")
+    path = join(workdir, "config.json")
     try:
-        with open(path) as f:
-            previous = run_identity(json.load(f))
+        previous = run_identity(json.loads(read_text(path)))
     except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
         raise WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}); fix or remove it, or pass "
                            f"--overwrite to discard the run") from None
@@ -136,9 +213,15 @@ def lock(workdir: str, enabled: bool = True):
     """Holds ``workdir/.lock`` (``flock``) for a run, so that a second run started in the same workdir
     (the command launched twice, a requeued job whose first copy still runs) stops with one line
     instead of writing metrics and checkpoints among the first one's. It is released when the block
-    ends (or the process does). Where the filesystem has no ``flock`` (some network and FUSE mounts)
-    the run goes on unlocked. A location `check_location` refuses is not created."""
+    ends (or the process does). Where the filesystem has no ``flock`` (some network and FUSE mounts,
+    object stores) the run goes on unlocked. A location `check_location` refuses is not created."""
     if not enabled:
+        yield
+        return
+    if is_url(workdir):
+        check_url(workdir)
+        logging.warning("%s is not locked (an object store has no flock): start one run at a time there",
+                        workdir)
         yield
         return
     check_location(workdir)
@@ -165,8 +248,9 @@ def lock(workdir: str, enabled: bool = True):
 
 def _holds(path: str) -> bool:
     """A file, or a folder with anything in it (an empty one is what a run stopped at its start left)."""
-    return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
+    target = epath.Path(path)
+    return target.is_file() or (target.is_dir() and any(True for _ in target.iterdir()))
 
 
 def write_config(workdir: str, config) -> None:
-    write_json(os.path.join(workdir, "config.json"), config_dict(config), indent=2, sort_keys=True)
+    write_json(join(workdir, "config.json"), config_dict(config), indent=2, sort_keys=True)

@@ -1,20 +1,25 @@
 """Run outputs (DESIGN §8): metrics.jsonl, TensorBoard events and the progress line.
 
 Only process 0 writes; other processes get writers that do nothing, so the loop needs no branches.
+On a bucket workdir (``gs://``) the files are `ObjectFile`s: an object store cannot append, so each
+one's content is kept in memory and uploaded whole, at most every ``URL_FLUSH_SECONDS`` and on `flush`
+(which the loop calls before each checkpoint, so that the records a resume keeps are stored first).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
+import threading
 import time
 from typing import Any, Mapping
 
 import numpy as np
 
-from mtt_jax.workdir import write_text
+from mtt_jax import workdir as workdir_lib
+
+URL_FLUSH_SECONDS = 30.0
 
 
 def _jsonable(value: Any) -> Any:
@@ -34,20 +39,33 @@ class MetricWriter:
         self.enabled = enabled
         self._jsonl = self._tensorboard = None
         if enabled:
-            path = os.path.join(workdir, "metrics.jsonl")
-            _truncate_after(path, resume_after_step)
-            self._jsonl = open(path, "a", buffering=1)
+            path = workdir_lib.join(workdir, "metrics.jsonl")
+            kept = _truncate_after(path, resume_after_step)
+            if workdir_lib.is_url(workdir):
+                self._jsonl = ObjectFile(path, kept.encode(), min_interval=URL_FLUSH_SECONDS)
+                _route_tensorboard_to_object_files()
+            else:
+                self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._tensorboard = SummaryWriter(
+                workdir_lib.join(workdir, "tensorboard"),
+                flush_secs=URL_FLUSH_SECONDS if workdir_lib.is_url(workdir) else 10)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        self._jsonl.write(line.encode() if isinstance(self._jsonl, ObjectFile) else line)
         for key, value in record.items():
             if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tensorboard.add_scalar(f"{split}/{key}", value, int(step))
+
+    def flush(self) -> None:
+        """Stores the records written so far (a local metrics.jsonl is line-buffered already)."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._tensorboard.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -55,19 +73,68 @@ class MetricWriter:
             self._tensorboard.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
+def _truncate_after(path: str, step: int) -> str:
+    """Drops the records of steps after ``step`` (and lines cut short by a kill); returns those kept."""
+    if not workdir_lib.exists(path):
+        return ""
     kept = []
-    for line in lines:
+    for line in workdir_lib.read_text(path).splitlines(keepends=True):
         try:
             if json.loads(line)["step"] <= step:
-                kept.append(line)
+                kept.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError):  # a line cut short by a kill
             continue
-    write_text(path, "".join(kept))  # a kill while truncating must not lose the records kept
+    workdir_lib.write_text(path, "".join(kept))  # a kill while truncating must not lose the records kept
+    return "".join(kept)
+
+
+class ObjectFile:
+    """A file on an object store, which replaces objects whole and cannot append: the content is kept
+    in memory, and each upload writes all of it (`workdir.write_bytes`). ``write`` uploads when the
+    last upload is ``min_interval`` seconds old; ``flush`` and ``close`` upload what has changed. A
+    kill loses what was written since the last upload, never what was uploaded before it. Thread-safe
+    (tensorboardX writes from its own thread while the loop may flush)."""
+
+    def __init__(self, path: str, content: bytes = b"", min_interval: float = 0.0):
+        self.path, self.min_interval = path, min_interval
+        self._content = bytearray(content)
+        self._uploaded_size = len(content)
+        self._uploaded_at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._content += data
+        if time.monotonic() - self._uploaded_at >= self.min_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            content = bytes(self._content)
+            if len(content) != self._uploaded_size:
+                workdir_lib.write_bytes(self.path, content)
+                self._uploaded_size = len(content)
+            self._uploaded_at = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectFileFactory:
+    """tensorboardX's writer factory for a URL scheme: event files as `ObjectFile`s through epath
+    (tensorboardX's own ``gs://`` writer needs google-cloud-storage and does not reach other stores)."""
+
+    def open(self, path: str) -> ObjectFile:
+        return ObjectFile(path)
+
+    def directory_check(self, path: str) -> None:  # object stores have no folders to create
+        pass
+
+
+def _route_tensorboard_to_object_files() -> None:
+    from tensorboardX import record_writer
+    for scheme in workdir_lib.URL_PACKAGES:
+        record_writer.register_writer_factory(scheme, _ObjectFileFactory())
 
 
 class Progress:

@@ -52,12 +52,15 @@ def test_bad_config_exits_before_any_work(tmp_path, override, expected):
     assert not workdir.exists()
 
 
-@pytest.mark.parametrize("where", ["url", "file"])
+@pytest.mark.parametrize("where", ["unknown_scheme", "no_package", "file"])
 def test_a_workdir_the_run_could_not_keep_exits_before_any_work(tmp_path, where):
-    """A ``gs://`` URL would become a local folder named ``gs:``, lost with the machine; a file cannot
-    hold the run. Both stop with one line, --overwrite or not, and nothing is created or cleared."""
-    if where == "url":
-        workdir, expected = "gs://bucket/run", "URLs are not supported yet"
+    """A URL on no known object store, or on one whose package is missing, and a file, which cannot
+    hold the run: each stops with one line, --overwrite or not, and nothing is created or cleared
+    (no local folder named after the URL, lost with the machine). Bucket runs: test_bucket_workdir.py."""
+    if where == "unknown_scheme":
+        workdir, expected = "ftp://host/run", "unknown URL scheme ftp://"
+    elif where == "no_package":
+        workdir, expected = "s3://bucket/run", "s3:// needs the s3fs package (pip install s3fs)"
     else:
         workdir, expected = tmp_path / "a_file", "exists and is not a folder"
         workdir.write_text("kept\n")
@@ -65,9 +68,10 @@ def test_a_workdir_the_run_could_not_keep_exits_before_any_work(tmp_path, where)
     assert result.returncode == 2
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-1500:]
-    assert not os.path.exists(os.path.join(ROOT, "gs:"))
     if where == "file":
         assert workdir.read_text() == "kept\n"
+    else:
+        assert not os.path.exists(os.path.join(ROOT, workdir.split("/")[0]))
 
 
 def test_a_workdir_whose_run_is_unknown_is_refused_and_overwrite_clears_every_output(tmp_path):
@@ -102,9 +106,9 @@ def test_a_second_run_in_a_workdir_in_use_stops_before_writing(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
     with workdir.lock(str(tmp_path)):  # released with the first run
         pass
-    with pytest.raises(workdir.WorkdirError, match="URLs are not supported yet"):  # not locked into ./gs:
-        train.train_and_evaluate(default.get_config("tiny"), "gs://bucket/run", quiet=True)
-    assert not os.path.exists("gs:")
+    with pytest.raises(workdir.WorkdirError, match="needs the s3fs package"):  # not locked into ./s3:
+        train.train_and_evaluate(default.get_config("tiny"), "s3://bucket/run", quiet=True)
+    assert not os.path.exists("s3:")
 
 
 def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):
@@ -114,7 +118,7 @@ def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, mo
     workdir.check_output_file(str(results), "--out")
     with pytest.raises(workdir.WorkdirError, match="--out=.* is a folder; pass a file name"):
         workdir.check_output_file(str(tmp_path), "--out")
-    with pytest.raises(workdir.WorkdirError, match="--out=s3://b/r.json: URLs are not supported"):
+    with pytest.raises(workdir.WorkdirError, match="--out=s3://b/r.json: URLs are not supported for --out"):
         workdir.check_output_file("s3://b/r.json", "--out")
     workdir.write_json(str(results), {"step": 1})  # creates the folder
     assert results.read_text() == '{"step": 1}'

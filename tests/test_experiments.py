@@ -95,7 +95,7 @@ def test_every_experiment_refuses_a_url_workdir_before_any_work(capsys):
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--workdir", "gs://bucket/run", "--tiny"])
         assert exit_info.value.code == 2, name
-        assert "URLs are not supported yet" in capsys.readouterr().err, name
+        assert "URLs are supported for the --workdir of mtt_jax.main only" in capsys.readouterr().err, name
     assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 

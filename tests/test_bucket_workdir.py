@@ -1,0 +1,201 @@
+"""A run on a bucket workdir (``gs://``) writes, resumes and refuses as on a local one.
+
+No bucket can be reached from CI: ``gs://`` is served by fsspec's in-memory filesystem, registered
+under the names etils.epath asks fsspec for (what gcsfs serves in real use). Orbax writes its arrays
+through tensorstore's own GCS driver, which no fake reaches; these tests put the checkpoints in a local
+folder, so orbax's ``gs://`` support (used as is, as MaxText does) is the one part not run here.
+"""
+
+import json
+import struct
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from configs import seqtasks as seqtasks_config
+from mtt_jax import checkpoint, train, workdir, writers
+
+BUCKET = "gs://bucket/run"
+
+
+class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):  # gcsfs's option; nothing to finalize
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """A fresh in-memory ``gs://``; returns a reader of its objects (``path`` relative to BUCKET)."""
+    from etils.epath import gpath
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # the fsspec backend, as without TF
+    monkeypatch.setattr(FakeGCS, "store", {})
+    monkeypatch.setattr(FakeGCS, "pseudo_dirs", [""])
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    FakeGCS.clear_instance_cache()
+    monkeypatch.setattr(workdir, "_checked_urls", set())
+    yield lambda path: FakeGCS.store[f"{BUCKET}/{path}"].getvalue()
+    FakeGCS.clear_instance_cache()
+
+
+@pytest.fixture
+def local_checkpoints(monkeypatch, tmp_path):
+    """Checkpoints of a bucket run go to a local folder (see the module docstring); returns the
+    Checkpointers made, so that a test can wait for their asynchronous saves."""
+    made, real_init = [], checkpoint.Checkpointer.__init__
+
+    def init(self, directory, *args, **kwargs):
+        real_init(self, str(tmp_path / "checkpoints" / directory.replace("://", "_")), *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(checkpoint.Checkpointer, "__init__", init)
+    return made
+
+
+def records(text: str, split: str) -> list[dict]:
+    return [r for r in map(json.loads, text.splitlines()) if r["split"] == split]
+
+
+def event_tags(events: bytes) -> set[str]:
+    """The scalar tags in a TensorBoard event file (TFRecords: length, its CRC, data, the data's CRC)."""
+    tags, offset = set(), 0
+    while offset < len(events):
+        (length,) = struct.unpack_from("Q", events, offset)
+        data = events[offset + 12: offset + 12 + length]
+        offset += 16 + length
+        for tag in (b"train/loss", b"eval/loss"):
+            tags |= {tag.decode()} if tag in data else set()
+    return tags
+
+
+def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
+        bucket, local_checkpoints, monkeypatch, tmp_path):
+    """Metrics reach the bucket in whole uploads, each before a checkpoint: a run killed between
+    uploads resumes from its checkpoint with every record up to it, and ends with the same records,
+    summary and plots as an uninterrupted local run. TensorBoard's events are there too."""
+    config = seqtasks_config.get_config("tiny")  # 20 steps, eval every 10, log every 5
+    config.checkpoint_every, config.log_every = 5, 1
+    reference = tmp_path / "reference"
+    train.train_and_evaluate(config, str(reference), quiet=True)
+
+    monkeypatch.setattr(writers, "URL_FLUSH_SECONDS", 3600.0)  # uploads only when the loop asks
+    uploaded_before_checkpoint = {}
+    real_maybe_save = checkpoint.Checkpointer.maybe_save
+
+    def maybe_save(self, step, state, force=False):
+        if self.due(step, force):
+            uploaded_before_checkpoint[step] = max(r["step"] for r in records(
+                bucket("metrics.jsonl").decode(), "train"))
+        return real_maybe_save(self, step, state, force)
+    monkeypatch.setattr(checkpoint.Checkpointer, "maybe_save", maybe_save)
+
+    def killed_at(flag, step, every):
+        if step == 13:
+            raise KeyboardInterrupt  # the process dies here: nothing is closed or flushed
+        return False
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "preemption_requested", killed_at)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, BUCKET, quiet=True)
+    local_checkpoints[-1].wait()
+    assert uploaded_before_checkpoint == {5: 5, 10: 10}
+    assert [r["step"] for r in records(bucket("metrics.jsonl").decode(), "train")] == list(range(1, 11))
+    with pytest.raises(KeyError):
+        bucket("summary.md")
+
+    state, final = train.train_and_evaluate(config, BUCKET, quiet=True)
+    assert int(state.step) == 20 and uploaded_before_checkpoint == {5: 5, 10: 10, 15: 15, 20: 20}
+    ours, theirs = bucket("metrics.jsonl").decode(), (reference / "metrics.jsonl").read_text()
+    for split in ("train", "eval"):
+        assert [r["step"] for r in records(ours, split)] == [r["step"] for r in records(theirs, split)]
+    np.testing.assert_allclose([r["loss"] for r in records(ours, "train")],
+                               [r["loss"] for r in records(theirs, "train")], rtol=1e-5)
+    tables = [[l for l in text.splitlines() if l.startswith("|")]
+              for text in (bucket("summary.md").decode(), (reference / "summary.md").read_text())]
+    assert tables[0] == tables[1] and len(tables[0]) > 3
+    assert bucket("curves.png").startswith(b"\x89PNG")
+    assert json.loads(bucket("config.json"))["total_steps"] == 20
+    event_files = [k for k in FakeGCS.store if k.startswith(f"{BUCKET}/tensorboard/events.out.tfevents")]
+    assert len(event_files) == 2  # one per attempt, as TensorBoard reads them
+    assert event_tags(FakeGCS.store[event_files[-1]].getvalue()) == {"train/loss", "eval/loss"}
+
+    # The same command again finds the finished run: nothing new, the final eval read back.
+    _, again = train.train_and_evaluate(config, BUCKET, quiet=True)
+    assert again["loss"] == pytest.approx(final["loss"])
+
+
+def test_a_bucket_workdir_is_checked_refused_and_cleared_like_a_local_one(bucket, monkeypatch):
+    from configs import default
+    config = default.get_config("tiny")
+    workdir.check_location(BUCKET, urls=True)
+    assert not [k for k in FakeGCS.store if ".write-test-" in k]  # the probe object is removed
+    with pytest.raises(workdir.WorkdirError, match=r"--profile=gs://bucket/run: URLs are supported for "
+                                                   r"the --workdir of mtt_jax.main only"):
+        workdir.check_location(BUCKET, "--profile")
+    with pytest.raises(workdir.WorkdirError, match="unknown URL scheme ftp://"):
+        workdir.check_location("ftp://host/run", urls=True)
+    workdir.write_text("gs://bucket/an_object", "x")
+    with pytest.raises(workdir.WorkdirError, match="gs://bucket/an_object is an object, not a folder"):
+        workdir.check_location("gs://bucket/an_object", urls=True)
+
+    def unwritable(self, path, mode="rb", **kwargs):
+        raise PermissionError("403 caller does not have storage.objects.create access\nmore")
+    with monkeypatch.context() as patch:
+        patch.setattr(FakeGCS, "_open", unwritable)
+        with pytest.raises(workdir.WorkdirError, match=r"^--workdir=gs://bucket/other cannot be written "
+                                                       r"\(PermissionError: 403 caller does not have "
+                                                       r"storage.objects.create access\)$"):
+            workdir.check_location("gs://bucket/other", urls=True)
+
+    assert not workdir.prepare(BUCKET, config)
+    workdir.write_config(BUCKET, config)
+    workdir.write_text(f"{BUCKET}/metrics.jsonl", '{"step": 1}\n')
+    workdir.write_text(f"{BUCKET}/checkpoints/1/state", "x")
+    workdir.write_text(f"{BUCKET}/notes.txt", "mine")
+    assert workdir.prepare(BUCKET, config)  # the same run: resumed
+    config.seed += 1
+    with pytest.raises(workdir.WorkdirError, match="holds a run with a different config \\(fields: seed\\)"):
+        workdir.prepare(BUCKET, config)
+    assert not workdir.prepare(BUCKET, config, overwrite=True)
+    assert sorted(FakeGCS.store) == ["gs://bucket/an_object", f"{BUCKET}/notes.txt"]
+
+    with workdir.lock(BUCKET):  # no flock on an object store: a warning, and no .lock object
+        pass
+    assert f"{BUCKET}/.lock" not in FakeGCS.store
+
+    # A checkpoint that cannot be read is moved aside under a free name, as on a local disk.
+    for name in ("checkpoints/5/state", "checkpoints/5.unreadable/state"):
+        workdir.write_text(f"{BUCKET}/{name}", "x")
+    damaged = object.__new__(checkpoint.Checkpointer)
+    damaged.directory = workdir.join(BUCKET, "checkpoints")
+    damaged._move_aside(5)
+    assert sorted(k for k in FakeGCS.store if "/checkpoints/" in k) == [
+        f"{BUCKET}/checkpoints/5.unreadable.1/state", f"{BUCKET}/checkpoints/5.unreadable/state"]
+
+
+def test_a_missing_filesystem_package_is_named_in_one_line():
+    """``s3://`` without s3fs (not a requirement; gcsfs is): the package to install, before any work."""
+    with pytest.raises(workdir.WorkdirError, match=r"^--workdir=s3://bucket/run: s3:// needs the s3fs "
+                                                   r"package \(pip install s3fs\) or TensorFlow$"):
+        workdir.check_location("s3://bucket/run", urls=True)
+
+
+def test_an_object_file_uploads_whole_and_only_when_changed(bucket, monkeypatch):
+    uploads = []
+    real = workdir.write_bytes
+    monkeypatch.setattr(workdir, "write_bytes", lambda path, data: (uploads.append(data), real(path, data)))
+    clock = iter([0.0, 1.0, 2.0, 40.0, 40.0, 41.0]).__next__
+    monkeypatch.setattr(writers.time, "monotonic", clock)
+    f = writers.ObjectFile(f"{BUCKET}/log", b"kept\n", min_interval=30.0)  # created at t=0
+    f.write(b"a\n")  # t=1: too soon
+    f.write(b"b\n")  # t=2
+    assert uploads == []
+    f.write(b"c\n")  # t=40: the interval has passed
+    assert uploads == [b"kept\na\nb\nc\n"]
+    f.flush()  # t=41: nothing new
+    assert uploads == [b"kept\na\nb\nc\n"] and bucket("log") == b"kept\na\nb\nc\n"
