@@ -319,7 +319,7 @@ def test_benchmark_compares_attention_kernels_and_layer_scans_and_refuses_bad_va
     assert "compiled" not in refused.stdout  # refused before any work
     refused = run_benchmark("--out=gs://bucket/bench.json")  # not writable after the work: refused before
     assert refused.returncode == 2 and "compiled" not in refused.stdout, refused.stderr[-1500:]
-    assert "URLs are not supported yet" in refused.stderr.strip().splitlines()[-1]
+    assert "URLs are not supported for --out" in refused.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("parse,text,expected", [
