@@ -1,7 +1,8 @@
 """What every experiment shares: the command line, seeds statistics, tables, plots and the JSON record.
 
 Every experiment is ``python -m experiments.<name> --workdir DIR [--quick]`` and writes ``DIR/table.md``,
-``DIR/results.json`` and PNG plots. Sizes:
+``DIR/results.json`` and PNG plots (``DIR`` may be a bucket URL, ``gs://BUCKET/PATH``:
+`mtt_jax.workdir`). Sizes:
 
 - full (default): the paper's protocol as far as this codebase and a CPU allow; its cost is in each
   module's docstring and ``--help``;
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mtt_jax import summary
 from mtt_jax import workdir as workdir_lib
 
 SIZES = ("tiny", "quick", "full")
@@ -57,7 +59,7 @@ def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = No
     if args.seeds < 0:
         parser.error("--seeds must be >= 1")
     try:
-        workdir_lib.check_location(args.workdir)  # before hours of work, not when writing the table
+        workdir_lib.check_location(args.workdir, urls=True)  # before hours of work, not at the table
     except workdir_lib.WorkdirError as e:
         parser.error(str(e))
     configure_compilation(args.compile if args.compile != "auto" else
@@ -140,10 +142,10 @@ class Log:
 def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str, results: dict,
                   log: Log, header: str = "", stats_over: str = "seeds") -> None:
     """Writes ``table.md`` (with the command, size and wall time) and ``results.json``."""
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.makedirs(workdir)
     record = {"experiment": name, "size": args.size, "command": command_line(),
               "wall_seconds": round(log.elapsed, 1), **results}
-    workdir_lib.write_json(os.path.join(workdir, "results.json"), to_jsonable(record), indent=1)
+    workdir_lib.write_json(workdir_lib.join(workdir, "results.json"), to_jsonable(record), indent=1)
     write_table(workdir, name, header, record, table, stats_over)
     log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
 
@@ -153,7 +155,8 @@ def write_table(workdir: str, name: str, header: str, record: dict, table: str,
     """``table.md``: the header, the command, size and wall time of ``record`` (a results.json), the table."""
     command = (f"Command: `{record['command']}` (size: {record['size']}; wall time "
                f"{record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.")
-    workdir_lib.write_text(os.path.join(workdir, "table.md"), f"# {name}\n\n{header}\n\n{command}\n\n{table}")
+    workdir_lib.write_text(workdir_lib.join(workdir, "table.md"),
+                           f"# {name}\n\n{header}\n\n{command}\n\n{table}")
 
 
 class PartialResults:
@@ -164,23 +167,21 @@ class PartialResults:
     """
 
     def __init__(self, workdir: str, identity: dict):
-        self.path = os.path.join(workdir, "results.partial.json")
+        self.path = workdir_lib.join(workdir, "results.partial.json")
         self.identity = to_jsonable(identity)
 
     def load(self) -> dict:
         """The finished parts of an earlier run with the same identity, else ``{}``."""
-        if not os.path.exists(self.path):
+        if not workdir_lib.exists(self.path):
             return {}
-        with open(self.path) as f:
-            saved = json.load(f)
+        saved = json.loads(workdir_lib.read_text(self.path))
         return saved.get("results", {}) if saved.get("identity") == self.identity else {}
 
     def save(self, results: dict) -> None:
         workdir_lib.write_json(self.path, to_jsonable({"identity": self.identity, "results": results}))
 
     def discard(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        workdir_lib.remove(self.path)
 
 
 def to_jsonable(value):
@@ -209,10 +210,8 @@ def pyplot():
 
 
 def save_figure(fig, workdir: str, filename: str) -> str:
-    path = os.path.join(workdir, filename)
-    os.makedirs(workdir, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
+    path = workdir_lib.join(workdir, filename)
+    summary.save_png(fig, path, dpi=110, bbox_inches="tight")
     return path
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -42,6 +41,7 @@ import numpy as np
 from configs import seqtasks as seqtasks_config
 from experiments import common, delta_m, runner
 from mtt_jax import tasks as tasks_lib
+from mtt_jax import workdir as workdir_lib
 from mtt_jax.weighting import METHODS
 
 NAME = "weighting_zoo"
@@ -187,11 +187,10 @@ def table_header(results: dict) -> str:
 
 def rebuild_outputs(workdir: str) -> None:
     """``table.md`` and the plot again from ``workdir/results.json`` (its command and wall time kept)."""
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
+    path = workdir_lib.join(workdir, "results.json")
+    if not workdir_lib.exists(path):
         raise SystemExit(f"error: {path} does not exist; run the experiment first")
-    with open(path) as f:
-        results = json.load(f)
+    results = json.loads(workdir_lib.read_text(path))
     metric_names = {t: tasks_lib.get(t).metric_names for t in results["tasks"]}
     plot(results, workdir)
     common.write_table(workdir, NAME, table_header(results), results, make_table(results, metric_names))

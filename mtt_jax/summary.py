@@ -101,7 +101,7 @@ def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_png(fig, join(workdir, "curves.png"))
+    save_png(fig, join(workdir, "curves.png"))
     if evals and "task_attention" in evals[-1]:
         matrix = np.asarray(evals[-1]["task_attention"])
         fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 1.2 * len(tasks) + 1.5))
@@ -112,13 +112,14 @@ def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
         ax.set(xlabel="attends to (keys/values)", ylabel="task (queries)", title="Task attention mass")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        _save_png(fig, join(workdir, "task_attention.png"))
+        save_png(fig, join(workdir, "task_attention.png"))
 
 
-def _save_png(fig, path: str) -> None:
-    """Saves and closes ``fig``, written whole (`write_bytes`; a local path or a bucket URL)."""
+def save_png(fig, path: str, **savefig_options) -> None:
+    """Saves and closes ``fig`` (dpi 100 unless given), written whole (`write_bytes`: a local path or
+    a bucket URL)."""
     import matplotlib.pyplot as plt
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    fig.savefig(png, format="png", **{"dpi": 100, **savefig_options})
     plt.close(fig)
     write_bytes(path, png.getvalue())

@@ -6,10 +6,11 @@ outputs first. Fields that only change how often things are logged or saved may 
 Paths the outputs could not be kept at (files, unwritable folders, buckets that cannot be written)
 are refused before any work, and results are written whole or not at all (`write_text`, `write_json`).
 
-A training workdir may be a bucket URL (``gs://bucket/run``; ``s3://`` with s3fs), as on Cloud TPU VMs
-whose disks go with the VM: every path here goes through `etils.epath` (gcsfs for ``gs://`` when
-TensorFlow is absent). An object store replaces an object whole, so a write there is whole or absent
-without the local temporary file and rename; it has no ``flock``, so such a workdir is not locked.
+A run's or an experiment's workdir may be a bucket URL (``gs://bucket/run``; ``s3://`` with s3fs),
+as on Cloud TPU VMs whose disks go with the VM: every path here goes through `etils.epath` (gcsfs for
+``gs://`` when TensorFlow is absent). An object store replaces an object whole, so a write there is
+whole or absent without the local temporary file and rename; it has no ``flock``, so such a workdir
+is not locked.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def check_location(workdir: str, flag: str = "--workdir", urls: bool = False) ->
     URL must be on a known object store whose package is installed, and writable (`check_url`)."""
     if is_url(workdir):
         if not urls:
-            raise WorkdirError(f"{flag}={workdir}: URLs are supported for the --workdir of mtt_jax.main "
-                               "only; pass a local path (or a gcsfuse mount of the bucket)")
+            raise WorkdirError(f"{flag}={workdir}: URLs are not supported for {flag}; pass a local path "
+                               "(or a gcsfuse mount of the bucket)")
         check_url(workdir, flag)
         return
     if os.path.exists(workdir) and not os.path.isdir(workdir):

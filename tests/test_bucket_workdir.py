@@ -134,8 +134,8 @@ def test_a_bucket_workdir_is_checked_refused_and_cleared_like_a_local_one(bucket
     config = default.get_config("tiny")
     workdir.check_location(BUCKET, urls=True)
     assert not [k for k in FakeGCS.store if ".write-test-" in k]  # the probe object is removed
-    with pytest.raises(workdir.WorkdirError, match=r"--profile=gs://bucket/run: URLs are supported for "
-                                                   r"the --workdir of mtt_jax.main only"):
+    with pytest.raises(workdir.WorkdirError, match=r"--profile=gs://bucket/run: URLs are not supported for "
+                                                   r"--profile; pass a local path"):
         workdir.check_location(BUCKET, "--profile")
     with pytest.raises(workdir.WorkdirError, match="unknown URL scheme ftp://"):
         workdir.check_location("ftp://host/run", urls=True)
@@ -199,3 +199,23 @@ def test_an_object_file_uploads_whole_and_only_when_changed(bucket, monkeypatch)
     assert uploads == [b"kept\na\nb\nc\n"]
     f.flush()  # t=41: nothing new
     assert uploads == [b"kept\na\nb\nc\n"] and bucket("log") == b"kept\na\nb\nc\n"
+
+
+def test_an_experiment_writes_its_table_results_and_plots_to_a_bucket(bucket):
+    """The experiments' outputs and their resumable partial results go through the same layer."""
+    from experiments import common, pareto_toy
+    experiment = "gs://bucket/run/pareto"
+    pareto_toy.main(["--workdir", experiment, "--tiny"])
+    results = json.loads(bucket("pareto/results.json"))
+    assert results["experiment"] == pareto_toy.NAME and results["size"] == "tiny"
+    assert bucket("pareto/table.md").decode().startswith("# pareto_toy")
+    pngs = [k for k in FakeGCS.store if k.startswith(experiment) and k.endswith(".png")]
+    assert pngs and all(FakeGCS.store[k].getvalue().startswith(b"\x89PNG") for k in pngs)
+
+    partial = common.PartialResults(experiment, {"size": "tiny"})
+    assert partial.load() == {}
+    partial.save({"methods": {"ew": 1.5}})
+    assert common.PartialResults(experiment, {"size": "tiny"}).load() == {"methods": {"ew": 1.5}}
+    assert common.PartialResults(experiment, {"size": "quick"}).load() == {}  # another sweep's
+    partial.discard()
+    assert f"{experiment}/results.partial.json" not in FakeGCS.store
