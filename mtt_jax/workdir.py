@@ -10,7 +10,7 @@ A run's or an experiment's workdir may be a bucket URL (``gs://bucket/run``; ``s
 as on Cloud TPU VMs whose disks go with the VM: every path here goes through `etils.epath` (gcsfs for
 ``gs://`` when TensorFlow is absent). An object store replaces an object whole, so a write there is
 whole or absent without the local temporary file and rename; it has no ``flock``, so such a workdir
-is not locked.
+is locked by a lease object (`mtt_jax.lease`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import re
 import socket
 import uuid
 
 from etils import epath
+
+from mtt_jax import lease
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
@@ -214,16 +215,19 @@ def lock(workdir: str, enabled: bool = True):
     """Holds ``workdir/.lock`` (``flock``) for a run, so that a second run started in the same workdir
     (the command launched twice, a requeued job whose first copy still runs) stops with one line
     instead of writing metrics and checkpoints among the first one's. It is released when the block
-    ends (or the process does). Where the filesystem has no ``flock`` (some network and FUSE mounts,
-    object stores) the run goes on unlocked. A location `check_location` refuses is not created."""
+    ends (or the process does). On an object store, which has no ``flock``, ``.lock`` is a lease
+    (`mtt_jax.lease`); where a filesystem has no ``flock`` (some network and FUSE mounts) the run goes
+    on unlocked. A location `check_location` refuses is not created."""
     if not enabled:
         yield
         return
     if is_url(workdir):
         check_url(workdir)
-        logging.warning("%s is not locked (an object store has no flock): start one run at a time there",
-                        workdir)
-        yield
+        try:
+            with lease.hold(join(workdir, ".lock")):
+                yield
+        except lease.LeaseHeld as e:
+            raise WorkdirError(f"{workdir} is {e}") from None
         return
     check_location(workdir)
     os.makedirs(workdir, exist_ok=True)

@@ -7,7 +7,9 @@ folder, so orbax's ``gs://`` support (used as is, as MaxText does) is the one pa
 """
 
 import json
+import os
 import struct
+import time
 
 import fsspec
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from configs import seqtasks as seqtasks_config
-from mtt_jax import checkpoint, train, workdir, writers
+from mtt_jax import checkpoint, lease, train, workdir, writers
 
 BUCKET = "gs://bucket/run"
 
@@ -164,9 +166,6 @@ def test_a_bucket_workdir_is_checked_refused_and_cleared_like_a_local_one(bucket
     assert not workdir.prepare(BUCKET, config, overwrite=True)
     assert sorted(FakeGCS.store) == ["gs://bucket/an_object", f"{BUCKET}/notes.txt"]
 
-    with workdir.lock(BUCKET):  # no flock on an object store: a warning, and no .lock object
-        pass
-    assert f"{BUCKET}/.lock" not in FakeGCS.store
 
     # A checkpoint that cannot be read is moved aside under a free name, as on a local disk.
     for name in ("checkpoints/5/state", "checkpoints/5.unreadable/state"):
@@ -219,3 +218,32 @@ def test_an_experiment_writes_its_table_results_and_plots_to_a_bucket(bucket):
     assert common.PartialResults(experiment, {"size": "quick"}).load() == {}  # another sweep's
     partial.discard()
     assert f"{experiment}/results.partial.json" not in FakeGCS.store
+
+
+def test_a_bucket_workdir_is_locked_by_a_lease_that_a_dead_run_leaves_to_expire(bucket, monkeypatch, caplog):
+    """No flock on an object store: ``.lock`` is created only where there is none, renewed while the
+    run holds it and removed when it ends; one left by a killed run is taken over once it expires."""
+    from configs import default
+    lock = f"{BUCKET}/.lock"
+    with workdir.lock(BUCKET):
+        held = json.loads(bucket(".lock"))
+        assert held["holder"] == f"pid {os.getpid()} on {__import__('socket').gethostname()}"
+        with pytest.raises(workdir.WorkdirError, match=(
+                rf"^gs://bucket/run is in use by another run \(pid {os.getpid()} on .+, lease renewed [0-9] s "
+                rf"ago\); wait for it to end, or, if it died, (29[1-9]|300) s for its lease to expire$")):
+            train.train_and_evaluate(default.get_config("tiny"), BUCKET, quiet=True)
+        assert sorted(FakeGCS.store) == [lock]  # nothing written
+    assert lock not in FakeGCS.store  # released with the run
+
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    with workdir.lock(BUCKET):
+        first = json.loads(bucket(".lock"))["renewed"]
+        time.sleep(0.3)
+        assert json.loads(bucket(".lock"))["renewed"] > first
+
+    dead = {"holder": "pid 1 on a-deleted-vm", "token": "x", "renewed": time.time() - 400}
+    workdir.write_text(lock, json.dumps(dead))
+    with workdir.lock(BUCKET):
+        assert json.loads(bucket(".lock"))["holder"] != dead["holder"]
+    assert "taking over the lease of a run that stopped renewing it 400 s ago (pid 1 on a-deleted-vm)" in caplog.text
+    assert lock not in FakeGCS.store
