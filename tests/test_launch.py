@@ -298,3 +298,16 @@ def test_local_rejects_bad_counts():
         local.launch(0, 1, [])
     with pytest.raises(ValueError):
         local.launch(1, 0, [])
+
+
+def test_bucket_check_refuses_a_url_that_is_not_gcs_before_any_work(capsys):
+    """`launch/bucket_check.py` runs against a real bucket or an emulator, neither of which CI has
+    (its measured output is in the README); its arguments are checked before any work."""
+    from launch import bucket_check
+    with pytest.raises(SystemExit) as exit_info:
+        bucket_check.main(["--bucket", "s3://bucket/path"])
+    assert exit_info.value.code == 2
+    assert "--bucket=s3://bucket/path: pass a gs://BUCKET/PATH URL" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bucket_check.main([])  # one of --bucket or --emulator
+    assert exit_info.value.code == 2
