@@ -336,14 +336,17 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     scale_T = jax.grad(transform, argnums=1)(weighting_params, losses_T)
     weighting_grads = jax.grad(transform, argnums=0)(weighting_params, losses_T)
     transformed_T = method.transform_losses(weighting_params, losses_T)
+    # The Gram matrices of the scaled gradients, s_i s_j <g_i, g_j>: scaled as T x T matrices rather
+    # than through another pass over the [T, P] gradients, which only per-task-gradient methods need.
+    scale_TxT = jnp.outer(scale_T, scale_T).astype(jnp.float32)
     if method.requires == "sampled_gram":  # the diagnostics see the whole batch's mean gradients
-        grads_ST = jax.vmap(scale_task_rows, in_axes=(0, None))(grads_ST, scale_T)
         sample = lambda s: jax.tree.map(lambda g: g[s], grads_ST)
-        gram_TxT = task_grads.gram_matrix(jax.tree.map(lambda g: g.mean(0), grads_ST))
-        cross_TxT = task_grads.cross_gram_matrix(sample(1), sample(2))
+        gram_TxT = task_grads.gram_matrix(jax.tree.map(lambda g: g.mean(0), grads_ST)) * scale_TxT
+        cross_TxT = task_grads.cross_gram_matrix(sample(1), sample(2)) * scale_TxT
     else:
-        grads_T = scale_task_rows(grads_T, scale_T)
-        gram_TxT = task_grads.gram_matrix(grads_T)
+        gram_TxT = task_grads.gram_matrix(grads_T) * scale_TxT
+        if method.requires != "gram":
+            grads_T = scale_task_rows(grads_T, scale_T)
     if method.requires in ("gram", "sampled_gram"):
         coeffs_T, weighting_state = method.gram_weights(
             state.weighting_state, cross_TxT if method.requires == "sampled_gram" else gram_TxT,
