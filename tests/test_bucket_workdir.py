@@ -247,3 +247,20 @@ def test_a_bucket_workdir_is_locked_by_a_lease_that_a_dead_run_leaves_to_expire(
         assert json.loads(bucket(".lock"))["holder"] != dead["holder"]
     assert "taking over the lease of a run that stopped renewing it 400 s ago (pid 1 on a-deleted-vm)" in caplog.text
     assert lock not in FakeGCS.store
+
+
+def test_a_tfds_data_dir_on_a_bucket_is_cached_on_the_local_disk(bucket, monkeypatch, tmp_path):
+    """TFDS reads a bucket's data_dir through epath; the arrays made from it are cached in a local
+    folder named after the URL (memory maps and renames need a local disk), not in a folder ``gs:``."""
+    from mtt_jax import data
+    from mtt_jax.data import tfds_io
+    monkeypatch.setenv("MTT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    with tfds_io.mock_data(16):
+        source = data.make_source("multimnist", ("mnist_left", "mnist_right"), seed=1,
+                                  data_dir="gs://bucket/tfds")
+    assert source.train_batch(0, 4)["inputs"].shape[0] == 4
+    cached = tmp_path / "cache" / "gs" / "bucket" / "tfds" / "mnist"
+    assert sorted(p.name for p in cached.rglob("*.npz")) == ["test.npz", "train.npz"]
+    assert not (tmp_path / "gs:").exists()
+    assert tfds_io.cache_path("/data/tfds", "mnist") == "/data/tfds/mtt_jax_cache/mnist"

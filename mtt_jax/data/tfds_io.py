@@ -2,8 +2,8 @@
 
 The TFDS sources (``glue``, ``multimnist``, ``celeba``) read each split they need once, in order, turn it
 into numpy arrays (token ids, small images, labels) and save those under
-``<data_dir>/mtt_jax_cache/``, so a second run starts from the cache in about a second and never
-touches TFDS again. Batches are then cut from the arrays by index, which is what makes every batch a
+``<data_dir>/mtt_jax_cache/`` (a local folder for a bucket's ``data_dir``: `cache_root`), so a second
+run starts from the cache in about a second and never touches TFDS again. Batches are then cut from the arrays by index, which is what makes every batch a
 pure function of ``(seed, step)`` and lets each process load only its rows.
 
 Reading uses TFDS's random-access data source (``builder.as_data_source``, array_record files, no
@@ -29,6 +29,7 @@ from unittest import mock
 import numpy as np
 from absl import logging
 
+from mtt_jax import workdir
 from mtt_jax.data.base import DatasetNotPreparedError
 
 # The module that registers each dataset's builder. Without TensorFlow, ``import tensorflow_datasets``
@@ -129,9 +130,21 @@ def text(value) -> str:
 # --- Cache ------------------------------------------------------------------------------------------
 
 def cache_path(data_dir: str, *parts: str) -> str:
-    """``<data_dir>/mtt_jax_cache/<parts...>``; the caller puts every setting that changes the arrays
+    """``<cache root>/<parts...>`` (`cache_root`); the caller puts every setting that changes the arrays
     (dataset version, split, tokenizer, length, image size) into ``parts``."""
-    return os.path.join(data_dir, CACHE_FOLDER, *parts)
+    return os.path.join(cache_root(data_dir), *parts)
+
+
+def cache_root(data_dir: str) -> str:
+    """``<data_dir>/mtt_jax_cache`` beside a local ``data_dir``. The cache is written through renames
+    and read as memory maps, which need a local disk, so for a bucket's (``gs://BUCKET/tfds``: TFDS
+    reads it through epath) it is a local folder named after the URL, under ``$MTT_JAX_CACHE_DIR``
+    (default ``~/.cache/mtt_jax``): each host then reads the bucket once and keeps its own cache."""
+    if workdir.is_url(data_dir):
+        scheme, path = data_dir.split("://", 1)
+        base = os.path.expanduser(os.environ.get("MTT_JAX_CACHE_DIR", "~/.cache/mtt_jax"))
+        return os.path.join(base, scheme, path.strip("/"))
+    return os.path.join(data_dir, CACHE_FOLDER)
 
 
 def cached_arrays(path: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
