@@ -78,7 +78,7 @@ _LOOP = flags.DEFINE_bool("loop", False, "Also time the real input-pipeline loop
 _LOOP_ROUNDS = flags.DEFINE_integer("loop_rounds", 11, "With --loop: alternating rounds of --steps loop "
                                     "steps and --steps pure steps; the ratio is the median over rounds.",
                                     lower_bound=1)
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here (a path or a gs:// URL).")
 _PAIRED_PEAK = flags.DEFINE_bool(
     "paired_peak", False, "On CPU, also measure the matmul peak (best of 3) between the rounds of timed "
     "steps, and report each round's MFU against the better of the two peaks around it (median and "

@@ -71,10 +71,13 @@ def check_location(workdir: str, flag: str = "--workdir", urls: bool = False) ->
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """Refuses a results file that could not be written after the work: a URL, an existing folder, or
-    one in a folder that cannot be created or written."""
+    """Refuses a results file that could not be written after the work: an existing folder, one in a
+    folder that cannot be created or written, or a URL whose bucket cannot be written (`check_url`)."""
     if is_url(path):
-        raise WorkdirError(f"{flag}={path}: URLs are not supported for {flag}; pass a local file name")
+        check_url(str(epath.Path(path).parent), flag)
+        if epath.Path(path).is_dir():
+            raise WorkdirError(f"{flag}={path} is a folder; pass a file name")
+        return
     if os.path.isdir(path):
         raise WorkdirError(f"{flag}={path} is a folder; pass a file name")
     _check_writable(os.path.dirname(os.path.abspath(path)), flag)

@@ -141,6 +141,12 @@ def test_a_bucket_workdir_is_checked_refused_and_cleared_like_a_local_one(bucket
         workdir.check_location(BUCKET, "--profile")
     with pytest.raises(workdir.WorkdirError, match="unknown URL scheme ftp://"):
         workdir.check_location("ftp://host/run", urls=True)
+    workdir.check_output_file(f"{BUCKET}/bench.json", "--out")  # the benchmark's results file
+    workdir.write_json(f"{BUCKET}/bench.json", {"step": 1})
+    assert json.loads(bucket("bench.json")) == {"step": 1}
+    with pytest.raises(workdir.WorkdirError, match="--out=gs://bucket/run is a folder; pass a file name"):
+        workdir.check_output_file(BUCKET, "--out")
+    workdir.remove(f"{BUCKET}/bench.json")
     workdir.write_text("gs://bucket/an_object", "x")
     with pytest.raises(workdir.WorkdirError, match="gs://bucket/an_object is an object, not a folder"):
         workdir.check_location("gs://bucket/an_object", urls=True)
