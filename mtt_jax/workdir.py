@@ -74,7 +74,7 @@ def check_output_file(path: str, flag: str) -> None:
     """Refuses a results file that could not be written after the work: an existing folder, one in a
     folder that cannot be created or written, or a URL whose bucket cannot be written (`check_url`)."""
     if is_url(path):
-        check_url(str(epath.Path(path).parent), flag)
+        check_url(path.rstrip("/").rsplit("/", 1)[0], flag)
         if epath.Path(path).is_dir():
             raise WorkdirError(f"{flag}={path} is a folder; pass a file name")
         return
