@@ -41,28 +41,27 @@ class MetricWriter:
         if enabled:
             path = workdir_lib.join(workdir, "metrics.jsonl")
             kept = _truncate_after(path, resume_after_step)
-            if workdir_lib.is_url(workdir):
+            bucket = workdir_lib.is_url(workdir)
+            if bucket:
                 self._jsonl = ObjectFile(path, kept.encode(), min_interval=URL_FLUSH_SECONDS)
                 _route_tensorboard_to_object_files()
-            else:
-                self._jsonl = open(path, "a", buffering=1)
+            else:  # unbuffered: each record reaches the file in one write
+                self._jsonl = open(path, "ab", buffering=0)
             from tensorboardX import SummaryWriter
-            self._tensorboard = SummaryWriter(
-                workdir_lib.join(workdir, "tensorboard"),
-                flush_secs=URL_FLUSH_SECONDS if workdir_lib.is_url(workdir) else 10)
+            self._tensorboard = SummaryWriter(workdir_lib.join(workdir, "tensorboard"),
+                                              flush_secs=URL_FLUSH_SECONDS if bucket else 10)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
-        line = json.dumps(record) + "\n"
-        self._jsonl.write(line.encode() if isinstance(self._jsonl, ObjectFile) else line)
+        self._jsonl.write((json.dumps(record) + "\n").encode())
         for key, value in record.items():
             if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tensorboard.add_scalar(f"{split}/{key}", value, int(step))
 
     def flush(self) -> None:
-        """Stores the records written so far (a local metrics.jsonl is line-buffered already)."""
+        """Stores the records written so far (a local metrics.jsonl is written unbuffered already)."""
         if self.enabled:
             self._jsonl.flush()
             self._tensorboard.flush()
@@ -124,8 +123,8 @@ class _ObjectFileFactory:
     """tensorboardX's writer factory for a URL scheme: event files as `ObjectFile`s through epath
     (tensorboardX's own ``gs://`` writer needs google-cloud-storage and does not reach other stores)."""
 
-    def open(self, path: str) -> ObjectFile:
-        return ObjectFile(path)
+    def open(self, path: str) -> ObjectFile:  # uploaded by tensorboardX's flushes, not per event
+        return ObjectFile(path, min_interval=URL_FLUSH_SECONDS)
 
     def directory_check(self, path: str) -> None:  # object stores have no folders to create
         pass
