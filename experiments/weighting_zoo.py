@@ -20,6 +20,9 @@ Both are relative changes, so a metric whose single-task value is near 0 swamps 
 MSE, which a single-task model drives to ~1e-5, turns an MSE of 0.01 into +10^5 %. The table therefore
 adds the pooled delta-m% over the bounded metrics only (accuracies, F1s, Pearson; every metric but MSE)
 and is sorted by it; the per-task columns show each task's main metric.
+``--methods`` takes a subset, and variants with options changed from the defaults for sensitivity
+sweeps: ``--methods sdmgrad,sdmgrad:lam=3,sdmgrad:lam=10`` (rows named as given; each option's name,
+type and range is checked before any work).
 ``--from_results`` rebuilds ``table.md`` and the plot from an existing ``results.json`` without training.
 An interrupted run resumes when the same command is run again: each finished single-task model and
 method is kept in ``results.partial.json`` (`common.PartialResults`).
@@ -42,7 +45,7 @@ from configs import seqtasks as seqtasks_config
 from experiments import common, delta_m, runner
 from mtt_jax import tasks as tasks_lib
 from mtt_jax import workdir as workdir_lib
-from mtt_jax.weighting import METHODS
+from mtt_jax.weighting import DEFAULT_OPTIONS, METHODS, make_method
 
 NAME = "weighting_zoo"
 TASKS = ("majority", "majority_parity", "mean_value", "repeat_tag")
@@ -74,14 +77,40 @@ def base_config(size: str):
     return c
 
 
-def method_config(size: str, method: str):
+def method_config(size: str, entry: str):
+    """The config of a ``--methods`` entry: a method name, or a variant ``name:option=value[:...]``."""
+    method, options = parse_method(entry)
     c = base_config(size)
     c.weighting.name = method
     if method in EPOCH_BASED:
         c.weighting[method].epoch_steps = max(1, c.total_steps // 10)
     if METHODS[method].requires == "sampled_gram":  # three equal samples of the batch: 33 rows for 32
         c.batch_size = 3 * math.ceil(c.batch_size / 3)
+    for key, value in options.items():
+        c.weighting[method][key] = value
     return c
+
+
+def parse_method(entry: str) -> tuple[str, dict]:
+    """``"sdmgrad:lam=3:inner_lr=1"`` -> ``("sdmgrad", {"lam": 3.0, "inner_lr": 1.0})``: a method with
+    some options changed from its defaults (`mtt_jax.weighting.DEFAULT_OPTIONS`), each value of its
+    default's type. Raises ValueError with one line for an unknown method, option or value."""
+    name, *assignments = entry.split(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown --methods {name}; choose from: {', '.join(METHODS)}")
+    options = {}
+    for assignment in assignments:
+        key, _, text = assignment.partition("=")
+        defaults = DEFAULT_OPTIONS[name]
+        if key not in defaults or not text:
+            raise ValueError(f"--methods {entry}: {assignment!r} is not option=value with an option of "
+                             f"{name} ({', '.join(defaults) or 'none'})")
+        kind = type(defaults[key])
+        try:
+            options[key] = (text.lower() in ("1", "true")) if kind is bool else kind(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"--methods {entry}: {key}={text} is not a {kind.__name__}") from None
+    return name, options
 
 
 def single_task_config(size: str, task: str):
@@ -213,13 +242,18 @@ def plot(results: dict, workdir: str) -> None:
 
 def main(argv=None) -> None:
     def extra(parser):
-        parser.add_argument("--methods", default="all", help="comma-separated subset of the methods")
+        parser.add_argument("--methods", default="all",
+                            help="comma-separated subset of the methods; a variant with options changed "
+                                 "from the defaults is NAME:OPTION=VALUE[:...], e.g. sdmgrad:lam=3")
         parser.add_argument("--from_results", action="store_true",
                             help="rebuild table.md and the plot from WORKDIR/results.json (no training)")
     args = common.parse_args(__doc__, FULL_COST, argv, extra)
-    unknown = [m for m in args.methods.split(",") if m not in METHODS] if args.methods != "all" else []
-    if unknown:
-        raise SystemExit(f"error: unknown --methods {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
+    try:
+        for entry in args.methods.split(",") if args.methods != "all" else []:
+            c = method_config(args.size, entry)  # every entry's method and options, before any work
+            make_method(c.weighting, len(c.tasks))  # and the options' ranges
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if args.from_results:
         common.run_locked(lambda a: rebuild_outputs(a.workdir), args)
         return

@@ -219,6 +219,24 @@ def test_weighting_zoo_rejects_an_unknown_method_before_any_work(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("entry,expected", [
+    ("sdmgrad:lambda=3", "'lambda=3' is not option=value with an option of sdmgrad (lam, inner_steps"),
+    ("sdmgrad:lam=three", "lam=three is not a float"),
+    ("sdmgrad:lam=-1", "weighting.sdmgrad.lam=-1.0 must be in [0.0, inf]"),
+])
+def test_weighting_zoo_method_variants_are_checked_before_any_work(tmp_path, capsys, entry, expected):
+    """``NAME:OPTION=VALUE`` runs a method with options changed from its defaults (a sensitivity sweep);
+    every entry's option name, type and range is checked before the first model trains."""
+    from experiments import weighting_zoo
+    assert weighting_zoo.parse_method("sdmgrad:lam=3:inner_steps=10") == ("sdmgrad", {"lam": 3.0,
+                                                                                       "inner_steps": 10})
+    assert weighting_zoo.method_config("tiny", "sdmgrad:lam=3").weighting.sdmgrad.lam == 3.0
+    with pytest.raises(SystemExit) as exit_info:
+        weighting_zoo.main(["--workdir", str(tmp_path / "never"), "--tiny", "--methods", f"ew,{entry}"])
+    assert expected in str(exit_info.value)
+    assert not (tmp_path / "never").exists()
+
+
 def test_task_grouping_recovers_the_pairs(results):
     r = results("task_grouping")
     for p in ("1.0", "0.9"):
