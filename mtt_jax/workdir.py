@@ -35,7 +35,8 @@ OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.
 
 
 class WorkdirError(ValueError):
-    """The workdir cannot take this run (another run's, a URL, not writable); the message is one line."""
+    """The workdir cannot take this run (another run's, in use, not writable, a URL it cannot use);
+    the message is one line."""
 
 
 # A URL such as gs://bucket/run: os.path would treat it as the relative folder "gs:/bucket/run".
@@ -96,7 +97,7 @@ def check_url(url: str, flag: str = "--workdir") -> None:
     target = epath.Path(url)
     try:
         if target.exists() and not target.is_dir():
-            raise WorkdirError(f"{url} is an object, not a folder; pass a folder for {flag}")
+            raise WorkdirError(f"{flag}={url} is an object, not a folder; pass a folder")
         probe = target / f".write-test-{uuid.uuid4().hex}"
         probe.write_text("")
         probe.unlink()
