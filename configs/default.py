@@ -94,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.transfer_guard = "allow"            # "disallow": implicit host<->device transfers in the loop fail
     c.checkpoint_every = 500
     c.keep = 3
+
+    # jax.profiler trace of updates first_step .. first_step + num_steps - 1 into WORKDIR/profile, with
+    # the train step's op times by source op (mtt_jax.profile_window); the first update compiles.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.first_step = 0              # 0: off
+    c.profile.num_steps = 3
     return c
 
 

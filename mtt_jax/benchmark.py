@@ -41,7 +41,6 @@ run) is the conservative one.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -85,7 +84,8 @@ _PAIRED_PEAK = flags.DEFINE_bool(
     "range): the step and the peak then see the same machine conditions. The main MFU column is "
     "unchanged.")
 _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first variant into this directory "
-                               "and print its XLA op times by source op (`mtt_jax.profiling`).")
+                               "(or bucket URL) and print its XLA op times by source op "
+                               "(`mtt_jax.profiling`).")
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
                                   "with this many examples per split (0: real data).", lower_bound=0)
 flags.mark_flags_as_required(["config"])
@@ -451,7 +451,7 @@ def main(argv) -> None:
         fail(f"unexpected arguments {argv[1:]}")
     initialize_distributed()  # multi-host: every process runs the same steps; process 0 reports
     import jax
-    from mtt_jax import config_check, workdir
+    from mtt_jax import config_check, profiling, workdir
 
     primary = jax.process_index() == 0
     if not primary:
@@ -461,7 +461,7 @@ def main(argv) -> None:
         if _OUT.value:
             workdir.check_output_file(_OUT.value, "--out")
         if _PROFILE.value:
-            workdir.check_location(_PROFILE.value, "--profile")
+            workdir.check_location(_PROFILE.value, "--profile", urls=True)
     except workdir.WorkdirError as e:
         fail(str(e))
     config = _CONFIG.value
@@ -519,7 +519,6 @@ def main(argv) -> None:
         for _ in range(3):  # the steps that process 0 traces, which need every process
             compiled[0].step()
     elif _PROFILE.value:
-        from mtt_jax import profiling
         first = compiled[0]
         profile_rows = rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
         print(f"\nXLA op time by source op, {first.config.weighting.name} {first.config.dtype} "
@@ -533,8 +532,7 @@ def main(argv) -> None:
             "measured_bf16_matmul_flops": matmul_flops,
             "boundary_peak_flops": boundary_peaks,
             "results": results, "failed": failed,
-            "profile": [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s}
-                        for r in profile_rows]}, indent=2)
+            "profile": profiling.rows_as_dicts(profile_rows)}, indent=2)
     if failed:  # the table is written, but it is not the whole comparison that was asked for
         sys.exit(1)
 

@@ -64,6 +64,7 @@ def validate(config, num_devices: int) -> None:
     _check_weighting(config)
     _check_optimizer(config.optimizer)
     _check_affinity(config.get("affinity"))
+    _check_profile(config.get("profile"), config.total_steps)
     _check_mixture(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
@@ -172,6 +173,18 @@ def _check_affinity(a) -> None:
         return
     _integer_at_least("affinity.every", a.every, 0, " (0: off)")
     _in_range("affinity.lr", a.get("lr", 0.0), 0.0, note=" (0: the current learning rate)", high_open=True)
+
+
+def _check_profile(p, total_steps: int) -> None:
+    """The traced window (`mtt_jax.profile_window`) lies within the run."""
+    if not p:
+        return
+    _integer_at_least("profile.first_step", p.first_step, 0, " (0: off)")
+    _integer_at_least("profile.num_steps", p.num_steps, 1)
+    last = p.first_step + p.num_steps - 1
+    if p.first_step and last > total_steps:
+        raise ConfigError(f"profile.first_step={p.first_step} with profile.num_steps={p.num_steps} ends "
+                          f"at update {last}, after total_steps={total_steps}; start the window earlier")
 
 
 def _check_attention_kernel(kernel: str) -> None:

@@ -23,15 +23,18 @@ reduction per execution; an XLA:CPU thunk is one event).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import os
 import re
+import tempfile
 from typing import Callable
 
-from mtt_jax import flops
+from mtt_jax import flops, workdir
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_MODULE_NAME = re.compile(r"^HloModule ([^\s,]+)", re.MULTILINE)
 # Op-name segments of JAX's wrappers (``eval_jaxpr``: inside a scan body, from JAX 0.11 on).
 _WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "eval_jaxpr"}
 # Opcodes whose XLA:CPU thunk runs other computations' thunks, each traced as an event of its own.
@@ -93,22 +96,57 @@ def _control_flow(module) -> frozenset[str]:
 
 
 def op_times(step: Callable[[], None], num_steps: int, trace_dir: str, hlo_text: str) -> list[OpTime]:
-    """Traces ``num_steps`` calls of ``step()`` and returns rows by source op, per step; the HLO text is
-    read once for the labels, the control-flow instructions and the matmul FLOPs."""
+    """Traces ``num_steps`` calls of ``step()`` into ``trace_dir`` (a local folder or a bucket URL,
+    `trace_to`) and returns rows by source op, per step (`read_op_times`)."""
     import jax
-    with jax.profiler.trace(trace_dir):
-        for _ in range(num_steps):
-            step()
+    with trace_to(trace_dir) as local_dir:
+        with jax.profiler.trace(local_dir):
+            for _ in range(num_steps):
+                step()
+        return read_op_times(local_dir, num_steps, hlo_text)
+
+
+@contextlib.contextmanager
+def trace_to(trace_dir: str):
+    """The local folder for `jax.profiler` to write a trace for ``trace_dir``: the folder itself, or for
+    a bucket URL a temporary one whose files are uploaded under the URL when the block ends (the
+    profiler's export writes local files)."""
+    if not workdir.is_url(trace_dir):
+        yield trace_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="mtt_jax_trace_") as local_dir:
+        yield local_dir
+        workdir.upload_tree(local_dir, trace_dir)
+
+
+def latest_trace(trace_dir: str) -> str:
+    """The newest ``*.xplane.pb`` under ``trace_dir`` (the profiler writes one per trace and host under
+    ``plugins/profile/<time>/``)."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+    if not paths:
+        raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+    return max(paths, key=os.path.getmtime)
+
+
+def read_op_times(trace_dir: str, num_steps: int, hlo_text: str) -> list[OpTime]:
+    """Rows by source op, per step, of the compiled module ``hlo_text`` in the newest trace under
+    ``trace_dir``; the HLO text is read once for the labels, the control-flow instructions and the
+    matmul FLOPs, and events of other modules traced beside it (an eval step) are left out."""
+    import jax
+    profile = jax.profiler.ProfileData.from_file(latest_trace(trace_dir))
     module = flops.parse_hlo(hlo_text)
     try:  # the FLOP rates are a column beside the times, which an HLO it cannot read must not stop
         instruction_flops = flops.instruction_matmul_flops(module)
     except flops.UNREADABLE_HLO as e:
         print(f"warning: no matmul FLOP rates in the profile ({type(e).__name__}: {e})")
         instruction_flops = {}
+    name = _MODULE_NAME.search(hlo_text)
     return rows_by_source_op(profile.planes, _labels(module), num_steps, instruction_flops,
-                             control_flow=_control_flow(module))
+                             control_flow=_control_flow(module), module=name.group(1) if name else None)
+
+
+def _stat(event, name: str):
+    return next((value for key, value in event.stats if key == name), None)
 
 
 def thunk_instruction(event, labels: dict[str, str]) -> str | None:
@@ -119,24 +157,27 @@ def thunk_instruction(event, labels: dict[str, str]) -> str | None:
 def kernel_instruction(event, labels: dict[str, str]) -> str | None:
     """GPU: a kernel names its instruction in its ``hlo_op`` stat, enclosing ops first where there are
     several (``while.3::fusion.12``); the innermost one that is in the HLO."""
-    for name, value in event.stats:
-        if name == "hlo_op":
-            return next((op for op in reversed(str(value).split("::")) if op in labels), None)
-    return None
+    hlo_op = _stat(event, "hlo_op")
+    if hlo_op is None:
+        return None
+    return next((op for op in reversed(str(hlo_op).split("::")) if op in labels), None)
 
 
 def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
                       instruction_flops: dict[str, float] | None = None,
-                      control_flow: frozenset[str] = frozenset()) -> list[OpTime]:
+                      control_flow: frozenset[str] = frozenset(),
+                      module: str | None = None) -> list[OpTime]:
     """Event time (and matmul FLOPs, from ``instruction_flops`` per execution) by source op, per step:
     the kernels of the device planes where there are any (lines the profiler derives there, such as
     "XLA Ops", carry no ``hlo_op`` and would count a loop and its kernels twice), else the host's
     thunks but those of the ``control_flow`` instructions (`control_flow_instructions`), whose events
-    span their bodies' thunks."""
+    span their bodies' thunks. With ``module``, an event whose ``hlo_module`` stat names another module
+    is left out: instruction names (``fusion.3``) repeat across modules."""
     def matched(plane_list, instruction_of):
         return [(instruction, event.duration_ns, event.name) for plane in plane_list
                 for line in plane.lines for event in line.events
-                if (instruction := instruction_of(event, labels)) is not None]
+                if (module is None or _stat(event, "hlo_module") in (None, module))
+                and (instruction := instruction_of(event, labels)) is not None]
     def leaf_thunk_instruction(event, labels):
         instruction = thunk_instruction(event, labels)
         return None if instruction in control_flow else instruction
@@ -160,6 +201,11 @@ def rows_by_source_op(planes, labels: dict[str, str], num_steps: int,
     return [OpTime(label, ns / 1e6 / num_steps, ns / total, len(counts[label]),
                    matmul_flops[label] / num_steps)
             for label, ns in nanoseconds.most_common()]
+
+
+def rows_as_dicts(rows: list[OpTime]) -> list[dict]:
+    """The rows for a JSON file, each with its matmul FLOP rate."""
+    return [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s} for r in rows]
 
 
 def format_op_table(rows: list[OpTime], top: int = 20) -> str:

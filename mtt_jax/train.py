@@ -24,6 +24,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from mtt_jax import affinity, checkpoint, config_check, data, sharding, summary, tasks as tasks_lib
+from mtt_jax import profile_window
 from mtt_jax import train_step as steps, weighting, workdir as workdir_lib
 from mtt_jax.data import mixtures
 from mtt_jax.models import build_model
@@ -213,6 +214,12 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     # run's affinity.json averages the same measurements as an uninterrupted one.
     kept = summary.read_metrics(workdir) if is_primary and first_step else []
     affinity_sum, affinity_count = affinity_so_far(kept)
+    profile = config.get("profile") or {}
+    window = profile_window.ProfileWindow(workdir, profile.get("first_step", 0), profile.get("num_steps", 1),
+                                          first_step, enabled=is_primary)
+    if window.missed:
+        progress.message(f"profile: updates {window.first_step}-{window.last_step} not traced: this run "
+                         f"resumes after update {first_step}")
 
     def evaluate(step: int) -> dict:
         metrics = run_eval(eval_step, state, source, tasks, config.eval_batch_size,
@@ -282,7 +289,13 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     # Stamped like the train record of the same batch (the update it looks ahead of),
                     # so that a resume drops exactly the measurements it will take again; unrounded.
                     writer.write(step + 1, "affinity", {"affinity": affinity_TxT.tolist()})
+                window.before_update(step + 1, state)
                 state, metrics = train_step(state, batch)
+                if window.active:
+                    traced = window.after_update(step + 1, state,
+                                                 lambda: train_step.lower(state, batch).compile().as_text())
+                    if traced:
+                        progress.message(traced)
                 log_pending()
                 pending = (step + 1, metrics)
                 if checkpointer.due(step + 1) or is_eval_step(step + 1, config):
@@ -295,6 +308,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     save_checkpoint(step + 1, state, force=True)
                     checkpointer.close()
                     writer.close()
+                    window.close()
                     progress.message(f"SIGTERM: saved the checkpoint at step {step + 1}; exiting. "
                                      f"Run the same command to resume.")
                     return state, last_eval
@@ -302,6 +316,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         except NonFiniteLossError:
             checkpointer.close()
             writer.close()
+            window.close()
             raise
     save_checkpoint(config.total_steps, state, force=True)
     checkpointer.close()

@@ -29,9 +29,9 @@ from mtt_jax import lease
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
-                              "grad_accum_unroll", "attention_kernel"})
+                              "grad_accum_unroll", "attention_kernel", "profile"})
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
-           "task_attention.png", "affinity.json")
+           "task_attention.png", "affinity.json", "profile")
 
 
 class WorkdirError(ValueError):
@@ -151,6 +151,17 @@ def write_bytes(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def upload_tree(local_dir: str, target: str) -> None:
+    """Copies every file under the local folder ``local_dir`` to the same relative path under
+    ``target`` (a folder or a bucket URL), each whole (`write_bytes`)."""
+    for folder, _, names in os.walk(local_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, local_dir).split(os.sep)
+            with open(path, "rb") as f:
+                write_bytes(join(target, *relative), f.read())
 
 
 def read_text(path: str) -> str:

@@ -6,9 +6,11 @@ through tensorstore's own GCS driver, which no fake reaches; these tests put the
 folder, so orbax's ``gs://`` support (used as is, as MaxText does) is the one part not run here.
 """
 
+import glob
 import json
 import os
 import struct
+import tempfile
 import time
 
 import fsspec
@@ -79,9 +81,11 @@ def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
         bucket, local_checkpoints, monkeypatch, tmp_path):
     """Metrics reach the bucket in whole uploads, each before a checkpoint: a run killed between
     uploads resumes from its checkpoint with every record up to it, and ends with the same records,
-    summary and plots as an uninterrupted local run. TensorBoard's events are there too."""
+    summary and plots as an uninterrupted local run. TensorBoard's events are there too, and the
+    resumed run's profile of updates 16-17, traced locally and uploaded."""
     config = seqtasks_config.get_config("tiny")  # 20 steps, eval every 10, log every 5
     config.checkpoint_every, config.log_every = 5, 1
+    config.profile.first_step, config.profile.num_steps = 16, 2
     reference = tmp_path / "reference"
     train.train_and_evaluate(config, str(reference), quiet=True)
 
@@ -125,6 +129,10 @@ def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
     event_files = [k for k in FakeGCS.store if k.startswith(f"{BUCKET}/tensorboard/events.out.tfevents")]
     assert len(event_files) == 2  # one per attempt, as TensorBoard reads them
     assert event_tags(FakeGCS.store[event_files[-1]].getvalue()) == {"train/loss", "eval/loss"}
+    assert [k for k in FakeGCS.store if k.startswith(f"{BUCKET}/profile/plugins/profile/")
+            and k.endswith(".xplane.pb")]
+    assert "# XLA op time of the train step, updates 16-17" in bucket("profile/op_times.md").decode()
+    assert json.loads(bucket("profile/op_times.json"))["rows"]
 
     # The same command again finds the finished run: nothing new, the final eval read back.
     _, again = train.train_and_evaluate(config, BUCKET, quiet=True)
@@ -224,6 +232,24 @@ def test_an_experiment_writes_its_table_results_and_plots_to_a_bucket(bucket):
     assert common.PartialResults(experiment, {"size": "quick"}).load() == {}  # another sweep's
     partial.discard()
     assert f"{experiment}/results.partial.json" not in FakeGCS.store
+
+
+def test_the_benchmark_profile_is_traced_locally_and_uploaded_to_a_bucket(bucket):
+    """`jax.profiler` writes local files: a ``--profile gs://...`` trace goes through a temporary folder
+    and is uploaded whole, and the op times are read before it is removed."""
+    import jax
+    import jax.numpy as jnp
+    from mtt_jax import profiling
+    x = jnp.ones((64, 64))
+    compiled = jax.jit(lambda x: jnp.tanh(x @ x)).lower(x).compile()
+    temporary = os.path.join(tempfile.gettempdir(), "mtt_jax_trace_*")
+    before = set(glob.glob(temporary))
+    rows = profiling.op_times(lambda: compiled(x).block_until_ready(), 2, f"{BUCKET}/trace",
+                              compiled.as_text())
+    assert sum(r.matmul_flops_per_step for r in rows) == 2 * 64**3
+    traces = [k for k in FakeGCS.store if k.startswith(f"{BUCKET}/trace/plugins/profile/")]
+    assert any(k.endswith(".xplane.pb") for k in traces)
+    assert set(glob.glob(temporary)) == before  # the local copy is removed
 
 
 def test_a_bucket_workdir_is_locked_by_a_lease_that_a_dead_run_leaves_to_expire(bucket, monkeypatch, caplog):

@@ -1,13 +1,14 @@
 """The loop never recompiles after the first step, makes no implicit transfers, and prefetches
 exactly the batches it would have built inline."""
 
+import json
 import logging
 
 import jax
 import pytest
 
 from configs import default as default_config
-from mtt_jax import train
+from mtt_jax import flops, profile_window, sharding, train
 from mtt_jax.prefetch import prefetch
 
 
@@ -20,10 +21,14 @@ class CompileLog(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_no_recompilation_and_no_implicit_transfers(tmp_path):
+def test_no_recompilation_and_no_implicit_transfers_with_a_profiled_window(tmp_path):
+    """Also with a `jax.profiler` window over an eval and a checkpoint (updates 5-7): its op table is the
+    train step's alone, three executions of it, read without compiling the step again."""
     config = default_config.get_config("tiny")
     config.total_steps, config.eval_every, config.log_every, config.checkpoint_every = 12, 6, 2, 6
     config.transfer_guard = "disallow"   # any implicit host<->device transfer in the loop raises
+    config.weighting.diagnostics_every = 0  # no conditional: every instruction runs once per update
+    config.profile.first_step, config.profile.num_steps = 5, 3
     handler = CompileLog()
     logger = logging.getLogger("jax")
     logger.addHandler(handler)
@@ -37,6 +42,30 @@ def test_no_recompilation_and_no_implicit_transfers(tmp_path):
     assert sum("train_step" in m for m in compiles) == 1, compiles
     assert sum("eval_step" in m for m in compiles) == 1, compiles
     assert int(state.step) == 12
+
+    table = json.loads((tmp_path / "profile" / "op_times.json").read_text())
+    assert (table["first_step"], table["last_step"]) == (5, 7) and table["wall_ms_per_update"] > 0
+    assert list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    # The matmul FLOPs of each update's executions on the 8 devices: the step's global matmul FLOPs (and
+    # 0.01% more: small products that every device computes whole, such as the task encoder's).
+    setup = train.build(config)
+    with setup.context():
+        lowered = train.config_train_step(setup, config).lower(
+            setup.create_state(), sharding.shard_batch(setup.source.train_batch(0, config.batch_size),
+                                                       setup.batch_shardings, setup.layout))
+    step_flops = sum(flops.hlo_matmul_flops(lowered.compiler_ir("hlo").as_hlo_text()).values())
+    assert sum(r["matmul_flops_per_step"] for r in table["rows"]) == pytest.approx(step_flops, rel=1e-3)
+    assert sum(r["share"] for r in table["rows"]) == pytest.approx(1)
+    assert "fwd trunk/block_*/mlp/wi/dot_general" in {r["label"] for r in table["rows"]}
+
+
+def test_a_profile_window_the_resumed_run_has_passed_is_not_traced(tmp_path):
+    window = profile_window.ProfileWindow(str(tmp_path), first_step=5, num_steps=3, start_step=6)
+    assert window.missed and not window.enabled
+    window.before_update(7, state=None)
+    assert not window.active and window.after_update(7, None, hlo_text=lambda: "") is None
+    assert not profile_window.ProfileWindow(str(tmp_path), 0, 3, start_step=0).missed  # 0: off
+    assert profile_window.ProfileWindow(str(tmp_path), 5, 3, start_step=4).enabled
 
 
 def test_prefetch_yields_every_step_in_order_and_reraises():

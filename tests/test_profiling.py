@@ -44,6 +44,19 @@ def test_host_thunks_of_control_flow_add_no_time_but_device_kernels_are_kept():
     assert [(r.label, r.ms_per_step * 1e6) for r in rows] == [("fwd dot_general", 60), ("fwd while", 10)]
 
 
+def test_events_of_another_module_with_the_same_instruction_names_are_left_out():
+    """An eval step traced beside the train step has its own ``fusion.1``: only the named module's
+    events count (an event without the stat, as in older traces, is kept)."""
+    labels = {"fusion.1": "fwd dot_general"}
+    event = lambda name, ns, **stats: N(name=name, duration_ns=ns, stats=list(stats.items()))
+    host = N(name="/host:CPU", lines=[N(name="tf_XLAEigen", events=[
+        event("fusion.1", 60, hlo_module="jit_train_step"), event("fusion.1", 500, hlo_module="jit_eval_step"),
+        event("fusion.1", 7)])])
+    rows = profiling.rows_by_source_op([host], labels, 1, module="jit_train_step")
+    assert [(r.label, r.ms_per_step * 1e6) for r in rows] == [("fwd dot_general", 67)]
+    assert profiling.rows_by_source_op([host], labels, 1)[0].ms_per_step * 1e6 == 567
+
+
 def test_a_scan_counts_its_body_once(tmp_path):
     """A 10-step scan of a 128x128 matmul and a tanh: the ``while`` thunk's event spans its body's
     thunks, so counting it gave a "while" row of at least half the op time and the body under half."""
