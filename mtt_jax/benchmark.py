@@ -237,15 +237,10 @@ class Variant:
         """The row of this variant; ``peak``: its dtype's (`device_peaks`); ``loop_rounds`` > 0 adds the
         loop's time (`time_loop`); ``boundary_peaks`` (its dtype's, measured before, between and after
         the rounds of timed steps: one more than the steps) adds the paired MFU."""
-        from mtt_jax import flops
+        from mtt_jax import flops, train
         config, setup = self.config, self.setup
         step_seconds = statistics.median(self.times)
-        count = flops.training_flops(config.model, setup.tasks, setup.layout,
-                                     setup.source.input_spec.kind, setup.source.input_spec.shape,
-                                     config.batch_size)
-        sequences = config.batch_size * (len(setup.tasks) if setup.layout == "multi" else 1)
-        spec = setup.source.input_spec
-        length = spec.shape[0] if spec.kind == "tokens" else 0
+        count, sequences, tokens = train.step_work(setup, config)
         memory = peak_memory_bytes(self.compiled)
         result = {
             "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
@@ -256,13 +251,10 @@ class Variant:
             "cudnn_attention_calls": self.cudnn_attention_calls,
             "step_ms": 1e3 * step_seconds, "step_ms_per_round": [1e3 * t for t in self.times],
             "compile_s": self.compile_seconds,
-            "examples_per_s": sequences / step_seconds,
-            "tokens_per_s": sequences * length / step_seconds if length else None,
+            **flops.throughput(count.training, sequences, tokens, step_seconds, setup.mesh.devices.size,
+                               peak),
             "model_tflops_per_step": count.training / 1e12,
             **self.matmul_columns(count.training),
-            "achieved_tflops_per_s": count.training / step_seconds / 1e12,
-            "mfu": flops.model_flops_utilization(count.training / setup.mesh.devices.size, step_seconds,
-                                                 peak),
             "peak_flops_per_device": peak,
             "peak_memory_mib_per_device": memory / 2 ** 20 if memory else None,
         }

@@ -323,6 +323,19 @@ def model_flops_utilization(flops_per_step: float, step_seconds: float, peak_flo
     return flops_per_step / step_seconds / peak_flops if step_seconds > 0 and peak_flops > 0 else math.nan
 
 
+def throughput(model_flops: float, sequences: int, tokens: int, step_seconds: float, num_devices: int,
+               peak_flops: float | None) -> dict[str, float | None]:
+    """What a step of ``step_seconds`` achieves: examples (sequences) and tokens per second, the model's
+    FLOP/s (``model_flops``: `FlopCount.training` of the global batch) and its MFU against the peak
+    per device; None where there are no tokens or no peak. The benchmark's columns and the training
+    log's fields."""
+    return {"examples_per_s": sequences / step_seconds,
+            "tokens_per_s": tokens / step_seconds if tokens else None,
+            "achieved_tflops_per_s": model_flops / step_seconds / 1e12,
+            "mfu": (model_flops_utilization(model_flops / num_devices, step_seconds, peak_flops)
+                    if peak_flops else None)}
+
+
 # Datasheet dense (not 2:4-sparse) bf16 peaks per JAX device, for MFU on accelerators: the first
 # pattern that `device_kind` matches (case-insensitive), so the more specific names come first. NVIDIA's
 # H100 / H200 datasheet (SXM, PCIe and NVL forms), A100, L40S and L4 datasheets; Cloud TPU's system

@@ -23,13 +23,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mtt_jax import affinity, checkpoint, config_check, data, sharding, summary, tasks as tasks_lib
-from mtt_jax import profile_window
+from mtt_jax import affinity, checkpoint, config_check, data, flops, profile_window, sharding, summary
+from mtt_jax import tasks as tasks_lib
 from mtt_jax import train_step as steps, weighting, workdir as workdir_lib
 from mtt_jax.data import mixtures
 from mtt_jax.models import build_model
 from mtt_jax.prefetch import prefetch
-from mtt_jax.writers import MetricWriter, Progress
+from mtt_jax.writers import MetricWriter, Progress, StepTimer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -112,6 +112,16 @@ def build(config) -> Setup:
                  state_shardings=state_shardings,
                  batch_shardings=sharding.batch_shardings(train_sample, mesh, train_source.layout),
                  seed=config.seed)
+
+
+def step_work(setup: Setup, config) -> tuple[flops.FlopCount, int, int]:
+    """One train step's model FLOPs (`flops.training_flops`, the global batch), sequences, and tokens
+    (0 without token inputs)."""
+    spec = setup.source.input_spec
+    count = flops.training_flops(config.model, setup.tasks, setup.layout, spec.kind, spec.shape,
+                                 config.batch_size)
+    sequences = config.batch_size * (len(setup.tasks) if setup.layout == "multi" else 1)
+    return count, sequences, sequences * spec.shape[0] if spec.kind == "tokens" else 0
 
 
 def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool = False,
@@ -210,6 +220,9 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     first_step = int(state.step)
     writer = MetricWriter(workdir, enabled=is_primary, resume_after_step=first_step)
     progress = Progress(config.total_steps, first_step, enabled=is_primary and not quiet)
+    timer = StepTimer()
+    model_flops, sequences, tokens = step_work(setup, config)
+    peak_flops = flops.datasheet_bf16_peak(jax.devices()[0].device_kind)  # None on a CPU
     # The records kept from before the checkpoint (read once, by process 0, on a resume): a resumed
     # run's affinity.json averages the same measurements as an uninterrupted one.
     kept = summary.read_metrics(workdir) if is_primary and first_step else []
@@ -235,13 +248,22 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {step}; halted without applying it (last good "
                 f"checkpoint kept in {checkpointer.directory}; nonfinite='skip' steps over such batches)")
+        step_seconds = timer.seconds_per_step(step)  # update `step` has just finished
         diagnostics_step = bool(diagnostics_every) and step % diagnostics_every == 0
         if step % config.log_every and step != config.total_steps and not diagnostics_step:
+            if step == first_step + 1:
+                timer.mark(step)  # the first update's time is the compile's
             return
+        timer.mark(step)  # each record's rate is of the updates since the record before
         record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                   "learning_rate": learning_rate(step - 1),
                   "steps_per_second": progress.steps_per_second(step),
                   "skipped": int(not metrics["finite"])}
+        if step_seconds is not None:
+            record["step_ms"] = 1e3 * step_seconds
+            record.update({k: v for k, v in flops.throughput(
+                model_flops.training, sequences, tokens, step_seconds, mesh.devices.size,
+                peak_flops).items() if v is not None})
         for i, t in enumerate(tasks):
             record[f"{t.name}/loss"] = float(metrics["task_losses"][i])
             record[f"weight/{t.name}"] = float(metrics["weights"][i])
@@ -262,12 +284,14 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
             log_train(*pending)
             pending = None
 
-    def save_checkpoint(step: int, state, force: bool = False) -> None:
+    def save_checkpoint(step: int, state, force: bool = False) -> bool:
         """Stores the metrics records written so far first (a bucket workdir uploads them in batches),
-        so that every record a resume from this checkpoint keeps exists."""
-        if checkpointer.due(step, force):
-            writer.flush()
-            checkpointer.maybe_save(step, state, force=force)
+        so that every record a resume from this checkpoint keeps exists; whether it saved."""
+        if not checkpointer.due(step, force):
+            return False
+        writer.flush()
+        checkpointer.maybe_save(step, state, force=force)
+        return True
 
     # --- Loop -----------------------------------------------------------------------------------------------
     pending = None  # (step, metrics) of the previous step, read one step late
@@ -281,6 +305,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         last_eval = evaluate(first_step)
     guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
     with setup.context(), checkpoint.PreemptionFlag() as preemption, guard:
+        learning_rate(first_step)  # its eager ops compile now (under the mesh), not in a timed window
         try:
             for step, batch in train_batches(setup, config, first_step, config.total_steps):
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
@@ -289,6 +314,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     # Stamped like the train record of the same batch (the update it looks ahead of),
                     # so that a resume drops exactly the measurements it will take again; unrounded.
                     writer.write(step + 1, "affinity", {"affinity": affinity_TxT.tolist()})
+                    timer.mark(step)
                 window.before_update(step + 1, state)
                 state, metrics = train_step(state, batch)
                 if window.active:
@@ -296,13 +322,16 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                                                  lambda: train_step.lower(state, batch).compile().as_text())
                     if traced:
                         progress.message(traced)
+                        timer.mark(step + 1)  # the op table's reading is not an update's time
                 log_pending()
                 pending = (step + 1, metrics)
                 if checkpointer.due(step + 1) or is_eval_step(step + 1, config):
                     log_pending()  # this step's record before its checkpoint and its eval
-                save_checkpoint(step + 1, state)
+                saved = save_checkpoint(step + 1, state)
                 if is_eval_step(step + 1, config):
                     last_eval = evaluate(step + 1)
+                if saved or is_eval_step(step + 1, config):
+                    timer.mark(step + 1)  # the record of step + 1 is written: the next window starts
                 if preemption_requested(preemption, step + 1, config.log_every):
                     log_pending()  # this step's record: the resumed run starts after it
                     save_checkpoint(step + 1, state, force=True)

@@ -170,6 +170,25 @@ class Progress:
             self.stream.flush()
 
 
+class StepTimer:
+    """Seconds per update since the loop's last mark: a window of train updates alone. The loop marks it
+    after the first update (the compile's), after every logged record (so each record's rate is of the
+    updates since the one before), and after evals, checkpoints and affinity measurements."""
+
+    def __init__(self):
+        self._mark: tuple[float, int] | None = None
+
+    def mark(self, step: int) -> None:
+        """Update ``step`` has just finished on the device."""
+        self._mark = (time.perf_counter(), step)
+
+    def seconds_per_step(self, step: int) -> float | None:
+        """Over the updates after the mark up to ``step`` (finished now); None if there are none."""
+        if self._mark is None or step <= self._mark[1]:
+            return None
+        return (time.perf_counter() - self._mark[0]) / (step - self._mark[1])
+
+
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

@@ -3,6 +3,7 @@ exactly the batches it would have built inline."""
 
 import json
 import logging
+import time
 
 import jax
 import pytest
@@ -57,6 +58,35 @@ def test_no_recompilation_and_no_implicit_transfers_with_a_profiled_window(tmp_p
     assert sum(r["matmul_flops_per_step"] for r in table["rows"]) == pytest.approx(step_flops, rel=1e-3)
     assert sum(r["share"] for r in table["rows"]) == pytest.approx(1)
     assert "fwd trunk/block_*/mlp/wi/dot_general" in {r["label"] for r in table["rows"]}
+
+
+def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, monkeypatch):
+    """Each record's step time is of the updates since the record before: not the first update (the
+    compile), not an eval (made 1 s slower here) or a checkpoint. Its examples/s and model FLOP/s follow
+    from it and the FLOPs formula; a CPU has no datasheet peak, so no MFU, which a known device adds."""
+    config = default_config.get_config("tiny")
+    config.total_steps, config.eval_every, config.log_every, config.checkpoint_every = 12, 6, 2, 6
+    config.weighting.diagnostics_every = 0  # the step of the test above: compiled once per module
+    real_run_eval = train.run_eval
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(1.0)
+        return real_run_eval(*args, **kwargs)
+    monkeypatch.setattr(train, "run_eval", slow_eval)
+    monkeypatch.setattr(flops, "datasheet_bf16_peak", lambda kind: 1e12)  # as on a known accelerator
+    train.train_and_evaluate(config, str(tmp_path), quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8, 10, 12]
+    assert all(0 < r["step_ms"] < 500 for r in train_records), [r["step_ms"] for r in train_records]
+    model_flops = flops.training_flops(config.model, train.build(config).tasks, "single", "image",
+                                       (12, 12), config.batch_size).training
+    for r in train_records:
+        seconds = r["step_ms"] / 1e3
+        assert r["examples_per_s"] == pytest.approx(config.batch_size / seconds)
+        assert r["achieved_tflops_per_s"] == pytest.approx(model_flops / seconds / 1e12)
+        assert r["mfu"] == pytest.approx(model_flops / 8 / seconds / 1e12)  # 8 devices, 1 TFLOP/s each
+        assert "tokens_per_s" not in r  # image inputs
 
 
 def test_a_profile_window_the_resumed_run_has_passed_is_not_traced(tmp_path):
