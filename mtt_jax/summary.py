@@ -47,6 +47,7 @@ def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, con
              f"weighting {config.weighting.name}, task encoder {config.model.task_encoder}, "
              f"task attention {config.model.task_attention}, dtype {config.dtype}",
              f"- training wall time: {wall_seconds:.1f} s; skipped non-finite steps: {skipped_steps}",
+             *throughput_line(read_metrics(workdir)),
              f"- final eval loss (sum over tasks): {final_eval.get('loss', float('nan')):.4f}\n",
              "## Per-task eval metrics\n", per_task_table(tasks, final_eval)]
     if "task_attention" in final_eval:
@@ -61,6 +62,21 @@ def write_summary(workdir: str, tasks: Sequence[TaskSpec], final_eval: dict, con
             parts.append(f"- best {k} groups: {grouping['groups']} (score {grouping['score']:.4f})")
     write_text(join(workdir, "summary.md"), "\n".join(parts) + "\n")
     write_plots(workdir, tasks)
+
+
+def throughput_line(records: list[dict]) -> list[str]:
+    """The median throughput of the train records that carry one (`writers.StepTimer`), or nothing."""
+    timed = [r for r in records if r["split"] == "train" and "step_ms" in r]
+    if not timed:
+        return []
+    median = lambda key: float(np.median([r[key] for r in timed]))
+    parts = [f"step {median('step_ms'):.1f} ms", f"{median('examples_per_s'):.0f} examples/s"]
+    if all("tokens_per_s" in r for r in timed):
+        parts.append(f"{median('tokens_per_s'):.0f} tokens/s")
+    parts.append(f"{median('achieved_tflops_per_s'):.4g} model TFLOP/s")
+    if all("mfu" in r for r in timed):
+        parts.append(f"MFU {100 * median('mfu'):.1f}%")
+    return [f"- throughput (median of {len(timed)} train records): {', '.join(parts)}"]
 
 
 def write_affinity(workdir: str, tasks: Sequence[TaskSpec], mean_affinity, count: int) -> None:

@@ -87,6 +87,10 @@ def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, mo
         assert r["achieved_tflops_per_s"] == pytest.approx(model_flops / seconds / 1e12)
         assert r["mfu"] == pytest.approx(model_flops / 8 / seconds / 1e12)  # 8 devices, 1 TFLOP/s each
         assert "tokens_per_s" not in r  # image inputs
+    median_ms = sorted(r["step_ms"] for r in train_records)[2:4]
+    line = next(l for l in (tmp_path / "summary.md").read_text().splitlines() if "throughput" in l)
+    assert line.startswith(f"- throughput (median of 6 train records): step {sum(median_ms) / 2:.1f} ms, ")
+    assert "model TFLOP/s, MFU " in line and "tokens/s" not in line
 
 
 def test_a_profile_window_the_resumed_run_has_passed_is_not_traced(tmp_path):
