@@ -124,6 +124,13 @@ def step_work(setup: Setup, config) -> tuple[flops.FlopCount, int, int]:
     return count, sequences, sequences * spec.shape[0] if spec.kind == "tokens" else 0
 
 
+def device_peak_memory_mib() -> float | None:
+    """The peak memory in use on this process's first device so far, where the runtime reports it (GPU
+    and TPU runtimes do; XLA:CPU does not)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
+
+
 def compile_train_step(setup: Setup, grad_accum_steps: int = 1, rep_grad: bool = False,
                        diagnostics_every: int = 0, grad_accum_unroll: int = 1) -> Callable:
     """``(state, batch) -> (state, metrics)``, jitted with explicit shardings and the state donated."""
@@ -264,6 +271,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
             record.update({k: v for k, v in flops.throughput(
                 model_flops.training, sequences, tokens, step_seconds, mesh.devices.size,
                 peak_flops).items() if v is not None})
+        if (memory_mib := device_peak_memory_mib()) is not None:
+            record["peak_memory_mib_per_device"] = memory_mib
         for i, t in enumerate(tasks):
             record[f"{t.name}/loss"] = float(metrics["task_losses"][i])
             record[f"weight/{t.name}"] = float(metrics["weights"][i])

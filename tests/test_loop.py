@@ -63,7 +63,8 @@ def test_no_recompilation_and_no_implicit_transfers_with_a_profiled_window(tmp_p
 def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, monkeypatch):
     """Each record's step time is of the updates since the record before: not the first update (the
     compile), not an eval (made 1 s slower here) or a checkpoint. Its examples/s and model FLOP/s follow
-    from it and the FLOPs formula; a CPU has no datasheet peak, so no MFU, which a known device adds."""
+    from it and the FLOPs formula; a CPU has no datasheet peak, so no MFU, and reports no memory, which
+    a known accelerator adds (both stubbed here)."""
     config = default_config.get_config("tiny")
     config.total_steps, config.eval_every, config.log_every, config.checkpoint_every = 12, 6, 2, 6
     config.weighting.diagnostics_every = 0  # the step of the test above: compiled once per module
@@ -74,6 +75,8 @@ def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, mo
         return real_run_eval(*args, **kwargs)
     monkeypatch.setattr(train, "run_eval", slow_eval)
     monkeypatch.setattr(flops, "datasheet_bf16_peak", lambda kind: 1e12)  # as on a known accelerator
+    assert train.device_peak_memory_mib() is None  # XLA:CPU reports none; GPU and TPU runtimes do
+    monkeypatch.setattr(train, "device_peak_memory_mib", lambda: 123.0)
     train.train_and_evaluate(config, str(tmp_path), quiet=True)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
@@ -87,10 +90,12 @@ def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, mo
         assert r["achieved_tflops_per_s"] == pytest.approx(model_flops / seconds / 1e12)
         assert r["mfu"] == pytest.approx(model_flops / 8 / seconds / 1e12)  # 8 devices, 1 TFLOP/s each
         assert "tokens_per_s" not in r  # image inputs
+        assert r["peak_memory_mib_per_device"] == 123.0
     median_ms = sorted(r["step_ms"] for r in train_records)[2:4]
     line = next(l for l in (tmp_path / "summary.md").read_text().splitlines() if "throughput" in l)
     assert line.startswith(f"- throughput (median of 6 train records): step {sum(median_ms) / 2:.1f} ms, ")
     assert "model TFLOP/s, MFU " in line and "tokens/s" not in line
+    assert line.endswith(", peak memory 123 MiB per device")
 
 
 def test_a_profile_window_the_resumed_run_has_passed_is_not_traced(tmp_path):
