@@ -4,12 +4,14 @@
 #      gradients, and a bf16 train step that calls it in every layer;
 #   2. the benchmark of the `base` model in bf16 (12 layers, d_model 768, 49k tokens per step), with
 #      cuDNN's attention (`auto`) and XLA's side by side; MFU against the datasheet bf16 peak, and the
-#      GPU time of the first variant by source op (a `jax.profiler` trace in OUT_DIR/trace).
+#      GPU time of the first variant by source op (a `jax.profiler` trace in OUT_DIR/trace);
+#   3. 30 updates of the same model in the training loop, bf16, updates 21-23 traced: the log's
+#      throughput, MFU and peak memory per record, and the window's op table (OUT_DIR/run/profile).
 #
 #   bash launch/gpu_check.sh [OUT_DIR]        # default /tmp/mtt_jax_gpu_check; about 5 minutes on an H200
 #
-# Writes OUT_DIR/{versions.txt,test_gpu.txt,benchmark.txt,benchmark.json,trace/}. Both steps always run;
-# the exit status is non-zero if either failed. STEPS (timed steps, default 20) and PYTHON (default
+# Writes OUT_DIR/{versions.txt,test_gpu.txt,benchmark.txt,benchmark.json,trace/,run.txt,run/}. Every
+# step runs; the exit status is non-zero if any failed. STEPS (timed steps, default 20) and PYTHON (default
 # python3) can be set in the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +33,10 @@ tests=$?
     2>&1 | tee "$out/benchmark.txt"
 benchmark=$?
 
-echo "gpu_check: tests exit ${tests}, benchmark exit ${benchmark}; results in ${out}"
-[ "$tests" -eq 0 ] && [ "$benchmark" -eq 0 ]
+"$python" -m mtt_jax.main --config configs/benchmark.py:base --config.dtype=bfloat16 \
+    --config.total_steps=30 --config.log_every=5 --config.profile.first_step=21 --workdir "$out/run" \
+    --overwrite 2>&1 | tee "$out/run.txt"
+run=$?
+
+echo "gpu_check: tests exit ${tests}, benchmark exit ${benchmark}, run exit ${run}; results in ${out}"
+[ "$tests" -eq 0 ] && [ "$benchmark" -eq 0 ] && [ "$run" -eq 0 ]
