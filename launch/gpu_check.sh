@@ -8,7 +8,7 @@
 #   3. 30 updates of the same model in the training loop, bf16, updates 21-23 traced: the log's
 #      throughput, MFU and peak memory per record, and the window's op table (OUT_DIR/run/profile).
 #
-#   bash launch/gpu_check.sh [OUT_DIR]        # default /tmp/mtt_jax_gpu_check; about 5 minutes on an H200
+#   bash launch/gpu_check.sh [OUT_DIR]        # default /tmp/mtt_jax_gpu_check; not yet run on a GPU (minutes expected)
 #
 # Writes OUT_DIR/{versions.txt,test_gpu.txt,benchmark.txt,benchmark.json,trace/,run.txt,run/}. Every
 # step runs; the exit status is non-zero if any failed. STEPS (timed steps, default 20) and PYTHON (default
