@@ -9,7 +9,8 @@ skips closing its writers, as a kill would, with metrics uploaded only when the 
 each checkpoint), and started again with the same command. It checks: the stopped run left every
 train record up to its checkpoint (steps 1-10) and released its lease; the resumed
 run's records equal the reference's, loss for loss; ``summary.md``'s tables are the same; the plots,
-``config.json`` and TensorBoard events are there. Each check prints one line; the exit status is 1 if
+``config.json`` and TensorBoard events are there, and so is the resumed run's ``jax.profiler`` trace of
+updates 16-17 with its op table (traced locally, uploaded). Each check prints one line; the exit status is 1 if
 any failed. The run goes to a new ``check-<time>`` folder under the URL; the check removes it at the
 end (``--keep`` leaves it).
 
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 
-KILLED_AT, CHECKPOINT_EVERY = 13, 5
+KILLED_AT, CHECKPOINT_EVERY, PROFILED = 13, 5, 16
 
 
 def main(argv=None) -> int:
@@ -111,6 +112,7 @@ def run_checks(url: str, local: str, local_checkpoints: bool, keep: bool) -> int
     fs, _ = fsspec.core.url_to_fs(url)
     config = seqtasks_config.get_config("tiny")
     config.checkpoint_every, config.log_every = CHECKPOINT_EVERY, 1
+    config.profile.first_step, config.profile.num_steps = PROFILED, 2  # traced by the resumed run
     start = time.time()
     print(f"bucket check in {url}{' (checkpoints local)' if local_checkpoints else ''}", flush=True)
     train.train_and_evaluate(config, os.path.join(local, "reference"), quiet=True)
@@ -154,6 +156,9 @@ def run_checks(url: str, local: str, local_checkpoints: bool, keep: bool) -> int
     results.append(check("config.json, curves.png and TensorBoard events are there",
                          {"config.json", "curves.png"} <= names and
                          any(n.startswith("events.out.tfevents") for n in names), sorted(names)))
+    results.append(check(f"the resumed run's profile of updates {PROFILED}-{PROFILED + 1} was uploaded",
+                         f"updates {PROFILED}-{PROFILED + 1}" in read("profile/op_times.md") and
+                         any(n.endswith(".xplane.pb") for n in names)))
     if not keep:
         fs.rm(url, recursive=True)
     print(f"{sum(results)}/{len(results)} checks passed in {time.time() - start:.0f} s")
