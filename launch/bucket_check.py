@@ -18,8 +18,9 @@ end (``--keep`` leaves it).
 serves gcsfs, but not tensorstore's OCDBT checkpoints (it returns object generations that tensorstore
 rejects), so with it the checkpoints go to a local folder. With ``--bucket`` everything goes to GCS,
 with the machine's credentials, as a real run's would. What the emulator does not check: GCS's
-``ifGenerationMatch=0`` precondition, which the lease relies on (the emulator ignores preconditions;
-``tests/test_bucket_workdir.py`` checks the lease on an in-memory filesystem that honours it).
+``ifGenerationMatch=0`` precondition and its delete of one generation, which the lease relies on (the
+emulator ignores both; ``tests/test_bucket_workdir.py`` checks the lease on in-memory filesystems that
+honour them).
 """
 
 from __future__ import annotations

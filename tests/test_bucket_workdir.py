@@ -281,6 +281,57 @@ def test_a_bucket_workdir_is_locked_by_a_lease_that_a_dead_run_leaves_to_expire(
     assert lock not in FakeGCS.store
 
 
+class GenerationalGCS(FakeGCS):
+    """GCS's object generations: every write is a new generation, and deleting ``path#generation``
+    (``version_aware``) fails while another generation is live."""
+    counter = iter(range(1, 10**9))
+
+    def info(self, path, **kwargs):
+        info = super().info(path, **kwargs)
+        if info["type"] == "file":
+            stored = self.store[self._strip_protocol(path)]
+            if not hasattr(stored, "generation"):  # a write stores a new object
+                stored.generation = next(self.counter)
+            info["generation"] = str(stored.generation)
+        return info
+
+    def rm_file(self, path):
+        path, _, generation = path.partition("#")
+        if generation and self.storage_options.get("version_aware"):
+            if self.info(path).get("generation") != generation:
+                raise FileNotFoundError(f"{path}#{generation}")
+        super().rm_file(path)
+
+
+def test_of_two_runs_that_find_the_same_expired_lease_only_one_takes_it(bucket, monkeypatch):
+    """Both read the dead run's lease; the first removes that generation and creates its own; the
+    second's removal of the same generation fails, and it is refused instead of removing the first's
+    new lease and running beside it."""
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, GenerationalGCS, clobber=True)
+    GenerationalGCS.clear_instance_cache()
+    fs, path = fsspec.core.url_to_fs(f"{BUCKET}/.lock")
+    fs.pipe_file(path, json.dumps({"holder": "pid 1 on a-deleted-vm", "token": "x",
+                                   "renewed": time.time() - 400}).encode())
+    real_remove = lease._remove_version
+
+    def first_run_overtakes(fs, path, generation):  # between the second run's read and its removal
+        monkeypatch.setattr(lease, "_remove_version", real_remove)
+        lease._acquire(fs, path, "first")
+        return real_remove(fs, path, generation)
+    monkeypatch.setattr(lease, "_remove_version", first_run_overtakes)
+    with pytest.raises(lease.LeaseHeld, match=r"^in use by another run \(the expired lease of pid 1 on "
+                                              r"a-deleted-vm was just taken over by another run\)$"):
+        lease._acquire(fs, path, "second")
+    assert json.loads(fs.cat_file(path))["token"] == "first"
+    # An unconditional removal (a store without generations) would have let both run.
+    monkeypatch.setattr(lease, "_remove_version", first_run_overtakes)
+    fs.pipe_file(path, json.dumps({"holder": "pid 1", "token": "x", "renewed": time.time() - 400}).encode())
+    monkeypatch.setattr(lease, "_generation", lambda fs, path: None)
+    lease._acquire(fs, path, "second")
+    assert json.loads(fs.cat_file(path))["token"] == "second"
+
+
 def test_a_tfds_data_dir_on_a_bucket_is_cached_on_the_local_disk(bucket, monkeypatch, tmp_path):
     """TFDS reads a bucket's data_dir through epath; the arrays made from it are cached in a local
     folder named after the URL (memory maps and renames need a local disk), not in a folder ``gs:``."""
