@@ -76,6 +76,8 @@ def throughput_line(records: list[dict]) -> list[str]:
     parts.append(f"{median('achieved_tflops_per_s'):.4g} model TFLOP/s")
     if all("mfu" in r for r in timed):
         parts.append(f"MFU {100 * median('mfu'):.1f}%")
+    if all("input_wait_fraction" in r for r in timed):
+        parts.append(f"waiting for input {100 * median('input_wait_fraction'):.1f}% of the time")
     if "peak_memory_mib_per_device" in timed[-1]:
         parts.append(f"peak memory {timed[-1]['peak_memory_mib_per_device']:.0f} MiB per device")
     return [f"- throughput (median of {len(timed)} train records): {', '.join(parts)}"]

@@ -235,10 +235,10 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     kept = summary.read_metrics(workdir) if is_primary and first_step else []
     affinity_sum, affinity_count = affinity_so_far(kept)
     profile = config.get("profile") or {}
-    window = profile_window.ProfileWindow(workdir, profile.get("first_step", 0), profile.get("num_steps", 1),
-                                          first_step, enabled=is_primary)
-    if window.missed:
-        progress.message(f"profile: updates {window.first_step}-{window.last_step} not traced: this run "
+    profiled = profile_window.ProfileWindow(workdir, profile.get("first_step", 0),
+                                            profile.get("num_steps", 1), first_step, enabled=is_primary)
+    if profiled.missed:
+        progress.message(f"profile: updates {profiled.first_step}-{profiled.last_step} not traced: this run "
                          f"resumes after update {first_step}")
 
     def evaluate(step: int) -> dict:
@@ -255,7 +255,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {step}; halted without applying it (last good "
                 f"checkpoint kept in {checkpointer.directory}; nonfinite='skip' steps over such batches)")
-        step_seconds = timer.seconds_per_step(step)  # update `step` has just finished
+        timing = timer.window(step)  # update `step` has just finished
         diagnostics_step = bool(diagnostics_every) and step % diagnostics_every == 0
         if step % config.log_every and step != config.total_steps and not diagnostics_step:
             if step == first_step + 1:
@@ -266,7 +266,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                   "learning_rate": learning_rate(step - 1),
                   "steps_per_second": progress.steps_per_second(step),
                   "skipped": int(not metrics["finite"])}
-        if step_seconds is not None:
+        if timing is not None:
+            step_seconds, record["input_wait_fraction"] = timing
             record["step_ms"] = 1e3 * step_seconds
             record.update({k: v for k, v in flops.throughput(
                 model_flops.training, sequences, tokens, step_seconds, mesh.devices.size,
@@ -316,7 +317,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
     with setup.context(), checkpoint.PreemptionFlag() as preemption, guard:
         learning_rate(first_step)  # its eager ops compile now (under the mesh), not in a timed window
         try:
-            for step, batch in train_batches(setup, config, first_step, config.total_steps):
+            batches = train_batches(setup, config, first_step, config.total_steps)
+            for step, batch in timer.timed(batches):
                 if affinity_fn is not None and (step + 1) % affinity_every == 0:
                     affinity_TxT = np.asarray(jax.device_get(affinity_fn(state, batch)))
                     affinity_sum, affinity_count = affinity_sum + affinity_TxT, affinity_count + 1
@@ -324,10 +326,10 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     # so that a resume drops exactly the measurements it will take again; unrounded.
                     writer.write(step + 1, "affinity", {"affinity": affinity_TxT.tolist()})
                     timer.mark(step)
-                window.before_update(step + 1, state)
+                profiled.before_update(step + 1, state)
                 state, metrics = train_step(state, batch)
-                if window.active:
-                    traced = window.after_update(step + 1, state,
+                if profiled.active:
+                    traced = profiled.after_update(step + 1, state,
                                                  lambda: train_step.lower(state, batch).compile().as_text())
                     if traced:
                         progress.message(traced)
@@ -346,7 +348,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     save_checkpoint(step + 1, state, force=True)
                     checkpointer.close()
                     writer.close()
-                    window.close()
+                    profiled.close()
                     progress.message(f"SIGTERM: saved the checkpoint at step {step + 1}; exiting. "
                                      f"Run the same command to resume.")
                     return state, last_eval
@@ -354,7 +356,7 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         except NonFiniteLossError:
             checkpointer.close()
             writer.close()
-            window.close()
+            profiled.close()
             raise
     save_checkpoint(config.total_steps, state, force=True)
     checkpointer.close()

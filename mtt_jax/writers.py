@@ -13,7 +13,7 @@ import math
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -171,22 +171,38 @@ class Progress:
 
 
 class StepTimer:
-    """Seconds per update since the loop's last mark: a window of train updates alone. The loop marks it
-    after the first update (the compile's), after every logged record (so each record's rate is of the
-    updates since the one before), and after evals, checkpoints and affinity measurements."""
+    """Seconds per update since the loop's last mark, a window of train updates alone, and the share of
+    it that the loop spent waiting for its next batch (`timed`). The loop marks it after the first
+    update (the compile's), after every logged record (so each record's rate is of the updates since the
+    one before), and after evals, checkpoints and affinity measurements."""
 
     def __init__(self):
         self._mark: tuple[float, int] | None = None
+        self._waited = 0.0
 
     def mark(self, step: int) -> None:
         """Update ``step`` has just finished on the device."""
-        self._mark = (time.perf_counter(), step)
+        self._mark, self._waited = (time.perf_counter(), step), 0.0
 
-    def seconds_per_step(self, step: int) -> float | None:
-        """Over the updates after the mark up to ``step`` (finished now); None if there are none."""
+    def timed(self, batches: Iterable) -> Iterator:
+        """``batches``, with the time each ``next`` blocks counted as waiting for input."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self._waited += time.perf_counter() - start
+            yield item
+
+    def window(self, step: int) -> tuple[float, float] | None:
+        """Seconds per update and the input-wait share over the updates after the mark up to ``step``
+        (finished now); None if there are none."""
         if self._mark is None or step <= self._mark[1]:
             return None
-        return (time.perf_counter() - self._mark[0]) / (step - self._mark[1])
+        elapsed = time.perf_counter() - self._mark[0]
+        return elapsed / (step - self._mark[1]), min(self._waited / elapsed, 1.0)
 
 
 def _duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from configs import default as default_config
-from mtt_jax import flops, profile_window, sharding, train
+from mtt_jax import flops, profile_window, sharding, train, writers
 from mtt_jax.prefetch import prefetch
 
 
@@ -91,11 +91,35 @@ def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, mo
         assert r["mfu"] == pytest.approx(model_flops / 8 / seconds / 1e12)  # 8 devices, 1 TFLOP/s each
         assert "tokens_per_s" not in r  # image inputs
         assert r["peak_memory_mib_per_device"] == 123.0
+        assert 0 <= r["input_wait_fraction"] <= 1
     median_ms = sorted(r["step_ms"] for r in train_records)[2:4]
     line = next(l for l in (tmp_path / "summary.md").read_text().splitlines() if "throughput" in l)
     assert line.startswith(f"- throughput (median of 6 train records): step {sum(median_ms) / 2:.1f} ms, ")
-    assert "model TFLOP/s, MFU " in line and "tokens/s" not in line
+    assert "model TFLOP/s, MFU " in line and "tokens/s" not in line and "% of the time, " in line
     assert line.endswith(", peak memory 123 MiB per device")
+
+
+def test_the_step_timer_counts_the_wait_for_input_in_its_window():
+    """Batches that take 40 ms to come, updates that take 10 ms: 50 ms per update, 80% of it waiting;
+    a new mark starts a new window."""
+    def slow_batches():
+        for step in range(6):
+            time.sleep(0.04)
+            yield step
+
+    timer = writers.StepTimer()
+    assert timer.window(1) is None
+    for step in timer.timed(slow_batches()):
+        if step == 0:
+            timer.mark(0)
+        else:
+            time.sleep(0.01)  # the update
+        if step == 3:
+            seconds, waited = timer.window(3)
+            assert seconds == pytest.approx(0.05, rel=0.3) and waited == pytest.approx(0.8, abs=0.1)
+            timer.mark(3)
+    seconds, waited = timer.window(5)
+    assert seconds == pytest.approx(0.05, rel=0.3) and waited == pytest.approx(0.8, abs=0.1)
 
 
 def test_a_profile_window_the_resumed_run_has_passed_is_not_traced(tmp_path):
