@@ -513,9 +513,12 @@ def main(argv) -> None:
     elif _PROFILE.value:
         first = compiled[0]
         profile_rows = rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
-        print(f"\nXLA op time by source op, {first.config.weighting.name} {first.config.dtype} "
-              f"(trace in {_PROFILE.value}):")
+        title = f"XLA op time by source op, {first.config.weighting.name} {first.config.dtype}"
+        print(f"\n{title} (trace in {_PROFILE.value}):")
         print(profiling.format_op_table(rows))
+        profiling.write_op_tables(_PROFILE.value, rows, title, "Three steps of the benchmark's first variant "
+                                  "(`python -m mtt_jax.benchmark --profile`), op ms per step.",
+                                  method=first.config.weighting.name, dtype=first.config.dtype)
     if _OUT.value and primary:
         workdir.write_json(_OUT.value, {
             "device": jax.devices()[0].device_kind, "devices": jax.device_count(),

@@ -84,14 +84,11 @@ class ProfileWindow:
             self._upload.close()
 
     def _write_tables(self, rows: list[profiling.OpTime], wall_ms: float) -> None:
+        num_steps = self.last_step - self.first_step + 1
         window = f"updates {self.first_step}-{self.last_step}"
-        workdir_lib.write_text(workdir_lib.join(self.directory, "op_times.md"), "\n".join([
-            f"# XLA op time of the train step, {window}", "",
-            f"Traced with `--config.profile.first_step={self.first_step} "
-            f"--config.profile.num_steps={self.last_step - self.first_step + 1}`; the trace opens in "
-            "TensorBoard's profile plugin. Wall time per update with the profiler on: "
-            f"{wall_ms:.1f} ms (evals and checkpoints in the window included).", "",
-            profiling.format_op_table(rows), ""]))
-        workdir_lib.write_json(workdir_lib.join(self.directory, "op_times.json"), {
-            "first_step": self.first_step, "last_step": self.last_step, "wall_ms_per_update": wall_ms,
-            "rows": profiling.rows_as_dicts(rows)}, indent=2)
+        profiling.write_op_tables(
+            self.directory, rows, f"XLA op time of the train step, {window}",
+            f"Traced with `--config.profile.first_step={self.first_step} --config.profile.num_steps="
+            f"{num_steps}`; the trace opens in TensorBoard's profile plugin. Wall time per update with the "
+            f"profiler on: {wall_ms:.1f} ms (evals and checkpoints in the window included).",
+            first_step=self.first_step, last_step=self.last_step, wall_ms_per_update=wall_ms)

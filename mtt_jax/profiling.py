@@ -208,6 +208,15 @@ def rows_as_dicts(rows: list[OpTime]) -> list[dict]:
     return [{**dataclasses.asdict(r), "matmul_flops_per_s": r.matmul_flops_per_s} for r in rows]
 
 
+def write_op_tables(directory: str, rows: list[OpTime], title: str, note: str, **fields) -> None:
+    """``op_times.md`` (``title``, ``note`` and `format_op_table`) and ``op_times.json`` (``fields`` and
+    the rows) in ``directory``, beside the trace; a folder or a bucket URL."""
+    workdir.write_text(workdir.join(directory, "op_times.md"),
+                       "\n".join([f"# {title}", "", note, "", format_op_table(rows), ""]))
+    workdir.write_json(workdir.join(directory, "op_times.json"),
+                       {**fields, "rows": rows_as_dicts(rows)}, indent=2)
+
+
 def format_op_table(rows: list[OpTime], top: int = 20) -> str:
     if not rows:
         return ("no XLA op events matched the compiled HLO (open the trace directory in TensorBoard's "

@@ -295,6 +295,9 @@ def test_benchmark_command_compares_dtypes_side_by_side(tmp_path):
     profiled = sum(row["matmul_flops_per_step"] for row in report["profile"])
     assert profiled == pytest.approx(rows[0]["hlo_matmul_tflops_per_step"] * 1e12, rel=0.02)
     assert all(row["matmul_flops_per_s"] > 0 for row in report["profile"] if row["matmul_flops_per_step"])
+    tables = json.loads((tmp_path / "trace" / "op_times.json").read_text())  # beside the trace
+    assert tables["rows"] == report["profile"] and tables["method"] == "ew"
+    assert (tmp_path / "trace" / "op_times.md").read_text().startswith("# XLA op time by source op, ew ")
 
 
 def test_benchmark_compares_attention_kernels_and_layer_scans_and_refuses_bad_variants(tmp_path):
