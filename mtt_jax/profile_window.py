@@ -35,7 +35,8 @@ class ProfileWindow:
         """``first_step``: the number of the first traced update (0: no window); ``start_step``: the
         step the run starts from (its checkpoint's on a resume)."""
         self.directory = workdir_lib.join(workdir, DIRECTORY)
-        self.first_step, self.last_step = first_step, first_step + num_steps - 1
+        self.first_step, self.num_steps = first_step, num_steps
+        self.last_step = first_step + num_steps - 1
         self.enabled = enabled and first_step > start_step
         self.missed = enabled and 0 < first_step <= start_step  # the resumed run starts past it
         self._upload = self._trace = None
@@ -63,12 +64,11 @@ class ProfileWindow:
         if not self.active or step != self.last_step:
             return None
         jax.block_until_ready(state)
-        wall_ms = 1e3 * (time.perf_counter() - self._start) / (self.last_step - self.first_step + 1)
+        wall_ms = 1e3 * (time.perf_counter() - self._start) / self.num_steps
         self._trace.close()
         self._trace = None
         try:
-            rows = profiling.read_op_times(self._local_dir, self.last_step - self.first_step + 1,
-                                           hlo_text())
+            rows = profiling.read_op_times(self._local_dir, self.num_steps, hlo_text())
             self._write_tables(rows, wall_ms)
         finally:
             self._upload.close()
@@ -84,11 +84,10 @@ class ProfileWindow:
             self._upload.close()
 
     def _write_tables(self, rows: list[profiling.OpTime], wall_ms: float) -> None:
-        num_steps = self.last_step - self.first_step + 1
         window = f"updates {self.first_step}-{self.last_step}"
         profiling.write_op_tables(
             self.directory, rows, f"XLA op time of the train step, {window}",
             f"Traced with `--config.profile.first_step={self.first_step} --config.profile.num_steps="
-            f"{num_steps}`; the trace opens in TensorBoard's profile plugin. Wall time per update with the "
-            f"profiler on: {wall_ms:.1f} ms (evals and checkpoints in the window included).",
+            f"{self.num_steps}`; the trace opens in TensorBoard's profile plugin. Wall time per update "
+            f"with the profiler on: {wall_ms:.1f} ms (evals and checkpoints in the window included).",
             first_step=self.first_step, last_step=self.last_step, wall_ms_per_update=wall_ms)

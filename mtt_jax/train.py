@@ -257,11 +257,11 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                 f"checkpoint kept in {checkpointer.directory}; nonfinite='skip' steps over such batches)")
         timing = timer.window(step)  # update `step` has just finished
         diagnostics_step = bool(diagnostics_every) and step % diagnostics_every == 0
-        if step % config.log_every and step != config.total_steps and not diagnostics_step:
-            if step == first_step + 1:
-                timer.mark(step)  # the first update's time is the compile's
+        logged = not step % config.log_every or step == config.total_steps or diagnostics_step
+        if logged or step == first_step + 1:  # a record's rate is of the updates since the record
+            timer.mark(step)                  # before; the first update's time is the compile's
+        if not logged:
             return
-        timer.mark(step)  # each record's rate is of the updates since the record before
         record = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                   "learning_rate": learning_rate(step - 1),
                   "steps_per_second": progress.steps_per_second(step),
@@ -329,8 +329,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                 profiled.before_update(step + 1, state)
                 state, metrics = train_step(state, batch)
                 if profiled.active:
-                    traced = profiled.after_update(step + 1, state,
-                                                 lambda: train_step.lower(state, batch).compile().as_text())
+                    traced = profiled.after_update(
+                        step + 1, state, lambda: train_step.lower(state, batch).compile().as_text())
                     if traced:
                         progress.message(traced)
                         timer.mark(step + 1)  # the op table's reading is not an update's time
