@@ -23,9 +23,11 @@ meshes x dtypes x microbatching x layer scans x attention kernels) run side by s
 their ratios compare like with like. The attention column counts the cuDNN fused attention call sites in
 the lowered step (`cudnn_attention_calls`; a scanned model's layers share one), so a GPU row says
 whether cuDNN's kernel ran. ``HLO matmuls / model`` is the lowered step's matmul FLOPs
-(`step_matmul_flops`) over the formula's: about 1 for loss-weighting methods, which checks the MFU's
-numerator against the traced program; above 1 for gradient methods, by their per-task backward passes.
-With a 16-bit dtype it adds the share of matmul FLOPs with 16-bit operands.
+(`step_matmul_flops`) over the formula's. Both read the step lowered on one device with the global
+shapes (`counting_lowering`), where a multi-device mesh would hide cuDNN's calls. The ratio is about
+1 for loss-weighting methods, which checks the MFU's numerator against the traced program; above 1 for
+gradient methods, by their per-task backward passes. With a 16-bit dtype it adds the share of matmul
+FLOPs with 16-bit operands.
 
 A variant that the device cannot run (XLA's runtime error, e.g. out of memory) is reported and left out;
 the others still run, and the exit status is then 1 (`compile_variants`).
@@ -202,9 +204,10 @@ class Variant:
             lowered = step_fn.lower(self.state, self.batch)
             self.compiled = lowered.compile()
         self.compile_seconds = time.perf_counter() - start
-        self.cudnn_attention_calls = cudnn_attention_calls(lowered.as_text())
+        counted = counting_lowering(config, setup, self.state, self.batch, lowered)
+        self.cudnn_attention_calls = cudnn_attention_calls(counted.as_text())
         try:  # a check beside the timing, which an HLO it cannot read must not stop
-            self.matmul_flops = step_matmul_flops(config, setup, self.state, self.batch, lowered)
+            self.matmul_flops = flops.hlo_matmul_flops(counted.compiler_ir("hlo").as_hlo_text())
         except flops.UNREADABLE_HLO as e:
             print(f"  warning: the step's matmul FLOPs were not counted ({type(e).__name__}: {e})")
             self.matmul_flops = None
@@ -271,22 +274,42 @@ class Variant:
         return result
 
 
-def step_matmul_flops(config, setup, state, batch, lowered=None) -> dict[str, float]:
+def counting_lowering(config, setup, state, batch, lowered=None, platform: str | None = None):
+    """The config's train step lowered to be read by `step_matmul_flops` and `cudnn_attention_calls`:
+    without microbatching, whose data-parallel scan runs in a ``shard_map`` on each shard's rows; without
+    the periodic diagnostics, a conditional whose branch would count on every step; and on one device
+    (`train.Setup.on_one_device`), with the same global shapes. On a mesh of several devices JAX lowers
+    a custom-partitioned op, as cuDNN's fused attention is, to an opaque ``CustomSPMDPartitioning`` call
+    that the SPMD partitioner expands only when it compiles: a data-parallel step on 8 GPUs would read
+    as 0 cuDNN calls and 0.93 of the model's matmuls (tested). ``lowered``: the config's step as
+    lowered already, reused where it is that program. ``platform``: lower for another platform than
+    this process's (``"cuda"``, ``"tpu"``; the tests read the GPU and TPU programs on a CPU)."""
+    import jax
+    from mtt_jax import train
+    plain = config.grad_accum_steps == 1 and not config.weighting.get("diagnostics_every", 0)
+    if lowered is not None and plain and setup.mesh.devices.size == 1 and platform is None:
+        return lowered
+    counted = config.copy_and_resolve_references()
+    counted.grad_accum_steps, counted.grad_accum_unroll = 1, 1
+    counted.weighting.diagnostics_every = 0
+    one = setup.on_one_device()
+    abstract = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    with one.context():
+        traced = train.config_train_step(one, counted).trace(abstract(state, one.state_shardings),
+                                                             abstract(batch, one.batch_shardings))
+        return traced.lower(lowering_platforms=(platform,) if platform else None)
+
+
+def step_matmul_flops(config, setup, state, batch, lowered=None, platform: str | None = None
+                      ) -> dict[str, float]:
     """Matmul FLOPs of the config's train step as XLA sees it (`flops.hlo_matmul_flops`, by operand
-    dtypes; a layer scan counts by its trip count). The step is lowered (not compiled) without
-    microbatching, whose data-parallel scan runs in a ``shard_map`` on each shard's rows, and without
-    the periodic diagnostics, a conditional whose branch would count on every step. ``lowered``: the
-    config's step as lowered already, reused when it has neither. For loss-weighting methods the
-    total checks `flops.training_flops` against the traced model; for gradient methods it includes
-    their per-task backward passes."""
-    from mtt_jax import flops, train
-    if lowered is None or config.grad_accum_steps > 1 or config.weighting.get("diagnostics_every", 0):
-        counted = config.copy_and_resolve_references()
-        counted.grad_accum_steps, counted.grad_accum_unroll = 1, 1
-        counted.weighting.diagnostics_every = 0
-        with setup.context():
-            lowered = train.config_train_step(setup, counted).lower(state, batch)
-    return flops.hlo_matmul_flops(lowered.compiler_ir("hlo").as_hlo_text())
+    dtypes; a layer scan counts by its trip count), in the program of `counting_lowering`. For
+    loss-weighting methods the total checks `flops.training_flops` against the traced model; for
+    gradient methods it includes their per-task backward passes."""
+    from mtt_jax import flops
+    counted = counting_lowering(config, setup, state, batch, lowered, platform)
+    return flops.hlo_matmul_flops(counted.compiler_ir("hlo").as_hlo_text())
 
 
 def cudnn_attention_calls(lowered_text: str) -> dict[str, int]:

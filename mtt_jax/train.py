@@ -70,6 +70,15 @@ class Setup:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
+    def on_one_device(self) -> "Setup":
+        """This setup on this process's first device: the same global shapes, nothing partitioned.
+        For programs that are lowered to be read, not run (`mtt_jax.benchmark.counting_lowering`)."""
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return dataclasses.replace(
+            self, mesh=mesh, state_shardings=sharding.tree_shardings(self.abstract_state, mesh, self.rules),
+            batch_shardings=jax.tree.map(lambda _: replicated, self.batch_shardings))
+
     def create_state(self) -> steps.TrainState:
         """The initial state, created directly sharded (no host copy of the full parameters)."""
         with self.context():

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from mtt_jax import huge_pages
 
 # The suite's cost is compiling, not running, its tiny programs: LLVM's cheaper pipeline compiles them
@@ -30,3 +32,13 @@ LONGEST_MODULES = ("test_scale.py", "test_experiments.py", "test_zoo.py", "test_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def cudnn_probes_stubbed(monkeypatch):
+    """JAX's cuDNN version and compute-capability probes answer as on a recent GPU, so that a model
+    with the cuDNN kernel lowers for CUDA on this CPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)

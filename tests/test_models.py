@@ -299,16 +299,6 @@ def test_the_models_attention_kernel_reaches_every_block():
 CUDNN_ATTENTION = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward")
 
 
-@pytest.fixture
-def cudnn_probes_stubbed(monkeypatch):
-    """JAX's cuDNN version and compute-capability probes answer as on a recent GPU, so that a model
-    with the cuDNN kernel lowers for CUDA on this CPU."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)
-
-
 def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(cudnn_probes_stubbed):
     """No GPU here, so the model's gradient is lowered for CUDA with JAX's cuDNN version and compute
     capability probes stubbed: every check ``jax.nn.dot_product_attention`` makes of the inputs and
