@@ -341,7 +341,7 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     scale_TxT = jnp.outer(scale_T, scale_T).astype(jnp.float32)
     if method.requires == "sampled_gram":  # the diagnostics see the whole batch's mean gradients
         sample = lambda s: jax.tree.map(lambda g: g[s], grads_ST)
-        gram_TxT = task_grads.gram_matrix(jax.tree.map(lambda g: g.mean(0), grads_ST)) * scale_TxT
+        gram_TxT = task_grads.gram_matrix(jax.tree.map(task_grads.mean_leading, grads_ST)) * scale_TxT
         cross_TxT = task_grads.cross_gram_matrix(sample(1), sample(2)) * scale_TxT
     else:
         gram_TxT = task_grads.gram_matrix(grads_T) * scale_TxT
@@ -385,7 +385,7 @@ def _sampled_task_gradients(gradients: Callable, model_params, batch, num_tasks,
             return r.losses_T, r.grads_T, r.task_side_grads, r.aux
         parts = microbatches(micro_batch, layout, num_samples)
         losses_ST, grads_ST, task_side_S, aux_S = jax.vmap(arrays)(parts, jax.random.split(rng, num_samples))
-        mean = lambda tree: jax.tree.map(lambda x: x.mean(0), tree)
+        mean = lambda tree: jax.tree.map(task_grads.mean_leading, tree)
         return losses_ST.mean(0), grads_ST, mean(task_side_S), mean(aux_S)
 
     def accumulate(carry, micro):

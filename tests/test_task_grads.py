@@ -88,3 +88,16 @@ def test_conflict_diagnostics_on_known_gradients():
     assert float(d["cosine_min"]) == pytest.approx(-1.0)
     assert float(d["cosine_mean"]) == pytest.approx(-1 / 3)
     assert float(d["conflict_fraction"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 8, 5), jnp.float32), ((1, 4), jnp.float32),
+                                          ((8, 2, 3, 4), jnp.bfloat16)])
+def test_sum_and_mean_over_the_leading_axis_as_adds_of_rows(shape, dtype):
+    """`task_grads.sum_leading` / `mean_leading` (the rows added, a workaround for XLA:CPU's slow
+    reduction of a short leading axis) equal ``sum(0)`` / ``mean(0)``, in the input's dtype, jitted."""
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    summed, mean = jax.jit(task_grads.sum_leading)(x), jax.jit(task_grads.mean_leading)(x)
+    assert summed.dtype == mean.dtype == dtype and summed.shape == mean.shape == shape[1:]
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.float32(summed), np.float32(x).sum(0), **tolerance)
+    np.testing.assert_allclose(np.float32(mean), np.float32(x).mean(0), **tolerance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtt_jax.task_grads import sum_leading
 from mtt_jax.weighting.base import (PyTree, WeightingMethod, clamp_losses, per_task_sum, require_rng,
                                     scale_task_rows, sum_task_rows, task_zeros, validate_range)
 
@@ -40,15 +41,14 @@ class GradDrop(WeightingMethod):
 
         def drop(grad_T, key):
             grad_T = grad_T.astype(jnp.float32)
-            total = jnp.sum(grad_T, axis=0)
-            mass = jnp.sum(jnp.abs(grad_T), axis=0)
+            total, mass = sum_leading(grad_T), sum_leading(jnp.abs(grad_T))
             purity = 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0))
             uniform = jax.random.uniform(key, total.shape, jnp.float32)
             keep_T = ((purity > uniform) & (grad_T > 0)) | ((purity < uniform) & (grad_T < 0))
             return jnp.where(keep_T, grad_T, self.leak * grad_T)
 
         kept_T = jax.tree.unflatten(treedef, [drop(g, k) for g, k in zip(leaves, keys)])
-        direction = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), kept_T)
+        direction = jax.tree.map(sum_leading, kept_T)
         kept_mass_T = per_task_sum(kept_T, jnp.abs)
         mass_T = per_task_sum(grads_T, lambda leaf: jnp.abs(leaf.astype(jnp.float32)))
         return direction, kept_mass_T / jnp.where(mass_T > 0, mass_T, 1.0), state
