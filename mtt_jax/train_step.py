@@ -339,10 +339,14 @@ def _gradient_method_grads(state, batch, model, tasks, loss_fn, method, dropout_
     # The Gram matrices of the scaled gradients, s_i s_j <g_i, g_j>: scaled as T x T matrices rather
     # than through another pass over the [T, P] gradients, which only per-task-gradient methods need.
     scale_TxT = jnp.outer(scale_T, scale_T).astype(jnp.float32)
-    if method.requires == "sampled_gram":  # the diagnostics see the whole batch's mean gradients
-        sample = lambda s: jax.tree.map(lambda g: g[s], grads_ST)
-        gram_TxT = task_grads.gram_matrix(jax.tree.map(task_grads.mean_leading, grads_ST)) * scale_TxT
-        cross_TxT = task_grads.cross_gram_matrix(sample(1), sample(2)) * scale_TxT
+    if method.requires == "sampled_gram":
+        # One pass over the S samples' gradients: the (S T) x (S T) Gram of all of them, from which the
+        # weights take the cross-Gram of samples 1 and 2, and the diagnostics the Gram of the mean.
+        num_samples = method.gradient_samples
+        all_gram = task_grads.gram_matrix(jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads_ST))
+        all_gram = all_gram.reshape(num_samples, len(tasks), num_samples, len(tasks))
+        gram_TxT = all_gram.sum((0, 2)) / num_samples ** 2 * scale_TxT
+        cross_TxT = all_gram[1, :, 2, :] * scale_TxT
     else:
         gram_TxT = task_grads.gram_matrix(grads_T) * scale_TxT
         if method.requires != "gram":
