@@ -135,8 +135,8 @@ def gram_matrix(grads_T: PyTree) -> jax.Array:
 
 
 def cross_gram_matrix(grads_a_T: PyTree, grads_b_T: PyTree) -> jax.Array:
-    """``K = G_a G_b^T`` in f32 over every leaf: one set of task gradients against another (two samples'
-    for MoDo and SDMGrad; the same set gives the Gram matrix)."""
+    """``K = G_a G_b^T`` in f32 over every leaf: one set of task gradients against another (the same
+    set gives the Gram matrix)."""
     flat = lambda g: g.reshape(g.shape[0], -1).astype(jnp.float32)
     return sum(flat(a) @ flat(b).T for a, b in zip(jax.tree.leaves(grads_a_T), jax.tree.leaves(grads_b_T)))
 
