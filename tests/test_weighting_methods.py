@@ -820,19 +820,59 @@ def test_famo_with_every_task_absent_gives_zeros_and_keeps_its_state():
             np.testing.assert_array_equal(new, old)
 
 
-def test_stch_warms_up_on_log_losses_then_uses_the_nadir():
-    state = None
-    for step in range(6):  # epoch_steps = 2, warmup_epochs = 2: steps 0-3 warm up; nadir = epoch 1 mean
-        losses = np.array([1.0, 2.0, 4.0]) / (1 + step)
-        total, w, state = run_combine("stch", losses, step=step, state=state, epoch_steps=2, warmup_epochs=2)
-        if step < 4:
-            assert total == pytest.approx(np.sum(np.log(losses)), rel=1e-5)
-            np.testing.assert_allclose(w, 1 / losses, rtol=1e-6)
-    nadir = np.array([1.0, 2.0, 4.0]) * (1 / 3 + 1 / 4) / 2
+def test_stch_warms_up_through_epoch_warmup_epochs_then_uses_its_mean_as_the_nadir():
+    """LibMTL's schedule with W = warmup_epochs = 1 and 2 updates per epoch: epochs 0 and 1 (steps 0-3)
+    take the log-loss step, the nadir is epoch 1's mean loss, STCH starts at epoch 2 (step 4)."""
+    losses_by_step = [[1.0, 2.0], [1.0, 2.0],   # epoch 0: warm-up
+                      [2.0, 1.0], [4.0, 3.0],   # epoch 1 = W: warm-up; its mean [3, 2] is the nadir
+                      [3.0, 4.0], [6.0, 2.0]]   # epoch 2: STCH
+    state, results = None, []
+    for step, losses in enumerate(losses_by_step):
+        total, w, state = run_combine("stch", losses, step=step, state=state, epoch_steps=2, warmup_epochs=1)
+        results.append((total, w, np.asarray(state["nadir"])))
+    for step in range(4):  # warm-up: total = sum_t log L_t, weights 1/L_t, nadir not yet set
+        total, w, nadir = results[step]
+        assert total == pytest.approx(np.sum(np.log(losses_by_step[step])), rel=1e-6)
+        np.testing.assert_allclose(w, 1 / np.asarray(losses_by_step[step]), rtol=1e-6)
+        np.testing.assert_array_equal(nadir, [1.0, 1.0])
+    np.testing.assert_allclose(results[3][1], [0.25, 1 / 3], rtol=1e-6)  # epoch 1 still warms up
+    # Step 4, losses [3, 4], nadir [3, 2]: l = [0, log 2], softmax = [1/3, 2/3],
+    # weights = 2 softmax / L = [2/9, 1/3], total = 2 log(1 + 2) = 2 log 3.
+    total, w, nadir = results[4]
+    np.testing.assert_allclose(nadir, [3.0, 2.0], rtol=1e-6)
+    assert total == pytest.approx(2 * np.log(3.0), rel=1e-6)
+    np.testing.assert_allclose(w, [2 / 9, 1 / 3], rtol=1e-6)
+    # Step 5, losses [6, 2]: l = [log 2, 0], softmax = [2/3, 1/3], weights = [2/9, 1/3], same nadir.
+    total, w, nadir = results[5]
+    np.testing.assert_allclose(nadir, [3.0, 2.0], rtol=1e-6)
+    assert total == pytest.approx(2 * np.log(3.0), rel=1e-6)
+    np.testing.assert_allclose(w, [2 / 9, 1 / 3], rtol=1e-6)
+    # The logged weights are the applied ones, d total / d L_t.
+    method, _ = compiled("stch", 2, (("epoch_steps", 2), ("warmup_epochs", 1)))
+    grad = jax.grad(lambda l: method.combine({}, state, l, jnp.int32(5))[0])(jnp.asarray([6.0, 2.0]))
+    np.testing.assert_allclose(grad, [2 / 9, 1 / 3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 4])
+def test_stch_last_warmup_epoch_is_warmup_epochs(warmup_epochs):
+    """One update per epoch: steps 0..W warm up (W = 4 is the default, LibMTL's STCH_warmup_epoch),
+    the nadir is step W's losses and step W + 1 is the first STCH step."""
+    if warmup_epochs == 4:
+        assert make("stch").warmup_epochs == 4
+    state, base = None, np.array([1.0, 2.0, 4.0])
+    for step in range(warmup_epochs + 1):
+        losses = base * (step + 1)
+        total, w, state = run_combine("stch", losses, step=step, state=state, epoch_steps=1,
+                                      warmup_epochs=warmup_epochs)
+        np.testing.assert_allclose(w, 1 / losses, rtol=1e-6)
+        assert total == pytest.approx(np.sum(np.log(losses)), rel=1e-6)
+    nadir = base * (warmup_epochs + 1)  # step W's losses
+    losses = nadir * np.array([1.0, 2.0, 4.0])  # l = log [1, 2, 4], softmax = [1, 2, 4] / 7
+    total, w, state = run_combine("stch", losses, step=warmup_epochs + 1, state=state, epoch_steps=1,
+                                  warmup_epochs=warmup_epochs)
     np.testing.assert_allclose(state["nadir"], nadir, rtol=1e-6)
-    scaled = np.log(losses / nadir)
-    assert total == pytest.approx(3 * np.log(np.sum(np.exp(scaled))), rel=1e-5)
-    np.testing.assert_allclose(w, 3 * np.exp(scaled) / np.exp(scaled).sum() / losses, rtol=1e-5)
+    assert total == pytest.approx(3 * np.log(7.0), rel=1e-6)
+    np.testing.assert_allclose(w, 3 / 7 / nadir, rtol=1e-6)  # 3 softmax_t / L_t; warm-up would be 1/L_t
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in weighting.METHODS.items() if cls.requires == "losses"))

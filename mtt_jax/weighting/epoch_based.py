@@ -74,13 +74,27 @@ class SmoothTchebycheff(WeightingMethod):
     """STCH (Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective Optimization", ICML 2024,
     eq. 7, with LibMTL's multi-task recipe: log losses, nadir point from a warm-up).
 
-    Warm-up (the first ``warmup_epochs`` epochs): minimise ``sum_t log L_t`` (so ``d = sum_t g_t / L_t``;
-    not EW). The nadir ``z_t`` is the mean loss of the last warm-up epoch. Afterwards, with
-    ``l_t = log(L_t / z_t)``, minimise ``T mu logsumexp(l / mu)``, so ``d = T sum_t softmax(l/mu)_t g_t/L_t``.
-    The logged weights are the applied ones, ``d total / d L_t``. Defaults ``mu=1``, ``warmup_epochs=4``
-    (LibMTL; the official STCH_MTL code is a LibMTL fork); ``epoch_steps=100`` is ours. Losses are
-    clamped at ``min_loss`` (1e-8) because the method takes their log. Small ``mu`` approaches the hard
-    max over tasks and makes ``d`` jumpy.
+    Schedule, with epochs numbered from 0 and ``W = warmup_epochs`` (LibMTL ``STCH_warmup_epoch``):
+
+    * epochs ``0 .. W`` (``W + 1`` epochs, epoch ``W`` included) warm up: minimise ``sum_t log L_t``
+      (so ``d = sum_t g_t / L_t``; not EW);
+    * the nadir ``z_t`` is the mean of ``L_t`` over the updates of epoch ``W`` (the last warm-up epoch);
+    * from epoch ``W + 1`` on, with ``l_t = log(L_t / z_t)``, minimise ``T mu logsumexp(l / mu)``, so
+      ``d = T sum_t softmax(l/mu)_t g_t/L_t``.
+
+    This is the schedule of LibMTL's ``STCH.backward`` (and of the STCH authors' STCH_MTL code, a LibMTL
+    fork): ``epoch < W`` and ``epoch == W`` both take the log-loss step, epoch ``W`` also sums the detached
+    losses and counts its batches, and the first step of a later epoch sets the nadir to that sum over the
+    count. Defaults ``mu=1``, ``warmup_epochs=4`` (LibMTL's defaults), so epochs 0-4 warm up and STCH
+    starts at epoch 5. The logged weights are the applied ones, ``d total / d L_t``.
+
+    Where ours differs: an "epoch" is ``epoch_steps`` updates (default 100, ours; set it to the real
+    epoch length), not a pass over the data loader, and epochs are counted among those with at least one
+    applied update (a skipped step is not counted), so the nadir is never the mean of zero updates.
+    Losses (and the nadir) are clamped at ``min_loss`` (1e-8) before the log, where LibMTL adds 1e-20.
+    LibMTL's STCH loss drops the constant ``max_t l_t`` it subtracts inside the logsumexp; that changes
+    the loss value, not the gradient. Small ``mu`` approaches the hard max over tasks and makes ``d``
+    jumpy.
     """
     name = "stch"
 
@@ -88,7 +102,7 @@ class SmoothTchebycheff(WeightingMethod):
                  min_loss: float = 1e-8):
         super().__init__(num_tasks)
         validate_range(self.name, "mu", mu, 0.0, low_open=True)
-        validate_range(self.name, "warmup_epochs", warmup_epochs, 1)
+        validate_range(self.name, "warmup_epochs", warmup_epochs, 0)
         validate_range(self.name, "epoch_steps", epoch_steps, 1)
         validate_range(self.name, "min_loss", min_loss, 0.0, low_open=True)
         self.mu, self.warmup_epochs = float(mu), int(warmup_epochs)
@@ -100,14 +114,15 @@ class SmoothTchebycheff(WeightingMethod):
 
     def combine(self, params, state, losses_T, step, rng=None):
         acc, finished, mean_T = roll_epoch(state["epochs"], step, self.epoch_steps)
-        nadir_T = jnp.where(finished & (acc["completed"] == self.warmup_epochs),
+        # ``completed`` counts finished epochs: it reaches W + 1 as epoch W (the last warm-up epoch) closes.
+        nadir_T = jnp.where(finished & (acc["completed"] == self.warmup_epochs + 1),
                             jnp.maximum(mean_T, self.min_loss), state["nadir"])
         losses_T = clamp_losses(losses_T, self.min_loss)
         log_T = jnp.log(losses_T)
         scaled_T = (log_T - jnp.log(nadir_T)) / self.mu
         stch_total = self.num_tasks * self.mu * jax.nn.logsumexp(scaled_T)
         stch_weights_T = self.num_tasks * jax.nn.softmax(scaled_T) / losses_T
-        in_warmup = acc["completed"] < self.warmup_epochs
+        in_warmup = acc["completed"] <= self.warmup_epochs  # epochs 0 .. W
         total = jnp.where(in_warmup, jnp.sum(log_T), stch_total)
         weights_T = jax.lax.stop_gradient(jnp.where(in_warmup, 1.0 / losses_T, stch_weights_T))
         return total, weights_T, {"epochs": accumulate(acc, losses_T), "nadir": nadir_T}
