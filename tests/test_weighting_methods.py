@@ -381,6 +381,21 @@ def test_nash_mtl_bargaining_solution_invariance_and_clipping():
     np.testing.assert_allclose(np.linalg.norm(d), 1.0, atol=1e-5)  # |d|^2 = T > 1, clipped to max_norm
 
 
+def test_nash_mtl_matches_the_official_solvers_weights_on_the_raw_gram():
+    """The official solver gets K / |K|_F but also |K|_F inside its constraints, so it applies the
+    solution of K a = 1 / a (raw Gram). Reference: the official NashMTL problem solved with cvxpy/ECOS
+    on this K (|K|_F = 46.98), a = [0.25655075, 0.19620288, 0.12395801]; the normalised-Gram solution
+    would be sqrt(46.98) = 6.85 times larger."""
+    g_TxP = np.array([[3.0, 0.0, 1.0], [1.0, 4.0, 0.0], [0.0, 2.0, 6.0]])  # K = [[10,3,6],[3,17,8],[6,8,40]]
+    official = np.array([0.25655075, 0.19620288, 0.12395801])
+    _, alpha, _ = gram_direction("nash_mtl", g_TxP, max_norm=0.0)
+    np.testing.assert_allclose(alpha, official, rtol=1e-5)
+    # Clipped as torch's clip_grad_norm_: |d| = sqrt(a^T K a) = sqrt(3) -> max_norm 1.
+    d, clipped, _ = gram_direction("nash_mtl", g_TxP)
+    np.testing.assert_allclose(clipped, official / (np.sqrt(3.0) + 1e-6), rtol=1e-5)
+    assert np.linalg.norm(d) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_nash_mtl_reuses_alpha_between_updates():
     g_TxP = random_gradients(6, num=3)
     _, alpha, state = gram_direction("nash_mtl", g_TxP, max_norm=0.0, update_weights_every=2)

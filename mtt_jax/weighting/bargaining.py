@@ -33,9 +33,14 @@ class NashMTL(WeightingMethod):
     1e-6))`` (torch's clip_grad_norm_). Before clipping ``|d|^2 = a^T K a = T``, and ``d`` is invariant to
     rescaling any one task's gradient (``g_t -> k g_t`` gives ``a_t -> a_t / k``). Solved exactly (see the
     module docstring) instead of the paper's sequence of cvxpy problems, which can stop with a slack
-    constraint and whose failures silently leave EW weights. The official code solves on ``K / |K|_F``
-    and applies that ``a``, so its ``d`` is ``sqrt(|K|_F)`` times ours before clipping; the two agree
-    whenever clipping is active.
+    constraint and whose failures silently leave EW weights. The official code (the authors' ``NashMTL``
+    class; LibMTL's ``Nash_MTL`` alike) hands the solver ``K / n`` with ``n = |K|_F`` but also the
+    factor ``n``: its constraints ``-log(a_t n) - log((K/n a)_t) <= 0`` are
+    ``a_t (K a)_t >= 1`` and its objective is ``sum(K/n a) + phi(a) / n``, so the ``a`` it applies solves
+    the raw-Gram equations ``K a = 1 / a``: the same weights and ``d`` as ours (``|d|^2 = T`` before
+    clipping), not the ``sqrt(n)`` times larger solution of ``(K/n) a = 1 / a``. Only its stopping test
+    ``|(K/n) a - 1/a| < 1e-3`` uses the normalised equations (met at the solution only when ``n = 1``),
+    so it stops when ``a`` moves by less than 1e-6 or after ``optim_niter = 20`` solves.
 
     Defaults (paper = LibMTL): ``max_norm=1.0`` (0 disables clipping), ``update_weights_every=1`` (other
     steps reuse the last ``a``); warm start from the previous solution (state). Scale: ``|d| = max_norm``.
