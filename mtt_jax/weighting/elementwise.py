@@ -19,13 +19,27 @@ class GradDrop(WeightingMethod):
     """GradDrop (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
     Dropout", NeurIPS 2020, eq. 1-3).
 
-    Per coordinate: purity ``P = (1 + sum_t g_t / sum_t |g_t|) / 2``, one ``U ~ Uniform(0, 1)`` shared by
-    the tasks; task t keeps ``g_t`` if ``g_t > 0`` and ``P > U`` or ``g_t < 0`` and ``P < U``; dropped
-    components are scaled by ``leak`` (default 0, LibMTL); ``d = sum_t kept g_t`` (sum scale; not in the
-    span of the gradients). The paper applies this to gradients at an activation layer, with
-    ``g_t * sign(activation)`` summed over the batch; this version works on the shared-parameter gradients
-    it is given -- it is the paper's rule only if the step supplies representation gradients.
-    Logged weights: the fraction of each task's L1 gradient mass that was kept. Stochastic.
+    The paper (Alg. 1; the authors' Lingvo layer and LibMTL's ``GradDrop`` alike) works at an activation
+    layer ``A`` (shape ``[B, ...]``) on the per-task activation gradients ``nabla_t = d L_t / d A``. It
+    forms ``G_t = sum_batch sign(A) * nabla_t`` (one value per feature), the purity
+    ``P = (1 + sum_t G_t / sum_t |G_t|) / 2`` (eq. 1), one ``U ~ Uniform(0, 1)`` per feature, the masks
+    ``M_t = [f(P) > U][G_t > 0] + [f(P) < U][G_t < 0]`` (``f`` the identity, as in LibMTL), and
+    backpropagates ``sum_t (leak + (1 - leak) M_t) * nabla_t``: one keep/drop decision per task and
+    feature, applied to every example's own ``nabla_t`` (not multiplied by ``sign(A)``). ``sign(A) *
+    nabla_t`` is the gradient with respect to ``|A|`` (does task t want the feature to grow or shrink?),
+    and the batch sum pools that vote over the examples.
+
+    Ours applies the same purity, masks and leak to each coordinate of the per-task gradients ``g_t`` it
+    is given, with no ``sign(A)`` factor and no batch sum, and returns
+    ``d = sum_t (leak + (1 - leak) M_t) g_t`` (sum scale; not in the span of the gradients). The
+    aggregation receives only the gradients, never the activation, so it cannot form ``sign(A)``. By
+    default ``g_t`` are the shared-parameter gradients (each already a sum over the batch, and a
+    parameter has no activation sign): parameter-space GradDrop, which LibMTL refuses (it requires
+    ``rep_grad``). With ``rep_grad`` ``g_t`` are the gradients with respect to the shared representation
+    ``z`` (batch-major), and ours draws a separate decision for every example's coordinate from the sign of
+    ``d L_t / d z`` itself; the paper's rule would test ``sum_batch sign(z) * d L_t / d z`` and keep or drop
+    a feature for the whole batch. ``leak`` default 0 (LibMTL). Logged weights: the fraction of each
+    task's L1 gradient mass that was kept. Stochastic.
     """
     name = "graddrop"
     requires = "grads"
