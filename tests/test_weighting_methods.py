@@ -864,7 +864,8 @@ def test_stch_warms_up_through_epoch_warmup_epochs_then_uses_its_mean_as_the_nad
     np.testing.assert_allclose(w, [2 / 9, 1 / 3], rtol=1e-6)
     # The logged weights are the applied ones, d total / d L_t.
     method, _ = compiled("stch", 2, (("epoch_steps", 2), ("warmup_epochs", 1)))
-    grad = jax.grad(lambda l: method.combine({}, state, l, jnp.int32(5))[0])(jnp.asarray([6.0, 2.0]))
+    total_of = lambda l: method.combine({}, state, l, jnp.int32(5))[0]
+    grad = jax.jit(jax.grad(total_of))(jnp.asarray([6.0, 2.0]))
     np.testing.assert_allclose(grad, [2 / 9, 1 / 3], rtol=1e-6)
 
 
