@@ -232,15 +232,19 @@ def lock(workdir: str, enabled: bool = True):
     instead of writing metrics and checkpoints among the first one's. It is released when the block
     ends (or the process does). On an object store, which has no ``flock``, ``.lock`` is a lease
     (`mtt_jax.lease`); where a filesystem has no ``flock`` (some network and FUSE mounts) the run goes
-    on unlocked. A location `check_location` refuses is not created."""
+    on unlocked. A location `check_location` refuses is not created.
+
+    Yields what the run asks at every step: its `lease.Lease` on an object store, which can be lost
+    (``state()`` is ``lease.HELD``, ``lease.AT_RISK`` or ``lease.LOST``, and ``reason`` says why);
+    elsewhere a `lease.AlwaysHeld`, with the same ``state()`` (always ``HELD``) and ``reason``."""
     if not enabled:
-        yield
+        yield lease.AlwaysHeld()
         return
     if is_url(workdir):
         check_url(workdir)
         try:
-            with lease.hold(join(workdir, ".lock")):
-                yield
+            with lease.hold(join(workdir, ".lock")) as held:
+                yield held
         except lease.LeaseHeld as e:
             raise WorkdirError(f"{workdir} is {e}") from None
         return
@@ -261,7 +265,7 @@ def lock(workdir: str, enabled: bool = True):
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         try:
-            yield
+            yield lease.AlwaysHeld()
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

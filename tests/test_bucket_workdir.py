@@ -6,11 +6,13 @@ through tensorstore's own GCS driver, which no fake reaches; these tests put the
 folder, so orbax's ``gs://`` support (used as is, as MaxText does) is the one part not run here.
 """
 
+import contextlib
 import glob
 import json
 import os
 import struct
 import tempfile
+import threading
 import time
 
 import fsspec
@@ -268,10 +270,11 @@ def test_a_bucket_workdir_is_locked_by_a_lease_that_a_dead_run_leaves_to_expire(
     assert lock not in FakeGCS.store  # released with the run
 
     monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
-    with workdir.lock(BUCKET):
+    with workdir.lock(BUCKET) as held:
         first = json.loads(bucket(".lock"))["renewed"]
         time.sleep(0.3)
         assert json.loads(bucket(".lock"))["renewed"] > first
+        assert held.state() == lease.HELD
 
     dead = {"holder": "pid 1 on a-deleted-vm", "token": "x", "renewed": time.time() - 400}
     workdir.write_text(lock, json.dumps(dead))
@@ -283,8 +286,33 @@ def test_a_bucket_workdir_is_locked_by_a_lease_that_a_dead_run_leaves_to_expire(
 
 class GenerationalGCS(FakeGCS):
     """GCS's object generations: every write is a new generation, and deleting ``path#generation``
-    (``version_aware``) fails while another generation is live."""
+    (``version_aware``) fails while another generation is live. The conditional write of a renewal is
+    answered as GCS answers the request gcsfs sends (`call`), with faults injected before or after it."""
     counter = iter(range(1, 10**9))
+    _location = "https://storage.googleapis.com"
+    before_write = after_write = None  # called with the record; may raise (unreachable, answer lost)
+    refused: list = []  # the records whose ``ifGenerationMatch`` failed
+    writing = threading.Lock()
+
+    def call(self, method, path, *args, json_out=False, data=None, headers=None, **params):
+        """The JSON API's media upload: written only if ``ifGenerationMatch`` names the live generation
+        (else 412, which gcsfs raises as FileExistsError)."""
+        assert (method, path, params["uploadType"], json_out) == (
+            "POST", f"{self._location}/upload/storage/v1/b/{{}}/o", "media", True)
+        record, hooks = json.loads(data), type(self)  # the hooks are plain functions, not methods
+        if hooks.before_write:
+            hooks.before_write(record)
+        key = self._strip_protocol(f"gs://{args[0]}/{params['name']}")
+        with self.writing:
+            live = self.info(key)["generation"] if key in self.store else None
+            if str(params["ifGenerationMatch"]) != live:
+                self.refused.append(record)
+                raise FileExistsError(key)
+            self.pipe_file(key, data)
+            self.store[key].generation = next(self.counter)
+        if hooks.after_write:
+            hooks.after_write(record)
+        return {"generation": str(self.store[key].generation)}
 
     def info(self, path, **kwargs):
         info = super().info(path, **kwargs)
@@ -297,10 +325,163 @@ class GenerationalGCS(FakeGCS):
 
     def rm_file(self, path):
         path, _, generation = path.partition("#")
-        if generation and self.storage_options.get("version_aware"):
-            if self.info(path).get("generation") != generation:
-                raise FileNotFoundError(f"{path}#{generation}")
-        super().rm_file(path)
+        with self.writing:
+            if generation and self.storage_options.get("version_aware"):
+                if self.info(path).get("generation") != generation:
+                    raise FileNotFoundError(f"{path}#{generation}")
+            super().rm_file(path)
+
+
+@pytest.fixture
+def generations(bucket, monkeypatch):
+    """The bucket with GCS's generations (`GenerationalGCS`); returns (fs, path) of the lease."""
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, GenerationalGCS, clobber=True)
+    GenerationalGCS.clear_instance_cache()
+    monkeypatch.setattr(GenerationalGCS, "refused", [])
+    return fsspec.core.url_to_fs(f"{BUCKET}/.lock")
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_a_lease_whose_renewals_fail_is_at_risk_then_lost_and_no_longer_renewed(generations, monkeypatch):
+    """Its state is judged from the last successful renewal (a stopped clock here): `AT_RISK` once the
+    lease could expire before the next renewal, `LOST` once it could have expired; after that the
+    lease is not renewed even where the store answers again, and it is removed at the end (still ours)."""
+    fs, path = generations
+    now = [1000.0]
+    monkeypatch.setattr(lease, "_clock", lambda: now[0])
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.01)
+    monkeypatch.setattr(lease, "EXPIRE_SECONDS", 10.0)  # at risk after 10 - 2 * 0.01 s without a renewal
+    attempts = []
+
+    def unreachable(record):
+        attempts.append(record)
+        raise OSError("503 Service Unavailable\nretry later")
+    with lease.hold(f"{BUCKET}/.lock") as held:
+        created = fs.info(path)["generation"]
+        wait_for(lambda: fs.info(path)["generation"] != created)  # renewed
+        monkeypatch.setattr(GenerationalGCS, "before_write", unreachable)
+        wait_for(lambda: len(attempts) >= 3)
+        now[0] = 1009.97
+        assert (held.state(), held.reason) == (lease.HELD, "")
+        now[0] = 1009.99
+        assert held.state() == lease.AT_RISK
+        assert held.reason == (f"could not renew the lease {BUCKET}/.lock for 10 s (OSError: 503 Service "
+                               f"Unavailable); it expires in 0 s")
+        time.sleep(0.05)  # a renewal under way when the state changed ends
+        tried, generation = len(attempts), fs.info(path)["generation"]
+        monkeypatch.setattr(GenerationalGCS, "before_write", None)  # the store answers again
+        time.sleep(0.1)  # ten renewal periods
+        assert len(attempts) == tried and fs.info(path)["generation"] == generation  # none tried
+        now[0] = 1010.0
+        assert held.state() == lease.LOST
+        assert held.reason == (f"could not renew the lease {BUCKET}/.lock for 10 s (OSError: 503 Service "
+                               f"Unavailable): it has expired, and another run may hold it")
+        now[0] = 1000.0
+        assert held.state() == lease.LOST  # final
+    assert path not in FakeGCS.store
+
+
+def test_a_run_whose_lease_was_taken_over_is_refused_its_renewal_and_leaves_the_new_lease(
+        generations, monkeypatch, caplog):
+    """The first run cannot reach the store for longer than the expiry but has not noticed (its clock
+    is stopped here: the precondition is the last defence); a second run takes the lease over. When
+    the first run's renewal reaches the store again, its ``ifGenerationMatch`` fails: the second run's
+    record stays, the first run's lease is `LOST` naming the new holder, and its end leaves that lease."""
+    fs, path = generations
+    monkeypatch.setattr(lease, "_clock", lambda: 1000.0)
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.01)
+    monkeypatch.setattr(lease, "EXPIRE_SECONDS", 0.2)
+    with contextlib.ExitStack() as second_run:
+        with lease.hold(f"{BUCKET}/.lock") as first:
+            mine = json.loads(fs.cat_file(path))["token"]
+
+            def partitioned(record):
+                if record["token"] == mine:
+                    raise OSError("503 Service Unavailable")
+            monkeypatch.setattr(GenerationalGCS, "before_write", partitioned)
+            wait_for(lambda: time.time() - json.loads(fs.cat_file(path))["renewed"] > 0.25)
+            with monkeypatch.context() as patch:
+                patch.setattr(lease, "_holder", lambda: "pid 2 on host-b")
+                second = second_run.enter_context(lease.hold(f"{BUCKET}/.lock"))
+                theirs = json.loads(fs.cat_file(path))
+                assert theirs["holder"] == "pid 2 on host-b" and theirs["token"] != mine
+                assert first.state() == lease.HELD  # it has not noticed
+                monkeypatch.setattr(GenerationalGCS, "before_write", None)  # the first run's renewal arrives
+                wait_for(lambda: first.state() == lease.LOST)
+            assert first.reason == f"the lease {BUCKET}/.lock was taken over by another run (pid 2 on host-b)"
+            assert GenerationalGCS.refused and {r["token"] for r in GenerationalGCS.refused} == {mine}
+            assert json.loads(fs.cat_file(path))["token"] == theirs["token"]  # not overwritten
+        assert json.loads(fs.cat_file(path))["token"] == theirs["token"]  # not removed by the first run
+        assert second.state() == lease.HELD
+    assert path not in FakeGCS.store
+    assert "taking over the lease of a run that stopped renewing it" in caplog.text
+
+
+def test_a_renewal_whose_answer_was_lost_is_recognised_as_ours(generations, monkeypatch):
+    """A renewal written but not answered (a timeout; gcsfs retrying it) moves the generation on: the
+    next one's precondition fails, the record read back is this run's own, and the lease stays held."""
+    fs, path = generations
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.01)
+    lost = []
+
+    def answer_lost(record):
+        if not lost:
+            lost.append(record)
+            raise TimeoutError("no answer")
+    with lease.hold(f"{BUCKET}/.lock") as held:
+        monkeypatch.setattr(GenerationalGCS, "after_write", answer_lost)
+        wait_for(lambda: lost and GenerationalGCS.refused)
+        refused_at = fs.info(path)["generation"]
+        wait_for(lambda: fs.info(path)["generation"] != refused_at)  # renewed again
+        assert (held.state(), held.reason) == (lease.HELD, "")
+    assert path not in FakeGCS.store
+
+
+def test_without_generations_a_taken_over_lease_is_found_by_its_token(bucket, monkeypatch):
+    """A store without generations: a renewal first reads the record, and another run's token there
+    ends the lease (`LOST`) without writing over it or removing it."""
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.01)
+    other = {"holder": "pid 2 on host-b", "token": "theirs", "renewed": time.time()}
+    with lease.hold(f"{BUCKET}/.lock") as held:
+        workdir.write_text(f"{BUCKET}/.lock", json.dumps(other))
+        wait_for(lambda: held.state() == lease.LOST)
+        assert held.reason == f"the lease {BUCKET}/.lock was taken over by another run (pid 2 on host-b)"
+    assert json.loads(bucket(".lock")) == other
+
+
+def test_a_renewal_is_sent_through_gcsfs_with_the_generation_precondition(monkeypatch):
+    """The request gcsfs itself sends (its HTTP session replaced): a media upload with
+    ``ifGenerationMatch``; GCS's 412 reaches the lease as FileExistsError."""
+    import gcsfs
+    import gcsfs.retry
+    fs = gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)
+    sent, answers = [], [(200, b'{"generation": "8"}'), (412, b'{"error": {"message": "conditionNotMet"}}')]
+
+    async def request(method, path, *args, headers=None, json=None, data=None, **params):
+        sent.append((method, fs._format_path(path, args), fs._get_params(params), data))
+        status, contents = answers.pop(0)
+        gcsfs.retry.validate_response(status, contents, path, args)
+        return status, {}, None, contents
+    monkeypatch.setattr(fs, "_request", request)
+    assert lease._write_if_generation(fs, "bucket/run/.lock", b"{}", "7") == "8"
+    assert sent == [("POST", "https://storage.googleapis.com/upload/storage/v1/b/bucket/o",
+                     {"uploadType": "media", "name": "run/.lock", "ifGenerationMatch": "7"}, b"{}")]
+    with pytest.raises(FileExistsError):
+        lease._write_if_generation(fs, "bucket/run/.lock", b"{}", "7")
+
+
+def test_a_local_or_unlocked_workdir_yields_a_lock_that_is_always_held(tmp_path):
+    """The loop asks every lock alike: a local folder's (``flock``) and a disabled one are never lost."""
+    for enabled in (True, False):
+        with workdir.lock(str(tmp_path), enabled=enabled) as held:
+            assert (held.state(), held.reason) == (lease.HELD, "")
 
 
 def test_of_two_runs_that_find_the_same_expired_lease_only_one_takes_it(bucket, monkeypatch):
