@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1                # microbatches per step (batch_size is the total)
     c.grad_accum_unroll = 1               # microbatches per scan iteration (XLA overlaps their work)
     c.nonfinite = "skip"                  # skip | halt: a non-finite loss is never applied
+    c.nonfinite_skip_window = 20          # skip: the run halts (last good checkpoint kept) once more
+    c.nonfinite_skip_limit = 0.25         #   than this share of the last window's updates were skipped
 
     c.prefetch = 2                        # batches built ahead on a host thread (0: inline)
     c.transfer_guard = "allow"            # "disallow": implicit host<->device transfers in the loop fail

@@ -36,18 +36,47 @@ def _config_argument(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing (``app.run(main, flags_parser=parse_flags)``), with a missing ``--config`` file
-    reported in one line. The config flag defers that error to the config's first use: a
-    ``--config.x=y`` override during parsing, or the program's first read, as a traceback."""
+    """absl's parsing (``app.run(main, flags_parser=parse_flags)``), with every way the command line can
+    be wrong reported in one line and exit status 2: a missing ``--config`` file, a config file that
+    does not load (a syntax error, no ``get_config``, an exception in it, an unknown variant), a
+    ``--config.x=y`` override of a field the config does not have or with a value of the wrong type,
+    and any other flag error. The config flag would report most of these as tracebacks or exit 1."""
     config_argument = _config_argument(argv)
     if config_argument is not None and (problem := config_file_problem(config_argument)):
         fail(problem)
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # an override of a field the config does not have
         if problem := unknown_field_problem(e, argv):
             fail(problem)
-        raise
+        fail(config_load_problem(e, config_argument))
+    except flags.Error as e:  # a value that does not parse (--config.total_steps=abc), a missing flag
+        cause = _innermost_cause(e)
+        from_config_file = cause is not e and not _first_line(e).startswith("flag --config.")
+        fail(config_load_problem(cause, config_argument) if from_config_file else _first_line(e))
+    except Exception as e:  # raised while loading the config file itself
+        fail(config_load_problem(e, config_argument))
+
+
+def config_load_problem(error: BaseException, config_argument: str | None) -> str:
+    """One line for an error raised while the config file was loaded or its ``get_config`` ran."""
+    where = f"--config={config_argument}"
+    if isinstance(error, SyntaxError):
+        return f"{where}: {error.filename} line {error.lineno}: SyntaxError: {error.msg}"
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return f"{where}: the file defines no get_config(); a config file defines get_config(variant='')"
+    return f"{where}: loading the config failed: {type(error).__name__}: {_first_line(error)}"
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The exception absl's flag error wraps (the config file's own), or ``error`` itself."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def unknown_field_problem(error: Exception, argv: list[str]) -> str | None:
@@ -76,15 +105,29 @@ def auto_detected_cluster() -> bool:
 
 def initialize_distributed() -> None:
     """``jax.distributed.initialize`` from ``--coordinator_address --num_processes --process_id``
-    (CPU processes then exchange collectives through gloo), or by itself on Cloud TPU and SLURM."""
+    (CPU processes then exchange collectives through gloo), or by itself on Cloud TPU and SLURM.
+
+    The runtime's heartbeat timeout is ``MTT_JAX_HEARTBEAT_TIMEOUT_S`` seconds (default 10; jax's own
+    default is 100): a process that sent no heartbeat for that long is declared dead by the
+    coordination service on process 0, and every other process then aborts (a ``Terminating process
+    because the JAX distributed service detected fatal errors`` line and a C++ stack trace; the runtime
+    offers no way to make that a Python exception). The processes heartbeat from a C++ thread, so a
+    long compilation does not miss any; raise the timeout where the network or process 0's host can
+    stall for longer (large pods). Inside the training loop a process that stops is noticed at once
+    and reported in one line (`mtt_jax.multihost.watch_peers`); the heartbeat is what is left for a
+    host that vanishes without closing its connections, and for the time outside that loop."""
     import jax
 
+    heartbeat = os.environ.get("MTT_JAX_HEARTBEAT_TIMEOUT_S", "10")
+    if not heartbeat.isdigit() or int(heartbeat) < 2:
+        fail(f"MTT_JAX_HEARTBEAT_TIMEOUT_S={heartbeat!r}: give a whole number of seconds, at least 2")
     explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             fail("--coordinator_address, --num_processes and --process_id go together; give all three")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                                   heartbeat_timeout_seconds=int(heartbeat))
     elif auto_detected_cluster():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat))

@@ -20,6 +20,7 @@ from mtt_jax.weighting.base import check_range
 
 DTYPES = ("float32", "bfloat16")
 NONFINITE = ("skip", "halt")
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 POSITIONAL = ("sinusoidal", "learned")
 
 
@@ -55,6 +56,7 @@ def _in_range(field: str, value, low: float, high: float = math.inf, note: str =
 
 
 def validate(config, num_devices: int) -> None:
+    _integer_at_least("seed", config.seed, 0)
     _positive(config, "total_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
               "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
               "model.patch_size", "model.memory_tokens", "grad_accum_steps", "grad_accum_unroll", "checkpoint_every",
@@ -68,6 +70,13 @@ def validate(config, num_devices: int) -> None:
     _check_mixture(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
+    _integer_at_least("nonfinite_skip_window", config.nonfinite_skip_window, 1)
+    _in_range("nonfinite_skip_limit", config.nonfinite_skip_limit, 0.0, 1.0, note=" (1: never halt)")
+    _choice("transfer_guard", config.transfer_guard, TRANSFER_GUARDS)
+    try:
+        sharding.logical_rules(config.axis_rules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_attention_kernel(config.get("attention_kernel", "auto"))
     requested = config.mesh.get("num_devices", -1)
     if requested > num_devices:
@@ -214,9 +223,3 @@ def _check_weighting(config) -> None:
             raise ConfigError(f"weighting.rep_grad=True does not work with {w.name!r}: its state is shaped "
                               "like the shared parameters, not the representation; set rep_grad=False")
     _integer_at_least("weighting.diagnostics_every", w.get("diagnostics_every", 0), 0, " (0: off)")
-    num_tasks = len(config.tasks)
-    if w.name == "fixed" and w.weights and len(w.weights) != num_tasks:
-        raise ConfigError(f"weighting.weights={tuple(w.weights)} has {len(w.weights)} entries for "
-                          f"{num_tasks} tasks {tuple(config.tasks)}; give one weight per task")
-    if w.name == "fixed" and any(x < 0 for x in w.weights):
-        raise ConfigError(f"weighting.weights={tuple(w.weights)} must be non-negative")

@@ -15,6 +15,9 @@ Multi-host (DESIGN §6, `mtt_jax.cli.initialize_distributed`): on Cloud TPU and 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -33,26 +36,54 @@ flags.adopt_module_key_flags(cli)  # --coordinator_address --num_processes --pro
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; overrides look like --config.total_steps=100")
-    initialize_distributed()
-    import jax
+    from mtt_jax import checkpoint
 
-    from mtt_jax import config_check, train, workdir
+    # SIGTERM from the first moment: during start-up it stops the run before its first update (exit 0,
+    # as a SIGTERM later does after saving), instead of killing it with status 143.
+    with checkpoint.PreemptionFlag() as preemption, failures_in_one_line():
+        initialize_distributed()
+        import jax
 
-    config = _CONFIG.value
-    try:
+        from mtt_jax import config_check, train, workdir
+
+        config = _CONFIG.value
         config_check.validate(config, jax.device_count())
         if _OVERWRITE.value:
-            workdir.check_location(_WORKDIR.value, urls=True)
+            workdir.check_overwrite(_WORKDIR.value)  # only a run of ours is ever cleared
         else:
             workdir.prepare(_WORKDIR.value, config)  # refuse a different run (or place) before any work
-    except (config_check.ConfigError, workdir.WorkdirError) as e:
-        fail(str(e))
-    from mtt_jax import data
+        train.train_and_evaluate(config, _WORKDIR.value, quiet=_QUIET.value, overwrite=_OVERWRITE.value,
+                                 preemption=preemption)
+
+
+@contextlib.contextmanager
+def failures_in_one_line():
+    """The errors a user can cause or meet (a bad config or workdir, a missing dataset, a run halted on
+    non-finite losses, checkpoints on unreachable storage, another process of the job stopping, a full
+    disk) end the command with one line on stderr and exit status 2; anything else is a bug and keeps
+    its traceback."""
+    from mtt_jax import checkpoint, config_check, data, multihost, train, workdir
     try:
-        train.train_and_evaluate(config, _WORKDIR.value, quiet=_QUIET.value, overwrite=_OVERWRITE.value)
+        yield
     except (config_check.ConfigError, workdir.WorkdirError, train.NonFiniteLossError,
-            data.DatasetNotPreparedError) as e:
+            data.DatasetNotPreparedError, checkpoint.CheckpointStorageError, multihost.JobStopped) as e:
         fail(str(e))
+    except OSError as e:
+        if (message := disk_full_message(e)) is None:
+            raise
+        fail(message)
+
+
+def disk_full_message(error: BaseException) -> str | None:
+    """One line for a write that failed on a full disk (``ENOSPC``, also when wrapped by orbax or
+    tensorstore), or None for any other error."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
+            where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+            return (f"no space left on the device{where}; the run stopped, and its checkpoints and records "
+                    f"up to the last checkpoint are kept: free space and run the same command to resume")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

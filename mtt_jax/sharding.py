@@ -67,10 +67,23 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def logical_rules(rules: Sequence[Sequence[Any]] | None = None) -> tuple[tuple[str, Any], ...]:
-    """Rules as a tuple of ``(logical_name, mesh_axes)``; config lists become tuples."""
+    """Rules as a tuple of ``(logical_name, mesh_axes)``; config lists become tuples. A rule that is not
+    such a pair, or names an axis the mesh does not have, is a one-line ValueError."""
     if not rules:
         return DEFAULT_RULES
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    checked = []
+    for rule in rules:
+        if isinstance(rule, str) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"axis_rules entry {rule!r} is not a (logical name, mesh axes) pair, e.g. "
+                             "('embed', 'fsdp')")
+        name, axes = rule
+        axes = tuple(axes) if isinstance(axes, list) else axes
+        for axis in (axes,) if axes is None or isinstance(axes, str) else axes:
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"axis_rules entry {rule!r} names mesh axis {axis!r}; the mesh axes are "
+                                 f"{', '.join(MESH_AXES)} (or None: replicated)")
+        checked.append((name, axes))
+    return tuple(checked)
 
 
 def tree_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules) -> Any:

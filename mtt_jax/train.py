@@ -10,6 +10,7 @@ the host never waits on the device inside the loop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -23,9 +24,11 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mtt_jax import affinity, checkpoint, config_check, data, flops, profile_window, sharding, summary
+from mtt_jax import (affinity, checkpoint, config_check, data, flops, memory_check, profile_window, sharding,
+                     summary)
+from mtt_jax import multihost
 from mtt_jax import tasks as tasks_lib
-from mtt_jax import train_step as steps, weighting, workdir as workdir_lib
+from mtt_jax import lease, train_step as steps, weighting, workdir as workdir_lib
 from mtt_jax.data import mixtures
 from mtt_jax.models import build_model
 from mtt_jax.prefetch import prefetch
@@ -57,6 +60,7 @@ class Setup:
     abstract_state: Any       # boxed (logically named) abstract TrainState
     state_shardings: Any
     batch_shardings: Any
+    abstract_batch: Any       # the global train batch as ShapeDtypeStructs with batch_shardings
     seed: int = 0
 
     @property
@@ -75,9 +79,12 @@ class Setup:
         For programs that are lowered to be read, not run (`mtt_jax.benchmark.counting_lowering`)."""
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        batch_shardings = jax.tree.map(lambda _: replicated, self.batch_shardings)
         return dataclasses.replace(
             self, mesh=mesh, state_shardings=sharding.tree_shardings(self.abstract_state, mesh, self.rules),
-            batch_shardings=jax.tree.map(lambda _: replicated, self.batch_shardings))
+            batch_shardings=batch_shardings,
+            abstract_batch=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        self.abstract_batch, batch_shardings))
 
     def create_state(self) -> steps.TrainState:
         """The initial state, created directly sharded (no host copy of the full parameters)."""
@@ -87,13 +94,20 @@ class Setup:
 
 
 def build(config) -> Setup:
+    """The `Setup` of a config that passed `config_check.validate`. What only the data source, the
+    model's constructors or the batch sizes can tell (a sequence length the source cannot generate, a
+    patch size the image does not divide, batches larger than the host's memory) is a one-line
+    `config_check.ConfigError` too, found before the workdir is touched."""
     # --- Tasks and data -----------------------------------------------------------------------------
     tasks = tuple(tasks_lib.get(name) for name in config.tasks)
-    source = data.make_source(config.data.source, config.tasks, seed=config.seed,
-                              **dict(config.data.get("options", {})))
-    train_source = source
-    if config.data.get("mixture") and config.data.mixture.method:
-        train_source = mixtures.FlatMixture(source, mixtures.rates_for(source, config.data.mixture))
+    with _as_config_error(f"data.source={config.data.source!r}: "):
+        source = data.make_source(config.data.source, config.tasks, seed=config.seed,
+                                  **dict(config.data.get("options", {})))
+        train_source = source
+        if config.data.get("mixture") and config.data.mixture.method:
+            train_source = mixtures.FlatMixture(source, mixtures.rates_for(source, config.data.mixture))
+    memory_check.check_host_batches(train_source, config.batch_size, config.eval_batch_size,
+                                    config.prefetch)
 
     # --- Mesh -----------------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -101,17 +115,19 @@ def build(config) -> Setup:
     sharding.check_batch_divisible(config.batch_size, mesh)
 
     # --- Model, optimizer, weighting method -----------------------------------------------------------
-    model = build_model(config, tasks, source.layout, source.input_spec, DTYPES[config.dtype])
+    with _as_config_error():
+        model = build_model(config, tasks, source.layout, source.input_spec, DTYPES[config.dtype])
     method = weighting.make_method(config.weighting, len(tasks))
     tx = steps.make_optimizer(config.optimizer, config.total_steps)
 
     # --- Shard: shapes from eval_shape, shardings from logical names ----------------------------------
     sample_batch = source.train_batch(0, config.batch_size)
     init = lambda rng: steps.init_state(rng, model, method, tx, jnp.asarray(sample_batch["inputs"]))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _as_config_error():  # modules check in setup
         abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
     train_sample = sample_batch if train_source is source else train_source.train_batch(0, config.batch_size)
     state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+    batch_shardings = sharding.batch_shardings(train_sample, mesh, train_source.layout)
     try:
         sharding.check_divisible(abstract_state, state_shardings)
     except ValueError as e:
@@ -119,8 +135,21 @@ def build(config) -> Setup:
     return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules,
                  model=model, method=method, tx=tx, init=init, abstract_state=abstract_state,
                  state_shardings=state_shardings,
-                 batch_shardings=sharding.batch_shardings(train_sample, mesh, train_source.layout),
+                 batch_shardings=batch_shardings, abstract_batch=_abstract(train_sample, batch_shardings),
                  seed=config.seed)
+
+
+@contextlib.contextmanager
+def _as_config_error(prefix: str = ""):
+    """A ValueError raised in the block (a data source's or a module's own check of its options) as a
+    one-line `config_check.ConfigError`; a missing dataset keeps its own error and instructions."""
+    try:
+        yield
+    except (config_check.ConfigError, data.DatasetNotPreparedError):
+        raise
+    except ValueError as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise config_check.ConfigError(f"{prefix}{first_line}") from None
 
 
 def step_work(setup: Setup, config) -> tuple[flops.FlopCount, int, int]:
@@ -182,22 +211,82 @@ def compile_affinity(setup: Setup, config, schedule) -> Callable:
     return jax.jit(affinity_fn, in_shardings=(setup.state_shardings, setup.batch_shardings))
 
 
-def train_and_evaluate(config, workdir: str, quiet: bool = False,
-                       overwrite: bool = False) -> tuple[steps.TrainState, dict]:
-    setup = build(config)  # first: a config that cannot be sharded fails before the workdir is touched
-    with workdir_lib.lock(workdir, enabled=jax.process_index() == 0):  # one run at a time per workdir
-        return _train_and_evaluate(setup, config, workdir, quiet, overwrite)
+@dataclasses.dataclass
+class Steps:
+    """The loop's jitted steps, compiled ahead of time (`compile_steps`)."""
+    train: Callable           # (state, batch) -> (state, metrics)
+    eval: Callable            # (state, eval batch) -> outputs
+    eval_batch_shardings: Any
 
 
-def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
-                        overwrite: bool) -> tuple[steps.TrainState, dict]:
+def compile_steps(setup: Setup, config) -> Steps:
+    """The train and eval steps, compiled on abstract arguments with the loop's shardings (jit's cache
+    then serves the loop's first calls) and refused in one line if they cannot fit in device memory
+    (`memory_check`): found before the workdir is touched, not as an out-of-memory error mid-run."""
+    train_step = config_train_step(setup, config)
+    first_eval_batch = next(iter(setup.source.eval_batches(config.eval_batch_size)))
+    eval_batch_shardings = sharding.batch_shardings(first_eval_batch, setup.mesh, setup.source.layout)
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    eval_step = jax.jit(steps.bind(steps.eval_step, model=setup.model, tasks=setup.tasks,
+                                   layout=setup.source.layout),
+                        in_shardings=(setup.state_shardings, eval_batch_shardings), out_shardings=replicated)
+    abstract_state = checkpoint.abstract_like(nn.unbox(setup.abstract_state), setup.state_shardings)
+    with setup.context():
+        memory_check.check_compiled_step(
+            train_step.lower(abstract_state, setup.abstract_batch).compile(), "train step",
+            "lower batch_size, or set grad_accum_steps or model.remat, or use more devices")
+        memory_check.check_compiled_step(
+            eval_step.lower(abstract_state, _abstract(first_eval_batch, eval_batch_shardings)).compile(),
+            "eval step", "lower eval_batch_size")
+    return Steps(train=train_step, eval=eval_step, eval_batch_shardings=eval_batch_shardings)
+
+
+def _abstract(host_batch, shardings):
+    """The global ``jax.ShapeDtypeStruct``s of a host batch placed with ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
+                        host_batch, shardings)
+
+
+def train_and_evaluate(config, workdir: str, quiet: bool = False, overwrite: bool = False,
+                       preemption: checkpoint.PreemptionFlag | None = None
+                       ) -> tuple[steps.TrainState | None, dict]:
+    """Trains ``config`` in ``workdir`` (resuming the run there), evaluates, and writes the outputs.
+
+    Everything that can refuse the config (the data source's and the model's checks, the mesh, the
+    memory the steps need) runs before the workdir is touched. ``preemption`` is the SIGTERM flag the
+    command line installs at its start; a SIGTERM before the first update stops the run there (state
+    None), one later saves a checkpoint at the step reached.
+    """
+    with contextlib.ExitStack() as stack:
+        preemption = preemption or stack.enter_context(checkpoint.PreemptionFlag())
+        setup = build(config)  # first: a config that cannot be sharded fails before the workdir is touched
+        compiled = compile_steps(setup, config)
+        if preemption.requested:
+            if jax.process_index() == 0 and not quiet:
+                print("SIGTERM during start-up: stopped before the first update, nothing to save. Run the "
+                      "same command to start.", flush=True)
+            return None, {}
+        held, error = None, None
+        try:  # one run per workdir; every process stops with one line when process 0 cannot take it
+            held = stack.enter_context(workdir_lib.lock(workdir, enabled=jax.process_index() == 0))
+        except Exception as e:
+            error = e
+        multihost.agree_on_error(error, "taking the workdir lock")
+        with multihost.watch_peers():  # a process that stops mid-run stops the others at once, in one line
+            return _train_and_evaluate(setup, config, workdir, quiet, overwrite, compiled, held, preemption)
+
+
+def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool, overwrite: bool, compiled: Steps,
+                        held, preemption: checkpoint.PreemptionFlag) -> tuple[steps.TrainState, dict]:
     is_primary = jax.process_index() == 0
-    if overwrite and not is_primary:  # process 0 clears the shared workdir
-        resuming = False
-    else:
-        resuming = workdir_lib.prepare(workdir, config, overwrite)
-    if jax.process_count() > 1:  # every process has read the workdir before process 0 writes to it
-        multihost_utils.sync_global_devices("mtt_jax: workdir prepared")
+    resuming, error = False, None
+    try:
+        if is_primary or not overwrite:  # with overwrite, process 0 clears the shared workdir
+            resuming = workdir_lib.prepare(workdir, config, overwrite)
+    except Exception as e:
+        error = e
+    # Every process has read the workdir before process 0 writes to it, and all stop if one cannot.
+    multihost.agree_on_error(error, "preparing the workdir")
     workdir_lib.makedirs(workdir)
     if is_primary:  # first, so that whatever the run writes next is known to be this run's
         workdir_lib.write_config(workdir, config)
@@ -221,16 +310,10 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
 
     # --- Update and eval steps --------------------------------------------------------------------------
     diagnostics_every = config.weighting.get("diagnostics_every", 0)
-    train_step = config_train_step(setup, config)
+    train_step, eval_step, eval_batch_shardings = compiled.train, compiled.eval, compiled.eval_batch_shardings
     gradient_method = setup.method.requires != "losses"
     affinity_every = config.affinity.every if config.get("affinity") else 0
     affinity_fn = compile_affinity(setup, config, schedule) if affinity_every else None
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    eval_batch_shardings = sharding.batch_shardings(
-        source.train_batch(0, config.eval_batch_size), mesh, layout)
-    eval_step = jax.jit(steps.bind(steps.eval_step, model=setup.model, tasks=tasks, layout=layout),
-                        in_shardings=(setup.state_shardings, eval_batch_shardings),
-                        out_shardings=replicated)
 
     # --- Writers ------------------------------------------------------------------------------------------
     first_step = int(state.step)
@@ -264,6 +347,12 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {step}; halted without applying it (last good "
                 f"checkpoint kept in {checkpointer.directory}; nonfinite='skip' steps over such batches)")
+        if skips.add(not metrics["finite"]):
+            raise NonFiniteLossError(
+                f"{skips.count} of the last {skips.window} updates up to step {step} had a non-finite loss "
+                f"or gradient and were skipped, more than nonfinite_skip_limit={skips.limit}; halted (last "
+                f"good checkpoint kept in {checkpointer.directory}; lower the learning rate, or raise "
+                f"nonfinite_skip_limit)")
         timing = timer.window(step)  # update `step` has just finished
         diagnostics_step = bool(diagnostics_every) and step % diagnostics_every == 0
         logged = not step % config.log_every or step == config.total_steps or diagnostics_step
@@ -312,6 +401,30 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         checkpointer.maybe_save(step, state, force=force)
         return True
 
+    skips = SkipWindow(config.nonfinite_skip_window, config.nonfinite_skip_limit)
+
+    def stop(reason: str, step: int, state) -> tuple[steps.TrainState, dict]:
+        """Ends the loop at ``step`` on a SIGTERM or a lease about to be lost (after saving a checkpoint
+        there), or on a lost lease (writing nothing more: another run may own the workdir now)."""
+        if reason == lease.LOST:
+            writer.abandon()
+        else:
+            log_pending()  # this step's record: the resumed run starts after it
+            save_checkpoint(step, state, force=True)
+        checkpointer.close()
+        writer.close()
+        profiled.close()
+        why = held.reason or "process 0 is losing the workdir's lease"
+        if reason == lease.LOST:
+            raise workdir_lib.WorkdirError(f"{why}; stopped at step {step} without writing anything more "
+                                           f"(what was stored before is kept)")
+        if reason == lease.AT_RISK:
+            raise workdir_lib.WorkdirError(f"{why}; saved the checkpoint at step {step} and stopped. Run the "
+                                           f"same command to resume.")
+        progress.message(f"SIGTERM: saved the checkpoint at step {step}; exiting. Run the same command to "
+                         f"resume.")
+        return state, last_eval
+
     # --- Loop -----------------------------------------------------------------------------------------------
     pending = None  # (step, metrics) of the previous step, read one step late
     progress.message(f"{f'resuming at step {first_step} of' if first_step else 'training'} "
@@ -322,8 +435,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
         # Killed after the checkpoint of an eval step was committed but before its eval was written:
         # the eval is a function of the restored state, so it is run now rather than lost.
         last_eval = evaluate(first_step)
-    guard = jax.transfer_guard(config.get("transfer_guard", "allow"))
-    with setup.context(), checkpoint.PreemptionFlag() as preemption, guard:
+    guard = jax.transfer_guard(config.transfer_guard)
+    with setup.context(), guard:
         learning_rate(first_step)  # its eager ops compile now (under the mesh), not in a timed window
         try:
             batches = train_batches(setup, config, first_step, config.total_steps)
@@ -352,15 +465,8 @@ def _train_and_evaluate(setup: Setup, config, workdir: str, quiet: bool,
                     last_eval = evaluate(step + 1)
                 if saved or is_eval_step(step + 1, config):
                     timer.mark(step + 1)  # the record of step + 1 is written: the next window starts
-                if preemption_requested(preemption, step + 1, config.log_every):
-                    log_pending()  # this step's record: the resumed run starts after it
-                    save_checkpoint(step + 1, state, force=True)
-                    checkpointer.close()
-                    writer.close()
-                    profiled.close()
-                    progress.message(f"SIGTERM: saved the checkpoint at step {step + 1}; exiting. "
-                                     f"Run the same command to resume.")
-                    return state, last_eval
+                if reason := stop_requested(preemption, held, step + 1, config.log_every):
+                    return stop(reason, step + 1, state)
             log_pending()
         except NonFiniteLossError:
             checkpointer.close()
@@ -408,13 +514,40 @@ def eval_missing(records: list[dict], step: int, config) -> bool:
     return missing
 
 
-def preemption_requested(flag: checkpoint.PreemptionFlag, step: int, every: int) -> bool:
-    """Every process must stop at the same step: with several, they agree every ``every`` steps."""
+STOP_REASONS = ("", "sigterm", lease.AT_RISK, lease.LOST)  # in order of precedence
+
+
+def stop_requested(preemption: checkpoint.PreemptionFlag, held, step: int, every: int) -> str:
+    """Why the loop must stop after ``step`` ("" if it goes on): a SIGTERM, or the workdir's lease at
+    risk or lost (`mtt_jax.lease`; only process 0 holds it). Every process must stop at the same step
+    for the same reason: with several, they agree every ``every`` steps on the gravest one."""
+    held_state = held.state()
+    local = max(STOP_REASONS.index("sigterm") if preemption.requested else 0,
+                STOP_REASONS.index(held_state) if held_state in STOP_REASONS else 0)
     if jax.process_count() == 1:
-        return flag.requested
+        return STOP_REASONS[local]
     if step % every:
-        return False
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag.requested))))
+        return ""
+    return STOP_REASONS[int(np.max(multihost_utils.process_allgather(np.asarray(local))))]
+
+
+class SkipWindow:
+    """The updates skipped for a non-finite loss among the last ``window`` (``nonfinite='skip'``): more
+    than ``limit * window`` of them halt the run, which would otherwise end "successfully" having
+    applied almost nothing."""
+
+    def __init__(self, window: int, limit: float):
+        self.window, self.limit = window, limit
+        self._skipped = collections.deque(maxlen=window)
+
+    @property
+    def count(self) -> int:
+        return sum(self._skipped)
+
+    def add(self, skipped: bool) -> bool:
+        """Records one update; whether the skipped ones now exceed the limit."""
+        self._skipped.append(bool(skipped))
+        return self.count > self.limit * self.window
 
 
 def run_eval(eval_step, state, source, tasks, batch_size: int, shardings, layout: str) -> dict:

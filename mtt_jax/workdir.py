@@ -29,7 +29,8 @@ from mtt_jax import lease
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
-                              "grad_accum_unroll", "attention_kernel", "profile"})
+                              "grad_accum_unroll", "attention_kernel", "profile", "transfer_guard",
+                              "nonfinite_skip_window", "nonfinite_skip_limit"})
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 
@@ -60,6 +61,8 @@ def check_location(workdir: str, flag: str = "--workdir", urls: bool = False) ->
     that cannot be created or written, and a URL unless ``urls`` (callers whose writers are local file
     I/O: the run would land in a local folder named ``gs:`` and be lost with the machine). An accepted
     URL must be on a known object store whose package is installed, and writable (`check_url`)."""
+    if not str(workdir).strip():
+        raise WorkdirError(f"{flag} is empty; pass a folder (or a gs:// URL) for the run's outputs")
     if is_url(workdir):
         if not urls:
             raise WorkdirError(f"{flag}={workdir}: URLs are not supported for {flag}; pass a local path "
@@ -194,35 +197,85 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Outputs that are folders; the others are files.
+_FOLDERS = ("checkpoints", "tensorboard", "profile")
+# The fields every config.json of a run of ours has (configs/default.py's base_config).
+_RUN_FIELDS = frozenset({"seed", "total_steps", "tasks", "data", "model", "weighting", "optimizer"})
+
+
 def prepare(workdir: str, config, overwrite: bool = False) -> bool:
     """Checks (and with ``overwrite`` clears) ``workdir``; returns True if it holds a run to resume.
 
     Outputs without their ``config.json`` (copied in, or left by another tool) belong to no known run:
-    resuming from them, or writing a new run among them, would mix two runs, so they are refused too.
+    resuming from them, or writing a new run among them, would mix two runs, so they are refused, and
+    ``overwrite`` clears only a run of ours (`check_overwrite`).
     """
     check_location(workdir, urls=True)
     if overwrite:
+        check_overwrite(workdir)
         for name in OUTPUTS:
             remove(join(workdir, name))
         return False
-    present = [name for name in OUTPUTS if _holds(join(workdir, name))]
+    present = _present_outputs(workdir)
     if not present:
         return False
     if "config.json" not in present:
         raise WorkdirError(f"{workdir} holds {', '.join(present)} without the config.json of their run; "
-                           f"use another --workdir or pass --overwrite to discard them")
-    path = join(workdir, "config.json")
-    try:
-        previous = run_identity(json.loads(read_text(path)))
-    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
-        raise WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}); fix or remove it, or pass "
-                           f"--overwrite to discard the run") from None
+                           f"use another --workdir, or move them away if they are not needed")
+    previous = run_identity(_read_run_config(workdir))
     current = run_identity(config_dict(config))
     if previous != current:
         changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
         raise WorkdirError(f"{workdir} holds a run with a different config (fields: {', '.join(changed)}); "
                            f"use another --workdir or pass --overwrite to discard it")
+    _check_output_kinds(workdir, present)
     return True
+
+
+def check_overwrite(workdir: str) -> None:
+    """Refuses ``--overwrite`` of a folder whose outputs are not a run of ours: only a folder whose
+    ``config.json`` is an mtt_jax run's may be cleared. Another tool's ``config.json``, checkpoints
+    without a config, or a config that cannot be read are never deleted, whatever the flag."""
+    check_location(workdir, urls=True)
+    present = _present_outputs(workdir)
+    if not present:
+        return
+    refusal = (f"; --overwrite clears only a run of mtt_jax, so nothing was removed: move them away or "
+               f"use another --workdir")
+    if "config.json" not in present:
+        raise WorkdirError(f"{workdir} holds {', '.join(present)} without the config.json of an mtt_jax "
+                           f"run{refusal}")
+    previous = _read_run_config(workdir, hint=refusal)
+    if not isinstance(previous, dict) or not _RUN_FIELDS <= previous.keys():
+        raise WorkdirError(f"{join(workdir, 'config.json')} is not an mtt_jax run's config (it lacks "
+                           f"{', '.join(sorted(_RUN_FIELDS - set(previous or ())))}){refusal}")
+
+
+def _present_outputs(workdir: str) -> list[str]:
+    return [name for name in OUTPUTS if _holds(join(workdir, name))]
+
+
+def _read_run_config(workdir: str, hint: str = "; fix or remove it, or pass --overwrite to discard the "
+                                                   "run") -> dict:
+    path = join(workdir, "config.json")
+    try:
+        previous = json.loads(read_text(path))
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}){hint}") from None
+    if not isinstance(previous, dict):
+        raise WorkdirError(f"{path} is not a JSON object{hint}")
+    return previous
+
+
+def _check_output_kinds(workdir: str, present: list[str]) -> None:
+    """An output where the run expects a folder is a file, or the reverse (e.g. ``checkpoints`` made
+    a file by hand): the run could neither resume from it nor write it."""
+    for name in present:
+        path = epath.Path(join(workdir, name))
+        if (name in _FOLDERS) != path.is_dir():
+            kind, expected = ("file", "folder") if name in _FOLDERS else ("folder", "file")
+            raise WorkdirError(f"{path} is a {kind}, but the run keeps its {name} in a {expected} there; "
+                               f"move it away (or pass --overwrite to discard the run)")
 
 
 @contextlib.contextmanager

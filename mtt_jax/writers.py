@@ -9,7 +9,9 @@ one's content is kept in memory and uploaded whole, at most every ``URL_FLUSH_SE
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -42,11 +44,12 @@ class MetricWriter:
             path = workdir_lib.join(workdir, "metrics.jsonl")
             kept = _truncate_after(path, resume_after_step)
             bucket = workdir_lib.is_url(workdir)
+            _uploads_stopped.clear()  # a new run's writer
             if bucket:
                 self._jsonl = ObjectFile(path, kept.encode(), min_interval=URL_FLUSH_SECONDS)
                 _route_tensorboard_to_object_files()
-            else:  # unbuffered: each record reaches the file in one write
-                self._jsonl = open(path, "ab", buffering=0)
+            else:
+                self._jsonl = LocalRecordFile(path)
             from tensorboardX import SummaryWriter
             self._tensorboard = SummaryWriter(workdir_lib.join(workdir, "tensorboard"),
                                               flush_secs=URL_FLUSH_SECONDS if bucket else 10)
@@ -71,6 +74,11 @@ class MetricWriter:
             self._jsonl.close()
             self._tensorboard.close()
 
+    def abandon(self) -> None:
+        """Stops every upload of this run's files to a bucket, now and at `close` (the run lost its
+        workdir's lease: another run may be writing there). Local files are written as they go."""
+        _uploads_stopped.set()
+
 
 def _truncate_after(path: str, step: int) -> str:
     """Drops the records of steps after ``step`` (and lines cut short by a kill); returns those kept."""
@@ -85,6 +93,47 @@ def _truncate_after(path: str, step: int) -> str:
             continue
     workdir_lib.write_text(path, "".join(kept))  # a kill while truncating must not lose the records kept
     return "".join(kept)
+
+
+class LocalRecordFile:
+    """``metrics.jsonl`` on a local disk, appended unbuffered, so each record reaches the file in one
+    write. If the file is deleted or replaced while the run goes on (a clean-up script, a user), the
+    next write or `close` puts it back whole, with a warning: its content is still readable through this
+    process's open handle, which keeps the deleted file alive. So no record is lost, and the summary at
+    the end finds every one."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "a+b", buffering=0)
+
+    def write(self, data: bytes) -> None:
+        self._restore_if_gone()
+        self._file.write(data)
+
+    def flush(self) -> None:
+        self._restore_if_gone()
+
+    def close(self) -> None:
+        self._restore_if_gone()
+        self._file.close()
+
+    def _restore_if_gone(self) -> None:
+        try:
+            if os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path)):
+                return
+        except FileNotFoundError:
+            pass
+        self._file.seek(0)
+        content = self._file.read()
+        logging.warning("%s was deleted or replaced while the run was writing it; restored its %d records",
+                        self.path, content.count(b"\n"))
+        workdir_lib.write_bytes(self.path, content)
+        self._file.close()
+        self._file = open(self.path, "a+b", buffering=0)
+
+
+# Set by `MetricWriter.abandon`: `ObjectFile`s upload nothing more.
+_uploads_stopped = threading.Event()
 
 
 class ObjectFile:
@@ -109,6 +158,8 @@ class ObjectFile:
 
     def flush(self) -> None:
         with self._lock:
+            if _uploads_stopped.is_set():
+                return
             content = bytes(self._content)
             if len(content) != self._uploaded_size:
                 workdir_lib.write_bytes(self.path, content)

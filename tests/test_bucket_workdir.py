@@ -102,12 +102,12 @@ def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
         return real_maybe_save(self, step, state, force)
     monkeypatch.setattr(checkpoint.Checkpointer, "maybe_save", maybe_save)
 
-    def killed_at(flag, step, every):
+    def killed_at(flag, held, step, every):
         if step == 13:
             raise KeyboardInterrupt  # the process dies here: nothing is closed or flushed
-        return False
+        return ""
     with monkeypatch.context() as patch:
-        patch.setattr(train, "preemption_requested", killed_at)
+        patch.setattr(train, "stop_requested", killed_at)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, BUCKET, quiet=True)
     local_checkpoints[-1].wait()

@@ -124,7 +124,8 @@ def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, 
     config.affinity.every, config.checkpoint_every = 4, 1000
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     train.train_and_evaluate(config, str(reference), quiet=True)
-    monkeypatch.setattr(train, "preemption_requested", lambda flag, step, every: step == 15)
+    monkeypatch.setattr(train, "stop_requested",
+                        lambda flag, held, step, every: "sigterm" if step == 15 else "")
     state, _ = train.train_and_evaluate(config, str(interrupted), quiet=True)
     assert int(state.step) == 15 and not os.path.exists(interrupted / "summary.md")
     monkeypatch.undo()

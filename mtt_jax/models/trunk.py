@@ -63,7 +63,7 @@ class PatchEmbed(nn.Module):
         b, h, w, c = image_BxHxWxC.shape
         p = self.patch_size
         if h % p or w % p:
-            raise ValueError(f"image {h}x{w} is not divisible into {p}x{p} patches")
+            raise ValueError(f"model.patch_size={p}: image {h}x{w} is not divisible into {p}x{p} patches")
         patches = image_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches_BxNxP = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
         return _project(patches_BxNxP, self.d_model, self.dtype)
@@ -82,7 +82,8 @@ class VectorEmbed(nn.Module):
     def __call__(self, features_BxF: jax.Array) -> jax.Array:
         b, f = features_BxF.shape
         if f % self.chunk:
-            raise ValueError(f"{f} input features are not divisible into chunks of {self.chunk}")
+            raise ValueError(f"model.patch_size={self.chunk}: {f} input features are not divisible "
+                             f"into chunks of {self.chunk}")
         chunks_BxNxC = features_BxF.reshape(b, f // self.chunk, self.chunk).astype(self.dtype)
         return _project(chunks_BxNxC, self.d_model, self.dtype)
 

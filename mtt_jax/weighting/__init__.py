@@ -6,8 +6,7 @@ older top-level fields still work: ``weighting.weights`` (fixed) and ``weighting
 (uncertainty); the sub-config wins where both are set. Method families: `loss_based`, `epoch_based`,
 `famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining` (Gram matrix);
 `double_sampling` (cross-Gram of two samples); `elementwise`, `tracking` (per-task gradients). Scale
-conventions differ across methods (sum vs mean, clipped); see each class docstring and
-/work/shared/METHODS.md.
+conventions differ across methods (sum vs mean, clipped); see each class docstring.
 """
 
 from __future__ import annotations
@@ -62,6 +61,11 @@ def make_method(weighting_config, num_tasks: int) -> WeightingMethod:
     name = weighting_config.name
     if name not in METHODS:
         raise ValueError(f"unknown weighting.name={name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    ignored = [key for method, keys in _TOP_LEVEL_OPTIONS.items() if method != name for key in keys
+               if key == "weights" and weighting_config.get(key)]  # init_log_var always has a value
+    if ignored:
+        raise ValueError(f"weighting.weights={tuple(weighting_config.weights)} is used only by "
+                         f"weighting.name='fixed'; {name!r} would ignore it: remove it or use 'fixed'")
     options = method_options(weighting_config, name)
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS[name]))
     if unknown:

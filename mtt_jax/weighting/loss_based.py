@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.weighting.base import WeightingMethod, clamp_losses, require_rng, validate_range
+from mtt_jax.weighting.base import WeightingMethod, check_range, clamp_losses, require_rng, validate_range
 
 
 class EqualWeighting(WeightingMethod):
@@ -33,9 +34,20 @@ class FixedWeighting(WeightingMethod):
 
     def __init__(self, num_tasks: int, weights: Sequence[float] = ()):
         super().__init__(num_tasks)
+        example = ",".join(["1.0"] * num_tasks)
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or any(
+                isinstance(w, (str, bytes, bool)) or not isinstance(w, numbers.Real) for w in weights):
+            # e.g. 'nan' or "(float('nan'),1.0)" on the command line, which arrive as strings
+            raise ValueError(f"weighting.weights={weights!r} must be a tuple of {num_tasks} finite, "
+                             f"non-negative numbers, one per task, e.g. --config.weighting.weights=({example})")
         weights = tuple(weights) or (1.0,) * num_tasks  # empty: all ones
         if len(weights) != num_tasks:
-            raise ValueError(f"weighting.weights has {len(weights)} entries for {num_tasks} tasks")
+            raise ValueError(f"weighting.weights={weights} has {len(weights)} entries for {num_tasks} tasks; "
+                             "give one weight per task")
+        for weight in weights:  # inf or nan would make every update non-finite
+            check_range(f"weighting.weights={weights}: entry", weight, 0.0, high_open=True)
+        if not any(weights):
+            raise ValueError(f"weighting.weights={weights} are all 0, so nothing would be trained")
         self.weights = tuple(float(w) for w in weights)
 
     def combine(self, params, state, losses_T, step, rng=None):
@@ -57,6 +69,7 @@ class UncertaintyWeighting(WeightingMethod):
 
     def __init__(self, num_tasks: int, init_log_var: float = -0.5):
         super().__init__(num_tasks)
+        check_range("weighting.init_log_var", init_log_var, -float("inf"), low_open=True, high_open=True)
         self.init_log_var = float(init_log_var)
 
     def init_params(self):
