@@ -86,5 +86,9 @@ def check_compiled_step(compiled, what: str, remedy: str, device: jax.Device | N
     if needed is None or limit is None or needed <= limit:
         return
     raise ConfigError(
-        f"the {what} needs about {needed / _GIB:.1f} GiB per device (its compiled memory analysis), but "
-        f"{device.device_kind} has {limit / _GIB:.1f} GiB available; {remedy}")
+        f"the {what} needs about {_size(needed)} per device (its compiled memory analysis), but "
+        f"{device.device_kind} has {_size(limit)} available; {remedy}")
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / _GIB:.1f} GiB" if num_bytes >= _GIB else f"{num_bytes / 2**20:.2f} MiB"

@@ -113,20 +113,12 @@ def test_a_config_file_that_does_not_load_is_one_line(capsys, config_files):
 
 def test_a_step_that_cannot_fit_in_device_memory_is_refused_before_the_workdir(capsys, tmp_path,
                                                                                 monkeypatch):
-    """The compiled step's memory analysis against the device's limit (here set to 1 MiB): refused
-    before config.json is written; with the real limit the same step runs."""
-    config = default_config.get_config("tiny")
-    setup = train.build(config)
-    compiled = train.compile_steps(setup, config)
-    abstract_state = train.checkpoint.abstract_like(train.nn.unbox(setup.abstract_state),
-                                                    setup.state_shardings)
-    with setup.context():
-        step_bytes = memory_check.compiled_bytes(compiled.train.lower(abstract_state, setup.abstract_batch)
-                                                 .compile())
-    assert 2**20 < step_bytes < 2**30  # the tiny model's parameters, Adam's moments, activations
-    monkeypatch.setattr(memory_check, "device_memory_limit", lambda device: 2**20)
-    error = assert_refused(capsys, tmp_path / "run", expected="the train step needs about 0.0 GiB per device")
-    assert "has 0.0 GiB available; lower batch_size, or set grad_accum_steps" in error
+    """The compiled train step's memory analysis against the device's limit (here set to 1/16 MiB)."""
+    monkeypatch.setattr(memory_check, "device_memory_limit", lambda device: 2**16)
+    error = assert_refused(capsys, tmp_path / "run", expected="the train step needs about ")
+    needed_mib = float(error.split("needs about ")[1].split(" MiB")[0])
+    assert 0.1 < needed_mib < 1024  # the tiny model's parameters, Adam's moments and activations
+    assert "per device (its compiled memory analysis), but cpu has 0.06 MiB available; lower batch_size" in error
     assert not (tmp_path / "run").exists()
 
 
@@ -222,9 +214,14 @@ def test_a_run_that_skips_most_updates_halts_instead_of_ending_successfully(monk
                                                        r"nonfinite_skip_limit=0.25; halted"):
         train.train_and_evaluate(config, str(tmp_path), quiet=True)
     assert not (tmp_path / "summary.md").exists()
-    config.nonfinite_skip_limit = 1.0  # never halt: the run ends, its summary counts the skipped updates
-    state, _ = train.train_and_evaluate(config, str(tmp_path / "unlimited"), quiet=True)
-    assert int(state.skipped_steps) == config.total_steps - 3
+
+
+def test_the_skip_window_counts_the_last_updates_only():
+    window = train.SkipWindow(window=4, limit=0.5)
+    assert [window.add(s) for s in (True, True, False, False, True, True)] == [False] * 6  # 2 of 4
+    assert window.add(True) and window.count == 3
+    never = train.SkipWindow(window=4, limit=1.0)
+    assert not any(never.add(True) for _ in range(10))
 
 
 class FakeLease:
@@ -270,10 +267,9 @@ def test_sigterm_during_start_up_exits_0_before_any_work(capsys, tmp_path, monke
     assert code == 0 and not (tmp_path / "run").exists(), err
 
 
-def test_a_full_disk_is_one_line_and_the_same_command_resumes_exactly(capsys, tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(capsys, tmp_path, monkeypatch):
+    """(That a resumed run computes what an uninterrupted one does: tests/test_resilience.py.)"""
     args = ("--config.checkpoint_every=5", "--config.total_steps=10", "--config.eval_every=10")
-    reference = tmp_path / "reference"
-    assert run_main(capsys, f"--workdir={reference}", *args)[0] == 0
     real_write = writers.LocalRecordFile.write
 
     def disk_full_at_step_10(self, data):
@@ -284,11 +280,11 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes_exactly(capsys, tm
         patch.setattr(writers.LocalRecordFile, "write", disk_full_at_step_10)
         error = assert_refused(capsys, tmp_path / "run", *args, expected="no space left on the device writing ")
     assert error.endswith("free space and run the same command to resume")
+    assert [r["step"] for r in records(tmp_path / "run")] == [5]  # step 10's record was never written
     with monkeypatch.context() as patch:  # a disk full from the start: config.json cannot be written
         patch.setattr(workdir.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
         assert_refused(capsys, tmp_path / "never", *args, expected="no space left on the device")
-    assert [r["step"] for r in records(tmp_path / "run")] == [5]  # step 10's record was never written
+    assert not (tmp_path / "never" / "config.json").exists()
     assert run_main(capsys, f"--workdir={tmp_path / 'run'}", *args)[0] == 0
-    for split in ("train", "eval"):
-        assert ([(r["step"], r["loss"]) for r in records(tmp_path / "run", split)] ==
-                [(r["step"], r["loss"]) for r in records(reference, split)])
+    assert [r["step"] for r in records(tmp_path / "run")] == [5, 10]
+    assert [r["step"] for r in records(tmp_path / "run", "eval")] == [10]
