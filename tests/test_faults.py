@@ -100,6 +100,11 @@ def test_a_sequence_length_the_source_cannot_generate_is_one_line(length):
     assert str(error.value) == f"data.source='seqtasks': length must be an integer >= 2, got {length}"
 
 
+def test_a_vocabulary_smaller_than_the_data_is_one_line(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "run", "--config.model.vocab_size=-3", config="configs/seqtasks.py:tiny",
+                   expected="model.vocab_size=-3 is smaller than the data's vocabulary of 32")
+
+
 def test_a_config_file_that_does_not_load_is_one_line(capsys, config_files):
     for name, expected in (("syntax", "syntax.py line 1: SyntaxError: invalid syntax"),
                            ("raises", "loading the config failed: RuntimeError: boom"),
