@@ -110,12 +110,15 @@ def initialize_distributed() -> None:
     The runtime's heartbeat timeout is ``MTT_JAX_HEARTBEAT_TIMEOUT_S`` seconds (default 10; jax's own
     default is 100): a process that sent no heartbeat for that long is declared dead by the
     coordination service on process 0, and every other process then aborts (a ``Terminating process
-    because the JAX distributed service detected fatal errors`` line and a C++ stack trace; the runtime
-    offers no way to make that a Python exception). The processes heartbeat from a C++ thread, so a
+    because the JAX distributed service detected fatal errors`` line and a C++ stack trace). That
+    abort cannot be made a Python exception: jax.distributed.initialize takes no missed-heartbeat
+    callback, and jaxlib's client does not convert the status it would pass to a Python function (the
+    process terminates with std::bad_cast instead). The processes heartbeat from a C++ thread, so a
     long compilation does not miss any; raise the timeout where the network or process 0's host can
     stall for longer (large pods). Inside the training loop a process that stops is noticed at once
     and reported in one line (`mtt_jax.multihost.watch_peers`); the heartbeat is what is left for a
-    host that vanishes without closing its connections, and for the time outside that loop."""
+    process that hangs without exiting (SIGSTOP: the others abort after 10 s), and for the time
+    outside that loop."""
     import jax
 
     heartbeat = os.environ.get("MTT_JAX_HEARTBEAT_TIMEOUT_S", "10")

@@ -13,8 +13,10 @@ Two situations, two tools:
   same command to resume`` on stderr and exits with status 1 at once, instead of waiting in a
   collective for the runtime's heartbeat timeout to abort it with a C++ stack trace. A process that
   leaves with an exception says so first, and the others wait `GRACE_S` (they may be about to raise
-  the same error and print their own line). A host that vanishes closes no connection; then the
-  runtime's heartbeat timeout (`mtt_jax.cli.initialize_distributed`) ends the job.
+  the same error and print their own line), then meet it in the runtime's shutdown barrier, so that
+  it too ends with its own error rather than an abort. A host that vanishes closes no connection:
+  kernel keepalive probes notice it in about 5 s; a process that hangs (SIGSTOP, a stuck driver) is
+  left to the runtime's heartbeat timeout (`mtt_jax.cli.initialize_distributed`).
 
 Both are no-ops in a single process (``agree_on_error`` re-raises the error).
 """
@@ -34,7 +36,10 @@ import jax
 
 AGREE_TIMEOUT_S = 600  # how long a process waits at an agreement point for the others to arrive
 GRACE_S = 3.0  # how long survivors wait after a process left with an error before they stop too
+SHUTDOWN_WAIT_S = 10.0  # how long they then wait for it in the runtime's shutdown barrier
+RELAY_WAIT_S = 2.0  # how long process 0 waits for the others to hang up after it told them
 EXIT_STATUS = 1
+UNEXPECTED_END = "killed, crashed or unreachable: see its own output"
 _MAX_MESSAGE = 500
 _agreements = itertools.count()
 _watches = itertools.count()
@@ -48,8 +53,10 @@ def one_line(error: BaseException) -> str:
     """An error's first line (``PermissionError: ...`` for a built-in exception type), at most 500
     characters; the type name when it has no message."""
     line = (str(error).strip().splitlines() or [""])[0]
-    if not line or type(error).__module__ == "builtins":
-        line = f"{type(error).__name__}: {line}".rstrip(": ")
+    if not line:
+        line = type(error).__name__
+    elif type(error).__module__ == "builtins":
+        line = f"{type(error).__name__}: {line}"
     return line[:_MAX_MESSAGE]
 
 
@@ -92,7 +99,7 @@ def agree_on_error(error: Exception | None, where: str) -> None:
     elif timed_out is not None:
         missing = min(set(range(jax.process_count())) - set(messages), default=None)
         who = f"process {missing}" if missing is not None else "a process"
-        stopped = JobStopped(f"{who}: did not reach {where} within {AGREE_TIMEOUT_S} s "
+        stopped = JobStopped(f"{who}: still not at {where!r} after {AGREE_TIMEOUT_S} s "
                              f"({one_line(timed_out)[:200]})")
     else:
         return
@@ -115,19 +122,22 @@ def watch_peers():
         watch.leave("bye")
         raise
     except BaseException as e:
-        watch.leave(f"stop {watch.me} {GRACE_S} {one_line(e)}")
+        watch.leave(f"stop {watch.me} {GRACE_S} 1 {one_line(e)}")
         raise
     watch.leave("bye")
 
 
 class _Watch:
-    """Process 0 accepts one connection from every other process and relays; the others read theirs."""
+    """Process 0 accepts one connection from every other process and relays what it hears; the others
+    read theirs. Lines: ``hello <i>``, ``bye``, ``stop <i> <grace_s> <farewell> <why>`` (farewell 1:
+    process i exits through Python, and so waits in the runtime's shutdown barrier)."""
 
     def __init__(self, index: int):
         self.me, self.n = jax.process_index(), jax.process_count()
         self.leaving = False
         self.lock = threading.Lock()
         self.peers: dict[socket.socket, int | None] = {}  # process 0: connection -> process index
+        self.conn: socket.socket | None = None  # the others: the connection to process 0
         key = f"mtt_jax/watch/{index}"
         if self.me == 0:
             family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
@@ -136,11 +146,9 @@ class _Watch:
             _client().key_value_set(key, str(self.server.getsockname()[1]))
             target = self._serve
         else:
-            self.conn = None
             target = lambda: self._follow(key)
         threading.Thread(target=target, name="mtt_jax.multihost.watch", daemon=True).start()
 
-    # --- leaving ------------------------------------------------------------------------------------
     def leave(self, line: str) -> None:
         with self.lock:
             self.leaving = True
@@ -148,16 +156,21 @@ class _Watch:
         for conn in connections:
             _send(conn, line)
 
-    def _stop(self, process: int, why: str, grace_s: float) -> None:
-        """Ends this process with the one line, after ``grace_s`` unless it leaves the block itself."""
+    def _stop(self, process: int, why: str, grace_s: float, farewell: bool) -> None:
+        """Ends this process with the one line, after ``grace_s`` unless it has left the block."""
         if grace_s > 0:
             time.sleep(grace_s)
         with self.lock:
             if self.leaving:
                 return
-            print(f"error: process {process} of {self.n} stopped ({why}); the job stops: run the same "
-                  f"command to resume", file=sys.stderr, flush=True)
-            os._exit(EXIT_STATUS)
+            self.leaving = True
+        print(f"error: process {process} of {self.n} stopped ({why}); the job stops: run the same command "
+              f"to resume", file=sys.stderr, flush=True)
+        if farewell:
+            _meet_at_shutdown(SHUTDOWN_WAIT_S)
+        if self.me == 0:  # the others have read the relay when they hang up (process 0 serves the runtime)
+            _await_hang_ups([c for c, p in self.peers.items() if p != process], RELAY_WAIT_S)
+        os._exit(EXIT_STATUS)
 
     # --- process 0 ----------------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -169,6 +182,7 @@ class _Watch:
             for event, _ in selector.select():
                 if event.fileobj is self.server:
                     conn, _ = self.server.accept()
+                    _keep_alive(conn)
                     with self.lock:
                         self.peers[conn] = None
                     pending[conn] = b""
@@ -181,7 +195,7 @@ class _Watch:
                     with self.lock:
                         process = self.peers.pop(conn)
                     if conn not in done and process is not None:
-                        self._relay(process, f"stop {process} 0 killed or crashed: see its own output")
+                        self._relay(process, f"stop {process} 0 0 {UNEXPECTED_END}")
                     continue
                 pending[conn] += data
                 while b"\n" in pending[conn]:
@@ -190,6 +204,8 @@ class _Watch:
                     if line.startswith("hello "):
                         with self.lock:
                             self.peers[conn] = int(line.split()[1])
+                            if self.leaving:  # finished before this process connected
+                                _send(conn, "bye")
                     elif line == "bye":
                         done.add(conn)
                     elif line.startswith("stop "):
@@ -198,13 +214,13 @@ class _Watch:
 
     def _relay(self, process: int, line: str) -> None:
         with self.lock:
-            others = [c for c, p in self.peers.items() if p != process]
             if self.leaving:
                 return
+            others = [c for c, p in self.peers.items() if p != process]
         for conn in others:
             _send(conn, line)
-        _, _, grace_s, why = line.split(" ", 3)
-        self._stop(process, why, float(grace_s))
+        _, _, grace_s, farewell, why = line.split(" ", 4)
+        self._stop(process, why, float(grace_s), farewell == "1")
 
     # --- every other process ------------------------------------------------------------------------
     def _follow(self, key: str) -> None:
@@ -213,15 +229,15 @@ class _Watch:
             host = _runtime().coordinator_address.rsplit(":", 1)[0].strip("[]")
             conn = socket.create_connection((host, port), timeout=60)
             conn.settimeout(None)
+            _keep_alive(conn)
         except Exception as e:  # no watch then; the runtime's heartbeat timeout still ends the job
             print(f"warning: process {self.me} cannot watch process 0 ({one_line(e)})", file=sys.stderr)
             return
+        _send(conn, f"hello {self.me}")
         with self.lock:
             self.conn = conn
-            leaving = self.leaving
-        _send(conn, f"hello {self.me}")
-        if leaving:
-            _send(conn, "bye")
+            if self.leaving:  # left the block before the connection was made
+                _send(conn, "bye")
         pending = b""
         while data := _recv(conn):
             pending += data
@@ -231,9 +247,41 @@ class _Watch:
                 if line == "bye":
                     return
                 if line.startswith("stop "):
-                    _, process, grace_s, why = line.split(" ", 3)
-                    self._stop(int(process), why, float(grace_s))
-        self._stop(0, "killed or crashed: see its own output", 0)
+                    _, process, grace_s, farewell, why = line.split(" ", 4)
+                    self._stop(int(process), why, float(grace_s), farewell == "1")
+        self._stop(0, UNEXPECTED_END, 0, False)
+
+
+def _meet_at_shutdown(timeout_s: float) -> None:
+    """Joins the runtime's shutdown barrier, where a process that left with an error waits at its exit
+    (jax's atexit hook), so that it exits with its own status instead of aborting once we are gone."""
+    def shutdown():
+        state = _runtime()
+        with contextlib.suppress(Exception):
+            if state.preemption_sync_manager is not None:
+                state.preemption_sync_manager.shutdown()
+            state.client.shutdown()
+    thread = threading.Thread(target=shutdown, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+
+
+def _await_hang_ups(connections: list[socket.socket], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for conn in connections:
+        with contextlib.suppress(OSError):
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            while conn.recv(4096):
+                pass
+
+
+def _keep_alive(conn: socket.socket) -> None:
+    """Kernel keepalive probes: a peer whose host vanished (no FIN) is noticed in about 5 s, before the
+    runtime's heartbeat timeout aborts the process."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _send(conn: socket.socket | None, line: str) -> None:
