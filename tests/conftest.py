@@ -26,7 +26,7 @@ os.environ.update(huge_pages.this_machine_environment() or {})
 # scheduling); the others keep their order, and every module's tests keep theirs.
 LONGEST_MODULES = ("test_scale.py", "test_experiments.py", "test_zoo.py", "test_resilience.py",
                    "test_flops.py", "test_flat_mixture.py", "test_models.py", "test_task_grads.py",
-                   "test_train.py", "test_faults.py", "test_cli.py")
+                   "test_train.py", "test_faults.py", "test_multihost_faults.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):
