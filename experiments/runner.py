@@ -1,12 +1,13 @@
 """Train several seeds of one configuration at once: ``jax.vmap`` of the library's train step over seeds.
 
-`train_seeds(config, seeds)` builds what `mtt_jax.train.build` builds (tasks, data sources, model,
-weighting method, optimizer), then runs ``jax.vmap(mtt_jax.train_step.train_step)`` over a leading seed
+`train_seeds(config, seeds)` builds what `mtt_jax.train.build` builds (`mtt_jax.builder.build_parts`:
+tasks, data sources, model, weighting method, optimizer), then runs
+``jax.vmap(mtt_jax.train_step.train_step)`` over a leading seed
 axis of the train state, inside a ``lax.scan`` over chunks of steps, so one compiled program trains every
 seed and the host dispatches once per chunk. Seed ``s`` gets the initial state of a `train.build` run with
 ``config.seed = s`` and the train batches of a source built with that seed; the eval set is the same for
-every seed (the sources' contract). Metrics follow `mtt_jax.train.run_eval` (per-task loss and the task's
-metrics on the whole eval set), per seed.
+every seed (the sources' contract). Metrics are `mtt_jax.evaluation`'s (per-task loss and the task's
+metrics on the whole eval set), per seed, scored by the same code as a single run's.
 
 A ``model`` other than the config's Transformer (`mtt_jax.models.variants`) can be passed in, and a
 ``sampler`` that draws the train batches on the device (the synthetic toys), a pure function
@@ -27,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtt_jax import affinity as affinity_lib, data, tasks as tasks_lib, train_step as steps, weighting
-from mtt_jax.models import build_model
+from mtt_jax import builder, data, evaluation, train_step as steps
 from mtt_jax.prefetch import prefetch
 
 Sampler = Callable[[jax.Array, jax.Array], dict]
@@ -57,14 +57,8 @@ class SeedRuns:
 
 def make_pieces(config, model: nn.Module | None = None):
     """``(tasks, source of seed 0, model, method, tx)`` as `mtt_jax.train.build` makes them."""
-    task_specs = tuple(tasks_lib.get(name) for name in config.tasks)
-    source = data.make_source(config.data.source, config.tasks, seed=0,
-                              **dict(config.data.get("options", {})))
-    if model is None:
-        model = build_model(config, task_specs, source.layout, source.input_spec)
-    method = weighting.make_method(config.weighting, len(task_specs))
-    tx = steps.make_optimizer(config.optimizer, config.total_steps)
-    return task_specs, source, model, method, tx
+    parts = builder.build_parts(config, seed=0, model=model)
+    return parts.tasks, parts.source, parts.model, parts.method, parts.tx
 
 
 def chunk_size(total_steps: int, every: Sequence[int], limit: int = 50) -> int:
@@ -99,7 +93,7 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     log_every = min(log_every or int(config.log_every), total)
     task_specs, source, model, method, tx = make_pieces(config, model)
     layout = source.layout
-    options = dict(config.data.get("options", {}))
+    options = dict(config.data.options)
     sources = ([data.make_source(config.data.source, config.tasks, seed=s, **options) for s in seeds]
                if sampler is None else [])
     batch_size = int(config.batch_size)
@@ -116,7 +110,7 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**20))(keys) if sampler is not None else None
 
     # --- Update: scan over a chunk of steps of the vmapped step. -----------------------------------------
-    rep_grad = bool(config.weighting.get("rep_grad", False))
+    rep_grad = bool(config.weighting.rep_grad)
     step_fn = jax.vmap(steps.bind(steps.train_step, model=model, tasks=task_specs, layout=layout,
                                   method=method, tx=tx, rep_grad=rep_grad))
 
@@ -142,14 +136,7 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     eval_fn = jax.jit(jax.vmap(steps.bind(steps.eval_step, model=model, tasks=task_specs, layout=layout),
                                in_axes=(0, None)))
     schedule = steps.learning_rate_schedule(config.optimizer, total)
-    loss_fn = lambda outputs, b: steps.task_losses(task_specs, outputs, b, layout)
-    fixed_lr = float(config.get("affinity", {}).get("lr", 0.0)) if config.get("affinity") else 0.0
-
-    def one_affinity(state, batch):
-        lr = fixed_lr if fixed_lr > 0 else schedule(state.step)
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        return affinity_lib.lookahead_affinity(model, state.params["model"], batch, task_specs, layout,
-                                               rng, loss_fn, lr)
+    one_affinity = builder.affinity_step(model, task_specs, layout, schedule, config.affinity.lr)
     affinity_fn = jax.jit(jax.vmap(one_affinity)) if affinity_every else None
     sampled_batch_fn = jax.jit(sampled_batch) if sampler is not None else None
 
@@ -211,50 +198,18 @@ def stack(trees: list) -> Any:
 
 def evaluate(eval_fn, states, run_sources: Sequence[data.Source], task_specs, batch_size: int,
              layout: str) -> list[dict]:
-    """`mtt_jax.train.run_eval` for every run of ``states`` at once: ``[metrics of run r]``, run r scored
-    on the eval set of ``run_sources[r]`` (runs that share a source are scored in one pass)."""
+    """`mtt_jax.evaluation.score_eval_set` for every run of ``states`` at once: ``[metrics of run r]``,
+    run r scored on the eval set of ``run_sources[r]`` (runs that share a source are scored in one
+    pass)."""
     results: list[dict | None] = [None] * len(run_sources)
     groups: dict[int, list[int]] = {}
     for r, src in enumerate(run_sources):
         groups.setdefault(id(src), []).append(r)
     for members in groups.values():
-        scores = _evaluate_on(eval_fn, states, run_sources[members[0]], task_specs, batch_size, layout,
-                              members)
+        scores = evaluation.score_eval_set(lambda batch: eval_fn(states, batch), run_sources[members[0]],
+                                           task_specs, batch_size, layout, runs=members, baselines=False)
         for r, metrics in zip(members, scores):
             results[r] = metrics
-    return results
-
-
-def _evaluate_on(eval_fn, states, source, task_specs, batch_size, layout, runs) -> list[dict]:
-    predictions = {t.name: [] for t in task_specs}
-    labels = {t.name: [] for t in task_specs}
-    token_masks = {t.name: [] for t in task_specs}
-    loss_sum, count, attention = 0.0, 0.0, []
-    for host_batch in source.eval_batches(batch_size):
-        out = jax.device_get(eval_fn(states, host_batch))
-        loss_sum, count = loss_sum + out["loss_sum"], count + out["count"]   # [S, T]
-        if "task_attention" in out:
-            attention.append(out["task_attention"])                             # [S, T, T]
-        for i, t in enumerate(task_specs):
-            keep = host_batch["mask"][t.name] > 0
-            predictions[t.name].append(np.asarray(out["predictions"][t.name])[:, keep])
-            labels[t.name].append(host_batch["labels"][t.name][keep])
-            if t.kind == "tagging":
-                task_inputs = host_batch["inputs"][i] if layout == "multi" else host_batch["inputs"]
-                token_masks[t.name].append(task_inputs[keep] != 0)
-    results = []
-    for s in runs:
-        metrics = {"loss": float(np.sum(loss_sum[s] / np.maximum(count[s], 1)))}
-        for i, t in enumerate(task_specs):
-            pred = np.concatenate([p[s] for p in predictions[t.name]])
-            label = np.concatenate(labels[t.name])
-            mask = np.concatenate(token_masks[t.name]) if t.kind == "tagging" else None
-            metrics[f"{t.name}/loss"] = float(loss_sum[s][i] / max(count[s][i], 1))
-            metrics.update({f"{t.name}/{name}": value
-                            for name, value in tasks_lib.compute_metrics(t, pred, label, mask).items()})
-        if attention:
-            metrics["task_attention"] = np.mean([a[s] for a in attention], axis=0).round(4).tolist()
-        results.append(metrics)
     return results
 
 

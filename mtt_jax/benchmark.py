@@ -53,12 +53,11 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mtt_jax import cli, huge_pages
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).")
+_CONFIG = cli.CONFIG
 _METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first).")
 _MESHES = flags.DEFINE_list("meshes", [], "Meshes as DATAxFSDPxTENSOR, e.g. 8x1x1,2x4x1.")
 _DTYPES = flags.DEFINE_list("dtypes", [], "Compute dtypes, e.g. float32,bfloat16.")

@@ -7,7 +7,12 @@ import os
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
+# The one --config flag of the command lines (`mtt_jax.main`, `mtt_jax.benchmark`): defined once, so that
+# both modules can be imported in one process (the tests do).
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
+                                         lock_config=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")

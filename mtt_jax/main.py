@@ -19,13 +19,11 @@ import contextlib
 import errno
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mtt_jax import cli, huge_pages
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
-                                          lock_config=True)
+_CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard a different run found in --workdir.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress lines on stdout.")

@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 
 from configs import default as default_config, seqtasks as seqtasks_config
-from mtt_jax import cli, config_check, lease, main as main_module, memory_check, train, workdir, writers
+from mtt_jax import cli, config_check, data, lease, main as main_module, memory_check, train, workdir, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,7 +197,7 @@ def test_deleting_metrics_jsonl_mid_run_loses_no_record(monkeypatch, tmp_path, c
 
 
 def test_a_run_that_skips_most_updates_halts_instead_of_ending_successfully(monkeypatch, tmp_path):
-    make_source = train.data.make_source
+    make_source = data.make_source
 
     def nan_from_step_3(*args, **kwargs):
         source = make_source(*args, **kwargs)
@@ -210,7 +210,7 @@ def test_a_run_that_skips_most_updates_halts_instead_of_ending_successfully(monk
             return batch
         source.train_batch = train_batch
         return source
-    monkeypatch.setattr(train.data, "make_source", nan_from_step_3)
+    monkeypatch.setattr(data, "make_source", nan_from_step_3)
     config = seqtasks_config.get_config("tiny")
     config.checkpoint_every, config.nonfinite_skip_window = 2, 8
     # Updates 4, 5, ... are skipped; 3 of the last 8 is more than 0.25 * 8 at update 6.
