@@ -555,5 +555,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    huge_pages.exec_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -8,17 +8,17 @@ later) advises such mappings to use transparent huge pages, which the kernel's d
 mode then grants: 540 faults per step, and the reference config's MFU 2-4 points higher, measured
 side by side (docs/performance_cpu.md).
 
-glibc reads its tunables when a process starts, so the command lines re-execute themselves once with
-the tunable added (`exec_with_huge_pages`, first thing in ``__main__``), as launchers such as
-PyTorch's ``torch.backends.xeon.run_cpu`` set up the allocator before the program. The process keeps
-its id, arguments and open files. ``MTT_JAX_HUGE_PAGES=0`` leaves the process as it was started.
+glibc reads its tunables when a process starts, so they are the launcher's to set, as PyTorch's
+``torch.backends.xeon.run_cpu`` sets up the allocator before the program: it is opt-in, with
+``python -m launch.local --huge_pages ...`` (`this_machine_environment`), or by starting a command with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in its environment. The benchmark reports whether it is on
+(`enabled`). ``MTT_JAX_HUGE_PAGES=0`` makes `this_machine_environment` leave the environment as it is.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -80,15 +80,3 @@ def enabled() -> bool:
     report): it started with the tunable, and the kernel grants advised huge pages."""
     tunables = starting_environment().get("GLIBC_TUNABLES", "")
     return TUNABLE in tunables.split(":") and transparent_huge_pages_mode() in ("madvise", "always")
-
-
-def exec_with_huge_pages() -> None:
-    """Replaces this process by the same command with the tunable set, where that changes anything
-    (`environment_with_huge_pages`); otherwise returns. Call it before any work: nothing done
-    before it survives."""
-    environ = this_machine_environment()
-    command = getattr(sys, "orig_argv", None)  # the interpreter's own arguments too: -m, -X, ...
-    if environ is not None and command and sys.executable:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *command[1:]], environ)

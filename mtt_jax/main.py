@@ -5,10 +5,10 @@ holds a different run, or one the run could not keep (a file, a bucket that cann
 with status 2 and one line saying what is wrong and how to fix it. ``--workdir`` may be a bucket URL
 (``gs://bucket/run``; `mtt_jax.workdir`).
 
-On Linux the command first re-executes itself once with its large host allocations on huge pages
-(`mtt_jax.huge_pages`; ``MTT_JAX_HUGE_PAGES=0`` opts out).
+On the CPU, large host allocations go on huge pages when the launcher asks for it
+(``python -m launch.local --huge_pages``; `mtt_jax.huge_pages`).
 
-Multi-host (DESIGN §6, `mtt_jax.cli.initialize_distributed`): on Cloud TPU and under SLURM,
+Multi-host (`mtt_jax.cli.initialize_distributed`): on Cloud TPU and under SLURM,
 ``jax.distributed.initialize()`` finds the coordinator itself; elsewhere pass ``--coordinator_address
 --num_processes --process_id``. CPU processes exchange collectives through gloo.
 """
@@ -20,7 +20,7 @@ import errno
 
 from absl import app, flags
 
-from mtt_jax import cli, huge_pages
+from mtt_jax import cli
 from mtt_jax.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = cli.CONFIG
@@ -85,5 +85,4 @@ def disk_full_message(error: BaseException) -> str | None:
 
 
 if __name__ == "__main__":
-    huge_pages.exec_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,4 @@
-"""The command lines' re-execution onto huge pages (`mtt_jax.huge_pages`)."""
+"""Host allocations on huge pages, opted into by the launcher (`mtt_jax.huge_pages`)."""
 
 import os
 import subprocess
@@ -44,22 +44,18 @@ def run(code: str, **environ) -> str:
     return result.stdout
 
 
-REEXEC = ("import os, sys; print('started', os.getpid(), flush=True); from mtt_jax import huge_pages; "
-          "huge_pages.exec_with_huge_pages(); "
-          "print('ran', os.getpid(), sys.argv[1:], repr(os.environ.get('GLIBC_TUNABLES')), huge_pages.enabled())")
+ENABLED = "from mtt_jax import huge_pages; print(huge_pages.enabled())"
 
 
-def test_a_process_re_executes_itself_once_with_its_arguments_and_id():
-    lines = run(REEXEC).splitlines()
-    pid = lines[0].split()[1]
-    if GRANTED:  # the same process started twice, the second time with the tunable
-        assert lines == [f"started {pid}", f"started {pid}",
-                         f"ran {pid} ['an argument'] '{huge_pages.TUNABLE}' True"]
-    else:
-        assert lines == [f"started {pid}", f"ran {pid} ['an argument'] None False"]
-    opted_out = run(REEXEC, MTT_JAX_HUGE_PAGES="0").splitlines()
-    pid = opted_out[0].split()[1]
-    assert opted_out == [f"started {pid}", f"ran {pid} ['an argument'] None False"]
+def test_huge_pages_are_the_launchers_to_opt_into():
+    """A command started plainly keeps glibc's defaults (no re-execution); one started with the
+    tunable, as ``python -m launch.local --huge_pages`` starts its children, runs on huge pages."""
+    assert run(ENABLED) == "False\n"
+    assert run(ENABLED, GLIBC_TUNABLES=huge_pages.TUNABLE) == f"{GRANTED}\n"
+    from launch import local
+    args, main_args = local._parse(["--huge_pages", "--", "--config", "configs/default.py:tiny"])
+    assert args.huge_pages and main_args == ["--config", "configs/default.py:tiny"]
+    assert not local._parse([])[0].huge_pages
 
 
 FAULTS = ("import ctypes, resource\n"  # glibc's malloc, as XLA uses it (numpy advises huge pages itself)
