@@ -465,43 +465,65 @@ def main(argv) -> None:
         fail(f"unexpected arguments {argv[1:]}")
     initialize_distributed()  # multi-host: every process runs the same steps; process 0 reports
     import jax
-    from mtt_jax import config_check, profiling, workdir
 
     primary = jax.process_index() == 0
     if not primary:
         sys.stdout = open(os.devnull, "w")
+    all_variants = checked_variants()
+    if _MOCK_DATA.value:
+        from mtt_jax.data import tfds_io
+        tfds_io.mock_data(_MOCK_DATA.value).__enter__()  # for the whole process
+    dtypes = list(dict.fromkeys(v.dtype for v in all_variants))  # in the order of the rows
+    peaks, peak_source = device_peaks(dtypes, _PEAK_REPEATS.value)
+    measured = peak_source.startswith("measured")
+    report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+              "peak_source": peak_source, "huge_pages": huge_pages.enabled(),
+              "measured_bf16_matmul_flops": None}
+    print(f"device: {report['device']} x {report['devices']}; peak per device {format_peaks(peaks)} "
+          f"({peak_source}); host allocations on huge pages: {'yes' if report['huge_pages'] else 'no'} "
+          f"(`mtt_jax.huge_pages`)", flush=True)
+    if not measured:  # what a large bf16 matmul reaches, beside the datasheet
+        report["measured_bf16_matmul_flops"] = matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
+        print(f"measured bf16 matmul, 8192^3, best of 10: {matmul_flops / 1e12:.1f} TFLOP/s "
+              f"({100 * matmul_flops / peaks[dtypes[0]]:.1f}% of the datasheet peak)", flush=True)
+    compiled, failed = compiled_variants(all_variants)
+    peaks, boundary_peaks = timed_rounds(compiled, dtypes, peaks, measured)
+    results = [v.result(peaks[v.config.dtype], _LOOP_ROUNDS.value if _LOOP.value else 0, _STEPS.value,
+                        boundary_peaks[v.config.dtype])
+               for v in compiled]
+    print(format_table(results))
+    for failure in failed:
+        print(f"not run: {failure['variant']}: {failure['error']}")
+    profile_rows = profile_first_variant(compiled[0], primary) if _PROFILE.value else []
+    if _OUT.value and primary:
+        from mtt_jax import profiling, workdir
+        workdir.write_json(_OUT.value, {
+            **report, "peak_flops_per_device": peaks, "boundary_peak_flops": boundary_peaks,
+            "results": results, "failed": failed, "profile": profiling.rows_as_dicts(profile_rows)}, indent=2)
+    if failed:  # the table is written, but it is not the whole comparison that was asked for
+        sys.exit(1)
 
+
+def checked_variants() -> list:
+    """Every variant of the config, each checked (and the output paths) before any is run."""
+    import jax
+    from mtt_jax import config_check, workdir
     try:  # outputs that could not be written after the work are refused before it
         if _OUT.value:
             workdir.check_output_file(_OUT.value, "--out")
         if _PROFILE.value:
             workdir.check_location(_PROFILE.value, "--profile", urls=True)
-    except workdir.WorkdirError as e:
-        fail(str(e))
-    config = _CONFIG.value
-    all_variants = list(variants(config))
-    for variant in all_variants:  # every variant is checked before any is run
-        try:
+        all_variants = list(variants(_CONFIG.value))
+        for variant in all_variants:
             config_check.validate(variant, jax.device_count())
-        except config_check.ConfigError as e:
-            fail(str(e))
-    if _MOCK_DATA.value:
-        import contextlib
-        from mtt_jax.data import tfds_io
-        stack = contextlib.ExitStack()
-        stack.enter_context(tfds_io.mock_data(_MOCK_DATA.value))
-    dtypes = list(dict.fromkeys(v.dtype for v in all_variants))  # in the order of the rows
-    peaks, peak_source = device_peaks(dtypes, _PEAK_REPEATS.value)
-    measured = peak_source.startswith("measured")
-    on_huge_pages = huge_pages.enabled()
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; peak per device "
-          f"{format_peaks(peaks)} ({peak_source}); host allocations on huge pages: "
-          f"{'yes' if on_huge_pages else 'no'} (`mtt_jax.huge_pages`)", flush=True)
-    matmul_flops = None
-    if not measured:  # what a large bf16 matmul reaches, beside the datasheet
-        matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
-        print(f"measured bf16 matmul, 8192^3, best of 10: {matmul_flops / 1e12:.1f} TFLOP/s "
-              f"({100 * matmul_flops / peaks[dtypes[0]]:.1f}% of the datasheet peak)", flush=True)
+    except (config_check.ConfigError, workdir.WorkdirError) as e:
+        fail(str(e))
+    return all_variants
+
+
+def compiled_variants(all_variants: list) -> tuple[list, list[dict]]:
+    """The variants compiled (`compile_variants`), and those that could not be; exits if none could."""
+    from mtt_jax import config_check
     try:
         compiled, failed = compile_variants(all_variants)
     except config_check.ConfigError as e:
@@ -509,10 +531,16 @@ def main(argv) -> None:
     if not compiled:
         print("error: no variant could run on this device (see the 'failed' lines)", file=sys.stderr)
         sys.exit(1)
-    # Between rounds, the matmul that `device_peaks` measures on a CPU (the flag is ignored elsewhere).
+    return compiled, failed
+
+
+def timed_rounds(compiled: list, dtypes: list[str], peaks: dict, measured: bool) -> tuple[dict, dict]:
+    """`--steps` interleaved rounds, one step of every variant each, so that every variant sees the same
+    machine conditions; with `--paired_peak` on a CPU the peak matmul between rounds. The peaks (the
+    best measured, where measured) and the matmul peaks between rounds."""
+    import jax
     paired = _PAIRED_PEAK.value and jax.devices()[0].platform == "cpu"
     boundary_peaks = {d: [measured_matmul_peak(d, repeats=3)] if paired else [] for d in dtypes}
-    # Interleaved rounds: every variant sees the same machine conditions.
     for _ in range(_STEPS.value):
         for variant in compiled:
             variant.time_one_step()
@@ -522,36 +550,25 @@ def main(argv) -> None:
         again, _ = device_peaks(dtypes, _PEAK_REPEATS.value)
         peaks = {d: max([peaks[d], again[d], *boundary_peaks[d]]) for d in dtypes}
         print(f"peak after the timed steps: best {format_peaks(peaks)}", flush=True)
-    results = [v.result(peaks[v.config.dtype], _LOOP_ROUNDS.value if _LOOP.value else 0, _STEPS.value,
-                        boundary_peaks[v.config.dtype])
-               for v in compiled]
-    print(format_table(results))
-    for failure in failed:
-        print(f"not run: {failure['variant']}: {failure['error']}")
-    profile_rows = []
-    if _PROFILE.value and not primary:
-        for _ in range(3):  # the steps that process 0 traces, which need every process
-            compiled[0].step()
-    elif _PROFILE.value:
-        first = compiled[0]
-        profile_rows = rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
-        title = f"XLA op time by source op, {first.config.weighting.name} {first.config.dtype}"
-        print(f"\n{title} (trace in {_PROFILE.value}):")
-        print(profiling.format_op_table(rows))
-        profiling.write_op_tables(_PROFILE.value, rows, title, "Three steps of the benchmark's first variant "
-                                  "(`python -m mtt_jax.benchmark --profile`), op ms per step.",
-                                  method=first.config.weighting.name, dtype=first.config.dtype)
-    if _OUT.value and primary:
-        workdir.write_json(_OUT.value, {
-            "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-            "peak_flops_per_device": peaks, "peak_source": peak_source,
-            "huge_pages": on_huge_pages,
-            "measured_bf16_matmul_flops": matmul_flops,
-            "boundary_peak_flops": boundary_peaks,
-            "results": results, "failed": failed,
-            "profile": profiling.rows_as_dicts(profile_rows)}, indent=2)
-    if failed:  # the table is written, but it is not the whole comparison that was asked for
-        sys.exit(1)
+    return peaks, boundary_peaks
+
+
+def profile_first_variant(first, primary: bool) -> list:
+    """Three steps of the first variant traced into `--profile`, and its op-time table (process 0;
+    the others run the steps with it)."""
+    from mtt_jax import profiling
+    if not primary:
+        for _ in range(3):
+            first.step()
+        return []
+    rows = profiling.op_times(first.step, 3, _PROFILE.value, first.compiled.as_text())
+    title = f"XLA op time by source op, {first.config.weighting.name} {first.config.dtype}"
+    print(f"\n{title} (trace in {_PROFILE.value}):")
+    print(profiling.format_op_table(rows))
+    profiling.write_op_tables(_PROFILE.value, rows, title, "Three steps of the benchmark's first variant "
+                              "(`python -m mtt_jax.benchmark --profile`), op ms per step.",
+                              method=first.config.weighting.name, dtype=first.config.dtype)
+    return rows
 
 
 if __name__ == "__main__":
