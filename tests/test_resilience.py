@@ -49,6 +49,15 @@ def wait_for_step(workdir, step, process, timeout=240):
     raise TimeoutError(f"step {step} not reached")
 
 
+def wait_for_checkpoint(workdir, step, process, timeout=120):
+    """Polls until checkpoint ``step`` is committed (orbax renames its folder to the step when done)."""
+    deadline = time.time() + timeout
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline, f"checkpoint {step} not saved"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -61,12 +70,16 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_then_same_command_matches_uninterrupted_run(uninterrupted, tmp_path):
     process = cli(tmp_path)
     wait_for_step(tmp_path, 25, process)
+    wait_for_checkpoint(tmp_path, 20, process)  # two to choose from (saves are asynchronous)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not os.path.exists(tmp_path / "summary.md")
-    resumed = cli(tmp_path)
-    _, err = resumed.communicate(timeout=300)
+    newest = max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    resumed = cli(tmp_path, "--noquiet")  # (the progress lines name the step it resumes at)
+    out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
+    # From the newest checkpoint: an older one would recompute the same numbers, only later.
+    assert f"resuming at step {newest} of 60 steps" in out, out[-2000:]
     ours, reference = records(tmp_path, "eval")[-1], records(uninterrupted, "eval")[-1]
     assert ours["step"] == reference["step"] == 60
     for key, value in reference.items():
@@ -86,9 +99,10 @@ def test_sigterm_saves_at_the_step_reached_and_exits_zero(tmp_path):
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(saved) == 1 and 12 <= saved[0] < 60
     assert not os.path.exists(tmp_path / "summary.md")  # an interrupted run is not presented as done
-    resumed = cli(tmp_path, "--config.checkpoint_every=1000")
+    resumed = cli(tmp_path, "--config.checkpoint_every=1000", "--noquiet")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and os.path.exists(tmp_path / "summary.md"), err[-2000:]
+    assert f"resuming at step {saved[0]} of 60 steps" in out, out[-2000:]
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, caplog):
@@ -116,7 +130,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(uninterrupted, c
     checkpointer.close()
 
 
-def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, tmp_path):
+def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, tmp_path, capsys):
     """SIGTERM at a log step keeps that step's train record; TAG's affinity.json after a resume averages
     every measurement, as an uninterrupted run's does; an eval lost between its step's checkpoint and
     its record is run when the run resumes."""
@@ -129,7 +143,9 @@ def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, 
     state, _ = train.train_and_evaluate(config, str(interrupted), quiet=True)
     assert int(state.step) == 15 and not os.path.exists(interrupted / "summary.md")
     monkeypatch.undo()
-    train.train_and_evaluate(config, str(interrupted), quiet=True)
+    capsys.readouterr()
+    train.train_and_evaluate(config, str(interrupted))  # (not quiet: it names the step it resumes at)
+    assert "resuming at step 15 of 20 steps" in capsys.readouterr().out
     for split in ("train", "eval", "affinity"):
         assert ([r["step"] for r in records(interrupted, split)] ==
                 [r["step"] for r in records(reference, split)]), split
@@ -144,7 +160,8 @@ def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, 
         l for l in lines if not (json.loads(l)["split"] == "eval" and json.loads(l)["step"] == 20)))
     summary_before = (reference / "summary.md").read_text()
     (reference / "summary.md").unlink()
-    _, final = train.train_and_evaluate(config, str(reference), quiet=True)
+    _, final = train.train_and_evaluate(config, str(reference))
+    assert "resuming at step 20 of 20 steps" in capsys.readouterr().out
     assert [r["step"] for r in records(reference, "eval")] == [10, 20] and final
     tables = [[l for l in text.splitlines() if l.startswith("|")]  # the metrics, not the wall time
               for text in ((reference / "summary.md").read_text(), summary_before)]
