@@ -80,7 +80,7 @@ def event_tags(events: bytes) -> set[str]:
 
 
 def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
-        bucket, local_checkpoints, monkeypatch, tmp_path):
+        bucket, local_checkpoints, monkeypatch, tmp_path, capsys):
     """Metrics reach the bucket in whole uploads, each before a checkpoint: a run killed between
     uploads resumes from its checkpoint with every record up to it, and ends with the same records,
     summary and plots as an uninterrupted local run. TensorBoard's events are there too, and the
@@ -116,7 +116,9 @@ def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
     with pytest.raises(KeyError):
         bucket("summary.md")
 
-    state, final = train.train_and_evaluate(config, BUCKET, quiet=True)
+    capsys.readouterr()
+    state, final = train.train_and_evaluate(config, BUCKET)  # (not quiet: it names the step it resumes at)
+    assert "resuming at step 10 of 20 steps" in capsys.readouterr().out  # the newest checkpoint's
     assert int(state.step) == 20 and uploaded_before_checkpoint == {5: 5, 10: 10, 15: 15, 20: 20}
     ours, theirs = bucket("metrics.jsonl").decode(), (reference / "metrics.jsonl").read_text()
     for split in ("train", "eval"):
