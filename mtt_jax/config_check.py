@@ -12,20 +12,29 @@ from typing import Sequence
 import jax
 
 from mtt_jax import data, sharding, tasks as tasks_lib, train_step, weighting
-from mtt_jax.data import mixtures
+from mtt_jax.data import base as data_base, mixtures
 from mtt_jax.models import TASK_ATTENTION
-from mtt_jax.models.layers import ATTENTION_KERNELS
-from mtt_jax.models.trunk import REMAT_POLICIES
+from mtt_jax.models.layers import ATTENTION_KERNELS, head_dim_of
+from mtt_jax.models.multitask import check_film
+from mtt_jax.models.trunk import POSITIONAL, REMAT_POLICIES
 from mtt_jax.weighting.base import check_range
 
 DTYPES = ("float32", "bfloat16")
 NONFINITE = ("skip", "halt")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
-POSITIONAL = ("sinusoidal", "learned")
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is one line."""
+
+
+def _by_owner(check, *args, note: str = ""):
+    """``check(*args)``: a rule where it lives (a data source, the model, the sharding, a weighting
+    method), its one-line ValueError turned into a ConfigError (``note`` appended)."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise ConfigError(f"{e}{note}") from None
 
 
 def _choice(field: str, value, choices: Sequence) -> None:
@@ -49,10 +58,7 @@ def _integer_at_least(field: str, value, minimum: int, note: str = "") -> None:
 
 def _in_range(field: str, value, low: float, high: float = math.inf, note: str = "", **open_ends) -> None:
     """`weighting.base.check_range`, the methods' range check, as a ConfigError."""
-    try:
-        check_range(field, value, low, high, **open_ends)
-    except ValueError as e:
-        raise ConfigError(f"{e}{note}") from None
+    _by_owner(lambda: check_range(field, value, low, high, **open_ends), note=note)
 
 
 def validate(config, num_devices: int) -> None:
@@ -65,26 +71,21 @@ def validate(config, num_devices: int) -> None:
     _check_model(config)
     _check_weighting(config)
     _check_optimizer(config.optimizer)
-    _check_affinity(config.get("affinity"))
-    _check_profile(config.get("profile"), config.total_steps)
+    _check_affinity(config.affinity)
+    _check_profile(config.profile, config.total_steps)
     _check_mixture(config)
     _choice("dtype", config.dtype, DTYPES)
     _choice("nonfinite", config.nonfinite, NONFINITE)
     _integer_at_least("nonfinite_skip_window", config.nonfinite_skip_window, 1)
     _in_range("nonfinite_skip_limit", config.nonfinite_skip_limit, 0.0, 1.0, note=" (1: never halt)")
     _choice("transfer_guard", config.transfer_guard, TRANSFER_GUARDS)
-    try:
-        sharding.logical_rules(config.axis_rules)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _check_attention_kernel(config.get("attention_kernel", "auto"))
-    requested = config.mesh.get("num_devices", -1)
+    _by_owner(sharding.logical_rules, config.axis_rules)
+    _check_attention_kernel(config.attention_kernel)
+    requested = config.mesh.num_devices
     if requested > num_devices:
         raise ConfigError(f"mesh.num_devices={requested} but only {num_devices} devices are available")
-    try:
-        shape = sharding.mesh_shape(config.mesh, requested if requested > 0 else num_devices)
-    except ValueError as e:
-        raise ConfigError(f"{e}; set --config.mesh.data/fsdp/tensor") from None
+    shape = _by_owner(sharding.mesh_shape, config.mesh, requested if requested > 0 else num_devices,
+                      note="; set --config.mesh.data/fsdp/tensor")
     shards = shape[0] * shape[1]
     method = weighting.make_method(config.weighting, len(config.tasks))
     rows = train_step.batch_rows_divisor(method, config.grad_accum_steps)
@@ -100,20 +101,9 @@ def validate(config, num_devices: int) -> None:
 
 def _check_tasks(config) -> None:
     _choice("data.source", config.data.source, sorted(data.SOURCES))
-    available = data.AVAILABLE_TASKS[config.data.source]
-    names = tuple(config.tasks) if not isinstance(config.tasks, str) else (config.tasks,)
-    if not names:
-        raise ConfigError(f"tasks is empty; choose from: {', '.join(available)}")
-    for name in names:
-        if name not in available:
-            raise ConfigError(f"unknown task {name!r} for data.source={config.data.source!r}; "
-                              f"choose from: {', '.join(available)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"tasks={names} lists a task twice")
-    options = tuple(config.data.options.keys()) if config.data.get("options") else ()
-    valid_options = data.source_options(config.data.source)
-    for option in options:
-        _choice(f"data.options.{option} (option of {config.data.source})", option, valid_options)
+    names = _by_owner(data_base.check_task_names, config.data.source, config.tasks,
+                      data.AVAILABLE_TASKS[config.data.source])
+    _by_owner(data.check_options, config.data.source, tuple(config.data.options.keys()))
     layout = data.SOURCES[config.data.source].layout
     for name in names:
         if layout == "single" and tasks_lib.get(name).kind == "tagging":
@@ -121,8 +111,8 @@ def _check_tasks(config) -> None:
 
 
 def _check_mixture(config) -> None:
-    mixture = config.data.get("mixture")
-    if not mixture or not mixture.method:
+    mixture = config.data.mixture
+    if not mixture.method:
         return
     _choice("data.mixture.method", mixture.method, ("",) + mixtures.METHODS)
     source = data.SOURCES[config.data.source]
@@ -133,18 +123,15 @@ def _check_mixture(config) -> None:
     if mixtures.needs_sizes(mixture.method) and not mixtures.has_sizes(source):
         raise ConfigError(f"data.mixture.method={mixture.method!r} needs the tasks' train sizes, and "
                           f"{config.data.source} generates its data; use uniform or explicit")
-    if mixture.method == "temperature" and not mixture.get("temperature", 1.0) > 0:
-        raise ConfigError(f"data.mixture.temperature={mixture.temperature} must be > 0")
-    if mixture.method == "explicit":
-        rates = tuple(mixture.get("rates", ()))
-        if len(rates) != len(config.tasks) or any(r < 0 for r in rates) or not sum(rates) > 0:
-            raise ConfigError(f"data.mixture.rates={rates} must give one non-negative rate per task "
-                              f"({len(config.tasks)}), not all 0")
+    # The temperature and the explicit rates, by the rule that turns them into rates (all sizes 1).
+    rates = tuple(mixture.rates) or None
+    _by_owner(lambda: mixtures.mixing_rates([1] * len(config.tasks), mixture.method,
+                                            temperature=mixture.temperature, rates=rates))
     method = weighting.make_method(config.weighting, len(config.tasks))
     if method.requires != "losses":
         raise ConfigError(f"weighting.name={config.weighting.name!r} needs per-task gradients, which flat "
                           "mixture batches do not give; use a loss-based method or data.mixture.method=''")
-    if config.weighting.get("diagnostics_every", 0) or (config.get("affinity") and config.affinity.every):
+    if config.weighting.diagnostics_every or config.affinity.every:
         raise ConfigError("flat mixture batches (data.mixture.method) give no per-task gradients: set "
                           "weighting.diagnostics_every=0 and affinity.every=0")
 
@@ -154,13 +141,10 @@ def _check_model(config) -> None:
     _choice("model.task_attention", m.task_attention, TASK_ATTENTION)
     _choice("model.positional", m.positional, POSITIONAL)
     _choice("model.remat", m.remat, tuple(REMAT_POLICIES))
-    if m.d_model % m.num_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    _by_owner(head_dim_of, m.d_model, m.num_heads)
     if not 0.0 <= m.dropout_rate < 1.0:
         raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
-    if m.get("film", False) and not m.task_encoder:
-        raise ConfigError("model.film=True conditions the blocks on the task encoder's features; "
-                          "set model.task_encoder=True")
+    _by_owner(check_film, m.film, m.task_encoder)
 
 
 def _check_optimizer(o) -> None:
@@ -178,16 +162,12 @@ def _check_optimizer(o) -> None:
 
 def _check_affinity(a) -> None:
     """TAG's lookahead (`mtt_jax.affinity`): a negative period would measure it at every step."""
-    if not a:
-        return
     _integer_at_least("affinity.every", a.every, 0, " (0: off)")
-    _in_range("affinity.lr", a.get("lr", 0.0), 0.0, note=" (0: the current learning rate)", high_open=True)
+    _in_range("affinity.lr", a.lr, 0.0, note=" (0: the current learning rate)", high_open=True)
 
 
 def _check_profile(p, total_steps: int) -> None:
     """The traced window (`mtt_jax.profile_window`) lies within the run."""
-    if not p:
-        return
     _integer_at_least("profile.first_step", p.first_step, 0, " (0: off)")
     _integer_at_least("profile.num_steps", p.num_steps, 1)
     last = p.first_step + p.num_steps - 1
@@ -205,12 +185,8 @@ def _check_attention_kernel(kernel: str) -> None:
 
 def _check_weighting(config) -> None:
     w = config.weighting
-    _choice("weighting.name", w.name, sorted(weighting.METHODS))
-    try:
-        method = weighting.make_method(w, len(config.tasks))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if w.get("rep_grad", False) and method.requires != "losses":
+    method = _by_owner(weighting.make_method, w, len(config.tasks))
+    if w.rep_grad and method.requires != "losses":
         if data.SOURCES[config.data.source].layout == "multi":
             raise ConfigError("weighting.rep_grad=True needs the single-input layout: in the multi-input "
                               "layout the tasks' representation gradients are disjoint blocks")
@@ -222,4 +198,4 @@ def _check_weighting(config) -> None:
         if method.state_mirrors_params:
             raise ConfigError(f"weighting.rep_grad=True does not work with {w.name!r}: its state is shaped "
                               "like the shared parameters, not the representation; set rep_grad=False")
-    _integer_at_least("weighting.diagnostics_every", w.get("diagnostics_every", 0), 0, " (0: off)")
+    _integer_at_least("weighting.diagnostics_every", w.diagnostics_every, 0, " (0: off)")

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mtt_jax.specs import example_axis
+
 MESH_AXES = ("data", "fsdp", "tensor")
 DATA_AXIS = "data"
 BATCH_AXES = (DATA_AXIS, "fsdp")
@@ -113,8 +115,8 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
 def batch_partition_specs(batch: Mapping[str, Any], layout: str, axes: Sequence[str] = BATCH_AXES) -> Any:
     """The example axis of every leaf over ``axes``; multi-input inputs keep the task axis whole."""
     def spec(path, leaf):
-        example_axis = batch_axis(path, layout)
-        return P(*([None] * example_axis), tuple(axes), *([None] * (np.ndim(leaf) - example_axis - 1)))
+        axis = batch_axis(path, layout)
+        return P(*([None] * axis), tuple(axes), *([None] * (np.ndim(leaf) - axis - 1)))
     return jax.tree_util.tree_map_with_path(spec, batch)
 
 
@@ -142,7 +144,8 @@ def rules_without(rules: Sequence[Sequence[Any]], axis: str) -> tuple[tuple[str,
 
 
 def batch_axis(path, layout: str) -> int:
-    return 1 if layout == "multi" and path[0].key == "inputs" else 0
+    """The example axis of the batch leaf at ``path`` (`specs.example_axis` of its top-level field)."""
+    return example_axis(path[0].key, layout)
 
 
 def process_slice(host_batch: Any, layout: str) -> Any:

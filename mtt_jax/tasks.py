@@ -12,6 +12,10 @@ Those are each kind's default metrics. A task may name its own (``TaskSpec.metri
 main metric), e.g. the metrics GLUE reports: Matthews correlation for CoLA, F1 of class 1 and accuracy for
 MRPC and QQP, Pearson and Spearman correlation for STS-B.
 
+This module sits at the bottom of the layers and imports nothing from mtt_jax: each data source
+registers the tasks it serves (`register`) when its module is imported, so importing `mtt_jax.data`
+fills the registry that `get` reads.
+
 Losses are pure jax functions used inside the train step. They return per-example sums and counts, so
 that the task loss is a masked mean over examples (and over tokens for tagging) whatever the batch
 layout. Metrics are numpy functions run on the host over the whole eval set, because macro-F1 and
@@ -26,8 +30,6 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from mtt_jax.data import celeba, gradnorm_toy, mmoe_synthetic
 
 KINDS = ("classification", "regression", "tagging")
 METRICS = {
@@ -84,49 +86,17 @@ def register(spec: TaskSpec) -> TaskSpec:
 
 
 def get(name: str) -> TaskSpec:
+    """The spec of a registered task. Each data source registers the tasks it serves when its module is
+    imported, so ``import mtt_jax.data`` (the sources' registry) registers them all."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_REGISTRY))}"
+                       + ("" if _REGISTRY else " (none: the data sources register their tasks; "
+                          "import mtt_jax.data first)"))
     return _REGISTRY[name]
 
 
 def registered() -> Mapping[str, TaskSpec]:
     return dict(_REGISTRY)
-
-
-# --- The offline tasks (mtt_jax.data.multidigits and mtt_jax.data.seqtasks). -----------------------
-register(TaskSpec("left_digit", "classification", 10, "multidigits"))
-register(TaskSpec("right_digit", "classification", 10, "multidigits"))
-register(TaskSpec("majority", "classification", 4, "seqtasks"))
-register(TaskSpec("majority_parity", "classification", 2, "seqtasks"))
-register(TaskSpec("mean_value", "regression", 1, "seqtasks"))
-register(TaskSpec("repeat_tag", "tagging", 2, "seqtasks"))
-register(TaskSpec("first_group", "classification", 4, "seqtasks"))
-register(TaskSpec("max_value", "classification", 7, "seqtasks"))
-register(TaskSpec("distinct_count", "regression", 1, "seqtasks"))
-register(TaskSpec("last_group_tag", "tagging", 4, "seqtasks"))
-
-# --- GLUE (mtt_jax.data.glue), with the metrics GLUE reports. ---------------------------------------
-register(TaskSpec("cola", "classification", 2, "glue", metrics=("matthews_corr", "accuracy")))
-register(TaskSpec("sst2", "classification", 2, "glue", metrics=("accuracy",)))
-register(TaskSpec("mrpc", "classification", 2, "glue", metrics=("f1", "accuracy")))
-register(TaskSpec("qqp", "classification", 2, "glue", metrics=("f1", "accuracy")))
-register(TaskSpec("stsb", "regression", 1, "glue", metrics=("pearson", "spearman", "mse")))
-register(TaskSpec("mnli", "classification", 3, "glue", metrics=("accuracy",)))
-register(TaskSpec("qnli", "classification", 2, "glue", metrics=("accuracy",)))
-register(TaskSpec("rte", "classification", 2, "glue", metrics=("accuracy",)))
-register(TaskSpec("wnli", "classification", 2, "glue", metrics=("accuracy",)))
-
-# --- Images from TFDS (mtt_jax.data.multimnist_tfds, mtt_jax.data.celeba). ---------------------------
-register(TaskSpec("mnist_left", "classification", 10, "multimnist"))
-register(TaskSpec("mnist_right", "classification", 10, "multimnist"))
-for _name in celeba.TASK_NAMES:  # 40 binary attributes, e.g. celeba_smiling
-    register(TaskSpec(_name, "classification", 2, "celeba", metrics=("accuracy", "f1")))
-
-# --- Offline regression generators (mtt_jax.data.mmoe_synthetic, mtt_jax.data.gradnorm_toy). -------
-for _name in mmoe_synthetic.TASK_NAMES:  # mmoe_a1, mmoe_a2, mmoe_b1, ...
-    register(TaskSpec(_name, "regression", 1, "mmoe_synthetic", metrics=("mse", "pearson")))
-for _name in gradnorm_toy.TASK_NAMES:    # toy_0, toy_1, ...
-    register(TaskSpec(_name, "regression", 1, "gradnorm_toy", metrics=("mse", "pearson")))
 
 
 # --- Losses (inside the step). ----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from mtt_jax import flops, tasks as tasks_lib
+from mtt_jax import data, flops, tasks as tasks_lib  # noqa: F401 (data: the sources register their tasks)
 
 
 def model_config(**overrides):

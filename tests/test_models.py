@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtt_jax import tasks as tasks_lib
-from mtt_jax.data.base import InputSpec
+from mtt_jax import data, tasks as tasks_lib  # noqa: F401 (importing the sources registers their tasks)
+from mtt_jax.specs import InputSpec
 from mtt_jax.models import MultiTaskTransformer
 from mtt_jax.models.task_encoder import TaskEncoder
 from mtt_jax.models.task_attention import SingleInputTaskAttention

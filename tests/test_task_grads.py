@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtt_jax import tasks as tasks_lib, task_grads, train_step
-from mtt_jax.data.base import InputSpec
+from mtt_jax import data, tasks as tasks_lib, task_grads, train_step  # noqa: F401 (data: registers the tasks)
+from mtt_jax.specs import InputSpec
 from mtt_jax.models import MultiTaskTransformer
 
 DIGITS = (tasks_lib.get("left_digit"), tasks_lib.get("right_digit"))
@@ -30,7 +30,7 @@ def setup(layout):
         mask = {t.name: jnp.ones(3) for t in tasks}
     model = MultiTaskTransformer(tasks=tasks, layout=layout, input_spec=spec, num_layers=1, d_model=16,
                                  num_heads=2, mlp_dim=32)
-    params = nn.unbox(model.init(key, inputs)["params"])
+    params = nn.unbox(jax.jit(model.init)(key, inputs)["params"])  # (op by op, init takes seconds more)
     # Non-zero heads, so that every task's gradient reaches the trunk.
     for name in [k for k in params if k.startswith("head_")]:
         params[name]["dense"]["kernel"] = jax.random.normal(key, params[name]["dense"]["kernel"].shape)

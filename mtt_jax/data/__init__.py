@@ -18,12 +18,15 @@ From TensorFlow Datasets (prepared under ``data.options.data_dir``; preprocessed
 - ``celeba``: 40 CelebA attributes from ``celeb_a`` (single-input, RGB image).
 
 ``mixtures`` holds mixing rates and the flat-batch sampler; ``tokenizer`` the text tokenizers.
+
+Each source module registers the tasks it serves in `mtt_jax.tasks`, so importing this package (any
+module of it) fills the task registry that ``mtt_jax.tasks.get`` reads.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from mtt_jax.data.base import DatasetNotPreparedError, InputSpec, Source, check_choice
 from mtt_jax.data.celeba import CelebA
@@ -47,6 +50,13 @@ def source_options(name: str) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def check_options(name: str, options: Iterable[str]) -> None:
+    """A one-line ValueError naming the first of ``options`` that source ``name`` does not accept."""
+    valid_options = source_options(name)
+    for option in options:
+        check_choice(f"option for data source {name!r}:", option, valid_options)
+
+
 def make_source(name: str, task_names: Sequence[str], seed: int, **options) -> Source:
     """Builds source ``name`` serving ``task_names`` (in that order) for run seed ``seed``.
 
@@ -54,11 +64,9 @@ def make_source(name: str, task_names: Sequence[str], seed: int, **options) -> S
         ValueError: one line naming the bad source, task or option and the valid choices.
         DatasetNotPreparedError: (a ValueError) one line with the command that prepares the dataset.
     """
-    valid_options = source_options(name)
-    for option in options:
-        check_choice(f"option for data source {name!r}:", option, valid_options)
+    check_options(name, options)
     return SOURCES[name](task_names, seed, **options)
 
 
-__all__ = ["AVAILABLE_TASKS", "DatasetNotPreparedError", "InputSpec", "SOURCES", "Source", "make_source",
-           "source_options"]
+__all__ = ["AVAILABLE_TASKS", "DatasetNotPreparedError", "InputSpec", "SOURCES", "Source", "check_options",
+           "make_source", "source_options"]

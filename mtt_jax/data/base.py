@@ -29,13 +29,12 @@ with one line that gives the command that prepares it.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import functools
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-LAYOUTS = ("single", "multi")
+from mtt_jax.specs import LAYOUTS, InputSpec, example_axis  # (re-exported: the sources' contract)
 
 # First word of every generator key, so that train and eval streams can never share a key.
 _TRAIN_STREAM = 0
@@ -48,16 +47,6 @@ BLOCK_ROWS = 32  # rows per generator in ``block_rows``
 
 class DatasetNotPreparedError(ValueError):
     """A dataset the source needs is not on disk; the message is one line with the command to build it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """Per-example input: ``kind`` "image" with ``shape`` (H, W) or (H, W, C), "tokens" with ``shape``
-    (L,), or "vector" with ``shape`` (F,) (features; the model reads chunks of ``model.patch_size``)."""
-
-    kind: str
-    shape: tuple[int, ...]
-    vocab_size: int = 0  # tokens only; id 0 is padding
 
 
 class Source(abc.ABC):
@@ -98,17 +87,20 @@ def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
 
 def check_task_names(source_name: str, task_names: Sequence[str],
                      all_task_names: Sequence[str]) -> tuple[str, ...]:
-    """Validates a task selection (non-empty, known, no repeats) and returns it as a tuple."""
+    """Validates a task selection (non-empty, known, no repeats) and returns it as a tuple; the one
+    check of a config's ``tasks`` (`mtt_jax.config_check` calls it too)."""
     if isinstance(task_names, str):
         task_names = (task_names,)
     task_names = tuple(task_names)
+    choices = ", ".join(all_task_names)
     if not task_names:
-        raise ValueError(f"no tasks requested from source {source_name!r}; "
-                         f"valid choices: {', '.join(all_task_names)}")
+        raise ValueError(f"tasks is empty: no tasks requested from data.source={source_name!r}; "
+                         f"choose from: {choices}")
     for task in task_names:
-        check_choice(f"task for source {source_name!r}:", task, all_task_names)
+        if task not in all_task_names:
+            raise ValueError(f"unknown task {task!r} for data.source={source_name!r}; choose from: {choices}")
     if len(set(task_names)) != len(task_names):
-        raise ValueError(f"task names repeat in {task_names}; name each task once")
+        raise ValueError(f"tasks={task_names} lists a task twice; name each task once")
     return task_names
 
 
@@ -157,11 +149,13 @@ def shard_rows(batch_size: int, shard: Shard = FULL) -> slice:
 
 
 def slice_batch(batch: dict, rows: slice, layout: str) -> dict:
-    """Rows ``rows`` of a batch: of ``inputs`` (on axis 1 for the multi-input task axis), labels, masks."""
-    inputs = batch["inputs"][:, rows] if layout == "multi" else batch["inputs"][rows]
-    return {"inputs": inputs,
-            "labels": {task: labels[rows] for task, labels in batch["labels"].items()},
-            "mask": {task: mask[rows] for task, mask in batch["mask"].items()}}
+    """Rows ``rows`` of a batch: of ``inputs`` (on their `example_axis`, behind the multi-input task axis),
+    labels, masks."""
+    def cut(field: str, leaf: np.ndarray) -> np.ndarray:
+        return leaf[(slice(None),) * example_axis(field, layout) + (rows,)]
+    return {"inputs": cut("inputs", batch["inputs"]),
+            "labels": {task: cut("labels", labels) for task, labels in batch["labels"].items()},
+            "mask": {task: cut("mask", mask) for task, mask in batch["mask"].items()}}
 
 
 def block_rows(rng_for_block: Callable[[int], np.random.Generator], rows: slice,

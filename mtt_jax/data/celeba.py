@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base, tfds_io
 
 ATTRIBUTES = (
@@ -124,3 +125,9 @@ class CelebA(base.Source):
         if os.path.exists(attributes_path):
             os.remove(attributes_path)
         tfds_io.cached_arrays(attributes_path, lambda: {"attributes": attributes})
+
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+for _name in CelebA.all_task_names:  # 40 binary attributes, e.g. celeba_smiling
+    tasks_lib.register(tasks_lib.TaskSpec(_name, "classification", 2, CelebA.name,
+                                          metrics=("accuracy", "f1")))

@@ -43,6 +43,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base, mixtures, tfds_io
 from mtt_jax.data.tokenizer import encode_texts, make_tokenizer
 
@@ -201,3 +202,13 @@ class Glue(base.Source):
         labels = np.asarray([label for _, label in examples],
                             np.float32 if not spec.num_classes else np.int64)
         return {"tokens": tokens.astype(dtype), "labels": labels}
+
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+# With the metrics GLUE reports (the first is the main metric).
+_METRICS = {"cola": ("matthews_corr", "accuracy"), "mrpc": ("f1", "accuracy"), "qqp": ("f1", "accuracy"),
+            "stsb": ("pearson", "spearman", "mse")}
+for _name, _task in GLUE_TASKS.items():
+    tasks_lib.register(tasks_lib.TaskSpec(
+        _name, "classification" if _task.num_classes else "regression", _task.num_classes or 1, Glue.name,
+        metrics=_METRICS.get(_name, ("accuracy",))))

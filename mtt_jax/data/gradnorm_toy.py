@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base
 
 INPUT_DIM = 250
@@ -97,3 +98,8 @@ class GradNormToy(base.VectorGenerator):
                   for task in self.task_names}
         return x_NxD.astype(np.float32), labels
 
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+for _name in GradNormToy.all_task_names:  # toy_0, toy_1, ...
+    tasks_lib.register(tasks_lib.TaskSpec(_name, "regression", 1, GradNormToy.name,
+                                          metrics=("mse", "pearson")))

@@ -49,8 +49,8 @@ _MIXTURE_STREAM = 7    # keys the mixture's generators apart from the sources' o
 def rate_num_examples(num_examples: int, maximum: float | None = None, temperature: float = 1.0,
                       scale: float = 1.0) -> float:
     """seqio's ``mixing_rate_num_examples``: ``min(N * scale, maximum) ** (1 / temperature)``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not temperature > 0:
+        raise ValueError(f"data.mixture.temperature={temperature} must be > 0")
     rate = float(num_examples) * scale
     if maximum:
         rate = min(rate, float(maximum))
@@ -62,7 +62,8 @@ def rate_num_examples(num_examples: int, maximum: float | None = None, temperatu
 def mixing_rates(num_examples: Sequence[int], method: str = "proportional", *, temperature: float = 1.0,
                  maximum: float | None = None, scale: float = 1.0,
                  rates: Sequence[float] | None = None) -> np.ndarray:
-    """``f64[T]`` normalized mixing rates of tasks with ``num_examples`` train examples each."""
+    """``f64[T]`` normalized mixing rates of tasks with ``num_examples`` train examples each; the one
+    check of a config's temperature and explicit rates (`mtt_jax.config_check` calls it with sizes 1)."""
     base.check_choice("mixing method", method, METHODS)
     num_examples = np.asarray(num_examples, np.float64)
     if method == "proportional":
@@ -73,7 +74,9 @@ def mixing_rates(num_examples: Sequence[int], method: str = "proportional", *, t
         raw = np.ones(len(num_examples))
     else:
         if rates is None or len(rates) != len(num_examples):
-            raise ValueError(f"explicit mixing needs one rate per task ({len(num_examples)}), got {rates!r}")
+            given = tuple(rates) if rates is not None else ()
+            raise ValueError(f"explicit mixing needs one rate per task: data.mixture.rates={given} must give "
+                             f"one non-negative rate per task ({len(num_examples)}), not all 0")
         raw = np.asarray(rates, np.float64)
     return normalize(raw)
 
@@ -82,7 +85,8 @@ def normalize(rates: Sequence[float]) -> np.ndarray:
     rates = np.asarray(rates, np.float64)
     if rates.ndim != 1 or not len(rates) or np.any(rates < 0) or not np.all(np.isfinite(rates)) \
             or rates.sum() <= 0:
-        raise ValueError(f"mixing rates must be finite, non-negative and not all 0, got {rates.tolist()}")
+        raise ValueError(f"mixing rates {rates.tolist()} must be finite and not all 0: give one "
+                         f"non-negative rate per task ({len(rates)})")
     return rates / rates.sum()
 
 
@@ -177,9 +181,9 @@ def rates_for(source, mixture_config) -> np.ndarray:
         sizes = [source.num_train_examples[task] for task in source.task_names]
     else:
         sizes = [1] * len(source.task_names)
-    return mixing_rates(sizes, method, temperature=float(mixture_config.get("temperature", 1.0)),
-                        maximum=float(mixture_config.get("maximum", 0.0)) or None,
-                        rates=tuple(mixture_config.get("rates", ())) or None)
+    return mixing_rates(sizes, method, temperature=float(mixture_config.temperature),
+                        maximum=float(mixture_config.maximum) or None,
+                        rates=tuple(mixture_config.rates) or None)
 
 
 def flat_rows(task_id: np.ndarray, task_names: Sequence[str],

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base
 
 INPUT_DIM = 100
@@ -117,3 +118,8 @@ class MmoeSynthetic(base.VectorGenerator):
                   .astype(np.float32) for task in self.task_names}
         return x_NxD.astype(np.float32), labels
 
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+for _name in MmoeSynthetic.all_task_names:  # mmoe_a1, mmoe_a2, mmoe_b1, ...
+    tasks_lib.register(tasks_lib.TaskSpec(_name, "regression", 1, MmoeSynthetic.name,
+                                          metrics=("mse", "pearson")))

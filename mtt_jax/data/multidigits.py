@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base
 
 DIGIT_SIZE = 8
@@ -146,3 +147,8 @@ class MultiDigits(base.Source):
         return {"inputs": inputs_BxHxW,
                 "labels": {task: labels[task] for task in self.task_names},
                 "mask": {task: mask_B.copy() for task in self.task_names}}
+
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+for _name in MultiDigits.all_task_names:
+    tasks_lib.register(tasks_lib.TaskSpec(_name, "classification", 10, MultiDigits.name))

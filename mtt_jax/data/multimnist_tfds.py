@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base, tfds_io
 
 DIGIT_SIZE = 28
@@ -128,3 +129,8 @@ def _read(split: str, data_dir: str) -> dict[str, np.ndarray]:
     for i, (image, label) in enumerate(examples):
         images[i], labels[i] = image, label
     return {"images": images, "labels": labels}
+
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+for _name in MultiMnist.all_task_names:
+    tasks_lib.register(tasks_lib.TaskSpec(_name, "classification", 10, MultiMnist.name))

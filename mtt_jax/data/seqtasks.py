@@ -55,6 +55,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data import base, mixtures
 
 VOCAB_SIZE = 32
@@ -236,3 +237,12 @@ class SeqTasks(base.Source):
             inputs.append(tokens_NxL)
             labels[task] = label_sequences(tokens_NxL)[task]
         return np.stack(inputs), labels
+
+
+# --- The tasks this source serves, in the task registry (`mtt_jax.tasks.get`). ---------------------
+_KINDS = {"majority": ("classification", 4), "majority_parity": ("classification", 2),
+          "mean_value": ("regression", 1), "repeat_tag": ("tagging", 2),
+          "first_group": ("classification", 4), "max_value": ("classification", 7),
+          "distinct_count": ("regression", 1), "last_group_tag": ("tagging", 4)}
+for _name in SeqTasks.all_task_names:
+    tasks_lib.register(tasks_lib.TaskSpec(_name, *_KINDS[_name], SeqTasks.name))

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.models.layers import Dtype, kernel_init, zeros_init
+from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 from mtt_jax.tasks import TaskSpec
 
 

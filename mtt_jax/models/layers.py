@@ -9,22 +9,15 @@ compute dtype (bf16 for mixed precision).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from mtt_jax.models.moe import TaskMoEFeedForward
+from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init  # (re-exported)
+
 ACTIVATION_AXES = ("batch", "length", "embed")
-
-
-def kernel_init(names: tuple[str | None, ...], init=nn.initializers.xavier_uniform()):
-    return nn.with_logical_partitioning(init, names)
-
-
-def zeros_init(names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
 def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
@@ -167,6 +160,14 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
     return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK)
 
 
+def head_dim_of(d_model: int, num_heads: int) -> int:
+    """``d_model // num_heads``, the width of one attention head; a one-line ValueError unless the heads
+    divide the model width (`mtt_jax.config_check` asks this before anything is built)."""
+    if d_model % num_heads:
+        raise ValueError(f"model.d_model={d_model} is not divisible by model.num_heads={num_heads}")
+    return d_model // num_heads
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Scaled dot-product self-attention (Vaswani et al. 2017, eq. 1) over ``x_BxLxD``.
 
@@ -179,10 +180,7 @@ class MultiHeadSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None = None) -> jax.Array:
-        d_model = x_BxLxD.shape[-1]
-        if d_model % self.num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={self.num_heads}")
-        head_dim = d_model // self.num_heads
+        head_dim = head_dim_of(x_BxLxD.shape[-1], self.num_heads)
 
         def project(name):
             return HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(x_BxLxD)
@@ -301,7 +299,6 @@ class EncoderBlock(nn.Module):
         if self.ffn == "dense":
             h = FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(normed, train)
         elif self.ffn == "task_moe":
-            from mtt_jax.models.moe import TaskMoEFeedForward  # (moe imports this module)
             h = TaskMoEFeedForward(self.num_experts, self.mlp_dim, self.num_tasks, self.dropout_rate,
                                    self.dtype, name="moe")(normed, task_ids_BxL, train)
         else:

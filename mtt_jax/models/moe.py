@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.models.layers import Dtype, kernel_init, zeros_init
+from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 
 FFN_KINDS = ("dense", "task_moe")
 

@@ -25,12 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.data.base import InputSpec
 from mtt_jax.models.heads import TaskHead, masked_mean_pool
-from mtt_jax.models.layers import Dtype
+from mtt_jax.models.partitioning import Dtype
 from mtt_jax.models.task_attention import MultiInputTaskAttention, SingleInputTaskAttention
 from mtt_jax.models.task_encoder import TaskEncoder, add_task_features, prepend_task_tokens
 from mtt_jax.models.trunk import PatchEmbed, PositionalEncoding, TokenEmbed, Trunk, VectorEmbed
+from mtt_jax.specs import InputSpec
 from mtt_jax.tasks import TaskSpec
 
 TASK_ATTENTION = ("none", "cross")
@@ -70,11 +70,9 @@ class MultiTaskTransformer(nn.Module):
         # At least 512 rows, the size of the learned table in existing checkpoints.
         self.positions = PositionalEncoding(self.positional,
                                             max(512, num_positions(self.input_spec, self.patch_size)))
+        check_film(self.film, self.task_encoder)
         if self.task_encoder:
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
-        elif self.film:
-            raise ValueError("film=True conditions the blocks on the task encoder's features; "
-                             "set task_encoder=True")
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
                            self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
                            self.attention_kernel, self.scan_layers)
@@ -197,6 +195,13 @@ class MultiTaskTransformer(nn.Module):
         return x_TxBxLxD, token_mask_TxBxL
 
 
+def check_film(film: bool, task_encoder: bool) -> None:
+    """FiLM conditions the blocks on the task encoder's features, so it needs the task encoder."""
+    if film and not task_encoder:
+        raise ValueError("model.film=True conditions the blocks on the task encoder's features; "
+                         "set model.task_encoder=True")
+
+
 def num_positions(input_spec: InputSpec, patch_size: int) -> int:
     """Length of the embedded sequence that gets positions: the patches of an image, the chunks of a
     feature vector, the tokens of a token sequence. Task tokens are prepended after the positions are
@@ -213,7 +218,7 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
                 dtype: Dtype = jnp.float32) -> MultiTaskTransformer:
     """The model a config describes (``config.model.*``)."""
     m = config.model
-    if m.get("vocab_size", 0) and input_spec.kind == "tokens":
+    if m.vocab_size and input_spec.kind == "tokens":
         if m.vocab_size < input_spec.vocab_size:
             raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the data's "
                              f"vocabulary of {input_spec.vocab_size}")
@@ -223,6 +228,5 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, memory_tokens=m.memory_tokens, remat=m.remat,
-        dtype=dtype, ffn=m.get("ffn", "dense"), num_experts=m.get("num_experts", 4),
-        film=m.get("film", False), attention_kernel=config.get("attention_kernel", "auto"),
-        scan_layers=m.get("scan_layers", False))
+        dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,
+        scan_layers=m.scan_layers)

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.models.layers import (Dtype, HeadsProjection, attention_logits, kernel_init, layer_norm,
-                                   masked_softmax)
+from mtt_jax.models.layers import HeadsProjection, attention_logits, head_dim_of, layer_norm, masked_softmax
+from mtt_jax.models.partitioning import Dtype, kernel_init
 
 
 def _task_mask(num_tasks: int, include_self: bool) -> jax.Array:
@@ -56,7 +56,7 @@ class SingleInputTaskAttention(nn.Module):
     @nn.compact
     def __call__(self, streams_BxTxD: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         _, num_tasks, d_model = streams_BxTxD.shape
-        head_dim = d_model // self.num_heads
+        head_dim = head_dim_of(d_model, self.num_heads)
         project = lambda name, y: HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(y)
         h_BxTxD = layer_norm("ln", self.dtype)(streams_BxTxD)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (project(n, h_BxTxD) for n in ("query", "key", "value"))
@@ -89,7 +89,7 @@ class MultiInputTaskAttention(nn.Module):
         num_tasks = self.num_tasks or x_TxBxLxD.shape[0]
         memory_TxMxD = self.param("memory", kernel_init((None, None, "embed"), nn.initializers.normal(1.0)),
                                   (num_tasks, self.memory_tokens, d_model))
-        head_dim = d_model // self.num_heads
+        head_dim = head_dim_of(d_model, self.num_heads)
         project = lambda name, y: HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=name)(y)
         q_TxBxLxHxK = project("query", layer_norm("ln", self.dtype)(x_TxBxLxD))
         memory_TxMxD = layer_norm("ln_memory", self.dtype)(memory_TxMxD.astype(self.dtype))

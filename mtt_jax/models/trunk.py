@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from mtt_jax import sharding
-from mtt_jax.models.layers import (Dtype, EncoderBlock, constrain, kernel_init, layer_norm,
-                                   sinusoidal_positions)
+from mtt_jax.models.layers import EncoderBlock, constrain, layer_norm, sinusoidal_positions
+from mtt_jax.models.partitioning import Dtype, kernel_init
 
+POSITIONAL = ("sinusoidal", "learned")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -110,7 +111,7 @@ class PositionalEncoding(nn.Module):
             table = self.param("table", kernel_init((None, "embed"), nn.initializers.normal(0.02)),
                                (self.max_length, d_model))
         else:
-            raise ValueError(f"positional={self.kind!r}; choose 'sinusoidal' or 'learned'")
+            raise ValueError(f"positional={self.kind!r}; choose {' or '.join(map(repr, POSITIONAL))}")
         return x_BxLxD + table[:length].astype(x_BxLxD.dtype)
 
 

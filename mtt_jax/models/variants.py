@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from mtt_jax.models.heads import TaskHead
-from mtt_jax.models.layers import Dtype, kernel_init, zeros_init
+from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 from mtt_jax.tasks import TaskSpec
 
 VARIANTS = ("shared_bottom", "omoe", "mmoe")

@@ -60,7 +60,7 @@ def make_method(weighting_config, num_tasks: int) -> WeightingMethod:
     """Builds the method named ``weighting_config.name`` with its options from the same config."""
     name = weighting_config.name
     if name not in METHODS:
-        raise ValueError(f"unknown weighting.name={name!r}; choose one of: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"weighting.name={name!r} is not valid; choose one of: {', '.join(sorted(METHODS))}")
     ignored = [key for method, keys in _TOP_LEVEL_OPTIONS.items() if method != name for key in keys
                if key == "weights" and weighting_config.get(key)]  # init_log_var always has a value
     if ignored:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.task_grads import sum_leading
 from mtt_jax.weighting.base import (PyTree, WeightingMethod, clamp_losses, per_task_sum, require_rng,
                                     scale_task_rows, sum_task_rows, task_zeros, validate_range)
+from mtt_jax.weighting.pytree_ops import sum_leading
 
 
 class GradDrop(WeightingMethod):

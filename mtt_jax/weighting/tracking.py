@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.task_grads import gram_matrix
 from mtt_jax.weighting.base import (PyTree, WeightingMethod, per_task_sum, scale_task_rows,
                                     sum_task_rows, task_zeros, validate_choice, validate_range)
+from mtt_jax.weighting.pytree_ops import gram_matrix
 from mtt_jax.weighting.solvers import project_to_simplex
 
 
