@@ -247,9 +247,9 @@ class Variant:
         result = {
             "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
             "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps,
-            "grad_accum_unroll": config.get("grad_accum_unroll", 1),
-            "scan_layers": config.model.get("scan_layers", False),
-            "attention_kernel": config.get("attention_kernel", "auto"),
+            "grad_accum_unroll": config.grad_accum_unroll,
+            "scan_layers": config.model.scan_layers,
+            "attention_kernel": config.attention_kernel,
             "cudnn_attention_calls": self.cudnn_attention_calls,
             "step_ms": 1e3 * step_seconds, "step_ms_per_round": [1e3 * t for t in self.times],
             "compile_s": self.compile_seconds,
@@ -285,7 +285,7 @@ def counting_lowering(config, setup, state, batch, lowered=None, platform: str |
     this process's (``"cuda"``, ``"tpu"``; the tests read the GPU and TPU programs on a CPU)."""
     import jax
     from mtt_jax import train
-    plain = config.grad_accum_steps == 1 and not config.weighting.get("diagnostics_every", 0)
+    plain = config.grad_accum_steps == 1 and not config.weighting.diagnostics_every
     if lowered is not None and plain and setup.mesh.devices.size == 1 and platform is None:
         return lowered
     counted = config.copy_and_resolve_references()
@@ -373,10 +373,10 @@ def variants(config):
     dtypes = _DTYPES.value or [config.dtype]
     meshes = [_mesh(m) for m in _MESHES.value] or [None]
     accums = [_integer("grad_accums", a) for a in _GRAD_ACCUMS.value] or [config.grad_accum_steps]
-    unrolls = [_integer("unrolls", u) for u in _UNROLLS.value] or [config.get("grad_accum_unroll", 1)]
+    unrolls = [_integer("unrolls", u) for u in _UNROLLS.value] or [config.grad_accum_unroll]
     scans = [_boolean("scan_layers", s) for s in _SCAN_LAYERS.value] or [
-        config.model.get("scan_layers", False)]
-    kernels = _ATTENTION_KERNELS.value or [config.get("attention_kernel", "auto")]
+        config.model.scan_layers]
+    kernels = _ATTENTION_KERNELS.value or [config.attention_kernel]
     for method, mesh, dtype, accum, unroll, scan, kernel in itertools.product(
             methods, meshes, dtypes, accums, unrolls, scans, kernels):
         variant = config.copy_and_resolve_references()
@@ -391,9 +391,9 @@ def variants(config):
 def variant_name(config) -> str:
     m = config.mesh
     return (f"{config.weighting.name} mesh {m.data}x{m.fsdp}x{m.tensor} {config.dtype} "
-            f"accum {config.grad_accum_steps} unroll {config.get('grad_accum_unroll', 1)}"
-            f"{' scan' if config.model.get('scan_layers', False) else ''} "
-            f"attention {config.get('attention_kernel', 'auto')}")
+            f"accum {config.grad_accum_steps} unroll {config.grad_accum_unroll}"
+            f"{' scan' if config.model.scan_layers else ''} "
+            f"attention {config.attention_kernel}")
 
 
 def compile_variants(configs) -> tuple[list[Variant], list[dict]]:
