@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtt_jax import sharding, task_grads, tasks as tasks_lib
+from mtt_jax import sharding, specs, task_grads, tasks as tasks_lib
 from mtt_jax.tasks import TaskSpec
 from mtt_jax.weighting import WeightingMethod
 from mtt_jax.weighting.base import scale_task_rows
@@ -138,7 +138,7 @@ def microbatches(batch: dict, layout: str, num_micro: int) -> dict:
     device keeps a share of every microbatch (contiguous blocks would put each one on a few devices).
     """
     def split(path, leaf):
-        axis = 1 if layout == "multi" and path[0].key == "inputs" else 0
+        axis = specs.example_axis(path[0].key, layout)
         size = leaf.shape[axis]
         shape = leaf.shape[:axis] + (size // num_micro, num_micro) + leaf.shape[axis + 1:]
         return jnp.moveaxis(leaf.reshape(shape), axis + 1, 0)
