@@ -74,11 +74,3 @@ def test_the_tunable_takes_a_large_allocation_from_thousands_of_page_faults_to_a
     plain = int(run(FAULTS))
     huge = int(run(FAULTS, GLIBC_TUNABLES=huge_pages.TUNABLE))
     assert plain >= 16_000 and huge <= plain // 10, (plain, huge)  # 544 here: the unaligned ends
-
-
-@pytest.mark.skipif("PYTEST_XDIST_WORKER" not in os.environ, reason="a worker process of pytest-xdist")
-def test_the_test_workers_started_on_huge_pages():
-    """conftest.py sets the tunable before pytest-xdist starts its workers (with ``-n 0`` the tests run
-    in the process that read it, which started without)."""
-    assert huge_pages.enabled() == GRANTED
-    assert os.environ.get("GLIBC_TUNABLES", "").endswith(huge_pages.TUNABLE) == GRANTED

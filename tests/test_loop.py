@@ -68,11 +68,16 @@ def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, mo
     config = default_config.get_config("tiny")
     config.total_steps, config.eval_every, config.log_every, config.checkpoint_every = 12, 6, 2, 6
     config.weighting.diagnostics_every = 0  # the step of the test above: compiled once per module
-    real_run_eval = train.run_eval
+    real_run_eval, late = train.run_eval, [0.0]
+
+    class Clock:  # the loop's clock (`writers.time`), which an eval moves 2 s on without the wait
+        perf_counter = staticmethod(lambda: time.perf_counter() + late[0])
+        __getattr__ = lambda self, name: getattr(time, name)
 
     def slow_eval(*args, **kwargs):
-        time.sleep(2.0)
+        late[0] += 2.0
         return real_run_eval(*args, **kwargs)
+    monkeypatch.setattr(writers, "time", Clock())
     monkeypatch.setattr(train, "run_eval", slow_eval)
     monkeypatch.setattr(flops, "datasheet_bf16_peak", lambda kind: 1e12)  # as on a known accelerator
     assert train.device_peak_memory_mib() is None  # XLA:CPU reports none; GPU and TPU runtimes do
@@ -100,12 +105,15 @@ def test_train_records_report_the_throughput_of_their_updates_alone(tmp_path, mo
     assert line.endswith(", peak memory 123 MiB per device")
 
 
-def test_the_step_timer_counts_the_wait_for_input_in_its_window():
+def test_the_step_timer_counts_the_wait_for_input_in_its_window(monkeypatch):
     """Batches that take 100 ms to come, updates that take 25 ms: 125 ms per update, 80% of it waiting;
-    a new mark starts a new window."""
+    a new mark starts a new window. (A clock that the test moves: exact, where sleeps were 30% off.)"""
+    now = [100.0]
+    monkeypatch.setattr(writers.time, "perf_counter", lambda: now[0])
+
     def slow_batches():
         for step in range(6):
-            time.sleep(0.1)
+            now[0] += 0.1
             yield step
 
     timer = writers.StepTimer()
@@ -114,13 +122,14 @@ def test_the_step_timer_counts_the_wait_for_input_in_its_window():
         if step == 0:
             timer.mark(0)
         else:
-            time.sleep(0.025)  # the update
+            now[0] += 0.025  # the update
         if step == 3:
-            seconds, waited = timer.window(3)
-            assert seconds == pytest.approx(0.125, rel=0.3) and waited == pytest.approx(0.8, abs=0.1)
+            assert timer.window(3) == pytest.approx((0.125, 0.8))
             timer.mark(3)
-    seconds, waited = timer.window(5)
-    assert seconds == pytest.approx(0.125, rel=0.3) and waited == pytest.approx(0.8, abs=0.1)
+            assert timer.window(3) is None  # nothing since the mark
+    assert timer.window(5) == pytest.approx((0.125, 0.8))
+    now[0] += 0.25  # 250 ms more outside the batch iterator: counted, and not as waiting
+    assert timer.window(6) == pytest.approx((0.5 / 3, 0.2 / 0.5))
 
 
 def test_a_profile_window_the_resumed_run_has_passed_is_not_traced(tmp_path):

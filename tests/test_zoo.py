@@ -50,11 +50,9 @@ def test_method_trains_sharded_without_diverging(name):
     assert last["grad_cosine"].shape == (4, 4)
     np.testing.assert_allclose(np.diag(last["grad_cosine"]), 1.0, atol=1e-4)
     assert 0.0 <= float(last["conflict_fraction"]) <= 1.0
-
-
-def test_weighting_state_is_checkpointable_pytree():
-    _, state, _ = run_steps(tiny_seq_config("famo"), steps=3)
-    assert jax.tree.leaves(state.weighting_state)  # FAMO's logits and Adam state live in the state
+    if name == "famo":  # its logits and their Adam state live in the train state (checkpointed with it)
+        assert not np.allclose(jax.device_get(state.weighting_state["logits"]),
+                               setup.method.init_state()["logits"])
 
 
 @pytest.mark.parametrize("rep_grad", [False, True])
