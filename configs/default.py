@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "multidigits"
     c.data.options = ml_collections.ConfigDict()   # source keyword options, e.g. jitter
-    # Flat mixture batches (multi-input sources: glue, seqtasks; DESIGN §3): batch_size rows per step,
+    # Flat mixture batches (multi-input sources: glue, seqtasks): batch_size rows per step,
     # each from one task drawn by the mixing rates (mtt_jax.data.mixtures), for loss-based methods.
     c.data.mixture = ml_collections.ConfigDict()
     c.data.mixture.method = ""            # "" (off: one sub-batch per task), proportional, temperature,
@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep = 3
 
     # jax.profiler trace of updates first_step .. first_step + num_steps - 1 into WORKDIR/profile, with
-    # the train step's op times by source op (mtt_jax.profile_window); the first update compiles.
+    # the train step's op times by source op (mtt_jax.perf.profile_window); the first update compiles.
     c.profile = ml_collections.ConfigDict()
     c.profile.first_step = 0              # 0: off
     c.profile.num_steps = 3

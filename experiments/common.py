@@ -2,7 +2,7 @@
 
 Every experiment is ``python -m experiments.<name> --workdir DIR [--quick]`` and writes ``DIR/table.md``,
 ``DIR/results.json`` and PNG plots (``DIR`` may be a bucket URL, ``gs://BUCKET/PATH``:
-`mtt_jax.workdir`). Sizes:
+`mtt_jax.run.workdir`). Sizes:
 
 - full (default): the paper's protocol as far as this codebase and a CPU allow; its cost is in each
   module's docstring and ``--help``;
@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mtt_jax import summary
-from mtt_jax import workdir as workdir_lib
+from mtt_jax.run import summary
+from mtt_jax.run import workdir as workdir_lib
 
 SIZES = ("tiny", "quick", "full")
 
@@ -68,7 +68,7 @@ def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = No
 
 
 def run_locked(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> dict:
-    """``run(args)`` holding ``args.workdir``'s lock (`mtt_jax.workdir.lock`): a second copy of the
+    """``run(args)`` holding ``args.workdir``'s lock (`mtt_jax.run.workdir.lock`): a second copy of the
     command in the same workdir (launched twice, or requeued while the first still runs) stops with one
     line and exit status 2 before any work, instead of writing its partial results among the first's."""
     with contextlib.ExitStack() as stack:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtt_jax import builder, data, evaluation, train_step as steps
-from mtt_jax.prefetch import prefetch
+from mtt_jax.run.prefetch import prefetch
 
 Sampler = Callable[[jax.Array, jax.Array], dict]
 

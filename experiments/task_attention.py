@@ -3,7 +3,7 @@ encoder vs + task attention, at the same budget, on `seqtasks` and `multidigits`
 
     python -m experiments.task_attention --workdir /tmp/exp/task_attention --quick
 
-Models (`MultiTaskTransformer`, DESIGN §4), all with the same trunk size, steps, batch and optimizer:
+Models (`MultiTaskTransformer`), all with the same trunk size, steps, batch and optimizer:
 
 - single-task: one model per task (no task encoder, no task attention);
 - shared trunk: hard parameter sharing (``task_encoder = False``, ``task_attention = "none"``);

@@ -5,7 +5,7 @@
 Benchmark: `seqtasks` (multi-input, four tasks of three kinds: ``majority`` and ``majority_parity``
 (classification), ``mean_value`` (regression), ``repeat_tag`` (token tagging)); our Transformer with task
 encoder and task attention; the same optimizer, learning rate and steps for every method (Adam is close to
-invariant to the methods' different scales, sum vs mean, see /work/shared/METHODS.md; the global-norm clip
+invariant to the methods' different scales, sum vs mean, see each method's docstring; the global-norm clip
 at 1.0 is not). Each method's options are the paper defaults (`mtt_jax.weighting.DEFAULT_OPTIONS`), except
 that the epoch-based methods (DWA, STCH) get ``epoch_steps = total_steps / 10``, so that a short run has
 ten "epochs". Single-task baselines: one model per task (no task encoder or task attention), same steps.
@@ -44,7 +44,7 @@ import numpy as np
 from configs import seqtasks as seqtasks_config
 from experiments import common, delta_m, runner
 from mtt_jax import tasks as tasks_lib
-from mtt_jax import workdir as workdir_lib
+from mtt_jax.run import workdir as workdir_lib
 from mtt_jax.weighting import DEFAULT_OPTIONS, METHODS, make_method
 
 NAME = "weighting_zoo"

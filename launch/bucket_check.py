@@ -99,7 +99,8 @@ def run_checks(url: str, local: str, local_checkpoints: bool, keep: bool) -> int
     import fsspec
 
     from configs import seqtasks as seqtasks_config
-    from mtt_jax import checkpoint, train, writers
+    from mtt_jax import train
+    from mtt_jax.run import checkpoint, writers
 
     made, real_init = [], checkpoint.Checkpointer.__init__
 

@@ -9,7 +9,7 @@ Each child is ``python -m mtt_jax.main --coordinator_address=127.0.0.1:PORT --nu
 has ``N * K`` devices. Every output line of child ``i`` is printed with the prefix ``[i] ``. When
 one child fails the others are stopped; the exit status is the first non-zero child status, or 0.
 ``--huge_pages`` starts the children with their large host allocations on transparent huge pages
-(`mtt_jax.huge_pages`), where the kernel and glibc allow it.
+(`mtt_jax.perf.huge_pages`), where the kernel and glibc allow it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 import time
 from typing import IO, Mapping, Sequence
 
-from mtt_jax import huge_pages  # standard library only
+from mtt_jax.perf import huge_pages  # standard library only
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"

@@ -15,7 +15,7 @@
 
 Compiles each variant once (ahead of time, so compile time and the compiled memory analysis are
 measured), then times ``--steps`` train steps (interleaved across variants, round by round) and reports
-the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.flops`), achieved FLOP/s and
+the median step time, examples/s, tokens/s, model FLOPs per step (`mtt_jax.perf.flops`), achieved FLOP/s and
 MFU, peak memory per device, and, with ``--loop``, the time per step of the real input pipeline + step
 loop and the fraction of it spent waiting on the host. On CPU the peak is measured in the same run with
 a large matmul of each row's dtype; on GPU/TPU it is the datasheet bf16 peak. Variants (methods x
@@ -32,7 +32,7 @@ FLOPs with 16-bit operands.
 A variant that the device cannot run (XLA's runtime error, e.g. out of memory) is reported and left out;
 the others still run, and the exit status is then 1 (`compile_variants`).
 
-Multi-host (`mtt_jax.cli.initialize_distributed`, as `mtt_jax.main`): every process compiles and runs
+Multi-host (`mtt_jax.run.cli.initialize_distributed`, as `mtt_jax.main`): every process compiles and runs
 the same steps over the global mesh; process 0 prints, profiles and writes ``--out``.
 
 ``--paired_peak`` (CPU) also measures the peak between the rounds of timed steps and reports the median
@@ -54,8 +54,9 @@ import time
 
 from absl import app, flags
 
-from mtt_jax import cli, huge_pages
-from mtt_jax.cli import fail, initialize_distributed, parse_flags
+from mtt_jax.perf import huge_pages
+from mtt_jax.run import cli
+from mtt_jax.run.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = cli.CONFIG
 _METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first).")
@@ -86,7 +87,7 @@ _PAIRED_PEAK = flags.DEFINE_bool(
     "unchanged.")
 _PROFILE = flags.DEFINE_string("profile", None, "Trace 3 steps of the first variant into this directory "
                                "(or bucket URL) and print its XLA op times by source op "
-                               "(`mtt_jax.profiling`).")
+                               "(`mtt_jax.perf.profiling`).")
 _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds.testing.mock_data "
                                   "with this many examples per split (0: real data).", lower_bound=0)
 flags.mark_flags_as_required(["config"])
@@ -162,7 +163,7 @@ def device_peaks(dtypes, repeats: int = 30) -> tuple[dict[str, float], str]:
     datasheet entry gets a measured 8192^3 bf16 matmul.
     """
     import jax
-    from mtt_jax.flops import datasheet_bf16_peak
+    from mtt_jax.perf.flops import datasheet_bf16_peak
     device = jax.devices()[0]
     if device.platform == "cpu":
         return ({d: measured_matmul_peak(d, repeats=repeats) for d in dtypes},
@@ -190,7 +191,8 @@ class Variant:
     """One compiled configuration: its setup, compiled step, state and a fixed device batch."""
 
     def __init__(self, config):
-        from mtt_jax import flops, sharding, train
+        from mtt_jax import sharding, train
+        from mtt_jax.perf import flops
 
         self.config = config
         self.setup = setup = train.build(config)
@@ -227,7 +229,7 @@ class Variant:
     def matmul_columns(self, model_flops: float) -> dict:
         """The lowered step's matmul FLOPs, their ratio to the model's and their 16-bit share (None
         where they were not counted)."""
-        from mtt_jax import flops
+        from mtt_jax.perf import flops
         keys = ("hlo_matmul_tflops_per_step", "hlo_matmul_over_model", "low_precision_matmul_share")
         if self.matmul_flops is None:
             return dict.fromkeys(keys)
@@ -239,7 +241,8 @@ class Variant:
         """The row of this variant; ``peak``: its dtype's (`device_peaks`); ``loop_rounds`` > 0 adds the
         loop's time (`time_loop`); ``boundary_peaks`` (its dtype's, measured before, between and after
         the rounds of timed steps: one more than the steps) adds the paired MFU."""
-        from mtt_jax import flops, train
+        from mtt_jax import train
+        from mtt_jax.perf import flops
         config, setup = self.config, self.setup
         step_seconds = statistics.median(self.times)
         count, sequences, tokens = train.step_work(setup, config)
@@ -306,7 +309,7 @@ def step_matmul_flops(config, setup, state, batch, lowered=None, platform: str |
     dtypes; a layer scan counts by its trip count), in the program of `counting_lowering`. For
     loss-weighting methods the total checks `flops.training_flops` against the traced model; for
     gradient methods it includes their per-task backward passes."""
-    from mtt_jax import flops
+    from mtt_jax.perf import flops
     counted = counting_lowering(config, setup, state, batch, lowered, platform)
     return flops.hlo_matmul_flops(counted.compiler_ir("hlo").as_hlo_text())
 
@@ -481,7 +484,7 @@ def main(argv) -> None:
               "measured_bf16_matmul_flops": None}
     print(f"device: {report['device']} x {report['devices']}; peak per device {format_peaks(peaks)} "
           f"({peak_source}); host allocations on huge pages: {'yes' if report['huge_pages'] else 'no'} "
-          f"(`mtt_jax.huge_pages`)", flush=True)
+          f"(`mtt_jax.perf.huge_pages`)", flush=True)
     if not measured:  # what a large bf16 matmul reaches, beside the datasheet
         report["measured_bf16_matmul_flops"] = matmul_flops = measured_matmul_peak("bfloat16", 8192, repeats=10)
         print(f"measured bf16 matmul, 8192^3, best of 10: {matmul_flops / 1e12:.1f} TFLOP/s "
@@ -496,7 +499,8 @@ def main(argv) -> None:
         print(f"not run: {failure['variant']}: {failure['error']}")
     profile_rows = profile_first_variant(compiled[0], primary) if _PROFILE.value else []
     if _OUT.value and primary:
-        from mtt_jax import profiling, workdir
+        from mtt_jax.perf import profiling
+        from mtt_jax.run import workdir
         workdir.write_json(_OUT.value, {
             **report, "peak_flops_per_device": peaks, "boundary_peak_flops": boundary_peaks,
             "results": results, "failed": failed, "profile": profiling.rows_as_dicts(profile_rows)}, indent=2)
@@ -507,7 +511,7 @@ def main(argv) -> None:
 def checked_variants() -> list:
     """Every variant of the config, each checked (and the output paths) before any is run."""
     import jax
-    from mtt_jax import config_check, workdir
+    from mtt_jax.run import config_check, workdir
     try:  # outputs that could not be written after the work are refused before it
         if _OUT.value:
             workdir.check_output_file(_OUT.value, "--out")
@@ -523,7 +527,7 @@ def checked_variants() -> list:
 
 def compiled_variants(all_variants: list) -> tuple[list, list[dict]]:
     """The variants compiled (`compile_variants`), and those that could not be; exits if none could."""
-    from mtt_jax import config_check
+    from mtt_jax.run import config_check
     try:
         compiled, failed = compile_variants(all_variants)
     except config_check.ConfigError as e:
@@ -556,7 +560,7 @@ def timed_rounds(compiled: list, dtypes: list[str], peaks: dict, measured: bool)
 def profile_first_variant(first, primary: bool) -> list:
     """Three steps of the first variant traced into `--profile`, and its op-time table (process 0;
     the others run the steps with it)."""
-    from mtt_jax import profiling
+    from mtt_jax.perf import profiling
     if not primary:
         for _ in range(3):
             first.step()

@@ -6,7 +6,7 @@ the multi-seed runs of the experiments (`experiments.runner`) and the benchmark:
 
 `build` raises one-line `config_check.ConfigError`s for what only the data source, the model's
 constructors or the batch sizes can tell; `compile_steps` for steps that cannot fit in memory
-(`mtt_jax.memory_check`). Both run before a workdir is touched.
+(`mtt_jax.run.memory_check`). Both run before a workdir is touched.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtt_jax import affinity, checkpoint, config_check, data, flops, memory_check, sharding
+from mtt_jax import affinity, data, sharding
+from mtt_jax.perf import flops
+from mtt_jax.run import checkpoint, config_check, memory_check
 from mtt_jax import tasks as tasks_lib
 from mtt_jax import train_step as steps, weighting
 from mtt_jax.data import mixtures
 from mtt_jax.models import build_model
-from mtt_jax.prefetch import prefetch
+from mtt_jax.run.prefetch import prefetch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

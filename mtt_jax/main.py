@@ -3,12 +3,12 @@
 The config and the workdir are checked before anything is created: a bad config, a workdir that
 holds a different run, or one the run could not keep (a file, a bucket that cannot be written) exits
 with status 2 and one line saying what is wrong and how to fix it. ``--workdir`` may be a bucket URL
-(``gs://bucket/run``; `mtt_jax.workdir`).
+(``gs://bucket/run``; `mtt_jax.run.workdir`).
 
 On the CPU, large host allocations go on huge pages when the launcher asks for it
-(``python -m launch.local --huge_pages``; `mtt_jax.huge_pages`).
+(``python -m launch.local --huge_pages``; `mtt_jax.perf.huge_pages`).
 
-Multi-host (`mtt_jax.cli.initialize_distributed`): on Cloud TPU and under SLURM,
+Multi-host (`mtt_jax.run.cli.initialize_distributed`): on Cloud TPU and under SLURM,
 ``jax.distributed.initialize()`` finds the coordinator itself; elsewhere pass ``--coordinator_address
 --num_processes --process_id``. CPU processes exchange collectives through gloo.
 """
@@ -20,8 +20,8 @@ import errno
 
 from absl import app, flags
 
-from mtt_jax import cli
-from mtt_jax.cli import fail, initialize_distributed, parse_flags
+from mtt_jax.run import cli
+from mtt_jax.run.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = cli.CONFIG
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints.")
@@ -34,7 +34,7 @@ flags.adopt_module_key_flags(cli)  # --coordinator_address --num_processes --pro
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; overrides look like --config.total_steps=100")
-    from mtt_jax import checkpoint
+    from mtt_jax.run import checkpoint
 
     # SIGTERM from the first moment: during start-up it stops the run before its first update (exit 0,
     # as a SIGTERM later does after saving), instead of killing it with status 143.
@@ -42,7 +42,8 @@ def main(argv) -> None:
         initialize_distributed()
         import jax
 
-        from mtt_jax import config_check, train, workdir
+        from mtt_jax import train
+        from mtt_jax.run import config_check, workdir
 
         config = _CONFIG.value
         config_check.validate(config, jax.device_count())
@@ -60,7 +61,8 @@ def failures_in_one_line():
     non-finite losses, checkpoints on unreachable storage, another process of the job stopping, a full
     disk) end the command with one line on stderr and exit status 2; anything else is a bug and keeps
     its traceback."""
-    from mtt_jax import checkpoint, config_check, data, multihost, train, workdir
+    from mtt_jax import data, train
+    from mtt_jax.run import checkpoint, config_check, multihost, workdir
     try:
         yield
     except (config_check.ConfigError, workdir.WorkdirError, train.NonFiniteLossError,

@@ -1,4 +1,4 @@
-"""Mesh, logical axis rules and shardings for the train state and the batch (DESIGN §6).
+"""Mesh, logical axis rules and shardings for the train state and the batch.
 
 The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters,
 gradients and optimizer state sharded, ZeRO-3 style) and ``tensor`` (Megatron-style model parallelism

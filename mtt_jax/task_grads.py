@@ -1,4 +1,4 @@
-"""Per-task gradients on the shared parameters, and the conflict diagnostics built from them (DESIGN §5).
+"""Per-task gradients on the shared parameters, and the conflict diagnostics built from them.
 
 The model splits into a shared encoder (embedding, positions, task encoder, Transformer trunk: the
 parameters under `ENCODER_KEYS`) and a task-side decoder (task attention and heads). Per-task gradients

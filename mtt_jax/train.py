@@ -22,14 +22,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mtt_jax import checkpoint, flops, lease, multihost, profile_window, summary
-from mtt_jax import train_step as steps, workdir as workdir_lib
+from mtt_jax.perf import flops, profile_window
+from mtt_jax.run import checkpoint, lease, multihost, summary
+from mtt_jax import train_step as steps
+from mtt_jax.run import workdir as workdir_lib
 from mtt_jax.builder import (DTYPES, Parts, Setup, Steps, build, build_parts, compile_affinity,  # noqa: F401
                              compile_steps, compile_train_step, config_train_step, device_peak_memory_mib,
                              step_work, train_batches)
 from mtt_jax.evaluation import run_eval
 from mtt_jax.train_records import NonFiniteLossError, SkipWindow, Throughput, TrainLog  # noqa: F401
-from mtt_jax.writers import MetricWriter, Progress, StepTimer
+from mtt_jax.run.writers import MetricWriter, Progress, StepTimer
 
 STOP_REASONS = ("", "sigterm", lease.AT_RISK, lease.LOST)  # in order of precedence
 
@@ -291,7 +293,7 @@ def eval_missing(records: list[dict], step: int, config) -> bool:
 
 def stop_requested(preemption: checkpoint.PreemptionFlag, held, step: int, every: int) -> str:
     """Why the loop must stop after ``step`` ("" if it goes on): a SIGTERM, or the workdir's lease at
-    risk or lost (`mtt_jax.lease`; only process 0 holds it). Every process must stop at the same step
+    risk or lost (`mtt_jax.run.lease`; only process 0 holds it). Every process must stop at the same step
     for the same reason: with several, they agree every ``every`` steps on the gravest one."""
     held_state = held.state() if held is not None else lease.HELD
     local = max(STOP_REASONS.index("sigterm") if preemption.requested else 0,

@@ -14,8 +14,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from mtt_jax import flops
-from mtt_jax.writers import MetricWriter, Progress, StepTimer
+from mtt_jax.perf import flops
+from mtt_jax.run.writers import MetricWriter, Progress, StepTimer
 
 
 class NonFiniteLossError(RuntimeError):

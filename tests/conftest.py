@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mtt_jax import huge_pages
+from mtt_jax.perf import huge_pages
 
 # The suite's cost is compiling, not running, its tiny programs: LLVM's cheaper pipeline compiles them
 # about 30% faster (a cold test_zoo subset: 45 s -> 32 s). Test processes only; subprocesses inherit it.
@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/mtt_jax_test_compilation_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # pytest-xdist starts its workers after reading this file: they start with host allocations on huge
-# pages, as the command lines do (`mtt_jax.huge_pages`; test_zoo.py with a warm compilation cache: 57
+# pages, as the command lines do (`mtt_jax.perf.huge_pages`; test_zoo.py with a warm compilation cache: 57
 # -> 50 s). The command-line subprocesses then find the tunable set and do not re-execute.
 os.environ.update(huge_pages.this_machine_environment() or {})
 

@@ -21,7 +21,8 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from configs import seqtasks as seqtasks_config
-from mtt_jax import checkpoint, lease, train, workdir, writers
+from mtt_jax import train
+from mtt_jax.run import checkpoint, lease, workdir, writers
 
 BUCKET = "gs://bucket/run"
 
@@ -103,8 +104,9 @@ def test_a_run_killed_on_a_bucket_resumes_with_every_record_it_had_checkpointed(
     monkeypatch.setattr(checkpoint.Checkpointer, "maybe_save", maybe_save)
 
     def killed_at(flag, held, step, every):
-        if step == 13:
-            raise KeyboardInterrupt  # the process dies here: nothing is closed or flushed
+        if step == 13:  # the process dies here: nothing more reaches the bucket
+            writers._uploads_stopped.set()
+            raise KeyboardInterrupt
         return ""
     with monkeypatch.context() as patch:
         patch.setattr(train, "stop_requested", killed_at)
@@ -243,7 +245,7 @@ def test_the_benchmark_profile_is_traced_locally_and_uploaded_to_a_bucket(bucket
     and is uploaded whole, and the op times are read before it is removed."""
     import jax
     import jax.numpy as jnp
-    from mtt_jax import profiling
+    from mtt_jax.perf import profiling
     x = jnp.ones((64, 64))
     compiled = jax.jit(lambda x: jnp.tanh(x @ x)).lower(x).compile()
     temporary = os.path.join(tempfile.gettempdir(), "mtt_jax_trace_*")

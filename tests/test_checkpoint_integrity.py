@@ -16,7 +16,7 @@ import pytest
 import tensorstore
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from mtt_jax import checkpoint
+from mtt_jax.run import checkpoint
 
 # After a failed read, orbax's restore leaves callbacks for tensorstore reads to an event loop it has
 # closed ("Event loop is closed", reported as unraisable): noise of the failure these tests cause.

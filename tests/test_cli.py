@@ -79,7 +79,7 @@ def test_a_workdir_whose_run_is_unknown_is_refused(tmp_path):
     run: resuming from them or writing among them would mix two runs (and --overwrite does not clear
     them either: tests/test_faults.py)."""
     from configs import default
-    from mtt_jax import workdir
+    from mtt_jax.run import workdir
     config = default.get_config("tiny")
     (tmp_path / "checkpoints").mkdir()  # empty: what a run stopped at its start leaves
     assert not workdir.prepare(str(tmp_path), config)
@@ -95,7 +95,8 @@ def test_a_second_run_in_a_workdir_in_use_stops_before_writing(tmp_path):
     """The same command launched twice, or a requeued job while its first copy still runs."""
     import os
     from configs import default
-    from mtt_jax import train, workdir
+    from mtt_jax import train
+    from mtt_jax.run import workdir
     with workdir.lock(str(tmp_path)):  # the first run
         with pytest.raises(workdir.WorkdirError,
                            match=rf"is in use by another run \(pid {os.getpid()} on .+\); wait for it"):
@@ -109,7 +110,7 @@ def test_a_second_run_in_a_workdir_in_use_stops_before_writing(tmp_path):
 
 
 def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):
-    from mtt_jax import workdir
+    from mtt_jax.run import workdir
     folder, results = tmp_path / "folder", tmp_path / "folder" / "results.json"
     workdir.check_location(str(folder), "--profile")  # not there yet: created later
     workdir.check_output_file(str(results), "--out")
@@ -161,7 +162,7 @@ def test_a_missing_config_file_exits_with_one_line(tmp_path):
 ])
 def test_optimizer_and_affinity_settings_that_would_not_train_are_refused(field, value, expected):
     from configs import default
-    from mtt_jax import config_check
+    from mtt_jax.run import config_check
     config = default.get_config("tiny")
     section, name = field.split(".") if "." in field else ("optimizer", field)
     config[section][name] = value
@@ -174,7 +175,7 @@ def test_unshardable_model_exits_before_touching_the_workdir(tmp_path):
     """One attention head over tensor = 2: the parameter shapes come from the built model, so this is
     found after the config check, but still before anything is written, or cleared by --overwrite."""
     from configs import default
-    from mtt_jax import workdir as workdir_lib
+    from mtt_jax.run import workdir as workdir_lib
     workdir = tmp_path / "earlier_run"
     workdir_lib.write_config(str(workdir), default.get_config("tiny"))  # a run of ours: --overwrite may clear it
     (workdir / "metrics.jsonl").write_text("{}\n")
@@ -190,7 +191,7 @@ def test_unshardable_model_exits_before_touching_the_workdir(tmp_path):
 def test_a_run_resumes_with_another_attention_kernel_or_from_before_the_field_existed(tmp_path):
     import json
     from configs import default
-    from mtt_jax import workdir
+    from mtt_jax.run import workdir
     config = default.get_config("tiny")
     workdir.write_config(str(tmp_path), config)
     saved = json.loads((tmp_path / "config.json").read_text())

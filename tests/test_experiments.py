@@ -104,7 +104,7 @@ def test_every_experiment_refuses_a_workdir_in_use_before_any_work(tmp_path, cap
     """A second copy of an experiment (launched twice, or requeued while the first runs) would write
     its partial results among the first one's: it stops in one line, and writes nothing."""
     import importlib
-    from mtt_jax import workdir
+    from mtt_jax.run import workdir
     with workdir.lock(str(tmp_path)):
         for name in EXPERIMENTS:
             module = importlib.import_module(f"experiments.{name}")

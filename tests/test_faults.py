@@ -16,7 +16,8 @@ import pytest
 from absl import flags
 
 from configs import default as default_config, seqtasks as seqtasks_config
-from mtt_jax import cli, config_check, data, lease, main as main_module, memory_check, train, workdir, writers
+from mtt_jax import data, main as main_module, train
+from mtt_jax.run import cli, config_check, lease, memory_check, workdir, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Flat mixture batches (DESIGN §3): the data, the model's flat form, the mixture objective, a run.
+"""Flat mixture batches: the data, the model's flat form, the mixture objective, a run.
 
 One training run is shared by the tests that need it; the step programs compile once each.
 """
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import seqtasks as seqtasks_config
-from mtt_jax import config_check, data, sharding, tasks as tasks_lib, train, train_step as steps
+from mtt_jax import data, sharding, tasks as tasks_lib, train, train_step as steps
+from mtt_jax.run import config_check
 from mtt_jax.data import mixtures
 from mtt_jax.data.base import InputSpec
 from mtt_jax.models.multitask import MultiTaskTransformer

@@ -3,7 +3,8 @@
 import ml_collections
 import pytest
 
-from mtt_jax import data, flops, tasks as tasks_lib  # noqa: F401 (data: the sources register their tasks)
+from mtt_jax import data, tasks as tasks_lib
+from mtt_jax.perf import flops  # noqa: F401 (data: the sources register their tasks)
 
 
 def model_config(**overrides):
@@ -394,7 +395,7 @@ def test_the_benchmark_runs_on_two_hosts_and_process_0_reports(tmp_path):
 
 
 def test_source_labels_fold_layers_and_mark_the_pass():
-    from mtt_jax.profiling import instruction_labels, source_label
+    from mtt_jax.perf.profiling import instruction_labels, source_label
     name = ("jit(train_step)/while/body/closed_call/transpose(jvp(MultiTaskTransformer))/"
             "MultiTaskTransformer.encode/trunk/block_3/mlp/wo/dot_general")
     assert source_label(name) == "bwd trunk/block_*/mlp/wo/dot_general"
@@ -412,7 +413,7 @@ def test_op_times_read_gpu_kernels_from_the_device_planes_and_cpu_thunks_from_th
     innermost op of their ``hlo_op`` stat, and the derived "XLA Ops" line (a loop spanning its kernels)
     is not counted again."""
     from types import SimpleNamespace as N
-    from mtt_jax.profiling import rows_by_source_op
+    from mtt_jax.perf.profiling import rows_by_source_op
     labels = {"fusion.1": "fwd trunk/block_*/mlp/wi/dot_general", "fusion.2": "bwd trunk/block_*/ln/mul",
               "while.3": "fwd while", "gemm.4": "fwd heads/dot_general"}
     event = lambda name, ns, **stats: N(name=name, duration_ns=ns, stats=list(stats.items()))

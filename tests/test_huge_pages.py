@@ -1,4 +1,4 @@
-"""Host allocations on huge pages, opted into by the launcher (`mtt_jax.huge_pages`)."""
+"""Host allocations on huge pages, opted into by the launcher (`mtt_jax.perf.huge_pages`)."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mtt_jax import huge_pages
+from mtt_jax.perf import huge_pages
 
 GRANTED = huge_pages.this_machine_environment({}) is not None
 
@@ -44,7 +44,7 @@ def run(code: str, **environ) -> str:
     return result.stdout
 
 
-ENABLED = "from mtt_jax import huge_pages; print(huge_pages.enabled())"
+ENABLED = "from mtt_jax.perf import huge_pages; print(huge_pages.enabled())"
 
 
 def test_huge_pages_are_the_launchers_to_opt_into():

@@ -10,10 +10,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mtt_jax"
 
 DATA = ("mtt_jax.data",)
-PLUMBING = tuple(f"mtt_jax.{name}" for name in (
-    "workdir", "writers", "checkpoint", "summary", "prefetch", "lease", "multihost", "cli", "main"))
-TOOLING = tuple(f"mtt_jax.{name}" for name in (
-    "benchmark", "flops", "profiling", "profile_window", "huge_pages"))
+PLUMBING = ("mtt_jax.run", "mtt_jax.main")       # workdir, writers, checkpoints, ..., config checks
+TOOLING = ("mtt_jax.perf", "mtt_jax.benchmark")  # FLOPs, profiling, huge pages
 FORBIDDEN = DATA + PLUMBING + TOOLING
 BOTTOM = ("mtt_jax.specs", "mtt_jax.tasks")  # what the weighting methods may import from outside
 

@@ -9,8 +9,10 @@ import jax
 import pytest
 
 from configs import default as default_config
-from mtt_jax import flops, profile_window, sharding, train, writers
-from mtt_jax.prefetch import prefetch
+from mtt_jax import sharding, train
+from mtt_jax.perf import flops, profile_window
+from mtt_jax.run import writers
+from mtt_jax.run.prefetch import prefetch
 
 
 class CompileLog(logging.Handler):

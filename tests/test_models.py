@@ -212,7 +212,7 @@ def test_film_model_starts_as_the_plain_model_and_encode_task_matches(layout, ta
 
 def test_film_without_the_task_encoder_is_a_config_error():
     from configs import default as default_config
-    from mtt_jax import config_check
+    from mtt_jax.run import config_check
     config = default_config.get_config("tiny")
     config.model.film, config.model.task_encoder = True, False
     with pytest.raises(config_check.ConfigError, match="model.film=True .* set model.task_encoder=True"):
@@ -239,7 +239,7 @@ def test_every_attention_kernel_off_gpu_matches_jax_dot_product_attention_values
 def test_bf16_einsum_attention_differentiates_in_bf16_and_matches_f32():
     """The logits' f32 cotangent is rounded to bf16 before attention's backward matmuls, so they run
     in bf16 (autodiff would upcast them to f32); the gradients still match f32 to bf16 precision."""
-    from mtt_jax import flops
+    from mtt_jax.perf import flops
     from mtt_jax.models.layers import dot_product_attention
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 16, 2, 8)) for i in range(3))
     key_mask = jnp.array([[1] * 12 + [0] * 4, [1] * 16])
@@ -325,7 +325,7 @@ def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(c
 def test_the_matmul_count_reads_cudnn_attention_as_the_einsums_it_replaces(cudnn_probes_stubbed):
     """`flops.hlo_matmul_flops` of the bf16 model's gradient lowered for CUDA with cuDNN's fused
     attention (custom calls, not dots) equals that of the einsum kernel's, all in bf16 x bf16."""
-    from mtt_jax import flops
+    from mtt_jax.perf import flops
     inputs = tokens()
     counts = {}
     for kernel, platform in (("cudnn", "cuda"), ("einsum", "cpu")):
@@ -343,7 +343,7 @@ def test_the_matmul_count_reads_cudnn_attention_as_the_einsums_it_replaces(cudnn
 
 def test_attention_kernel_cudnn_off_gpu_is_a_one_line_config_error():
     from configs import default as default_config
-    from mtt_jax import config_check
+    from mtt_jax.run import config_check
     config = default_config.get_config("tiny")
     config.attention_kernel = "cudnn"
     with pytest.raises(config_check.ConfigError, match="attention_kernel='cudnn' needs a GPU.*cpu"):
@@ -462,7 +462,7 @@ def _task_attention_case(layout: str, dtype):
 def test_bf16_task_attention_computes_its_logits_as_the_trunk_does(layout):
     """As `attention_logits`: the logits come out of the bf16 matmul in f32 (not rounded to bf16
     before the softmax), the backward matmuls run in bf16, and values and gradients match f32."""
-    from mtt_jax import flops
+    from mtt_jax.perf import flops
     module, args, logits_size = _task_attention_case(layout, jnp.bfloat16)
     f32_module = module.clone(dtype=jnp.float32)
     params = nn.unbox(f32_module.init(jax.random.key(0), *args)["params"])

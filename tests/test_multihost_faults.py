@@ -1,5 +1,5 @@
 """Two processes started by hand (no launcher): when one of them cannot go on, every process learns why
-in one ``error:`` line and exits non-zero at once (`mtt_jax.multihost`), instead of a gloo timeout
+in one ``error:`` line and exits non-zero at once (`mtt_jax.run.multihost`), instead of a gloo timeout
 traceback after 30 s or a runtime abort after the heartbeat timeout."""
 
 import json
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from launch import local
-from mtt_jax import multihost
-from mtt_jax import workdir as workdir_lib
+from mtt_jax.run import multihost
+from mtt_jax.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/seqtasks.py:tiny", "--config.eval_every=100000",

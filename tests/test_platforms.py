@@ -14,7 +14,8 @@ import re
 import jax
 import pytest
 
-from mtt_jax import benchmark, flops, sharding, train
+from mtt_jax import benchmark, sharding, train
+from mtt_jax.perf import flops
 
 BACKENDS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform -> what `jax.default_backend()` says there
 

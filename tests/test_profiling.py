@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mtt_jax import profiling
+from mtt_jax.perf import profiling
 
 HLO = """\
 ENTRY %main.4 (x.1: f32[8,8]) -> f32[8,8] {

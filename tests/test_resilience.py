@@ -1,4 +1,4 @@
-"""Reliability (DESIGN §7): resume after SIGKILL equals an uninterrupted run, SIGTERM saves and exits 0,
+"""Reliability: resume after SIGKILL equals an uninterrupted run, SIGTERM saves and exits 0,
 a damaged latest checkpoint falls back to the one before, non-finite losses skip or halt, and several
 processes compute what one does."""
 
@@ -16,7 +16,8 @@ import pytest
 
 from configs import seqtasks as seqtasks_config
 from launch import local
-from mtt_jax import checkpoint, data, train
+from mtt_jax import data, train
+from mtt_jax.run import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/seqtasks.py:tiny", "--config.total_steps=60", "--config.checkpoint_every=10",

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from mtt_jax import config_check, train
+from mtt_jax import train
+from mtt_jax.run import config_check
 from mtt_jax.data import tfds_io
 
 VARIANTS = {"glue": ("small", "base", "tiny"), "multimnist": ("", "tiny"), "celeba": ("", "tiny"),

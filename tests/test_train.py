@@ -1,4 +1,4 @@
-"""The training loop learns, writes the DESIGN §8 outputs, and uncertainty weights move.
+"""The training loop learns, writes its documented outputs, and uncertainty weights move.
 
 Each run compiles once; runs are shared by the tests of this module through fixtures.
 """

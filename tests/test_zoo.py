@@ -73,7 +73,7 @@ def test_mgda_single_input_with_and_without_representation_gradients(rep_grad):
 
 @pytest.mark.parametrize("name", sorted(n for n, c in weighting.METHODS.items() if c.state_mirrors_params))
 def test_representation_gradients_are_refused_for_state_shaped_like_the_parameters(name):
-    from mtt_jax import config_check
+    from mtt_jax.run import config_check
     config = default_config.get_config("tiny")
     config.weighting.name, config.weighting.rep_grad = name, True
     with pytest.raises(config_check.ConfigError, match=rf"^weighting.rep_grad=True does not work with "
@@ -83,7 +83,7 @@ def test_representation_gradients_are_refused_for_state_shaped_like_the_paramete
 
 @pytest.mark.parametrize("name", sorted(n for n, c in weighting.METHODS.items() if c.requires == "sampled_gram"))
 def test_double_sampling_needs_rows_for_three_samples_and_no_representation_gradients(name):
-    from mtt_jax import config_check
+    from mtt_jax.run import config_check
     config = default_config.get_config("tiny")
     config.weighting.name, config.batch_size, config.grad_accum_steps = name, 16, 2
     with pytest.raises(config_check.ConfigError, match=(

@@ -1,6 +1,6 @@
 """Data sources by name: ``make_source("multidigits", ["left_digit", "right_digit"], seed=0)``.
 
-Every source follows the contract of ``mtt_jax.data.base`` (batch layouts of DESIGN.md §3, train batches
+Every source follows the contract of ``mtt_jax.data.base`` (the two batch layouts, train batches
 that are pure functions of ``(seed, step)`` and can be cut into per-process slices).
 
 Offline, embedded (no download):

@@ -1,6 +1,6 @@
 """The interface every data source implements, and the few helpers they share.
 
-A source serves host batches as numpy dicts in one of the two layouts of DESIGN.md §3 (LibMTL's terms,
+A source serves host batches as numpy dicts in one of the two layouts (LibMTL's terms,
 Lin & Zhang, "LibMTL: A Python Library for Multi-Task Learning", JMLR 2023):
 
 - ``"single"`` (single-input): every example carries a label for every task.
@@ -8,7 +8,7 @@ Lin & Zhang, "LibMTL: A Python Library for Multi-Task Learning", JMLR 2023):
 - ``"multi"`` (multi-input): each task has its own examples, stacked on a leading task axis.
   ``{"inputs": [T, b, ...], "labels": {task: [b, ...]}, "mask": {task: f32[b]}}``
 
-Three rules make runs reproducible, resumable and independent of the number of hosts (DESIGN.md §7):
+Three rules make runs reproducible, resumable and independent of the number of hosts:
 
 - ``train_batch(step, batch_size)`` is a pure function of ``(seed, step, batch_size)``: it seeds a
   fresh generator from those numbers (``train_rng``) and never keeps iterator state.
@@ -88,7 +88,7 @@ def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
 def check_task_names(source_name: str, task_names: Sequence[str],
                      all_task_names: Sequence[str]) -> tuple[str, ...]:
     """Validates a task selection (non-empty, known, no repeats) and returns it as a tuple; the one
-    check of a config's ``tasks`` (`mtt_jax.config_check` calls it too)."""
+    check of a config's ``tasks`` (`mtt_jax.run.config_check` calls it too)."""
     if isinstance(task_names, str):
         task_names = (task_names,)
     task_names = tuple(task_names)

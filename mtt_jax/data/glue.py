@@ -159,7 +159,7 @@ class Glue(base.Source):
 
     def flat_batch(self, step: int, batch_size: int, rates: Sequence[float],
                    shard: base.Shard = base.FULL) -> dict:
-        """A flat mixture batch (DESIGN §3; format in `mixtures`): rows drawn with ``rates``
+        """A flat mixture batch (format in `mixtures`): rows drawn with ``rates``
         (``mixtures.mixing_rates``), a task's examples cycling through passes over its train split
         (``mixtures.sample_examples``)."""
         sizes = [len(self.train[task][1]) for task in self.task_names]

@@ -1,4 +1,4 @@
-"""Task mixtures for flat batches (DESIGN §3): mixing rates, and which task and example fills each row.
+"""Task mixtures for flat batches: mixing rates, and which task and example fills each row.
 
 Rates (normalized to sum to 1 by ``mixing_rates``):
 
@@ -63,7 +63,7 @@ def mixing_rates(num_examples: Sequence[int], method: str = "proportional", *, t
                  maximum: float | None = None, scale: float = 1.0,
                  rates: Sequence[float] | None = None) -> np.ndarray:
     """``f64[T]`` normalized mixing rates of tasks with ``num_examples`` train examples each; the one
-    check of a config's temperature and explicit rates (`mtt_jax.config_check` calls it with sizes 1)."""
+    check of a config's temperature and explicit rates (`mtt_jax.run.config_check` calls it with sizes 1)."""
     base.check_choice("mixing method", method, METHODS)
     num_examples = np.asarray(num_examples, np.float64)
     if method == "proportional":

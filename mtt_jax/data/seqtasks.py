@@ -201,7 +201,7 @@ class SeqTasks(base.Source):
 
     def flat_batch(self, step: int, batch_size: int, rates: Sequence[float],
                    shard: base.Shard = base.FULL) -> dict:
-        """A flat mixture batch (DESIGN §3; format in `mixtures`): row tasks drawn with ``rates``
+        """A flat mixture batch (format in `mixtures`): row tasks drawn with ``rates``
         (``mixtures.sample_task_ids``), sequences from the step's flat stream (the data are generated,
         so there are no sizes to cycle through)."""
         rows = base.shard_rows(batch_size, shard)

@@ -29,7 +29,7 @@ from unittest import mock
 import numpy as np
 from absl import logging
 
-from mtt_jax import workdir
+from mtt_jax.run import workdir
 from mtt_jax.data.base import DatasetNotPreparedError
 
 # The module that registers each dataset's builder. Without TensorFlow, ``import tensorflow_datasets``

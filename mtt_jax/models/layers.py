@@ -1,4 +1,4 @@
-"""Transformer building blocks with logical axis names on every kernel (DESIGN §4).
+"""Transformer building blocks with logical axis names on every kernel.
 
 Kernels carry the logical names ``embed``, ``mlp``, ``heads``, ``kv`` and ``vocab``; the mesh rules in
 `mtt_jax.sharding` map them onto the ``data``/``fsdp``/``tensor`` mesh axes. Activations are
@@ -162,7 +162,7 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
 
 def head_dim_of(d_model: int, num_heads: int) -> int:
     """``d_model // num_heads``, the width of one attention head; a one-line ValueError unless the heads
-    divide the model width (`mtt_jax.config_check` asks this before anything is built)."""
+    divide the model width (`mtt_jax.run.config_check` asks this before anything is built)."""
     if d_model % num_heads:
         raise ValueError(f"model.d_model={d_model} is not divisible by model.num_heads={num_heads}")
     return d_model // num_heads

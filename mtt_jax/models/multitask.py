@@ -1,10 +1,10 @@
-"""The multi-task Transformer: shared trunk, task encoder, task attention, per-task heads (DESIGN §4).
+"""The multi-task Transformer: shared trunk, task encoder, task attention, per-task heads.
 
 The forward pass is split in two so that tests and diagnostics can act on the task streams directly:
 
 - `encode`: inputs -> task streams. single-input: ``streams_BxTxD`` (one vector per task and example);
   multi-input: ``(x_TxBxLxD, token_mask_TxBxL)`` (every position of every task's examples); a flat
-  mixture batch of the multi-input model (``task_id`` given, DESIGN §3): ``(x_BxLxD, token_mask_BxL,
+  mixture batch of the multi-input model (``task_id`` given): ``(x_BxLxD, token_mask_BxL,
   task_id_B)``, each row with its own task's features, as in `encode_task`.
 - `decode`: task streams -> task attention (optional) -> per-task heads.
 
@@ -39,7 +39,7 @@ Streams = Any
 
 class MultiTaskTransformer(nn.Module):
     tasks: tuple[TaskSpec, ...]
-    layout: str                      # "single" or "multi" (DESIGN §3)
+    layout: str                      # "single" or "multi"
     input_spec: InputSpec
     num_layers: int = 2
     d_model: int = 64

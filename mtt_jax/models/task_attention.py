@@ -1,11 +1,11 @@
-"""Task attention (founding document §3.3): queries from one task's stream, keys/values from the others.
+"""Task attention: queries from one task's stream, keys/values from the others.
 
 Scaled dot-product attention (Vaswani et al. 2017, eq. 1) in which the query of task i is computed from
 task i's stream and the keys and values from the streams of tasks j != i (``include_self`` adds task i
 itself). The result is added residually (pre-LN) to task i's stream. The T x T matrix of attention mass
 ("how much of task i's attention goes to task j", rows sum to 1) is returned as a diagnostic.
 
-Two layouts (DESIGN §3, §4):
+Two layouts:
 
 - `SingleInputTaskAttention`: the T task streams of the same example attend to each other.
 - `MultiInputTaskAttention`: each task has its own examples, so task i's positions attend over learned

@@ -1,7 +1,7 @@
-"""Task encoder (founding document §3.2): task identity -> Dense -> task features.
+"""Task encoder: task identity -> Dense -> task features.
 
 ``T = Dense(T0)`` maps the one-hot task identity ``T0`` to a ``d_model`` feature vector. How the features
-enter the trunk depends on the batch layout (DESIGN §4):
+enter the trunk depends on the batch layout:
 
 - multi-input: every example belongs to one task, so its features are added to every input position.
 - single-input: one forward pass serves all tasks, so the features become one task token per task,

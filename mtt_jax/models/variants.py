@@ -1,4 +1,4 @@
-"""MLP multi-task models for the paper tables (DESIGN §4): Shared-Bottom, one-gate MoE and MMoE.
+"""MLP multi-task models for the paper tables: Shared-Bottom, one-gate MoE and MMoE.
 
 The three models of Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate
 Mixture-of-Experts", KDD 2018, §3-4, with the sizes of their synthetic-data experiments as defaults:

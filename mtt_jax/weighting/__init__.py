@@ -1,4 +1,4 @@
-"""One registry of multi-task weighting methods, selected by ``config.weighting.name`` (DESIGN §5).
+"""One registry of multi-task weighting methods, selected by ``config.weighting.name``.
 
 A method's options come from the sub-config named after it, e.g. ``config.weighting.cagrad.c = 0.4``
 builds ``CAGrad(num_tasks, c=0.4)``; `DEFAULT_OPTIONS` lists every method's options and defaults. Two

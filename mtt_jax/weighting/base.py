@@ -1,4 +1,4 @@
-"""The interface every multi-task weighting method implements (DESIGN §5).
+"""The interface every multi-task weighting method implements.
 
 A method is a pure, immutable object built from ``config.weighting`` (options = the paper's
 hyperparameters). It owns two pytrees:
@@ -52,7 +52,7 @@ class WeightingMethod(abc.ABC):
     combine_is_linear: bool = False
     # The state holds per-task leaves shaped like the shared parameters (``[T, *param.shape]``: DB-MTL's
     # EMA, ExcessMTL's accumulators, MoCo's tracked gradients): built by ``init_state_for`` only, and
-    # not usable with representation gradients (`mtt_jax.config_check`).
+    # not usable with representation gradients (`mtt_jax.run.config_check`).
     state_mirrors_params: bool = False
 
     def __init__(self, num_tasks: int):

@@ -25,7 +25,7 @@ class EqualWeighting(WeightingMethod):
 
 
 class FixedWeighting(WeightingMethod):
-    """Fixed weights from the config: ``L = sum_t w_t L_t`` (founding document §3.4); empty = all 1.
+    """Fixed weights from the config: ``L = sum_t w_t L_t``; empty = all 1.
 
     The weights come from ``weighting.weights`` (or ``weighting.fixed.weights``); sum scale for all-ones.
     """
@@ -61,7 +61,7 @@ class UncertaintyWeighting(WeightingMethod):
     With learned ``s_t = log sigma_t^2`` the objective is ``sum_t [exp(-s_t) L_t / 2 + s_t / 2]``, so the
     task weight is ``exp(-s_t) / 2`` and, for fixed ``L_t``, the optimum is ``exp(s_t) = L_t``. ``s`` is
     trained by the main optimizer (as in LibMTL). ``init_log_var`` defaults to LibMTL's -0.5 (initial
-    weight 0.824); the paper gives none. Pitfall (METHODS.md): the weight grows without bound as a loss
+    weight 0.824); the paper gives none. Pitfall: the weight grows without bound as a loss
     approaches 0.
     """
     name = "uncertainty"

@@ -1,4 +1,4 @@
-"""End-of-run outputs (DESIGN §8): ``summary.md`` with the per-task table, and PNG plots."""
+"""End-of-run outputs: ``summary.md`` with the per-task table, and PNG plots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from mtt_jax.tasks import TaskSpec
-from mtt_jax.workdir import exists, join, read_text, remove, write_bytes, write_json, write_text
+from mtt_jax.run.workdir import exists, join, read_text, remove, write_bytes, write_json, write_text
 
 
 def per_task_table(tasks: Sequence[TaskSpec], metrics: dict) -> str:

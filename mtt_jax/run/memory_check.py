@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from mtt_jax.config_check import ConfigError
+from mtt_jax.run.config_check import ConfigError
 
 _GIB = 2.0**30
 _PROBE_ROWS = 2

@@ -1,4 +1,4 @@
-"""Checks a resolved config before any work is done (DESIGN §7: bad input fails first, in one line).
+"""Checks a resolved config before any work is done (bad input fails first, in one line).
 
 `validate` raises `ConfigError` whose message names the bad field, its value and the valid choices;
 `mtt_jax.main` prints it and exits with status 2, before creating or touching the workdir's contents.
@@ -167,7 +167,7 @@ def _check_affinity(a) -> None:
 
 
 def _check_profile(p, total_steps: int) -> None:
-    """The traced window (`mtt_jax.profile_window`) lies within the run."""
+    """The traced window (`mtt_jax.perf.profile_window`) lies within the run."""
     _integer_at_least("profile.first_step", p.first_step, 0, " (0: off)")
     _integer_at_least("profile.num_steps", p.num_steps, 1)
     last = p.first_step + p.num_steps - 1

@@ -4,7 +4,7 @@ The loop's counterpart of the benchmark's ``--profile`` (MaxText's ``profiler_st
 ``xprof``): updates ``S .. S + profile.num_steps - 1`` of the real run, with its data pipeline, its
 checkpoints and its evals, are traced into ``WORKDIR/profile``, which TensorBoard's profile plugin
 (XProf) opens with ``tensorboard --logdir WORKDIR``. Beside the trace, ``op_times.md`` and
-``op_times.json`` give the train step's XLA op time by source op (`mtt_jax.profiling`) and the
+``op_times.json`` give the train step's XLA op time by source op (`mtt_jax.perf.profiling`) and the
 window's wall time per update with the profiler on.
 
 The loop waits for the device at the window's two edges only, so that the window's wall time is its
@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import jax
 
-from mtt_jax import profiling, workdir as workdir_lib
+from mtt_jax.perf import profiling
+from mtt_jax.run import workdir as workdir_lib
 
 DIRECTORY = "profile"
 

@@ -1,5 +1,5 @@
 """What the command lines (`mtt_jax.main`, `mtt_jax.benchmark`) share: bad input ends in one line on
-stderr and exit status 2, before any work (DESIGN §7), and the multi-host start (DESIGN §6)."""
+stderr and exit status 2, before any work, and the multi-host start."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def initialize_distributed() -> None:
     process terminates with std::bad_cast instead). The processes heartbeat from a C++ thread, so a
     long compilation does not miss any; raise the timeout where the network or process 0's host can
     stall for longer (large pods). Inside the training loop a process that stops is noticed at once
-    and reported in one line (`mtt_jax.multihost.watch_peers`); the heartbeat is what is left for a
+    and reported in one line (`mtt_jax.run.multihost.watch_peers`); the heartbeat is what is left for a
     process that hangs without exiting (SIGSTOP: the others abort after 10 s), and for the time
     outside that loop."""
     import jax

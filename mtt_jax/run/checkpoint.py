@@ -1,4 +1,4 @@
-"""Orbax checkpoints that survive preemption (DESIGN §7).
+"""Orbax checkpoints that survive preemption.
 
 - The whole train state (step, params, optimizer, weighting state, RNG) is saved every
   ``checkpoint_every`` steps, asynchronously, keeping the newest ``keep``. Every process takes part.
@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mtt_jax import workdir as workdir_lib
+from mtt_jax.run import workdir as workdir_lib
 
 PyTree = Any
 

@@ -1,4 +1,4 @@
-"""Run outputs (DESIGN §8): metrics.jsonl, TensorBoard events and the progress line.
+"""Run outputs: metrics.jsonl, TensorBoard events and the progress line.
 
 Only process 0 writes; other processes get writers that do nothing, so the loop needs no branches.
 On a bucket workdir (``gs://``) the files are `ObjectFile`s: an object store cannot append, so each
@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from mtt_jax import workdir as workdir_lib
+from mtt_jax.run import workdir as workdir_lib
 
 URL_FLUSH_SECONDS = 30.0
 

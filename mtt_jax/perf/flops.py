@@ -154,7 +154,7 @@ def _split_shape(right_hand_side: str) -> tuple[str, str]:
 def parse_hlo(hlo_text: str) -> _Module:
     """An HLO module's text (``as_hlo_text()``, before or after optimization) -> its instructions: name,
     computation, shape, opcode, operand names and the attribute text (``metadata={op_name=...}``
-    included). The one reader of HLO text here, shared by the FLOP counters and `mtt_jax.profiling`."""
+    included). The one reader of HLO text here, shared by the FLOP counters and `mtt_jax.perf.profiling`."""
     instructions, computation = [], ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)

@@ -10,7 +10,7 @@ A run's or an experiment's workdir may be a bucket URL (``gs://bucket/run``; ``s
 as on Cloud TPU VMs whose disks go with the VM: every path here goes through `etils.epath` (gcsfs for
 ``gs://`` when TensorFlow is absent). An object store replaces an object whole, so a write there is
 whole or absent without the local temporary file and rename; it has no ``flock``, so such a workdir
-is locked by a lease object (`mtt_jax.lease`).
+is locked by a lease object (`mtt_jax.run.lease`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import uuid
 
 from etils import epath
 
-from mtt_jax import lease
+from mtt_jax.run import lease
 
 # Fields that do not change the computed trajectory; they may differ between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
@@ -284,7 +284,7 @@ def lock(workdir: str, enabled: bool = True):
     (the command launched twice, a requeued job whose first copy still runs) stops with one line
     instead of writing metrics and checkpoints among the first one's. It is released when the block
     ends (or the process does). On an object store, which has no ``flock``, ``.lock`` is a lease
-    (`mtt_jax.lease`); where a filesystem has no ``flock`` (some network and FUSE mounts) the run goes
+    (`mtt_jax.run.lease`); where a filesystem has no ``flock`` (some network and FUSE mounts) the run goes
     on unlocked. A location `check_location` refuses is not created.
 
     Yields what the run asks at every step: its `lease.Lease` on an object store, which can be lost

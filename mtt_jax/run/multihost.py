@@ -16,7 +16,7 @@ Two situations, two tools:
   the same error and print their own line), then meet it in the runtime's shutdown barrier, so that
   it too ends with its own error rather than an abort. A host that vanishes closes no connection:
   kernel keepalive probes notice it in about 5 s; a process that hangs (SIGSTOP, a stuck driver) is
-  left to the runtime's heartbeat timeout (`mtt_jax.cli.initialize_distributed`).
+  left to the runtime's heartbeat timeout (`mtt_jax.run.cli.initialize_distributed`).
 
 Both are no-ops in a single process (``agree_on_error`` re-raises the error).
 """
@@ -65,7 +65,7 @@ def _runtime():
     from jax._src import distributed
     if distributed.global_state.client is None:
         raise RuntimeError("several JAX processes but no distributed runtime client: call "
-                           "mtt_jax.cli.initialize_distributed() (jax.distributed.initialize) first")
+                           "mtt_jax.run.cli.initialize_distributed() (jax.distributed.initialize) first")
     return distributed.global_state
 
 
@@ -147,7 +147,7 @@ class _Watch:
             target = self._serve
         else:
             target = lambda: self._follow(key)
-        threading.Thread(target=target, name="mtt_jax.multihost.watch", daemon=True).start()
+        threading.Thread(target=target, name="mtt_jax.run.multihost.watch", daemon=True).start()
 
     def leave(self, line: str) -> None:
         with self.lock:

@@ -31,7 +31,8 @@ import re
 import tempfile
 from typing import Callable
 
-from mtt_jax import flops, workdir
+from mtt_jax.perf import flops
+from mtt_jax.run import workdir
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _MODULE_NAME = re.compile(r"^HloModule ([^\s,]+)", re.MULTILINE)
