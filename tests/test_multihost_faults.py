@@ -17,7 +17,9 @@ from mtt_jax.run import multihost
 from mtt_jax.run import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config=configs/seqtasks.py:tiny", "--config.eval_every=100000",
+# One config for both runs (total_steps too: it is in the compiled schedule), so that the second
+# compiles nothing new (the tests' persistent compilation cache).
+ARGS = ["--config=configs/seqtasks.py:tiny", "--config.eval_every=100000", "--config.total_steps=100000",
         "--config.checkpoint_every=100000", "--config.log_every=2", "--quiet"]
 
 
@@ -98,7 +100,7 @@ def test_a_locked_workdir_stops_both_processes_with_the_same_line_at_once(tmp_pa
 def test_a_killed_process_stops_the_other_at_once_in_one_line(tmp_path, started):
     """SIGKILL of process 1 mid-run: process 0 reports it and exits within seconds (measured 0.1-0.2 s),
     not by the runtime's abort after the heartbeat timeout (a C++ stack trace)."""
-    processes = start_pair(started, tmp_path, "--config.total_steps=100000")
+    processes = start_pair(started, tmp_path)
     metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
     while not (metrics.exists() and any(json.loads(l)["split"] == "train"
                                         for l in metrics.read_text().splitlines() if l.endswith("}"))):
