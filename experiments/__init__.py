@@ -2,8 +2,9 @@
 
 Each writes ``DIR/table.md``, ``DIR/results.json`` and PNG plots; ``--quick`` runs in at most 10 minutes on
 2 CPU cores; ``--help`` states the cost of the full run. Shared pieces: `common` (command line, tables,
-plots), `runner` (seeds trained at once under ``jax.vmap``), `toys` (on-device samplers of the synthetic
-sources), `delta_m` (the two delta-m conventions). Measured numbers beside the papers': RESULTS.md.
+plots), `toys` (on-device samplers of the synthetic sources), `delta_m` (the two delta-m conventions);
+seeds are trained at once under ``jax.vmap`` by the training library (`mtt_jax.seed_runs`), which owns
+every training loop and evaluation. Measured numbers beside the papers': RESULTS.md.
 """
 
 EXPERIMENTS = ("mmoe_correlation", "gradnorm_toy", "pareto_toy", "multimnist", "weighting_zoo",

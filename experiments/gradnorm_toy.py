@@ -26,8 +26,8 @@ import sys
 import numpy as np
 
 from configs import gradnorm_toy as gradnorm_config
-from experiments import common, runner, toys
-from mtt_jax import tasks as tasks_lib
+from experiments import common, toys
+from mtt_jax import seed_runs, tasks as tasks_lib
 from mtt_jax.models import variants
 
 NAME = "gradnorm_toy"
@@ -68,7 +68,7 @@ def run(args) -> dict:
         config = make_config(args.size, method)
         model = variants.SharedBottomMLP(task_specs, bottom_units=(100,) * 4, tower_units=())
         sampler = toys.gradnorm_sampler(TASKS, dict(zip(TASKS, SIGMAS)), config.batch_size)
-        runs = runner.train_seeds(config, seeds, model=model, sampler=sampler, eval_at_start=True,
+        runs = seed_runs.train_seeds(config, seeds, model=model, sampler=sampler, eval_at_start=True,
                                   eval_every=max(config.total_steps // 10, 1), max_chunk=100)
         steps = sorted(runs.evals)
         mse = {t: np.asarray([runs.metric(f"{t}/mse", s) for s in steps]) for t in TASKS}   # [E, S]

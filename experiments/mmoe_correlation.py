@@ -27,8 +27,8 @@ import sys
 import numpy as np
 
 from configs import mmoe_synthetic as mmoe_config
-from experiments import common, runner, toys
-from mtt_jax import data
+from experiments import common, toys
+from mtt_jax import data, seed_runs
 from mtt_jax.models import variants
 from mtt_jax import tasks as tasks_lib
 
@@ -83,7 +83,7 @@ def run(args) -> dict:
         # the runs of one seed share their initialisation and their input draws across correlations.
         correlations = [p for p in CORRELATIONS for _ in range(num)]
         weights = np.stack([toys.mmoe_weights(sources[p].task_weights) for p in correlations])
-        runs = runner.train_seeds(config, list(range(num)) * len(CORRELATIONS),
+        runs = seed_runs.train_seeds(config, list(range(num)) * len(CORRELATIONS),
                                   model=build(model_name, config),
                                   sampler=sampler, sampler_args=weights,
                                   eval_sources=[sources[p] for p in correlations], max_chunk=100)

@@ -30,7 +30,8 @@ import sys
 import numpy as np
 
 from configs import default as digits_config, multimnist as multimnist_config
-from experiments import common, runner
+from experiments import common
+from mtt_jax import seed_runs
 from mtt_jax.data import DatasetNotPreparedError
 
 NAME = "multimnist"
@@ -95,14 +96,14 @@ def run(args) -> dict:
 
     single = {}
     for task in tasks:
-        runs = runner.train_seeds(runner.single_task_config(base, task), seeds)
+        runs = seed_runs.train_seeds(seed_runs.single_task_config(base, task), seeds)
         single[task] = runs.metric(f"{task}/accuracy").tolist()
         log(f"single-task {task}: accuracy {common.fmt(single[task])} ({runs.wall_seconds:.0f} s)")
     results["rows"]["single-task"] = {"accuracy": single}
 
     rows = TINY_ROWS if args.size == "tiny" else tuple(ROWS)
     for row in rows:
-        runs = runner.train_seeds(row_config(base, *ROWS[row]), seeds)
+        runs = seed_runs.train_seeds(row_config(base, *ROWS[row]), seeds)
         results["rows"][row] = {"accuracy": {t: runs.metric(f"{t}/accuracy").tolist() for t in tasks},
                                 "final_weights": runs.curve_weights[-1].tolist(),
                                 "wall_seconds": round(runs.wall_seconds, 1)}

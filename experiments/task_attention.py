@@ -32,8 +32,8 @@ import sys
 import numpy as np
 
 from configs import default as digits_config, seqtasks as seqtasks_config
-from experiments import common, runner
-from mtt_jax import tasks as tasks_lib
+from experiments import common
+from mtt_jax import seed_runs, tasks as tasks_lib
 
 NAME = "task_attention"
 FULL_COST = "about 45-70 minutes on 2 CPU cores (2 datasets, 5 seeds x 1500 steps, T + 4 models each)."
@@ -87,7 +87,7 @@ def run_dataset(args, dataset: str, seeds: list[int], log) -> dict:
     single = {t: {} for t in task_names}
     wall = 0.0
     for task in task_names:
-        runs = runner.train_seeds(runner.single_task_config(base, task), seeds)
+        runs = seed_runs.train_seeds(seed_runs.single_task_config(base, task), seeds)
         single[task] = {m: runs.metric(f"{task}/{m}").tolist() for m in specs[task].metric_names}
         wall += runs.wall_seconds
         log(f"[{dataset}] single-task {task}: {summary_metric(specs[task])} "
@@ -98,7 +98,7 @@ def run_dataset(args, dataset: str, seeds: list[int], log) -> dict:
         task_encoder, task_attention, ffn = VARIANTS[variant]
         c = base.copy_and_resolve_references()
         c.model.task_encoder, c.model.task_attention, c.model.ffn = task_encoder, task_attention, ffn
-        runs = runner.train_seeds(c, seeds)
+        runs = seed_runs.train_seeds(c, seeds)
         entry = {"metrics": {t: {m: runs.metric(f"{t}/{m}").tolist() for m in specs[t].metric_names}
                              for t in task_names},
                  "num_params": runs.num_params, "wall_seconds": round(runs.wall_seconds, 1)}

@@ -28,8 +28,8 @@ import sys
 import numpy as np
 
 from configs import mmoe_synthetic as mmoe_config
-from experiments import common, runner, toys
-from mtt_jax import affinity, data, tasks as tasks_lib
+from experiments import common, toys
+from mtt_jax import affinity, data, seed_runs, tasks as tasks_lib
 from mtt_jax.models import variants
 
 NAME = "task_grouping"
@@ -74,7 +74,7 @@ def run(args) -> dict:
                  if model_name == "shared_bottom" else None)
         correlations = [p for p in CORRELATIONS for _ in range(n)]
         weights = np.stack([toys.mmoe_weights(sources[p].task_weights) for p in correlations])
-        runs = runner.train_seeds(config, list(range(n)) * len(CORRELATIONS), model=model, sampler=sampler,
+        runs = seed_runs.train_seeds(config, list(range(n)) * len(CORRELATIONS), model=model, sampler=sampler,
                                   sampler_args=weights, eval_sources=[sources[p] for p in correlations],
                                   affinity_every=config.affinity.every, max_chunk=100)
         per_corr = {}

@@ -42,8 +42,8 @@ import sys
 import numpy as np
 
 from configs import seqtasks as seqtasks_config
-from experiments import common, delta_m, runner
-from mtt_jax import tasks as tasks_lib
+from experiments import common, delta_m
+from mtt_jax import seed_runs, tasks as tasks_lib
 from mtt_jax.run import workdir as workdir_lib
 from mtt_jax.weighting import DEFAULT_OPTIONS, METHODS, make_method
 
@@ -138,7 +138,7 @@ def run(args) -> dict:
     for task in task_names:
         if task in single:
             continue
-        runs = runner.train_seeds(single_task_config(args.size, task), seeds)
+        runs = seed_runs.train_seeds(single_task_config(args.size, task), seeds)
         single[task] = {m: runs.metric(f"{task}/{m}").tolist() for m in metric_names[task]}
         log(f"single-task {task}: " + ", ".join(f"{m} {common.fmt(v)}" for m, v in single[task].items())
             + f" ({runs.wall_seconds:.0f} s)")
@@ -150,7 +150,7 @@ def run(args) -> dict:
         if method in finished:
             results["methods"][method] = finished[method]
             continue
-        runs = runner.train_seeds(method_config(args.size, method), seeds)
+        runs = seed_runs.train_seeds(method_config(args.size, method), seeds)
         per_seed = [delta_m.task_metrics(final, task_names, metric_names) for final in runs.final]
         results["methods"][method] = {
             "metrics": {t: {m: [p[t][m] for p in per_seed] for m in metric_names[t]} for t in task_names},

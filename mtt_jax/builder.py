@@ -1,5 +1,5 @@
 """Everything a config builds before the first step, shared by the training loop (`mtt_jax.train`),
-the multi-seed runs of the experiments (`experiments.runner`) and the benchmark:
+the multi-seed runs of the experiments (`mtt_jax.seed_runs`) and the benchmark:
 
     setup = build(config)              # tasks, data, mesh, model, method, optimizer, shardings
     compiled = compile_steps(setup, config)   # the train and eval steps, compiled ahead of time

@@ -263,13 +263,12 @@ RUNNER_VS_LOOP = """
 import json, sys
 import numpy as np
 from configs import default as default_config
-from experiments import runner
-from mtt_jax import train
+from mtt_jax import seed_runs, train
 config = default_config.get_config("tiny")
 config.total_steps, config.eval_every, config.log_every, config.checkpoint_every = 6, 6, 3, 100
 config.mesh.num_devices = 1
 config.weighting.name = "pcgrad"          # a Gram method: per-task gradients inside the vmap
-runs = runner.train_seeds(config, [0, 3])
+runs = seed_runs.train_seeds(config, [0, 3])
 config.seed = 3                           # the second run of the vmap
 _, final = train.train_and_evaluate(config, sys.argv[1], quiet=True)
 keys = ("loss", "left_digit/loss", "right_digit/loss", "right_digit/accuracy")
@@ -279,7 +278,7 @@ print(json.dumps({"runner": [{k: r[k] for k in keys} for r in runs.final],
 
 
 def test_runner_matches_the_training_loop(tmp_path):
-    """Seed s of `runner.train_seeds` is the run `train.train_and_evaluate` makes with config.seed = s.
+    """Seed s of `seed_runs.train_seeds` is the run `train.train_and_evaluate` makes with config.seed = s.
 
     In a subprocess with XLA's fast-compile flag (as the experiments run), which halves the compile time.
     """

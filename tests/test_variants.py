@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import default as default_config, mmoe_synthetic as mmoe_config, seqtasks as seqtasks_config
-from experiments import runner, toys
-from mtt_jax import data, tasks as tasks_lib
+from experiments import toys
+from mtt_jax import data, seed_runs, tasks as tasks_lib
 from mtt_jax.models import build_model, variants
 from mtt_jax.models.moe import TaskMoEFeedForward
 
@@ -69,7 +69,7 @@ def mmoe_run(model, method="ew", steps_=150, rep_grad=False):
     config.weighting.name, config.weighting.rep_grad = method, rep_grad
     source = data.make_source("mmoe_synthetic", config.tasks, seed=0, **dict(config.data.options))
     weights = np.stack([toys.mmoe_weights(source.task_weights)] * 2)
-    return runner.train_seeds(config, [0, 1], model=model, sampler=toys.mmoe_sampler(config.tasks, 64),
+    return seed_runs.train_seeds(config, [0, 1], model=model, sampler=toys.mmoe_sampler(config.tasks, 64),
                               sampler_args=weights, eval_at_start=True)
 
 
@@ -145,7 +145,7 @@ def test_transformer_with_task_moe_learns():
     config.model.ffn, config.model.num_experts, config.model.patch_size = "task_moe", 2, 4
     config.total_steps, config.batch_size, config.log_every = 150, 64, 30
     config.optimizer.warmup_steps = 10
-    runs = runner.train_seeds(config, [0])
+    runs = seed_runs.train_seeds(config, [0])
     losses = runs.curve_losses.mean(-1)[:, 0]
     assert losses[-1] < 0.75 * losses[0]
     assert runs.metric("left_digit/accuracy")[0] > 0.3       # chance is 0.1
