@@ -93,54 +93,78 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     log_every = min(log_every or int(config.log_every), total)
     task_specs, source, model, method, tx = make_pieces(config, model)
     layout = source.layout
-    options = dict(config.data.options)
-    sources = ([data.make_source(config.data.source, config.tasks, seed=s, **options) for s in seeds]
-               if sampler is None else [])
-    batch_size = int(config.batch_size)
+    sources = ([data.make_source(config.data.source, config.tasks, seed=s, **dict(config.data.options))
+                for s in seeds] if sampler is None else [])
     run_sources = list(eval_sources) if eval_sources is not None else [source] * len(seeds)
     if len(run_sources) != len(seeds):
         raise ValueError(f"eval_sources has {len(run_sources)} entries for {len(seeds)} runs")
 
     # --- Init: one state per seed, stacked. ----------------------------------------------------------
-    sample_inputs = jnp.asarray(source.train_batch(0, batch_size)["inputs"])
+    sample_inputs = jnp.asarray(source.train_batch(0, int(config.batch_size))["inputs"])
     init = lambda rng: nn.unbox(steps.init_state(rng, model, method, tx, sample_inputs))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     states = jax.jit(jax.vmap(init))(keys)
     num_params = int(sum(x.size for x in jax.tree.leaves(states.params["model"])) // len(seeds))
     data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**20))(keys) if sampler is not None else None
 
-    # --- Update: scan over a chunk of steps of the vmapped step. -----------------------------------------
-    rep_grad = bool(config.weighting.rep_grad)
-    step_fn = jax.vmap(steps.bind(steps.train_step, model=model, tasks=task_specs, layout=layout,
-                                  method=method, tx=tx, rep_grad=rep_grad))
-
-    def record(metrics):
-        return {"task_losses": metrics["task_losses"], "weights": metrics["weights"]}
-
-    def sampled_batch(step):
-        """Every run's batch of ``step``, drawn on the device (``sampler``)."""
-        if sampler_args is None:
-            return jax.vmap(lambda key: sampler(key, step))(data_keys)
-        return jax.vmap(lambda key, args: sampler(key, step, args))(data_keys, sampler_args)
-
-    def run_chunk(states, batches_or_steps):
-        """Host batches ``[K, S, ...]``, or with a sampler the K step numbers."""
-        def body(states, batch_or_step):
-            batch = batch_or_step if sampler is None else sampled_batch(batch_or_step)
-            states, metrics = step_fn(states, batch)
-            return states, record(metrics)
-        return jax.lax.scan(body, states, batches_or_steps)
-    run_chunk = jax.jit(run_chunk, donate_argnums=0)
-
-    # --- Evals and affinity. -----------------------------------------------------------------------------
-    eval_fn = jax.jit(jax.vmap(steps.bind(steps.eval_step, model=model, tasks=task_specs, layout=layout),
-                               in_axes=(0, None)))
-    schedule = steps.learning_rate_schedule(config.optimizer, total)
-    one_affinity = builder.affinity_step(model, task_specs, layout, schedule, config.affinity.lr)
-    affinity_fn = jax.jit(jax.vmap(one_affinity)) if affinity_every else None
-    sampled_batch_fn = jax.jit(sampled_batch) if sampler is not None else None
-
+    # --- Update, evals and affinity, then the loop over chunks of steps. ------------------------------
+    programs = SeedPrograms(config, model, task_specs, layout, method, tx, sampler, sampler_args, data_keys,
+                            affinity_every)
     chunk = chunk_size(total, [eval_every, log_every, affinity_every], max_chunk)
+    score = lambda states: evaluate(programs.eval, states, run_sources, task_specs, config.eval_batch_size,
+                                    layout)
+    evals = {0: score(states)} if eval_at_start else {}
+    states, losses_NxSxT, weights_NxSxT, affinity = _train_chunks(
+        programs, states, sources, int(config.batch_size), total, chunk, eval_every, affinity_every, score,
+        evals, progress)
+    final = evals[total] = score(states)
+
+    windows = total // log_every
+    window_mean = lambda x: x[:windows * log_every].reshape((windows, log_every) + x.shape[1:]).mean(1)
+    return SeedRuns(seeds=seeds, task_names=list(config.tasks), final=final, evals=evals,
+                    curve_steps=np.arange(1, windows + 1) * log_every,
+                    curve_losses=window_mean(losses_NxSxT), curve_weights=window_mean(weights_NxSxT),
+                    affinity=affinity, wall_seconds=time.perf_counter() - start, num_params=num_params,
+                    state=states if keep_state else None)
+
+
+class SeedPrograms:
+    """The compiled programs of `train_seeds`: a chunk of steps of the vmapped train step under one
+    ``lax.scan`` (host batches ``[K, S, ...]``, or with a ``sampler`` the K step numbers, the batches then
+    drawn on the device), the vmapped eval step, and TAG's lookahead affinity."""
+
+    def __init__(self, config, model, task_specs, layout, method, tx, sampler, sampler_args, data_keys,
+                 affinity_every: int):
+        self.sampler, self.sampler_args, self.data_keys = sampler, sampler_args, data_keys
+        self.step_fn = jax.vmap(steps.bind(steps.train_step, model=model, tasks=task_specs, layout=layout,
+                                           method=method, tx=tx, rep_grad=bool(config.weighting.rep_grad)))
+        self.chunk = jax.jit(self._chunk, donate_argnums=0)
+        self.eval = jax.jit(jax.vmap(steps.bind(steps.eval_step, model=model, tasks=task_specs,
+                                                layout=layout), in_axes=(0, None)))
+        schedule = steps.learning_rate_schedule(config.optimizer, int(config.total_steps))
+        one_affinity = builder.affinity_step(model, task_specs, layout, schedule, config.affinity.lr)
+        self.affinity = jax.jit(jax.vmap(one_affinity)) if affinity_every else None
+        self.sampled_batch_fn = jax.jit(self.sampled_batch) if sampler is not None else None
+
+    def sampled_batch(self, step):
+        """Every run's batch of ``step``, drawn on the device (``sampler``)."""
+        if self.sampler_args is None:
+            return jax.vmap(lambda key: self.sampler(key, step))(self.data_keys)
+        return jax.vmap(lambda key, args: self.sampler(key, step, args))(self.data_keys, self.sampler_args)
+
+    def _chunk(self, states, batches_or_steps):
+        def body(states, batch_or_step):
+            batch = batch_or_step if self.sampler is None else self.sampled_batch(batch_or_step)
+            states, metrics = self.step_fn(states, batch)
+            return states, {"task_losses": metrics["task_losses"], "weights": metrics["weights"]}
+        return jax.lax.scan(body, states, batches_or_steps)
+
+
+def _train_chunks(programs: SeedPrograms, states, sources, batch_size: int, total: int, chunk: int,
+                  eval_every: int, affinity_every: int, score, evals: dict, progress):
+    """Every chunk of steps (host batches built ahead on a thread): the states, the per-step train
+    losses and weights ``[N, S, T]``, and the mean affinity (None without); intermediate evals go into
+    ``evals``."""
     num_chunks = total // chunk
 
     def host_chunk(index: int):
@@ -148,47 +172,30 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
         per_step = [stack([src.train_batch(first + k, batch_size) for src in sources]) for k in range(chunk)]
         return stack(per_step)
 
-    chunks = (prefetch(host_chunk, 0, num_chunks, 2) if sampler is None
+    chunks = (prefetch(host_chunk, 0, num_chunks, 2) if programs.sampler is None
               else ((i, None) for i in range(num_chunks)))
-    losses, weights_log, evals = [], [], {}
-    if eval_at_start:
-        evals[0] = evaluate(eval_fn, states, run_sources, task_specs, config.eval_batch_size, layout)
-    affinity_sum, affinity_count = None, 0
+    losses, weights_log, affinity_sum, affinity_count = [], [], None, 0
     for index, host_batches in chunks:
         first = index * chunk
-        if affinity_fn is not None and first % affinity_every == 0 and first > 0:
-            batch = (jax.tree.map(lambda x: x[0], host_batches) if sampler is None   # step `first`'s batch
-                     else sampled_batch_fn(jnp.asarray(first)))
-            value = np.asarray(jax.device_get(affinity_fn(states, batch)))
+        if programs.affinity is not None and first % affinity_every == 0 and first > 0:
+            batch = (jax.tree.map(lambda x: x[0], host_batches) if programs.sampler is None  # step `first`'s
+                     else programs.sampled_batch_fn(jnp.asarray(first)))
+            value = np.asarray(jax.device_get(programs.affinity(states, batch)))
             affinity_sum = value if affinity_sum is None else affinity_sum + value
             affinity_count += 1
-        if sampler is None:
-            states, metrics = run_chunk(states, host_batches)
-        else:
-            states, metrics = run_chunk(states, jnp.arange(first, first + chunk))
+        inputs = host_batches if programs.sampler is None else jnp.arange(first, first + chunk)
+        states, metrics = programs.chunk(states, inputs)
         metrics = jax.device_get(metrics)
         losses.append(metrics["task_losses"])
         weights_log.append(metrics["weights"])
         done = first + chunk
         if eval_every and done % eval_every == 0 and done != total:
-            evals[done] = evaluate(eval_fn, states, run_sources, task_specs, config.eval_batch_size, layout)
+            evals[done] = score(states)
         if progress is not None and (index + 1) % max(1, num_chunks // 4) == 0:
             progress(f"  step {done}/{total}: train loss "
                      f"{np.mean(metrics['task_losses'][-1], axis=0).round(4).tolist()}")
-    final = evaluate(eval_fn, states, run_sources, task_specs, config.eval_batch_size, layout)
-    evals[total] = final
-
-    losses_NxSxT = np.concatenate(losses)
-    weights_NxSxT = np.concatenate(weights_log)
-    windows = total // log_every
-    window_mean = lambda x: x[:windows * log_every].reshape((windows, log_every) + x.shape[1:]).mean(1)
-    curve_losses, curve_weights = window_mean(losses_NxSxT), window_mean(weights_NxSxT)
-    return SeedRuns(seeds=seeds, task_names=list(config.tasks), final=final, evals=evals,
-                    curve_steps=np.arange(1, windows + 1) * log_every, curve_losses=curve_losses,
-                    curve_weights=curve_weights,
-                    affinity=None if affinity_sum is None else affinity_sum / affinity_count,
-                    wall_seconds=time.perf_counter() - start, num_params=num_params,
-                    state=states if keep_state else None)
+    affinity = None if affinity_sum is None else affinity_sum / affinity_count
+    return states, np.concatenate(losses), np.concatenate(weights_log), affinity
 
 
 def stack(trees: list) -> Any:
