@@ -1,8 +1,28 @@
-"""Shared by the tests that compare train-step variants on one batch."""
+"""Shared by the tests that compare train-step variants on one batch, and by those that inject faults."""
 
 import jax
+import numpy as np
 
-from mtt_jax import sharding, train
+from mtt_jax import data, sharding, train
+
+
+def inject_nan(monkeypatch, is_bad_step):
+    """Sources made from now on give the seqtasks ``mean_value`` labels NaN in the train batches of the
+    steps where ``is_bad_step(step)``: a non-finite loss at exactly those updates."""
+    make_source = data.make_source
+
+    def patched(*args, **kwargs):
+        source = make_source(*args, **kwargs)
+        original = source.train_batch
+
+        def train_batch(step, batch_size, shard=(0, 1)):
+            batch = original(step, batch_size, shard=shard)
+            if is_bad_step(step):
+                batch["labels"]["mean_value"] = batch["labels"]["mean_value"] * np.nan
+            return batch
+        source.train_batch = train_batch
+        return source
+    monkeypatch.setattr(data, "make_source", patched)
 
 
 def compile_step(config, grad_accum_steps: int = 1):

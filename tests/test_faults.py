@@ -11,13 +11,13 @@ import signal
 import sys
 
 import jax
-import numpy as np
 import pytest
 from absl import flags
 
 from configs import default as default_config, seqtasks as seqtasks_config
-from mtt_jax import data, main as main_module, train
+from mtt_jax import main as main_module, train
 from mtt_jax.run import cli, config_check, lease, memory_check, workdir, writers
+from tests import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,20 +198,7 @@ def test_deleting_metrics_jsonl_mid_run_loses_no_record(monkeypatch, tmp_path, c
 
 
 def test_a_run_that_skips_most_updates_halts_instead_of_ending_successfully(monkeypatch, tmp_path):
-    make_source = data.make_source
-
-    def nan_from_step_3(*args, **kwargs):
-        source = make_source(*args, **kwargs)
-        original = source.train_batch
-
-        def train_batch(step, batch_size, shard=(0, 1)):
-            batch = original(step, batch_size, shard=shard)
-            if step >= 3:
-                batch["labels"]["mean_value"] = batch["labels"]["mean_value"] * np.nan
-            return batch
-        source.train_batch = train_batch
-        return source
-    monkeypatch.setattr(data, "make_source", nan_from_step_3)
+    steps.inject_nan(monkeypatch, lambda step: step >= 3)
     config = seqtasks_config.get_config("tiny")
     config.checkpoint_every, config.nonfinite_skip_window = 2, 8
     # Updates 4, 5, ... are skipped; 3 of the last 8 is more than 0.25 * 8 at update 6.

@@ -18,6 +18,7 @@ from configs import seqtasks as seqtasks_config
 from launch import local
 from mtt_jax import data, train
 from mtt_jax.run import checkpoint
+from tests import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/seqtasks.py:tiny", "--config.total_steps=60", "--config.checkpoint_every=10",
@@ -170,20 +171,7 @@ def test_interruptions_lose_no_record_eval_or_affinity_measurement(monkeypatch, 
 
 
 def inject_nan_at(monkeypatch, bad_step):
-    make_source = data.make_source
-
-    def patched(*args, **kwargs):
-        source = make_source(*args, **kwargs)
-        original = source.train_batch
-
-        def train_batch(step, batch_size, shard=(0, 1)):
-            batch = original(step, batch_size, shard=shard)
-            if step == bad_step:
-                batch["labels"]["mean_value"] = batch["labels"]["mean_value"] * np.nan
-            return batch
-        source.train_batch = train_batch
-        return source
-    monkeypatch.setattr(data, "make_source", patched)
+    steps.inject_nan(monkeypatch, lambda step: step == bad_step)
 
 
 def test_injected_nan_is_skipped(monkeypatch, tmp_path):
