@@ -30,8 +30,9 @@ def mmoe_weights(task_weights: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def mmoe_sampler(task_names: Sequence[str], batch_size: int):
-    """Ma et al. (2018) §4.1 steps 3-4: ``x ~ N(0, I_100)``,
-    ``y = w^T x + sum_i sin(alpha_i w^T x + beta_i) + N(0, 0.01^2)``.
+    """Ma et al. (2018) §3.2 steps 3-4: ``x ~ N(0, I_100)``,
+    ``y = w^T x + sum_i sin(alpha_i w^T x + beta_i) + N(0, 0.01^2)``, with the source's constants
+    (``mmoe_synthetic.constants()``: alpha_i = i, beta_i = (i - 1)^2, i = 1..10; ``NOISE_STD``).
 
     Returns ``sample(key, step, weights_DxT)``; the weight vectors are an argument (`mmoe_weights`), so
     runs at different correlations share one compiled program.
@@ -43,7 +44,9 @@ def mmoe_sampler(task_names: Sequence[str], batch_size: int):
     def sample(key: jax.Array, step: jax.Array, weights_DxT: jax.Array) -> dict:
         x_key, noise_key = jax.random.split(jax.random.fold_in(key, step))
         x_BxD = jax.random.normal(x_key, (batch_size, mmoe_synthetic.INPUT_DIM), jnp.float32)
-        projection_BxT = x_BxD @ weights_DxT
+        # Full f32: a TF32 or bf16 product's rounding, times alpha up to 10 in the sines, would exceed the
+        # labels' noise (std 0.01).
+        projection_BxT = jnp.matmul(x_BxD, weights_DxT, precision=jax.lax.Precision.HIGHEST)
         sines_BxT = jnp.sin(alphas * projection_BxT[..., None] + betas).sum(-1)
         noise_BxT = mmoe_synthetic.NOISE_STD * jax.random.normal(noise_key, projection_BxT.shape)
         y_BxT = projection_BxT + sines_BxT + noise_BxT

@@ -1,24 +1,60 @@
 """Synthetic regression task pairs of controlled relatedness (single-input, ``vector`` inputs).
 
 The generator of Ma et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate
-Mixture-of-Experts", KDD 2018, §4.1, for several pairs of tasks:
+Mixture-of-Experts", KDD 2018, §3.2, for several pairs of tasks:
 
-1. orthonormal vectors ``u1, u2`` in R^d (d = ``INPUT_DIM`` = 100);
-2. ``w1 = c u1`` and ``w2 = c (p u1 + sqrt(1 - p^2) u2)``, so ``cos(w1, w2) = p``, the pair's
-   correlation score (c = ``SCALE`` = 1);
+1. orthonormal vectors ``u1, u2`` in R^d;
+2. ``w1 = c u1`` and ``w2 = c (p u1 + sqrt(1 - p^2) u2)`` (Eq. 2), so ``cos(w1, w2) = p``, the pair's
+   "task correlation";
 3. ``x ~ N(0, I_d)``;
-4. ``y_k = w_k^T x + sum_{i=1..m} sin(alpha_i w_k^T x + beta_i) + eps_k``, m = ``NUM_SINES`` = 10,
-   ``eps_k ~ N(0, 0.01^2)`` (noise standard deviation ``NOISE_STD`` = 0.01).
+4. ``y_k = w_k^T x + sum_{i=1..m} sin(alpha_i w_k^T x + beta_i) + eps_k`` (Eqs. 3-4), the same
+   ``alpha_i, beta_i`` for both tasks.
 
-The paper does not publish ``alpha_i, beta_i`` ("given parameters"); here they are drawn once from
-N(0, 1) with a fixed key and shared by every task, as both tasks of a pair share them in the paper.
-Because of the sines the labels' Pearson correlation is not exactly p, but it falls as p falls (the
-property the paper's experiments rest on; ``tests/test_data_generators.py`` logs the measured values).
+Where each constant comes from. "Paper" is Ma et al. 2018; "reference" is the reference generator in
+google-research/google-research, file ``learning_parameter_allocation/synthetic_data.py`` (Maziarz et
+al.'s implementation of this procedure, generalized to several pairs), whose comment notes that the paper
+gives no alpha/beta values.
 
-Several pairs (``num_pairs``, tasks ``mmoe_a1, mmoe_a2, mmoe_b1, ...``) use disjoint orthonormal vectors:
-the first ``2 * MAX_PAIRS`` columns of one fixed random orthogonal matrix, so tasks of different pairs
-have cosine 0 and a pair's data never depends on which other pairs are requested. ``correlation`` is one
-p for every pair, or one per pair. Labels are not standardized (the paper trains on them as they are).
+==================  ===========================  ==============================================
+constant            value                        source
+==================  ===========================  ==============================================
+d (``INPUT_DIM``)   100                          paper §5.1 ("The input dimension is 100")
+x                   N(0, 1) per element          paper §3.2 step 3 (the reference agrees)
+u1, u2              orthonormal                  paper §3.2 step 1
+w1, w2              Eq. 2                        paper §3.2 step 2 (the reference agrees)
+c (``SCALE``)       1.0                          reference (``c=1.0``); the paper names c only
+m (``NUM_SINES``)   10                           reference (``m=10``); not in the paper
+alpha (``ALPHAS``)  1, 2, ..., 10                reference (``alphas = 1..m``); paper: "given
+                                                 parameters", no values
+beta (``BETAS``)    0, 1, 4, ..., 81 (i^2)       reference (``betas = i^2, i = 0..m-1``); idem
+noise std           0.01                         reference (``noise_std=0.01``, a standard
+(``NOISE_STD``)                                  deviation); the paper writes N(0, 0.01)
+==================  ===========================  ==============================================
+
+Where ours still differs:
+
+- Noise: the paper's "N(0, 0.01)" does not say whether 0.01 is the variance (std 0.1) or the standard
+  deviation; we read it as the reference does (std 0.01). Either is small next to the labels' std
+  (about 2.65).
+- Basis: the reference takes the first rows of a fresh Haar-random orthogonal matrix per data set, and
+  the paper regenerates the data for every run (§3.3 step 3, §5.1); here ``u`` are the first
+  ``2 * MAX_PAIRS`` columns of the Q of one fixed Gaussian matrix (key ``_CONSTANTS_KEY``), the same for
+  every seed. Since x is isotropic, ``(u1^T x, u2^T x) ~ N(0, I_2)`` for any orthonormal pair: the
+  labels' joint distribution is the same; only which input directions carry it is fixed.
+- Range of p: the paper allows -1 <= p <= 1 (step 2), the reference only [0, 1]; here [-1, 1].
+- Size: the train stream is unbounded (seeded blocks, below); the paper gives no data set size.
+
+Because of the sines the labels' Pearson correlation is well below p (the paper, §3.2 and Figure 2:
+equal to p only in the linear case, still positive and rising with p here): with these constants about
+0.46 at p = 0.9 and 0.22 at p = 0.5 (``tests/test_data_generators.py`` pins the measured values). An
+earlier version drew alpha, beta from N(0, 1) (as the generator in LongmaoTeamTf/deep_recommenders, file
+``deep_recommenders/models/multi_task_learning/mixture_of_experts.py``, does, with c = 0.3 and m = 5);
+its mostly slow sines (|alpha| < 2) kept the labels nearly as correlated as p (0.85 at p = 0.9).
+
+Several pairs (``num_pairs``, tasks ``mmoe_a1, mmoe_a2, mmoe_b1, ...``) use disjoint orthonormal vectors,
+as in the reference, so tasks of different pairs have cosine 0 and a pair's data never depends on which
+other pairs are requested. ``correlation`` is one p for every pair, or one per pair. Labels are not
+standardized (the paper trains on them as they are).
 
 Train rows come in blocks of ``base.BLOCK_ROWS``, each from a generator keyed by ``(seed, step,
 block)``, so any process builds only its rows. Eval: ``num_eval_examples`` fixed rows. Model: 100
@@ -39,6 +75,8 @@ from mtt_jax.data import base
 INPUT_DIM = 100
 SCALE = 1.0
 NUM_SINES = 10
+ALPHAS = tuple(float(i) for i in range(1, NUM_SINES + 1))      # 1, 2, ..., 10
+BETAS = tuple(float(i**2) for i in range(NUM_SINES))          # 0, 1, 4, ..., 81
 NOISE_STD = 0.01
 MAX_PAIRS = 8
 TASK_NAMES = tuple(f"mmoe_{string.ascii_lowercase[pair]}{k}" for pair in range(MAX_PAIRS) for k in (1, 2))
@@ -51,7 +89,7 @@ def constants() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(basis f64[2 * MAX_PAIRS, d] orthonormal rows, alphas f64[m], betas f64[m])``."""
     rng = np.random.default_rng(_CONSTANTS_KEY)
     q, _ = np.linalg.qr(rng.standard_normal((INPUT_DIM, 2 * MAX_PAIRS)))
-    return q.T, rng.standard_normal(NUM_SINES), rng.standard_normal(NUM_SINES)
+    return q.T, np.asarray(ALPHAS), np.asarray(BETAS)
 
 
 def pair_weights(pair: int, correlation: float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +105,29 @@ def labels_of(x_NxD: np.ndarray, weights: np.ndarray, noise_N: np.ndarray) -> np
     projection_N = x_NxD.astype(np.float64) @ weights
     sines_N = np.sin(alphas[None, :] * projection_N[:, None] + betas[None, :]).sum(axis=1)
     return projection_N + sines_N + noise_N
+
+
+def label_moments(correlation: float) -> tuple[float, float, float]:
+    """``(mean, std, Pearson correlation)`` of a pair's labels, exactly, for task correlation ``p``.
+
+    ``z_k = w_k^T x`` are standard normals (|w_k| = c = 1) with correlation p, so every term of Eqs. 3-4
+    has a closed form: ``E sin(a z + b) = sin(b) e^{-a^2/2}``, ``E z1 sin(a z2 + b) = p a cos(b) e^{-a^2/2}``
+    (Stein's lemma) and ``E cos(a z1 -/+ a' z2 + b) = cos(b) e^{-(a^2 + a'^2 -/+ 2 a a' p) / 2}``.
+    """
+    if SCALE != 1.0:
+        raise NotImplementedError("label_moments assumes unit weight vectors (SCALE = 1)")
+    alphas, betas = np.asarray(ALPHAS), np.asarray(BETAS)
+    a_i, a_j, b_i, b_j = alphas[:, None], alphas[None, :], betas[:, None], betas[None, :]
+    mean = float(np.sum(np.sin(betas) * np.exp(-alphas**2 / 2)))
+
+    def covariance(p: float) -> float:
+        linear_sine = 2 * p * np.sum(alphas * np.cos(betas) * np.exp(-alphas**2 / 2))
+        sine_sine = 0.5 * np.sum(np.cos(b_i - b_j) * np.exp(-(a_i**2 + a_j**2 - 2 * a_i * a_j * p) / 2)
+                                 - np.cos(b_i + b_j) * np.exp(-(a_i**2 + a_j**2 + 2 * a_i * a_j * p) / 2))
+        return float(p + linear_sine + sine_sine - mean**2)
+
+    variance = covariance(1.0) + NOISE_STD**2
+    return mean, float(np.sqrt(variance)), covariance(correlation) / variance
 
 
 def _draw(rng: np.random.Generator, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
