@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "multidigits"
     c.data.options = ml_collections.ConfigDict()   # source keyword options, e.g. jitter
+    c.data.eval_split = "test"            # held-out set the run is scored on: test, or validation to
+    #                                       choose hyper-parameters (mtt_jax.data.base.SPLITS)
     # Flat mixture batches (multi-input sources: glue, seqtasks): batch_size rows per step,
     # each from one task drawn by the mixing rates (mtt_jax.data.mixtures), for loss-based methods.
     c.data.mixture = ml_collections.ConfigDict()

@@ -5,9 +5,13 @@ tasks, data sources, model, weighting method, optimizer), then runs
 ``jax.vmap(mtt_jax.train_step.train_step)`` over a leading seed
 axis of the train state, inside a ``lax.scan`` over chunks of steps, so one compiled program trains every
 seed and the host dispatches once per chunk. Seed ``s`` gets the initial state of a `train.build` run with
-``config.seed = s`` and the train batches of a source built with that seed; the eval set is the same for
-every seed (the sources' contract). Metrics are `mtt_jax.evaluation`'s (per-task loss and the task's
-metrics on the whole eval set), per seed, scored by the same code as a single run's.
+``config.seed = s`` and the train batches of a source built with that seed; the held-out sets are the same
+for every seed (the sources' contract). Metrics are `mtt_jax.evaluation`'s (per-task loss and the task's
+metrics on a whole held-out set), per seed, scored by the same code as a single run's.
+
+``splits`` picks the held-out sets scored at every eval (`mtt_jax.data.base.SPLITS`): choose on
+``"validation"``, report ``"test"`` once. ``SeedRuns.by_split[split][step]`` holds every one;
+``final`` and ``evals`` are the test split's (or the only split's), as before there were two.
 
 A ``model`` other than the config's Transformer (`mtt_jax.models.variants`) can be passed in, and a
 ``sampler`` that draws the train batches on the device (the synthetic toys), a pure function
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtt_jax import builder, data, evaluation, train_step as steps
+from mtt_jax.data.base import SPLITS, check_split
 from mtt_jax.run.prefetch import prefetch
 
 Sampler = Callable[[jax.Array, jax.Array], dict]
@@ -39,8 +44,8 @@ class SeedRuns:
     """What `train_seeds` returns; every list has one entry per seed."""
     seeds: list[int]
     task_names: list[str]
-    final: list[dict]                 # eval metrics after the last step (run_eval's keys)
-    evals: dict[int, list[dict]]      # step -> eval metrics per seed
+    final: list[dict]                 # eval metrics after the last step (run_eval's keys), of `split`
+    evals: dict[int, list[dict]]      # step -> eval metrics per seed, of `split`
     curve_steps: np.ndarray           # [N] steps at which ``curve_losses`` were recorded
     curve_losses: np.ndarray          # [N, S, T] train task losses (mean over each logging window)
     curve_weights: np.ndarray         # [N, S, T] applied task weights (same windows)
@@ -48,10 +53,21 @@ class SeedRuns:
     wall_seconds: float
     num_params: int
     state: Any = None                 # final train state, seed axis first
+    # held-out split -> step -> eval metrics per seed, for every split scored (`train_seeds`' splits)
+    by_split: dict[str, dict[int, list[dict]]] = dataclasses.field(default_factory=dict)
+    split: str = "test"               # the split of ``final`` and ``evals``
 
-    def metric(self, key: str, evals_step: int | None = None) -> np.ndarray:
-        """``[S]`` values of one eval metric (``"<task>/<metric>"``), final or at ``evals_step``."""
-        rows = self.final if evals_step is None else self.evals[evals_step]
+    def metric(self, key: str, evals_step: int | None = None, split: str | None = None) -> np.ndarray:
+        """``[S]`` values of one eval metric (``"<task>/<metric>"``), final or at ``evals_step``, on
+        held-out set ``split`` (None: that of ``final`` and ``evals``)."""
+        if split is None:
+            rows = self.final if evals_step is None else self.evals[evals_step]
+        else:
+            if split not in self.by_split:
+                raise ValueError(f"split {split!r} was not scored; scored: {', '.join(self.by_split)} "
+                                 "(request it with train_seeds(..., splits=...))")
+            by_step = self.by_split[split]
+            rows = by_step[max(by_step) if evals_step is None else evals_step]
         return np.asarray([r[key] for r in rows], np.float64)
 
 
@@ -74,11 +90,12 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
                 sampler: Sampler | None = None, eval_every: int = 0, log_every: int = 0,
                 sampler_args: Any = None, eval_sources: Sequence[data.Source] | None = None,
                 affinity_every: int = 0, max_chunk: int = 50, keep_state: bool = False,
-                eval_at_start: bool = False, progress: Callable[[str], None] | None = None) -> SeedRuns:
+                eval_at_start: bool = False, progress: Callable[[str], None] | None = None,
+                splits: Sequence[str] = ("test",)) -> SeedRuns:
     """Trains ``len(seeds)`` runs of ``config`` in one vmapped program; see the module docstring.
 
     ``eval_every``: also evaluate every that many steps (0: at the end only; ``eval_at_start``: and
-    before the first step).
+    before the first step). Each eval scores every held-out set in ``splits`` (`SeedRuns.by_split`).
 
     Runs need not share their data: with ``sampler_args`` (a pytree with a leading run axis) the sampler
     is called as ``sampler(key, step, args_of_the_run)``, and ``eval_sources`` (one per run) scores each
@@ -88,6 +105,7 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     (`mtt_jax.affinity`) every that many steps, on the batch of that step, averaged over the run.
     """
     start = time.perf_counter()
+    splits = check_splits(splits)
     seeds = [int(s) for s in seeds]
     total = int(config.total_steps)
     log_every = min(log_every or int(config.log_every), total)
@@ -111,21 +129,34 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     programs = SeedPrograms(config, model, task_specs, layout, method, tx, sampler, sampler_args, data_keys,
                             affinity_every)
     chunk = chunk_size(total, [eval_every, log_every, affinity_every], max_chunk)
-    score = lambda states: evaluate(programs.eval, states, run_sources, task_specs, config.eval_batch_size,
-                                    layout)
-    evals = {0: score(states)} if eval_at_start else {}
+    score = lambda states: {split: evaluate(programs.eval, states, run_sources, task_specs,
+                                            config.eval_batch_size, layout, split) for split in splits}
+    scored = {0: score(states)} if eval_at_start else {}   # step -> split -> metrics per seed
     states, losses_NxSxT, weights_NxSxT, affinity = _train_chunks(
         programs, states, sources, int(config.batch_size), total, chunk, eval_every, affinity_every, score,
-        evals, progress)
-    final = evals[total] = score(states)
+        scored, progress)
+    scored[total] = score(states)
+    by_split = {split: {step: by[split] for step, by in scored.items()} for split in splits}
+    split = "test" if "test" in splits else splits[0]
 
     windows = total // log_every
     window_mean = lambda x: x[:windows * log_every].reshape((windows, log_every) + x.shape[1:]).mean(1)
-    return SeedRuns(seeds=seeds, task_names=list(config.tasks), final=final, evals=evals,
-                    curve_steps=np.arange(1, windows + 1) * log_every,
+    return SeedRuns(seeds=seeds, task_names=list(config.tasks), final=by_split[split][total],
+                    evals=by_split[split], curve_steps=np.arange(1, windows + 1) * log_every,
                     curve_losses=window_mean(losses_NxSxT), curve_weights=window_mean(weights_NxSxT),
                     affinity=affinity, wall_seconds=time.perf_counter() - start, num_params=num_params,
-                    state=states if keep_state else None)
+                    state=states if keep_state else None, by_split=by_split, split=split)
+
+
+def check_splits(splits: Sequence[str]) -> tuple[str, ...]:
+    """``splits`` as a tuple: one or more of `mtt_jax.data.base.SPLITS`, each once (a one-line
+    ValueError otherwise)."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    if not splits or len(set(splits)) != len(splits):
+        raise ValueError(f"splits={splits} must name one or more of {', '.join(SPLITS)}, each once")
+    for split in splits:
+        check_split(split)
+    return splits
 
 
 class SeedPrograms:
@@ -204,17 +235,18 @@ def stack(trees: list) -> Any:
 
 
 def evaluate(eval_fn, states, run_sources: Sequence[data.Source], task_specs, batch_size: int,
-             layout: str) -> list[dict]:
+             layout: str, split: str = "test") -> list[dict]:
     """`mtt_jax.evaluation.score_eval_set` for every run of ``states`` at once: ``[metrics of run r]``,
-    run r scored on the eval set of ``run_sources[r]`` (runs that share a source are scored in one
-    pass)."""
+    run r scored on held-out set ``split`` of ``run_sources[r]`` (runs that share a source are scored in
+    one pass)."""
     results: list[dict | None] = [None] * len(run_sources)
     groups: dict[int, list[int]] = {}
     for r, src in enumerate(run_sources):
         groups.setdefault(id(src), []).append(r)
     for members in groups.values():
         scores = evaluation.score_eval_set(lambda batch: eval_fn(states, batch), run_sources[members[0]],
-                                           task_specs, batch_size, layout, runs=members, baselines=False)
+                                           task_specs, batch_size, layout, runs=members, baselines=False,
+                                           split=split)
         for r, metrics in zip(members, scores):
             results[r] = metrics
     return results

@@ -180,7 +180,8 @@ class RunOutputs:
     def evaluate(self, step: int, state) -> dict:
         setup = self.setup
         metrics = run_eval(self.compiled.eval, state, setup.source, setup.tasks, self.config.eval_batch_size,
-                           self.compiled.eval_batch_shardings, setup.source.layout)
+                           self.compiled.eval_batch_shardings, setup.source.layout,
+                           split=self.config.data.get("eval_split", "test"))
         self.writer.write(step, "eval", metrics)
         self.progress.message(f"eval @ {step}: " + "  ".join(
             f"{t.name}/{t.main_metric} {metrics[f'{t.name}/{t.main_metric}']:.4f}" for t in setup.tasks))

@@ -53,7 +53,9 @@ def test_glue_batch_shapes_and_label_ranges(glue_source):
             assert labels.dtype == np.float32 and np.all(np.isfinite(labels))
         else:
             assert labels.dtype == np.int32 and 0 <= labels.min() and labels.max() < spec.num_classes
-    assert glue_source.num_train_examples == {task: NUM_MOCK for task in GLUE_TASKS}
+    # Half of each task's 12 train examples is held out as its validation split (as many as its test
+    # split, at most half of the train split).
+    assert glue_source.num_train_examples == {task: NUM_MOCK // 2 for task in GLUE_TASKS}
 
 
 @pytest.mark.parametrize("task", GLUE_TASKS)
@@ -88,10 +90,11 @@ def test_glue_truncation_keeps_both_segments(data_dir):
 
 
 def test_glue_train_epochs_and_eval_padding(glue_source):
-    # Passes over each task's 12 examples: 3 steps of 4 rows see every example once.
-    seen = np.concatenate([glue_source.train_indices("cola", step, 4) for step in range(3)])
-    assert sorted(seen) == list(range(NUM_MOCK))
-    assert not np.array_equal(seen, glue_source.train_indices("sst2", 0, 12))  # tasks have own orders
+    # Passes over each task's 6 train examples (the 6 others are its validation split): 3 steps of 2
+    # rows see every one once.
+    seen = np.concatenate([glue_source.train_indices("cola", step, 2) for step in range(3)])
+    assert sorted(seen) == sorted(glue_source.train_pool["cola"]) and len(seen) == NUM_MOCK // 2
+    assert not np.array_equal(seen, glue_source.train_indices("sst2", 0, 6))  # tasks have own orders
     batches = list(glue_source.eval_batches(batch_size=8))
     assert len(batches) == 2 and batches[0]["inputs"].shape == (9, 8, 48)
     for task in GLUE_TASKS:

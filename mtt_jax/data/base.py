@@ -17,10 +17,20 @@ Three rules make runs reproducible, resumable and independent of the number of h
   task's sub-batch in the multi-input layout), equal to slicing ``shard=(0, 1)`` exactly. Sources build
   only the slice where they can: they draw the global list of example indices (cheap) and load or render
   only the slice's examples, or key generators by blocks of rows (``block_rows``).
-- ``eval_batches(batch_size)`` walks a fixed held-out set that does not depend on the run seed, so runs
-  with different seeds are scored on the same examples. The last batch is filled up by repeating an
-  example, with mask 0 on the filler rows (``padded_index_batches``). ``shard`` slices each eval batch
-  the same way.
+- ``eval_batches(batch_size, split=...)`` walks one of two fixed held-out sets (``SPLITS``) that do not
+  depend on the run seed, so runs with different seeds are scored on the same examples. The last batch
+  is filled up by repeating an example, with mask 0 on the filler rows (``padded_index_batches``).
+  ``shard`` slices each eval batch the same way.
+
+The two held-out splits, so that choices are made on one and results reported once on the other:
+
+- ``"test"`` (the default): the set every number is reported on; what ``eval_batches(batch_size)``
+  always served.
+- ``"validation"``: for selecting hyper-parameters, checkpoints and methods; disjoint from test and, by
+  default, as large. Generators draw it from a stream of its own (``held_out_rng``: its keys start with
+  a word no train or test key starts with); finite datasets use an official labelled split where one is
+  not already the test split, and otherwise hold a fixed, seed-independent part of the train split out
+  of training (``carve``). Each source's docstring says which.
 
 A TFDS-backed source whose dataset is not on disk raises ``DatasetNotPreparedError`` when it is built,
 with one line that gives the command that prepares it.
@@ -36,9 +46,12 @@ import numpy as np
 
 from mtt_jax.specs import LAYOUTS, InputSpec, example_axis  # (re-exported: the sources' contract)
 
-# First word of every generator key, so that train and eval streams can never share a key.
+# First word of every generator key, so that train, test and validation streams can never share a key.
 _TRAIN_STREAM = 0
-_EVAL_STREAM = 1
+_EVAL_STREAM = 1         # the test split (named before there were two held-out splits)
+_VALIDATION_STREAM = 2
+
+SPLITS = ("validation", "test")  # the held-out splits of every source; "test" is the default
 
 Shard = tuple[int, int]  # (index of this process, number of processes)
 FULL: Shard = (0, 1)
@@ -50,7 +63,7 @@ class DatasetNotPreparedError(ValueError):
 
 
 class Source(abc.ABC):
-    """A named, seeded supplier of train batches and of one fixed eval set.
+    """A named, seeded supplier of train batches and of two fixed held-out sets (``SPLITS``).
 
     Subclasses set the class attributes ``name``, ``layout`` and ``all_task_names`` (every task the
     source can serve) and, per instance, ``task_names`` (the requested tasks, in order) and
@@ -69,20 +82,31 @@ class Source(abc.ABC):
         identical ``(seed, step, batch_size, shard)``."""
 
     @abc.abstractmethod
-    def eval_batches(self, batch_size: int, shard: Shard = FULL) -> Iterator[dict]:
-        """The fixed eval set in global batches of exactly ``batch_size`` rows (last one padded, mask
-        0), each cut to this process's rows."""
+    def eval_batches(self, batch_size: int, shard: Shard = FULL, split: str = "test") -> Iterator[dict]:
+        """The fixed held-out set ``split`` (one of ``SPLITS``) in global batches of exactly
+        ``batch_size`` rows (last one padded, mask 0), each cut to this process's rows."""
+
+    @abc.abstractmethod
+    def num_examples(self, split: str = "test") -> int:
+        """Examples per task of held-out set ``split``: the mask-1 rows over all of its ``eval_batches``
+        (multi-input: of its largest task)."""
 
     @property
-    @abc.abstractmethod
     def num_eval_examples(self) -> int:
-        """Eval examples per task: the number of mask-1 rows over all of ``eval_batches``."""
+        """``num_examples("test")``."""
+        return self.num_examples("test")
 
 
 def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
     """Raises a one-line ValueError naming ``value`` and the valid ``choices`` if it is not one."""
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def check_split(split: str) -> str:
+    """Raises a one-line ValueError unless ``split`` is one of ``SPLITS``."""
+    check_choice("split", split, SPLITS)
+    return split
 
 
 def check_task_names(source_name: str, task_names: Sequence[str],
@@ -119,8 +143,39 @@ def train_rng(seed: int, step: int, *stream: int) -> np.random.Generator:
 
 
 def eval_rng(*stream: int) -> np.random.Generator:
-    """A generator for a fixed eval set: keyed by ``stream`` only, never by the run seed."""
+    """A generator for the fixed test set: keyed by ``stream`` only, never by the run seed."""
     return np.random.default_rng([_EVAL_STREAM, *stream])
+
+
+def held_out_rng(split: str, *stream: int) -> np.random.Generator:
+    """A generator for the fixed held-out set ``split``, keyed by ``stream`` only: for ``"test"``
+    `eval_rng` (the eval set as it always was), for ``"validation"`` a stream whose keys no train or test
+    key shares, so the same ``stream`` gives independent draws."""
+    first_word = _EVAL_STREAM if check_split(split) == "test" else _VALIDATION_STREAM
+    return np.random.default_rng([first_word, *stream])
+
+
+def validation_size(option: str, value: int, default: int) -> int:
+    """The validation split's size from a source option: ``value``, or ``default`` (the test split's
+    size) when it is 0; a one-line ValueError unless ``value`` is an integer >= 0."""
+    return check_positive(option, value, minimum=0) or default
+
+
+def carve(num_examples: int, num_held_out: int, *key: int) -> tuple[np.ndarray, np.ndarray]:
+    """Holds ``min(num_held_out, num_examples // 2)`` examples of a finite train split out of training:
+    ``(held_out int64[n] in a fixed order, kept int64[num_examples - n] sorted)``.
+
+    ``held_out`` is the head of a permutation keyed by ``key`` and the split's size, never by the run
+    seed, so every run holds out the same examples, and a smaller validation set is a prefix of a
+    larger one. At most half of the split is held out, so a small split keeps its training data.
+    """
+    check_positive("num_held_out", num_held_out)
+    count = min(num_held_out, num_examples // 2)
+    if count < 1:
+        raise ValueError(f"a train split of {num_examples} examples is too small to hold a validation "
+                         "split out of it (it needs at least 2)")
+    permutation = np.random.default_rng([_VALIDATION_STREAM, *key, num_examples]).permutation(num_examples)
+    return permutation[:count], np.sort(permutation[count:])
 
 
 def padded_index_batches(num_examples: int,
@@ -211,8 +266,12 @@ def check_labels(where: str, labels: np.ndarray, kind: str, num_classes: int) ->
 
 class VectorGenerator(Source):
     """A single-input source of synthetic vectors: subclasses define ``_rows(rng_for_block, rows)`` ->
-    ``(inputs, {task: labels})`` drawn block by block (`block_rows`), and the fixed eval set
-    ``_eval = (inputs, labels)`` of ``_num_eval_examples`` rows."""
+    ``(inputs, {task: labels})`` drawn block by block (`block_rows`), the key ``_eval_key`` of their
+    held-out sets and their sizes ``_num_held_out = {split: rows}``. Held-out set ``split`` has the rows
+    of the generators ``held_out_rng(split, _eval_key, block)``, drawn on first use."""
+
+    _eval_key: int
+    _num_held_out: dict[str, int]
 
     def train_batch(self, step: int, batch_size: int, shard: Shard = FULL) -> dict:
         rows = shard_rows(batch_size, shard)
@@ -220,16 +279,23 @@ class VectorGenerator(Source):
         inputs, labels = self._rows(lambda block: train_rng(self.seed, step, block), rows)
         return vector_batch(inputs, labels, np.ones(len(inputs), np.float32))
 
-    def eval_batches(self, batch_size: int, shard: Shard = FULL) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: Shard = FULL, split: str = "test") -> Iterator[dict]:
         part = shard_rows(batch_size, shard)
-        inputs, labels = self._eval
-        for rows, mask in padded_index_batches(self._num_eval_examples, batch_size):
+        inputs, labels = self.held_out(split)
+        for rows, mask in padded_index_batches(self.num_examples(split), batch_size):
             rows, mask = rows[part], mask[part]
             yield vector_batch(inputs[rows], {t: y[rows] for t, y in labels.items()}, mask)
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_examples
+    def num_examples(self, split: str = "test") -> int:
+        return self._num_held_out[check_split(split)]
+
+    def held_out(self, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(inputs, {task: labels})`` of held-out set ``split``, drawn once."""
+        cache = self.__dict__.setdefault("_held_out_sets", {})
+        if split not in cache:
+            cache[split] = self._rows(lambda block: held_out_rng(split, self._eval_key, block),
+                                      slice(0, self.num_examples(split)))
+        return cache[split]
 
 
 def vector_batch(inputs: np.ndarray, labels: dict[str, np.ndarray], mask: np.ndarray) -> dict:

@@ -7,8 +7,18 @@ does this source: the whole image, bilinear with antialiasing (PIL), to ``image_
 ``celeba_smiling``) is 1 where the attribute is present. Splits: train (162,770 images), validation
 (19,867, the default eval set) and test (19,962).
 
-Train order: passes over the train split, each a fresh permutation keyed by the run seed
-(``base.epoch_indices``). Eval: the ``eval_split``, optionally its first ``max_eval_examples``.
+Held-out sets (``base.SPLITS``), the same for every run seed; ``max_eval_examples`` keeps the first that
+many of each:
+
+- test: CelebA's split ``eval_split`` (the eval set as it always was: ``validation`` by default).
+- validation: with ``eval_split="test"``, CelebA's official validation split (its first
+  ``num_validation_examples`` if that is not 0). With the default ``eval_split="validation"`` the
+  official validation split is already the test split, so ``num_validation_examples`` train images
+  (0: as many as the test split has; at most half of the train split) are held out of training
+  (``base.carve``: a fixed permutation, never the run seed).
+
+Train order: passes over the train images (the train split less any held out for validation), each a
+fresh permutation keyed by the run seed (``base.epoch_indices``).
 
 Cache: the resized images as one uint8 ``.npy`` per split and size (train at 64x64: 2.0 GB), read as a
 memory map so a batch reads only its rows, and the attributes as an ``.npz``, in
@@ -36,6 +46,7 @@ ATTRIBUTES = (
 TASK_NAMES = tuple(f"celeba_{attribute.lower()}" for attribute in ATTRIBUTES)
 SPLITS = ("train", "validation", "test")
 _CACHE_FORMAT = 1
+_VALIDATION_KEY = 2019  # keys the train images held out as the validation split
 
 
 def resize(image_HxWx3: np.ndarray, size: int) -> np.ndarray:
@@ -54,37 +65,61 @@ class CelebA(base.Source):
     all_task_names = TASK_NAMES
 
     def __init__(self, task_names: Sequence[str], seed: int, *, data_dir: str = "", image_size: int = 64,
-                 eval_split: str = "validation", max_eval_examples: int = 0):
+                 eval_split: str = "validation", max_eval_examples: int = 0,
+                 num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.image_size = base.check_positive("image_size", image_size, minimum=8)
         base.check_choice("eval_split", eval_split, SPLITS[1:])
+        self.eval_split = eval_split
         self.max_eval_examples = base.check_positive("max_eval_examples", max_eval_examples, minimum=0)
+        self.num_validation_examples = base.check_positive("num_validation_examples",
+                                                           num_validation_examples, minimum=0)
         self.data_dir = tfds_io.resolve_data_dir(data_dir)
         self.input_spec = base.InputSpec(kind="image", shape=(image_size, image_size, 3))
-        self.train_images, self.train_attributes = self._load("train")
+        self.train_images, self.train_attributes = self._load("train")  # the whole split
         self.eval_images, self.eval_attributes = self._load(eval_split)
-        self._num_eval_examples = len(self.eval_attributes)
-        if self.max_eval_examples:
-            self._num_eval_examples = min(self._num_eval_examples, self.max_eval_examples)
+        if eval_split == "validation":  # validation held out of the train split (module docstring)
+            self.validation_indices, self.train_pool = base.carve(
+                len(self.train_attributes), num_validation_examples or len(self.eval_attributes),
+                _VALIDATION_KEY)
+        else:  # validation: CelebA's own, read on first use
+            self.validation_indices, self.train_pool = None, np.arange(len(self.train_attributes))
+        self._official_validation = None
         self._columns = [TASK_NAMES.index(task) for task in self.task_names]
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_examples
+    def num_examples(self, split: str = "test") -> int:
+        count = len(self.held_out(split)[2])
+        return min(count, self.max_eval_examples or count)
+
+    def held_out(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(images, attributes, index)``: held-out set ``split`` is ``images[index]`` (all of it; the
+        batches keep the first ``num_examples(split)``)."""
+        if base.check_split(split) == "test":
+            return self.eval_images, self.eval_attributes, np.arange(len(self.eval_attributes))
+        if self.validation_indices is not None:
+            return self.train_images, self.train_attributes, self.validation_indices
+        if self._official_validation is None:
+            images, attributes = self._load("validation")
+            count = min(self.num_validation_examples or len(attributes), len(attributes))
+            self._official_validation = (images, attributes, np.arange(count))
+        return self._official_validation
 
     def train_indices(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> np.ndarray:
-        """Train images behind rows ``shard`` of the batch of ``step``."""
-        return base.epoch_positions(self.seed, len(self.train_attributes), step, batch_size, shard)
+        """Train images behind rows ``shard`` of the batch of ``step`` (never a validation image)."""
+        return self.train_pool[base.epoch_positions(self.seed, len(self.train_pool), step, batch_size,
+                                                    shard)]
 
     def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
         index = self.train_indices(step, batch_size, shard)
         return self._batch(self.train_images, self.train_attributes, index, np.ones(len(index), np.float32))
 
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
+                     split: str = "test") -> Iterator[dict]:
         part = base.shard_rows(batch_size, shard)
-        for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
-            yield self._batch(self.eval_images, self.eval_attributes, rows[part], mask[part])
+        images, attributes, index = self.held_out(split)
+        for rows, mask in base.padded_index_batches(self.num_examples(split), batch_size):
+            yield self._batch(images, attributes, index[rows[part]], mask[part])
 
     def _batch(self, images, attributes, index, mask) -> dict:
         order = np.argsort(index, kind="stable")  # read the memory map in file order

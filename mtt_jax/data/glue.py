@@ -20,17 +20,28 @@ wnli    sentence1, sentence2        2 classes    accuracy
 Text: ``[CLS] a [SEP] b [SEP]`` (``mtt_jax.data.tokenizer``), byte-level by default, truncated
 longest-first to ``max_length`` and padded with 0.
 
-STS-B targets are standardized with the mean and standard deviation of the train labels (so its squared
+STS-B targets are standardized with the mean and standard deviation of the labels of the whole train
+split, the validation examples included (so the test labels are what they were before there was a
+validation split, and its squared
 error starts near 1, like the other tasks' cross-entropies, under equal weights); Pearson and Spearman
 are unchanged by that affine map, and MSE is reported in standardized units (multiply by
 ``label_moments["stsb"][1] ** 2`` for squared points).
 
-Train: each task's examples come in passes over its train split, each pass a fresh permutation keyed by
-``(seed, task)`` (``base.epoch_indices``): example ``i`` of step ``s`` is position ``s * b + i`` of
-that stream, so the sub-batch of every task is a pure function of ``(seed, step)`` and smaller tasks
-simply start new passes sooner. Eval: the validation split (MNLI: ``validation_matched``, or
-``validation_mismatched`` with ``mnli_eval="mismatched"``), optionally its first ``max_eval_examples``;
-tasks with fewer examples are padded with mask 0 up to the largest.
+Held-out sets (``base.SPLITS``), the same for every run seed; tasks with fewer examples are padded with
+mask 0 up to the largest, and ``max_eval_examples`` keeps the first that many of each:
+
+- test: the labelled validation split (MNLI: ``validation_matched``, or ``validation_mismatched`` with
+  ``mnli_eval="mismatched"``), GLUE's own test labels being hidden. This is the eval set as it always was.
+- validation: since GLUE's labelled validation split is already the test split, each task holds
+  ``num_validation_examples`` of its train examples (0: as many as its test split has; at most half of
+  its train split) out of training (``base.carve``: a permutation keyed by the task, never the run seed).
+  The train stream and the flat mixture batches never serve them, and ``num_train_examples`` counts
+  the train examples left.
+
+Train: each task's examples come in passes over its train examples (the train split less the validation
+ones), each pass a fresh permutation keyed by ``(seed, task)`` (``base.epoch_indices``): example ``i``
+of step ``s`` is position ``s * b + i`` of that stream, so the sub-batch of every task is a pure function
+of ``(seed, step)`` and smaller tasks simply start new passes sooner.
 
 Cache: token ids and labels per task, split, tokenizer and ``max_length`` in
 ``<data_dir>/mtt_jax_cache/glue/``.
@@ -48,6 +59,7 @@ from mtt_jax.data import base, mixtures, tfds_io
 from mtt_jax.data.tokenizer import encode_texts, make_tokenizer
 
 _CACHE_FORMAT = 1  # bump when the cached arrays change meaning
+_VALIDATION_KEY = 2019  # keys the validation examples held out of each task's train split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,23 +98,19 @@ class Glue(base.Source):
 
     def __init__(self, task_names: Sequence[str], seed: int, *, data_dir: str = "", max_length: int = 128,
                  tokenizer: str = "bytes", sentencepiece_model: str = "", mnli_eval: str = "matched",
-                 max_eval_examples: int = 0):
+                 max_eval_examples: int = 0, num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.max_length = base.check_positive("max_length", max_length, minimum=4)
         base.check_choice("mnli_eval", mnli_eval, MNLI_EVAL)
         self.max_eval_examples = base.check_positive("max_eval_examples", max_eval_examples, minimum=0)
+        base.check_positive("num_validation_examples", num_validation_examples, minimum=0)
         self.tokenizer = make_tokenizer(tokenizer, sentencepiece_model)
         self.data_dir = tfds_io.resolve_data_dir(data_dir)
         self.input_spec = base.InputSpec(kind="tokens", shape=(self.max_length,),
                                          vocab_size=self.tokenizer.vocab_size)
-        self.train = {task: self._load(task, "train") for task in self.task_names}
-        self.eval = {}
-        for task in self.task_names:
-            tokens, labels = self._load(task, eval_split(task, mnli_eval))
-            if self.max_eval_examples:
-                tokens, labels = tokens[:self.max_eval_examples], labels[:self.max_eval_examples]
-            self.eval[task] = (tokens, labels)
+        self.train = {task: self._load(task, "train") for task in self.task_names}  # the whole split
+        self.eval = {task: self._load(task, eval_split(task, mnli_eval)) for task in self.task_names}
         self.label_moments = {}
         if "stsb" in self.task_names:  # standardize STS-B with train moments (module docstring)
             raw = self.train["stsb"][1]
@@ -111,27 +119,51 @@ class Glue(base.Source):
             self.train["stsb"] = (self.train["stsb"][0], ((raw - mean) / std).astype(np.float32))
             tokens, labels = self.eval["stsb"]
             self.eval["stsb"] = (tokens, ((labels - mean) / std).astype(np.float32))
+        self.validation_indices, self.train_pool = {}, {}  # indices into the task's train split
+        for task in self.task_names:
+            try:
+                held, kept = base.carve(len(self.train[task][1]),
+                                        num_validation_examples or len(self.eval[task][1]),
+                                        _VALIDATION_KEY, TASK_NAMES.index(task))
+            except ValueError as e:
+                raise ValueError(f"glue/{GLUE_TASKS[task].config}: {e}") from None
+            self.validation_indices[task], self.train_pool[task] = held, kept
+        self.validation = {task: tuple(a[self.validation_indices[task]] for a in self.train[task])
+                           for task in self.task_names}
+        if self.max_eval_examples:
+            cap = lambda arrays: tuple(a[:self.max_eval_examples] for a in arrays)
+            self.eval = {task: cap(arrays) for task, arrays in self.eval.items()}
+            self.validation = {task: cap(arrays) for task, arrays in self.validation.items()}
 
     @property
     def num_train_examples(self) -> dict[str, int]:
-        return {task: len(labels) for task, (_, labels) in self.train.items()}
+        """Train examples per task that the train stream serves (validation ones excluded)."""
+        return {task: len(pool) for task, pool in self.train_pool.items()}
 
-    @property
-    def num_eval_examples(self) -> int:
-        """The largest task's eval size: every task's eval rows are padded (mask 0) up to it."""
-        return max(len(labels) for _, labels in self.eval.values())
+    def held_out(self, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{task: (token ids [N, max_length], labels [N])}`` of held-out set ``split``."""
+        return {"test": self.eval, "validation": self.validation}[base.check_split(split)]
+
+    def num_examples(self, split: str = "test") -> int:
+        """The largest task's size: every task's rows are padded (mask 0) up to it."""
+        return max(self.split_sizes(split).values())
+
+    def split_sizes(self, split: str = "test") -> dict[str, int]:
+        return {task: len(labels) for task, (_, labels) in self.held_out(split).items()}
 
     @property
     def eval_sizes(self) -> dict[str, int]:
-        return {task: len(labels) for task, (_, labels) in self.eval.items()}
+        return self.split_sizes("test")
 
     def train_indices(self, task: str, step: int, batch_size: int,
                       shard: base.Shard = base.FULL) -> np.ndarray:
-        """Train example indices of ``task`` behind rows ``shard`` of the sub-batch of ``step``."""
+        """Train-split indices of ``task``'s examples behind rows ``shard`` of the sub-batch of ``step``
+        (never a validation example's)."""
         rows = base.shard_rows(batch_size, shard)
         base.check_positive("step", step, minimum=0)
         positions = step * batch_size + np.arange(rows.start, rows.stop)
-        return base.epoch_indices((self.seed, TASK_NAMES.index(task)), len(self.train[task][1]), positions)
+        pool = self.train_pool[task]
+        return pool[base.epoch_indices((self.seed, TASK_NAMES.index(task)), len(pool), positions)]
 
     def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
         inputs, labels = [], {}
@@ -144,13 +176,15 @@ class Glue(base.Source):
         return {"inputs": np.stack(inputs), "labels": labels,
                 "mask": {task: np.ones(rows, np.float32) for task in self.task_names}}
 
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
+                     split: str = "test") -> Iterator[dict]:
         part = base.shard_rows(batch_size, shard)
-        for start in range(0, self.num_eval_examples, batch_size):
+        held_out = self.held_out(split)
+        for start in range(0, self.num_examples(split), batch_size):
             positions = np.arange(start, start + batch_size)[part]
             inputs, labels, mask = [], {}, {}
             for task in self.task_names:
-                tokens, task_labels = self.eval[task]
+                tokens, task_labels = held_out[task]
                 rows = np.minimum(positions, len(task_labels) - 1)
                 inputs.append(tokens[rows].astype(np.int32))
                 labels[task] = task_labels[rows]
@@ -160,14 +194,16 @@ class Glue(base.Source):
     def flat_batch(self, step: int, batch_size: int, rates: Sequence[float],
                    shard: base.Shard = base.FULL) -> dict:
         """A flat mixture batch (format in `mixtures`): rows drawn with ``rates``
-        (``mixtures.mixing_rates``), a task's examples cycling through passes over its train split
-        (``mixtures.sample_examples``)."""
-        sizes = [len(self.train[task][1]) for task in self.task_names]
+        (``mixtures.mixing_rates``), a task's examples cycling through passes over its train examples
+        (``mixtures.sample_examples``; never a validation example)."""
+        sizes = [len(self.train_pool[task]) for task in self.task_names]
         task_id, example = mixtures.sample_examples(rates, sizes, step, self.seed, batch_size, shard)
 
         def example_of(t, rows):
-            tokens, labels = self.train[self.task_names[t]]
-            return tokens[example[rows]], labels[example[rows]]
+            task = self.task_names[t]
+            tokens, labels = self.train[task]
+            index = self.train_pool[task][example[rows]]
+            return tokens[index], labels[index]
         return mixtures.flat_rows(task_id, self.task_names, example_of, (self.max_length,), np.int32)
 
     def _load(self, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:

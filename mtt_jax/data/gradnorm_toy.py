@@ -21,8 +21,10 @@ Choices the paper leaves open, or that the contract here forces:
 
 ``sigmas`` (default (1, 100)) gives task ``toy_i`` its scale ``sigmas[i]``; ``eps_i`` is keyed by i alone,
 so a task's data never depends on which other tasks are requested. Train rows come in blocks keyed by
-``(seed, step, block)``; eval has ``num_eval_examples`` fixed rows. Model: 250 features;
-``model.patch_size = 10`` reads them as 25 tokens of 10.
+``(seed, step, block)``. Held-out sets (``base.SPLITS``), fixed for every run seed: test,
+``num_eval_examples`` rows from the eval stream; validation, ``num_validation_examples`` rows (0: as
+many as test) from the validation stream of the same key (``base.held_out_rng``), fresh draws never
+shared with test or train. Model: 250 features; ``model.patch_size = 10`` reads them as 25 tokens of 10.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class GradNormToy(base.VectorGenerator):
     all_task_names = TASK_NAMES
 
     def __init__(self, task_names: Sequence[str], seed: int, *,
-                 sigmas: Sequence[float] = (1.0, 100.0), num_eval_examples: int = 2000):
+                 sigmas: Sequence[float] = (1.0, 100.0), num_eval_examples: int = 2000,
+                 num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.sigmas = tuple(float(s) for s in np.atleast_1d(sigmas))
@@ -85,9 +88,9 @@ class GradNormToy(base.VectorGenerator):
                                  f"{', '.join(TASK_NAMES[:len(self.sigmas)])}")
         self._num_eval_examples = base.check_positive("num_eval_examples", num_eval_examples)
         self.input_spec = base.InputSpec(kind="vector", shape=(INPUT_DIM,))
-        self._eval = self._rows(lambda block: base.eval_rng(_EVAL_KEY, block),
-                                slice(0, self._num_eval_examples))
-
+        self._eval_key = _EVAL_KEY
+        self._num_held_out = {"test": self._num_eval_examples, "validation": base.validation_size(
+            "num_validation_examples", num_validation_examples, self._num_eval_examples)}
 
     def sigma(self, task: str) -> float:
         return self.sigmas[TASK_NAMES.index(task)]

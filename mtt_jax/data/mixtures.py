@@ -29,13 +29,14 @@ Training on mixtures (``data.mixture.method`` in a config): `FlatMixture` serves
 train batches as flat batches (layout ``"flat"``): ``inputs [B, ...]``, ``task_id int32[B]`` (index into
 the source's ``task_names``), ``labels {task: [B, ...]}`` (zeros on other tasks' rows) and ``mask {task:
 f32[B]}`` (1 on the task's rows). The source implements ``flat_batch(step, batch_size, rates, shard)``
-and, for ``proportional`` and ``temperature``, ``num_train_examples``. Eval stays multi-input.
+and, for ``proportional`` and ``temperature``, ``num_train_examples``. Eval stays multi-input: a
+`FlatMixture` serves its source's held-out sets (either split, ``base.SPLITS``) as the source does.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -217,3 +218,15 @@ class FlatMixture:
 
     def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
         return self.source.flat_batch(step, batch_size, self.rates, shard)
+
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
+                     split: str = "test") -> Iterator[dict]:
+        """The source's held-out set ``split``, in its own (multi-input) layout."""
+        return self.source.eval_batches(batch_size, shard, split=split)
+
+    def num_examples(self, split: str = "test") -> int:
+        return self.source.num_examples(split)
+
+    @property
+    def num_eval_examples(self) -> int:
+        return self.source.num_eval_examples

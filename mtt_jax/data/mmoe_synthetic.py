@@ -57,8 +57,11 @@ other pairs are requested. ``correlation`` is one p for every pair, or one per p
 standardized (the paper trains on them as they are).
 
 Train rows come in blocks of ``base.BLOCK_ROWS``, each from a generator keyed by ``(seed, step,
-block)``, so any process builds only its rows. Eval: ``num_eval_examples`` fixed rows. Model: 100
-features; ``model.patch_size = 10`` reads them as 10 tokens of 10.
+block)``, so any process builds only its rows. Held-out sets (``base.SPLITS``), fixed for every run
+seed: test, ``num_eval_examples`` rows from the eval stream; validation, ``num_validation_examples``
+rows (0: as many as test) from the validation stream of the same key (``base.held_out_rng``), so its
+inputs are fresh draws, never test's or train's. Model: 100 features; ``model.patch_size = 10`` reads
+them as 10 tokens of 10.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class MmoeSynthetic(base.VectorGenerator):
 
     def __init__(self, task_names: Sequence[str], seed: int, *,
                  correlation: float | Sequence[float] = 0.9, num_pairs: int = 1,
-                 num_eval_examples: int = 2000):
+                 num_eval_examples: int = 2000, num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.num_pairs = base.check_positive("num_pairs", num_pairs)
@@ -169,9 +172,9 @@ class MmoeSynthetic(base.VectorGenerator):
         for pair, p in enumerate(self.correlations):
             w1, w2 = pair_weights(pair, p)
             self.task_weights[TASK_NAMES[2 * pair]], self.task_weights[TASK_NAMES[2 * pair + 1]] = w1, w2
-        self._eval = self._rows(lambda block: base.eval_rng(_EVAL_KEY, block),
-                                slice(0, self._num_eval_examples))
-
+        self._eval_key = _EVAL_KEY
+        self._num_held_out = {"test": self._num_eval_examples, "validation": base.validation_size(
+            "num_validation_examples", num_validation_examples, self._num_eval_examples)}
 
     def _rows(self, rng_for_block, rows: slice) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         x_NxD, noise_NxT = base.block_rows(rng_for_block, rows, _draw)

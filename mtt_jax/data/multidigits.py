@@ -12,8 +12,13 @@ two overlap on a 4x4 block. ``jitter`` moves each digit independently by a unifo
 ``[-jitter, jitter]`` per axis, clipped so the digit stays on the canvas.
 
 Split: the 1797 images are split once, stratified by class, 80% train / 20% held out, with a fixed
-generator that does not depend on the run seed. Train pairs use train images only; the
-``num_eval_pairs`` eval pairs use held-out images only and are the same for every run.
+generator that does not depend on the run seed. Train pairs use train images only. The held-out sets
+(``base.SPLITS``) use held-out images only and are the same for every run: test, the ``num_eval_pairs``
+pairs of the eval stream; validation, ``num_validation_pairs`` pairs (0: as many as test) of the
+validation stream of the same key (``base.held_out_rng``), leaving out any pair whose two images (left,
+right) are a test pair's, so no validation input is a test input. The two share digit images, not pairs:
+the held-out images are the only ones no train pair shows, and taking validation's from the train images
+would change every train batch.
 """
 
 from __future__ import annotations
@@ -108,20 +113,48 @@ class MultiDigits(base.Source):
     all_task_names = ("left_digit", "right_digit")
 
     def __init__(self, task_names: Sequence[str], seed: int, *, jitter: int = 0,
-                 num_eval_pairs: int = 2000):
+                 num_eval_pairs: int = 2000, num_validation_pairs: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.jitter = base.check_positive("jitter", jitter, minimum=0)
-        self._num_eval_pairs = base.check_positive("num_eval_pairs", num_eval_pairs)
+        num_test = base.check_positive("num_eval_pairs", num_eval_pairs)
+        self._num_held_out = {"test": num_test, "validation": base.validation_size(
+            "num_validation_pairs", num_validation_pairs, num_test)}
         self.input_spec = base.InputSpec(kind="image", shape=(CANVAS_SIZE, CANVAS_SIZE))
         self.train_image_indices, self.eval_image_indices = split_indices()
         self.eval_pairs = draw_pairs(base.eval_rng(_EVAL_PAIRS_KEY, self.jitter),
-                                     self.eval_image_indices, self._num_eval_pairs, self.jitter)
-        self._eval_inputs = compose(self.eval_pairs)
+                                     self.eval_image_indices, num_test, self.jitter)
+        self._held_out_sets = {"test": (self.eval_pairs, compose(self.eval_pairs))}
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_pairs
+    def num_examples(self, split: str = "test") -> int:
+        return self._num_held_out[base.check_split(split)]
+
+    def held_out(self, split: str) -> tuple[Pairs, np.ndarray]:
+        """``(pairs, rendered inputs f32[N, 12, 12])`` of held-out set ``split`` (validation: drawn on
+        first use, see the module docstring)."""
+        if base.check_split(split) not in self._held_out_sets:
+            pairs = self._validation_pairs(self.num_examples(split))
+            self._held_out_sets[split] = (pairs, compose(pairs))
+        return self._held_out_sets[split]
+
+    def _validation_pairs(self, num_pairs: int) -> Pairs:
+        """``num_pairs`` pairs of held-out images from the validation stream, none of them a test pair's
+        (left, right) images; draws in rounds until enough are left."""
+        rng = base.held_out_rng("validation", _EVAL_PAIRS_KEY, self.jitter)
+        num_images = len(digit_images()[1])
+        test_codes = np.unique(self.eval_pairs.left_index * num_images + self.eval_pairs.right_index)
+        if len(test_codes) == len(self.eval_image_indices) ** 2:
+            raise ValueError(f"num_eval_pairs={len(self.eval_pairs.left_index)} test pairs use every pair "
+                             "of held-out images; none is left for validation (lower num_eval_pairs)")
+        kept, count = [], 0
+        while count < num_pairs:
+            pairs = draw_pairs(rng, self.eval_image_indices, num_pairs, self.jitter)
+            fresh = ~np.isin(pairs.left_index * num_images + pairs.right_index, test_codes)
+            kept.append(_take(pairs, fresh))
+            count += int(fresh.sum())
+        joined = Pairs(*(np.concatenate([getattr(p, field.name) for p in kept])
+                         for field in dataclasses.fields(Pairs)))
+        return _take(joined, slice(0, num_pairs))
 
     def train_pairs(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> Pairs:
         """The pairs behind ``train_batch(step, batch_size, shard)``: the global batch's pairs are drawn
@@ -134,11 +167,13 @@ class MultiDigits(base.Source):
         pairs = self.train_pairs(step, batch_size, shard)
         return self._batch(compose(pairs), pairs, np.ones(len(pairs.left_index), np.float32))
 
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
+                     split: str = "test") -> Iterator[dict]:
         part = base.shard_rows(batch_size, shard)
-        for rows, mask in base.padded_index_batches(self._num_eval_pairs, batch_size):
+        pairs, inputs = self.held_out(split)
+        for rows, mask in base.padded_index_batches(self.num_examples(split), batch_size):
             rows, mask = rows[part], mask[part]
-            yield self._batch(self._eval_inputs[rows], _take(self.eval_pairs, rows), mask)
+            yield self._batch(inputs[rows], _take(pairs, rows), mask)
 
     def _batch(self, inputs_BxHxW: np.ndarray, pairs: Pairs, mask_B: np.ndarray) -> dict:
         _, digit_labels = digit_images()

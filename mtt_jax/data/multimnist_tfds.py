@@ -7,10 +7,20 @@ same split drawn at random; on a 36x36 canvas the first digit goes to the top le
 canvas is then resized to 28x28 by nearest neighbour. The tasks classify the top-left (left) and the
 bottom-right (right) digit. ``image_size=36`` keeps the canvas without resizing.
 
-The pairing is part of the dataset: drawn once per split with a fixed key (never the run seed), so a
-split has as many pairs as MNIST has images (60,000 train, 10,000 test) and every run sees the same
-pairs. Train order: passes over the pairs, each a fresh permutation keyed by the run seed
-(``base.epoch_indices``); example ``i`` of step ``s`` is position ``s * B + i``. Eval: the test pairs.
+Held-out sets (``base.SPLITS``), the same for every run seed; ``max_eval_examples`` keeps the first that
+many of each:
+
+- test: the pairs of MNIST's test split (the eval set as it always was).
+- validation: MNIST has no validation split, so ``num_validation_examples`` train images (0: as many as
+  the test split has, 10,000; at most half of the train split) are held out of training (``base.carve``:
+  a fixed permutation, never the run seed), the usual 50,000 / 10,000 split of MNIST's train images.
+  Each is the left digit of one validation pair, its partner another held-out image.
+
+The pairing is part of the dataset: drawn once with a fixed key (never the run seed), within each set
+of images (test, validation, the train images left), so every image of a set is the left digit of
+exactly one pair, every partner comes from the same set, and every run sees the same pairs. Train
+order: passes over the train pairs, each a fresh permutation keyed by the run seed
+(``base.epoch_indices``); example ``i`` of step ``s`` is position ``s * B + i``.
 
 Cache: MNIST's images and labels per split in ``<data_dir>/mtt_jax_cache/mnist/`` (the composition is
 a few array operations per batch and is not cached).
@@ -31,6 +41,7 @@ RIGHT_OFFSET = 6  # the right digit's top-left corner on the canvas
 IMAGE_SIZES = (28, 36)
 TASK_NAMES = ("mnist_left", "mnist_right")
 _PAIRING_KEY = 2018
+_VALIDATION_KEY = 2019  # keys the train images held out as the validation split
 _CACHE_FORMAT = 1
 
 
@@ -67,40 +78,51 @@ class MultiMnist(base.Source):
     all_task_names = TASK_NAMES
 
     def __init__(self, task_names: Sequence[str], seed: int, *, data_dir: str = "", image_size: int = 28,
-                 max_eval_examples: int = 0):
+                 max_eval_examples: int = 0, num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         base.check_choice("image_size", image_size, IMAGE_SIZES)
         self.image_size = image_size
         self.max_eval_examples = base.check_positive("max_eval_examples", max_eval_examples, minimum=0)
+        base.check_positive("num_validation_examples", num_validation_examples, minimum=0)
         self.data_dir = tfds_io.resolve_data_dir(data_dir)
         self.input_spec = base.InputSpec(kind="image", shape=(image_size, image_size))
-        self.train_images, self.train_labels = self._load("train")
-        self.train_partners = partners(len(self.train_labels), "train")
+        self.train_images, self.train_labels = self._load("train")  # the whole split, validation included
         self.eval_images, self.eval_labels = self._load("test")
         self.eval_partners = partners(len(self.eval_labels), "test")
-        self._num_eval_examples = len(self.eval_labels)
-        if self.max_eval_examples:
-            self._num_eval_examples = min(self._num_eval_examples, self.max_eval_examples)
+        self.validation_indices, self.train_pool = base.carve(
+            len(self.train_labels), num_validation_examples or len(self.eval_labels), _VALIDATION_KEY)
+        # Partner of each train-split image, drawn within its own set (train pool or validation).
+        self.train_partners = np.zeros(len(self.train_labels), np.int64)
+        for members, split in ((self.train_pool, "train"), (self.validation_indices, "validation")):
+            self.train_partners[members] = members[partners(len(members), split)]
+        sizes = {"test": len(self.eval_labels), "validation": len(self.validation_indices)}
+        self._num_held_out = {split: min(n, self.max_eval_examples or n) for split, n in sizes.items()}
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_examples
+    def num_examples(self, split: str = "test") -> int:
+        return self._num_held_out[base.check_split(split)]
 
     def train_indices(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> np.ndarray:
-        """The pairs (indices of their left image) behind rows ``shard`` of the batch of ``step``."""
-        return base.epoch_positions(self.seed, len(self.train_labels), step, batch_size, shard)
+        """The pairs (train-split indices of their left image, never a validation image's) behind rows
+        ``shard`` of the batch of ``step``."""
+        return self.train_pool[base.epoch_positions(self.seed, len(self.train_pool), step, batch_size,
+                                                    shard)]
 
     def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
         index = self.train_indices(step, batch_size, shard)
         return self._batch(self.train_images, self.train_labels, self.train_partners, index,
                            np.ones(len(index), np.float32))
 
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
+                     split: str = "test") -> Iterator[dict]:
         part = base.shard_rows(batch_size, shard)
-        for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
-            yield self._batch(self.eval_images, self.eval_labels, self.eval_partners, rows[part],
-                              mask[part])
+        for rows, mask in base.padded_index_batches(self.num_examples(split), batch_size):
+            if split == "test":
+                yield self._batch(self.eval_images, self.eval_labels, self.eval_partners, rows[part],
+                                  mask[part])
+            else:
+                yield self._batch(self.train_images, self.train_labels, self.train_partners,
+                                  self.validation_indices[rows[part]], mask[part])
 
     def _batch(self, images, labels, partner, index, mask) -> dict:
         right = partner[index]

@@ -15,6 +15,12 @@ Generation of one sequence: length uniform in ``[L // 2, L]``, padding at the en
 drawn uniformly; each position takes the dominant group with probability 0.4 and each other group with
 probability 0.2, and a value uniform in 0..6. Labels are computed from the tokens actually drawn.
 
+Held-out sets (``base.SPLITS``), the same for every run seed: test, ``num_eval_examples`` sequences per
+task from the eval stream keyed by ``(_EVAL_KEY, length, task)``; validation, ``num_validation_examples``
+(0: as many as test) from the validation stream of the same key (``base.held_out_rng``), so fresh draws
+that share no generator with test or train (at very short lengths a sequence can recur by chance, as it
+can between train and test).
+
 Tasks, and what each one tests (the first four, then four added later; a task's position in
 ``TASK_NAMES`` keys its example stream, so new tasks are appended and earlier streams never change):
 
@@ -66,7 +72,7 @@ DOMINANT_GROUP_PROBABILITY = 0.4
 TASK_NAMES = ("majority", "majority_parity", "mean_value", "repeat_tag",  # order is fixed: it keys
               "first_group", "max_value", "distinct_count", "last_group_tag")  # each task's stream
 _FLAT_KEY = 1000  # the train stream of flat mixture batches (task streams are keyed 0..7)
-_EVAL_KEY = 2024  # fixed: the eval set never depends on the run seed
+_EVAL_KEY = 2024  # fixed: the held-out sets never depend on the run seed
 
 
 def token_group(tokens: np.ndarray) -> np.ndarray:
@@ -179,18 +185,27 @@ class SeqTasks(base.Source):
     all_task_names = TASK_NAMES
 
     def __init__(self, task_names: Sequence[str], seed: int, *, length: int = 32,
-                 num_eval_examples: int = 1024):
+                 num_eval_examples: int = 1024, num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.length = base.check_positive("length", length, minimum=2)
-        self._num_eval_examples = base.check_positive("num_eval_examples", num_eval_examples)
+        num_test = base.check_positive("num_eval_examples", num_eval_examples)
+        self._num_held_out = {"test": num_test, "validation": base.validation_size(
+            "num_validation_examples", num_validation_examples, num_test)}
         self.input_spec = base.InputSpec(kind="tokens", shape=(self.length,), vocab_size=VOCAB_SIZE)
-        self._eval_inputs_TxNxL, self._eval_labels = self._examples(
-            lambda task_key: base.eval_rng(_EVAL_KEY, self.length, task_key), self._num_eval_examples)
+        self._held_out_sets: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
 
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval_examples
+    def num_examples(self, split: str = "test") -> int:
+        return self._num_held_out[base.check_split(split)]
+
+    def held_out(self, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(inputs [T, N, L], {task: labels [N, ...]})`` of held-out set ``split``, drawn once: each
+        task's sequences from ``base.held_out_rng(split, _EVAL_KEY, length, task key)``."""
+        if split not in self._held_out_sets:
+            self._held_out_sets[split] = self._examples(
+                lambda task_key: base.held_out_rng(split, _EVAL_KEY, self.length, task_key),
+                self.num_examples(split))
+        return self._held_out_sets[split]
 
     def train_batch(self, step: int, batch_size: int, shard: base.Shard = base.FULL) -> dict:
         rows = base.shard_rows(batch_size, shard)
@@ -213,12 +228,14 @@ class SeqTasks(base.Source):
                                   lambda t, at: (tokens_NxL[at], labels[self.task_names[t]][at]),
                                   (self.length,), np.int32)
 
-    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL) -> Iterator[dict]:
+    def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
+                     split: str = "test") -> Iterator[dict]:
         part = base.shard_rows(batch_size, shard)
-        for rows, mask in base.padded_index_batches(self._num_eval_examples, batch_size):
+        inputs_TxNxL, held_out_labels = self.held_out(split)
+        for rows, mask in base.padded_index_batches(self.num_examples(split), batch_size):
             rows, mask = rows[part], mask[part]
-            yield {"inputs": self._eval_inputs_TxNxL[:, rows],
-                   "labels": {task: labels[rows] for task, labels in self._eval_labels.items()},
+            yield {"inputs": inputs_TxNxL[:, rows],
+                   "labels": {task: labels[rows] for task, labels in held_out_labels.items()},
                    "mask": {task: mask.copy() for task in self.task_names}}
 
     def _examples(self, rng_for_task, num_examples: int,

@@ -104,6 +104,7 @@ def _check_tasks(config) -> None:
     names = _by_owner(data_base.check_task_names, config.data.source, config.tasks,
                       data.AVAILABLE_TASKS[config.data.source])
     _by_owner(data.check_options, config.data.source, tuple(config.data.options.keys()))
+    _choice("data.eval_split", config.data.get("eval_split", "test"), data_base.SPLITS)
     layout = data.SOURCES[config.data.source].layout
     for name in names:
         if layout == "single" and tasks_lib.get(name).kind == "tagging":
