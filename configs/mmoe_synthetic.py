@@ -1,4 +1,4 @@
-"""MMoE synthetic regression pairs (Ma et al., KDD 2018, §4.1): task relatedness set by a correlation p.
+"""MMoE synthetic regression pairs (Ma et al., KDD 2018, §3.2): task relatedness set by a correlation p.
 
     python -m mtt_jax.main --config configs/mmoe_synthetic.py --workdir /tmp/mmoe \\
         --config.data.options.correlation=0.5

@@ -50,6 +50,9 @@ def parse_args(description: str, full_cost: str, argv: Sequence[str] | None = No
                         help="shorter runs, fewer seeds (<= 10 min on 2 cores)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, default=0, help="number of seeds (default: per size)")
+    parser.add_argument("--archive", action="store_true",
+                        help="also write each run's record to experiments/results/<experiment>/<size>/, "
+                             "the committed archive that python -m experiments.report builds RESULTS.md from")
     parser.add_argument("--compile", choices=("auto", "fast", "optimized"), default="auto",
                         help="XLA CPU optimization: fast compiles (default with --quick) or fast steps")
     if extra is not None:
@@ -140,21 +143,21 @@ class Log:
 
 
 def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str, results: dict,
-                  log: Log, header: str = "", stats_over: str = "seeds") -> None:
+                  log: Log, header: str = "", spread: str = "mean ± std over seeds") -> None:
     """Writes ``table.md`` (with the command, size and wall time) and ``results.json``."""
     workdir_lib.makedirs(workdir)
     record = {"experiment": name, "size": args.size, "command": command_line(),
               "wall_seconds": round(log.elapsed, 1), **results}
     workdir_lib.write_json(workdir_lib.join(workdir, "results.json"), to_jsonable(record), indent=1)
-    write_table(workdir, name, header, record, table, stats_over)
+    write_table(workdir, name, header, record, table, spread)
     log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
 
 
 def write_table(workdir: str, name: str, header: str, record: dict, table: str,
-                stats_over: str = "seeds") -> None:
+                spread: str = "mean ± std over seeds") -> None:
     """``table.md``: the header, the command, size and wall time of ``record`` (a results.json), the table."""
     command = (f"Command: `{record['command']}` (size: {record['size']}; wall time "
-               f"{record['wall_seconds']:.0f} s). Mean ± std over {stats_over}.")
+               f"{record['wall_seconds']:.0f} s). Cells: {spread}.")
     workdir_lib.write_text(workdir_lib.join(workdir, "table.md"),
                            f"# {name}\n\n{header}\n\n{command}\n\n{table}")
 

@@ -174,7 +174,7 @@ def run(args) -> dict:
         f"CAGrad's toy with L1 scaled by {SCALE} (Nash-MTL / FAMO), Adam lr {learning_rate:g}, "
         f"{steps} steps, from the "
         f"five starts {', '.join(f'({a:g}, {b:g})' for a, b in STARTS)}. Reached = dominance gap to the "
-        f"brute-force Pareto front <= {FRONT_TOLERANCE}."), stats_over="the five starting points")
+        f"brute-force Pareto front <= {FRONT_TOLERANCE}."), spread="mean ± std over the five starting points")
     return results
 
 

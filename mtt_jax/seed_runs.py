@@ -25,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mtt_jax import builder, data, evaluation, train_step as steps
 from mtt_jax.data.base import SPLITS, check_split
@@ -91,7 +92,8 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
                 sampler_args: Any = None, eval_sources: Sequence[data.Source] | None = None,
                 affinity_every: int = 0, max_chunk: int = 50, keep_state: bool = False,
                 eval_at_start: bool = False, progress: Callable[[str], None] | None = None,
-                splits: Sequence[str] = ("test",)) -> SeedRuns:
+                splits: Sequence[str] = ("test",), learning_rates: Sequence[float] | None = None,
+                baselines: bool = False) -> SeedRuns:
     """Trains ``len(seeds)`` runs of ``config`` in one vmapped program; see the module docstring.
 
     ``eval_every``: also evaluate every that many steps (0: at the end only; ``eval_at_start``: and
@@ -103,6 +105,11 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     one per correlation of the MMoE pairs, all in one compiled program. ``log_every``: window of
     the train-loss curve (0: ``config.log_every``). ``affinity_every``: TAG lookahead affinity
     (`mtt_jax.affinity`) every that many steps, on the batch of that step, averaged over the run.
+
+    ``learning_rates`` (one per run): run r trains at peak learning rate ``learning_rates[r]`` instead
+    of ``config.optimizer.learning_rate`` (`scale_by_run_factor`), so a learning-rate sweep over
+    several seeds is one program. ``baselines``: every eval also holds each task's input-blind
+    predictor (``"<task>/baseline_<metric>"``, `mtt_jax.tasks.trivial_baseline`).
     """
     start = time.perf_counter()
     splits = check_splits(splits)
@@ -110,6 +117,8 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     total = int(config.total_steps)
     log_every = min(log_every or int(config.log_every), total)
     task_specs, source, model, method, tx = make_pieces(config, model)
+    if learning_rates is not None:
+        tx = optax.chain(tx, scale_by_run_factor())
     layout = source.layout
     sources = ([data.make_source(config.data.source, config.tasks, seed=s, **dict(config.data.options))
                 for s in seeds] if sampler is None else [])
@@ -122,6 +131,9 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
     init = lambda rng: nn.unbox(steps.init_state(rng, model, method, tx, sample_inputs))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     states = jax.jit(jax.vmap(init))(keys)
+    if learning_rates is not None:
+        states = states.replace(opt_state=(states.opt_state[0], RunFactorState(
+            run_factors(learning_rates, float(config.optimizer.learning_rate), len(seeds)))))
     num_params = int(sum(x.size for x in jax.tree.leaves(states.params["model"])) // len(seeds))
     data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**20))(keys) if sampler is not None else None
 
@@ -130,7 +142,8 @@ def train_seeds(config, seeds: Sequence[int], *, model: nn.Module | None = None,
                             affinity_every)
     chunk = chunk_size(total, [eval_every, log_every, affinity_every], max_chunk)
     score = lambda states: {split: evaluate(programs.eval, states, run_sources, task_specs,
-                                            config.eval_batch_size, layout, split) for split in splits}
+                                            config.eval_batch_size, layout, split, baselines)
+                            for split in splits}
     scored = {0: score(states)} if eval_at_start else {}   # step -> split -> metrics per seed
     states, losses_NxSxT, weights_NxSxT, affinity = _train_chunks(
         programs, states, sources, int(config.batch_size), total, chunk, eval_every, affinity_every, score,
@@ -229,13 +242,41 @@ def _train_chunks(programs: SeedPrograms, states, sources, batch_size: int, tota
     return states, np.concatenate(losses), np.concatenate(weights_log), affinity
 
 
+class RunFactorState(NamedTuple):
+    factor: jax.Array  # f32[]: this run's learning rate over the config's (a vmapped run: one each)
+
+
+def scale_by_run_factor() -> optax.GradientTransformation:
+    """Multiplies the updates by the factor held in the state (1 at init).
+
+    Chained after `mtt_jax.train_step.make_optimizer`'s AdamW, whose update is ``-lr_t * (Adam's
+    direction + weight_decay * params)`` with ``lr_t`` the warmup-cosine schedule of the peak rate, a
+    factor k on the update is exactly training at peak rate ``k * learning_rate`` (the schedule's shape
+    and its end value scale with the peak). Clipping acts on the gradients before, so it is unchanged.
+    """
+    return optax.GradientTransformation(
+        lambda params: RunFactorState(jnp.ones((), jnp.float32)),
+        lambda updates, state, params=None: (
+            jax.tree.map(lambda u: u * state.factor.astype(u.dtype), updates), state))
+
+
+def run_factors(learning_rates: Sequence[float], base: float, num_runs: int) -> jax.Array:
+    """``f32[R]`` factors ``learning_rates / base``; a one-line ValueError for a wrong count or rate."""
+    rates = np.asarray(learning_rates, np.float64)
+    if rates.shape != (num_runs,):
+        raise ValueError(f"learning_rates has {rates.size} entries for {num_runs} runs")
+    if not (np.all(np.isfinite(rates)) and np.all(rates > 0)) or not base > 0:
+        raise ValueError(f"learning rates must be finite and > 0, got {rates.tolist()} (base {base})")
+    return jnp.asarray(rates / base, jnp.float32)
+
+
 def stack(trees: list) -> Any:
     """Stacks numpy pytrees on a new leading axis."""
     return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
 def evaluate(eval_fn, states, run_sources: Sequence[data.Source], task_specs, batch_size: int,
-             layout: str, split: str = "test") -> list[dict]:
+             layout: str, split: str = "test", baselines: bool = False) -> list[dict]:
     """`mtt_jax.evaluation.score_eval_set` for every run of ``states`` at once: ``[metrics of run r]``,
     run r scored on held-out set ``split`` of ``run_sources[r]`` (runs that share a source are scored in
     one pass)."""
@@ -245,7 +286,7 @@ def evaluate(eval_fn, states, run_sources: Sequence[data.Source], task_specs, ba
         groups.setdefault(id(src), []).append(r)
     for members in groups.values():
         scores = evaluation.score_eval_set(lambda batch: eval_fn(states, batch), run_sources[members[0]],
-                                           task_specs, batch_size, layout, runs=members, baselines=False,
+                                           task_specs, batch_size, layout, runs=members, baselines=baselines,
                                            split=split)
         for r, metrics in zip(members, scores):
             results[r] = metrics

@@ -31,7 +31,7 @@ def run_experiment(name: str, workdir: str) -> dict:
         table = f.read()
     assert "± " in table and "--tiny" in table
     with open(os.path.join(workdir, "results.json")) as f:
-        return json.load(f)
+        return {**json.load(f), "workdir": workdir}
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +118,31 @@ def test_every_experiment_refuses_a_workdir_in_use_before_any_work(tmp_path, cap
 
 # --- the experiments at tiny size ------------------------------------------------------------------------
 
+def run_records(workdir: str) -> list[dict]:
+    """The run records an experiment wrote to ``WORKDIR/runs`` (`experiments.archive`)."""
+    records = []
+    for dirpath, _, names in os.walk(os.path.join(workdir, "runs")):
+        records += [json.load(open(os.path.join(dirpath, n))) for n in names if n.endswith(".json")]
+    return records
+
+
 def test_mmoe_correlation(results):
+    from experiments import mmoe_correlation
     r = results("mmoe_correlation")
-    assert set(r["models"]) == {"shared_bottom", "omoe", "mmoe", "transformer"}
-    for model, per_corr in r["models"].items():
+    models = r["summary"]["models"]
+    assert set(models) == {"shared_bottom", "omoe", "mmoe", "transformer"}
+    for model, entry in models.items():
         for p in ("1.0", "0.9", "0.5"):
-            losses = np.asarray(per_corr[p]["final_loss"])
+            losses = np.asarray(entry["by_p"][p]["final"])
             assert losses.shape == (2,) and np.all(np.isfinite(losses)) and np.all(losses > 0), model
-            curve = np.asarray(per_corr[p]["curve_loss"])       # [seeds, windows]
-            assert np.all(np.isfinite(curve)), (model, p)
+            curve = np.asarray(entry["by_p"][p]["curve"])            # [seeds, evals along training]
+            assert curve.shape == (2, 20) and np.all(np.isfinite(curve)), (model, p)
             if model in ("shared_bottom", "transformer"):         # (40 steps: the MoEs are still noisy)
-                assert curve[:, -1].mean() < curve[:, 0].mean(), (model, p)   # the train loss falls
-    assert r["models"]["shared_bottom"]["1.0"]["num_params"] == 13255
+                assert curve[:, -1].mean() < curve[:, 0].mean(), (model, p)   # the eval loss falls
+    assert models["shared_bottom"]["num_params"] == 13255
+    records = run_records(r["workdir"])
+    assert len(records) == 4 * 3 * 2 and all(set(x["metrics"]) == {"test"} for x in records)
+    assert mmoe_correlation.report(records) in open(os.path.join(r["workdir"], "table.md")).read()
 
 
 def test_gradnorm_toy(results):
@@ -165,49 +178,44 @@ def test_multimnist(results):
 
 
 def test_weighting_zoo(results):
-    r = results("weighting_zoo")
-    assert set(r["methods"]) == {"mgda", "db_mtl"}
-    for method in r["methods"].values():
-        # two metrics per task: the two conventions are exact negatives
-        np.testing.assert_allclose(method["delta_m_pooled"], -np.asarray(method["delta_p_per_task"]),
-                                   atol=1e-9)
-        assert np.all(np.isfinite(method["delta_m_pooled"]))
-    assert set(r["single_task"]) == {"majority", "mean_value"}
-
-
-def test_weighting_zoo_bounded_delta_m_and_rebuilt_table(results, tmp_path):
+    """Every arm at every (learning rate, seed), selection on validation, the table from the records."""
     from experiments import weighting_zoo
     r = results("weighting_zoo")
-    single = {t: {m: np.mean(v) for m, v in r["single_task"][t].items()} for t in r["tasks"]}
-    seed0 = {t: {m: v[0] for m, v in r["methods"]["mgda"]["metrics"][t].items()} for t in r["tasks"]}
-    kept = [(seed0[t][m] - single[t][m]) / single[t][m] for t in r["tasks"] for m in seed0[t] if m != "mse"]
-    assert len(kept) == 3  # majority's accuracy and macro-F1, mean_value's Pearson
-    assert weighting_zoo.bounded_delta_m(r, "mgda")[0] == pytest.approx(-100 * np.mean(kept))
-    with open(tmp_path / "results.json", "w") as f:
-        json.dump(r, f)
-    weighting_zoo.main(["--workdir", str(tmp_path), "--from_results"])
-    table = (tmp_path / "table.md").read_text()
-    assert "delta-m% without MSE" in table and r["command"] in table and "| mgda |" in table
-    assert os.path.getsize(tmp_path / "delta_m.png") > 1000
+    rows = r["summary"]["rows"]
+    assert {"method:ew", "method:mgda", "method:db_mtl"} <= set(rows)
+    assert sum(row["kind"] == "scalarization" for row in rows.values()) == 2
+    for row in rows.values():
+        # two metrics per task: the two conventions are exact negatives
+        np.testing.assert_allclose(row["delta_m_pooled"], -np.asarray(row["delta_p_per_task"]), atol=1e-9)
+        assert len(row["score"]) == 2 and np.all(np.isfinite(row["score"]))
+        assert row["lr"] in r["learning_rates"]
+    records = run_records(r["workdir"])
+    assert len(records) == (2 + 3 + 2) * 2 * 2     # (single-task + methods + scalarizations) x lrs x seeds
+    assert all(set(x["metrics"]) == {"validation", "test"} for x in records)
+    assert weighting_zoo.report(records) in open(os.path.join(r["workdir"], "table.md")).read()
 
 
 def test_weighting_zoo_resumes_an_interrupted_run(results, tmp_path):
-    """With single-task models and mgda finished before an interruption, a rerun trains db_mtl only."""
+    """With the single-task models and mgda finished before an interruption, a rerun trains the rest."""
     r = results("weighting_zoo")
-    done = {"single_task": r["single_task"], "methods": {"mgda": r["methods"]["mgda"]}}
-    partial = {"identity": {"size": "tiny", "seeds": r["seeds"], "tasks": r["tasks"]}, "results": done}
+    arms = {}
+    for record in run_records(r["workdir"]):
+        arms.setdefault(f"{record['coordinates']['kind']}:{record['coordinates']['label']}", []).append(record)
+    done = {k: v for k, v in arms.items() if k.startswith("single_task:") or k == "method:mgda"}
+    identity = {"size": "tiny", "seeds": r["seeds"], "methods": ["ew", "mgda", "db_mtl"],
+                "learning_rates": r["learning_rates"]}
     with open(tmp_path / "results.partial.json", "w") as f:
-        json.dump(partial, f)
+        json.dump({"identity": identity, "results": {"arms": done}}, f)
     result = subprocess.run([sys.executable, "-m", "experiments.weighting_zoo", "--workdir", str(tmp_path),
                              "--tiny"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 single-task models, 1 methods" in result.stderr
-    assert "single-task majority" not in result.stderr and "mgda " not in result.stderr
+    assert "3 arms finished" in result.stderr
+    assert "single_task:majority:" not in result.stderr and "method:mgda:" not in result.stderr
     with open(tmp_path / "results.json") as f:
-        resumed = json.load(f)
-    assert resumed["methods"]["mgda"] == r["methods"]["mgda"]
-    np.testing.assert_allclose(resumed["methods"]["db_mtl"]["delta_m_pooled"],
-                               r["methods"]["db_mtl"]["delta_m_pooled"], rtol=1e-4)
+        resumed = json.load(f)["summary"]["rows"]
+    assert resumed["method:mgda"]["score"] == r["summary"]["rows"]["method:mgda"]["score"]
+    np.testing.assert_allclose(resumed["method:db_mtl"]["score"], r["summary"]["rows"]["method:db_mtl"]["score"],
+                               rtol=1e-4)
     assert not (tmp_path / "results.partial.json").exists()
 
 
