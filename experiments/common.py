@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from experiments import stats
 from mtt_jax.run import summary
 from mtt_jax.run import workdir as workdir_lib
 
@@ -253,3 +254,50 @@ def small_vector_transformer(c, size: str) -> None:
     c.model.d_model, c.model.num_layers, c.model.num_heads = pick(size, 16, 32, 32), 1, 4
     c.model.mlp_dim = 4 * c.model.d_model
     c.model.patch_size = 10
+
+
+# --- Run records (`experiments.archive`) ----------------------------------------------------------
+
+CURVE_POINTS = 20  # what a run record keeps of a curve: enough points to draw it
+
+
+def thin(length: int, points: int = CURVE_POINTS) -> list[int]:
+    """At most ``points`` indices into a curve of ``length`` values, evenly spread, first and last kept."""
+    if length <= points:
+        return list(range(length))
+    return sorted(set(np.linspace(0, length - 1, points).round().astype(int).tolist()))
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The numbers of an eval's metrics, without its maps (e.g. ``task_attention``, a T x T list)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+
+def final_metrics(runs, r: int, splits: Sequence[str]) -> dict:
+    """Run ``r``'s final metrics on every split of a `mtt_jax.seed_runs.SeedRuns`: a record's metrics."""
+    return {split: scalar_metrics(runs.by_split[split][max(runs.by_split[split])][r]) for split in splits}
+
+
+def train_curves(runs, r: int) -> dict:
+    """Run ``r``'s train curves of a `mtt_jax.seed_runs.SeedRuns`, thinned (`thin`): the steps, the
+    train task losses ``[N, T]`` and the applied task weights ``[N, T]`` (means over logging windows)."""
+    keep = thin(len(runs.curve_steps))
+    return {"train_steps": runs.curve_steps[keep], "train_task_losses": runs.curve_losses[keep, r],
+            "task_weights": runs.curve_weights[keep, r]}
+
+
+def paired_cell(values: Sequence[float], reference: Sequence[float], digits: int = 3,
+                scale: float = 1.0) -> str:
+    """The paired differences ``values - reference`` (same seeds) as ``mean ± 95% half-width``, with
+    ▲ (above 0) or ▼ (below) when the interval excludes 0."""
+    found = stats.paired_difference(values, reference)
+    mark = "" if not found.excludes_zero() else " ▲" if found.mean > 0 else " ▼"
+    return found.format(digits, scale) + mark
+
+
+def interval_band(values_SxN) -> tuple[np.ndarray, np.ndarray]:
+    """A curve's mean over seeds at each of its N points and the 95% t half-width (0 for one seed):
+    what a plot draws as a line and a band."""
+    intervals = [stats.interval(column) for column in np.asarray(values_SxN, np.float64).T]
+    return (np.asarray([i.mean for i in intervals]),
+            np.asarray([0.0 if i.n < 2 else i.half_width for i in intervals]))

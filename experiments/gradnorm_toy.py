@@ -9,11 +9,20 @@ map per task (`variants.SharedBottomMLP`). Methods (`mtt_jax.weighting`): equal 
 weighting (Kendall et al. 2018) and GradNorm with the paper's asymmetry for this toy, alpha = 0.12.
 Adam at a constant learning rate; no gradient clipping (the losses are ~10^4).
 
-Reported: the task weights w_i(t) (plot ``weights.png``; the paper's Fig. 2 right), the test-loss ratios
-``L_i(t) / L_i(0)`` on the fixed eval set and their mean, the normalized test loss (plot
-``test_loss_ratio.png``; Fig. 2 middle), mean ± std over seeds. Our GradNorm computes gradient norms over
-all shared parameters (LibMTL), not the paper's last shared layer; its weights w = 2 softmax(s) follow
-their own Adam (lr 0.025), see `mtt_jax.weighting.gradnorm`.
+Splits: none to select on. Training draws fresh batches from the distribution on the device, nothing is
+selected (every method runs at the paper's settings), and the runs are scored, as before, on the
+source's fixed test set (2000 examples) only.
+
+What it reports (`report`, from the archived run records alone, `experiments.archive`; one record per
+method and seed): the applied task weights at the end, the test-loss ratios ``L_i(T) / L_i(0)`` and
+their mean, the normalized test loss (the paper's Fig. 2 middle), each with its 95% t-interval over
+seeds, and each method's normalized test loss minus equal weighting's, paired by seed (a seed is the
+same initialisation and the same batches for every method); then the paper's claims checked on those
+intervals. Plots, drawn from the records: ``test_loss_ratio.png`` (the normalized test loss along
+training, 11 evals, and the weights of GradNorm and uncertainty weighting) and ``weights.png``
+(GradNorm's weights, Fig. 2 right). Our GradNorm computes gradient norms over all shared parameters
+(LibMTL), not the paper's last shared layer; its weights w = 2 softmax(s) follow their own Adam
+(lr 0.025), see `mtt_jax.weighting.gradnorm`.
 
 Cost. full: 20 seeds x 5000 steps of batch 128, three methods: about 5-10 minutes on 2 CPU cores.
 ``--quick``: 5 seeds x 1500 steps, under a minute.
@@ -26,7 +35,7 @@ import sys
 import numpy as np
 
 from configs import gradnorm_toy as gradnorm_config
-from experiments import common, toys
+from experiments import archive, common, stats, toys
 from mtt_jax import seed_runs, tasks as tasks_lib
 from mtt_jax.models import variants
 
@@ -63,97 +72,146 @@ def run(args) -> dict:
     log = common.Log()
     seeds = list(range(common.num_seeds(args, 2, 5, 20)))
     task_specs = tuple(tasks_lib.get(t) for t in TASKS)
-    results = {"tasks": list(TASKS), "sigmas": list(SIGMAS), "seeds": seeds, "methods": {}}
+    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=False)
+    command, records = common.command_line(), []
     for method in METHODS:
         config = make_config(args.size, method)
         model = variants.SharedBottomMLP(task_specs, bottom_units=(100,) * 4, tower_units=())
         sampler = toys.gradnorm_sampler(TASKS, dict(zip(TASKS, SIGMAS)), config.batch_size)
         runs = seed_runs.train_seeds(config, seeds, model=model, sampler=sampler, eval_at_start=True,
-                                  eval_every=max(config.total_steps // 10, 1), max_chunk=100)
-        steps = sorted(runs.evals)
-        mse = {t: np.asarray([runs.metric(f"{t}/mse", s) for s in steps]) for t in TASKS}   # [E, S]
-        ratio = {t: mse[t] / mse[t][0] for t in TASKS}
-        results["methods"][method] = {
-            "eval_steps": steps,
-            "eval_mse": {t: mse[t].tolist() for t in TASKS},
-            "loss_ratio": {t: ratio[t].tolist() for t in TASKS},
-            "normalized_test_loss": np.mean([ratio[t] for t in TASKS], axis=0).tolist(),   # [E, S]
-            "curve_steps": runs.curve_steps.tolist(),
-            "curve_weights": runs.curve_weights.tolist(),                                  # [N, S, T]
-            "final_weights": runs.curve_weights[-1].tolist(),                              # [S, T]
-            "wall_seconds": round(runs.wall_seconds, 1)}
-        r = results["methods"][method]
-        log(f"{METHODS[method]:24s} weights {np.mean(r['final_weights'], 0).round(3).tolist()}  "
-            f"normalized test loss {common.fmt(r['normalized_test_loss'][-1], 4)} "
-            f"({runs.wall_seconds:.0f} s)")
-    results["steps"] = make_config(args.size, "ew").total_steps
-    results["checks"] = checks(results)
-    table = make_table(results)
-    table += "\n" + "\n".join(f"- {k}: {v}" for k, v in results["checks"].items()) + "\n"
-    plot(results, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
-        f"GradNorm toy (Chen et al. 2018, §4), T = 2, sigma = {SIGMAS}, {results['steps']} steps. "
-        "Weights: the applied task weights at the end (mean over the last logging window). "
-        "Ratios: eval MSE at the end over eval MSE at step 0; normalized test loss = their mean."))
-    return results
+                                     eval_every=max(config.total_steps // EVALS, 1), max_chunk=100)
+        method_records = [_record(args.size, method, seed, runs, r, config, command)
+                          for r, seed in enumerate(seeds)]
+        writer.write(method_records)
+        records += method_records
+        weights = np.mean([x["curves"]["task_weights"][-1] for x in method_records], axis=0)
+        log(f"{METHODS[method]:24s} weights {np.round(weights, 3).tolist()} ({runs.wall_seconds:.0f} s)")
+    summary = summarize(records)
+    plot(summary, args.workdir)
+    common.write_outputs(args.workdir, NAME, args, report(records), {"summary": summary}, log, header=(
+        f"GradNorm toy (Chen et al. 2018, §4), T = 2, sigma = {SIGMAS}. Archived runs: "
+        f"{args.workdir}/runs."), spread="mean ± 95% t-interval over seeds")
+    return summary
 
 
-def make_table(results: dict) -> str:
-    headers = ["method", "w(sigma=1)", "w(sigma=100)", "L(sigma=1) ratio", "L(sigma=100) ratio",
-               "normalized test loss", "MSE sigma=1", "MSE sigma=100"]
+EVALS = 10  # evals along training, after the one at step 0
+
+
+def _record(size: str, method: str, seed: int, runs, r: int, config, command: str) -> dict:
+    """The archive record of run ``r`` (``method``, seed ``seed``)."""
+    eval_steps = sorted(runs.evals)
+    run_config = config.copy_and_resolve_references()
+    run_config.seed = seed
+    curves = {"eval_steps": eval_steps,
+              "eval_mse": {t: [runs.evals[step][r][f"{t}/mse"] for step in eval_steps] for t in TASKS},
+              **common.train_curves(runs, r), "num_params": runs.num_params}
+    return archive.run_record(NAME, size, method, {"method": method}, seed, run_config,
+                              common.final_metrics(runs, r, ("test",)), command,
+                              runs.wall_seconds / len(runs.seeds), curves)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per method and seed, from the run records alone: the final weights, the loss ratios
+    ``L_i(T) / L_i(0)`` on the test set, their mean (the normalized test loss) and its curve, the final
+    test MSEs and the weights along training."""
+    methods = {}
+    for method, runs in archive.by_arm(records).items():
+        mse = {t: np.asarray([x["curves"]["eval_mse"][t] for x in runs]) for t in TASKS}      # [S, E]
+        ratio = {t: mse[t] / mse[t][:, :1] for t in TASKS}
+        normalized = np.mean([ratio[t] for t in TASKS], axis=0)                                # [S, E]
+        weights = np.asarray([x["curves"]["task_weights"] for x in runs])                     # [S, N, T]
+        methods[method] = {
+            "seeds": [x["seed"] for x in runs], "eval_steps": runs[0]["curves"]["eval_steps"],
+            "final_weights": weights[:, -1].tolist(),
+            "loss_ratio": {t: ratio[t][:, -1].tolist() for t in TASKS},
+            "normalized_test_loss": normalized[:, -1].tolist(), "normalized_curve": normalized.tolist(),
+            "test_mse": {t: [x["metrics"]["test"][f"{t}/mse"] for x in runs] for t in TASKS},
+            "weight_steps": runs[0]["curves"]["train_steps"], "weights": weights.tolist()}
+    return {"tasks": list(TASKS), "sigmas": list(SIGMAS), "steps": records[0]["config"]["total_steps"],
+            "methods": {m: methods[m] for m in METHODS if m in methods}}
+
+
+def report(records: list[dict]) -> str:
+    """The table and the paper's claims checked, from the run records alone."""
+    s = summarize(records)
+    methods = s["methods"]
+    headers = (["method", "seeds"] + [f"w(sigma={g:g})" for g in SIGMAS]
+               + [f"L(sigma={g:g}) ratio" for g in SIGMAS]
+               + ["normalized test loss", "vs equal weights (paired)"]
+               + [f"test MSE sigma={g:g}" for g in SIGMAS])
     rows = []
-    for method, r in results["methods"].items():
-        weights = np.asarray(r["final_weights"])
-        rows.append([METHODS[method], common.fmt(weights[:, 0], 4), common.fmt(weights[:, 1], 4)]
-                    + [common.fmt(r["loss_ratio"][t][-1], 4) for t in TASKS]
-                    + [common.fmt(r["normalized_test_loss"][-1], 4)]
-                    + [common.fmt(r["eval_mse"][t][-1], 4) for t in TASKS])
-    return common.markdown_table(headers, rows)
+    for method, m in methods.items():
+        weights = np.asarray(m["final_weights"])
+        versus = ("(reference)" if method == "ew" else
+                  common.paired_cell(m["normalized_test_loss"], methods["ew"]["normalized_test_loss"], 4)
+                  if "ew" in methods else "")
+        rows.append([METHODS[method], len(m["seeds"])]
+                    + [stats.interval(weights[:, i]).format(4) for i in range(len(TASKS))]
+                    + [stats.interval(m["loss_ratio"][t]).format(4) for t in TASKS]
+                    + [stats.interval(m["normalized_test_loss"]).format(4), versus]
+                    + [stats.interval(m["test_mse"][t]).format(4) for t in TASKS])
+    text = [f"{s['steps']} steps. Weights: the applied task weights at the end (mean over the last "
+            "logging window). Ratios: test MSE at the end over test MSE at step 0; normalized test loss: "
+            "their mean. Paired: the same seed is the same initialisation and the same batches; ▲/▼: the "
+            "paired difference's 95% interval excludes 0.\n", common.markdown_table(headers, rows),
+            "\n".join(f"- {claim}: {verdict}" for claim, verdict in checks(s).items()) + "\n",
+            archive.provenance(records)]
+    return "\n".join(text) + "\n"
 
 
-def checks(results: dict) -> dict:
-    final = lambda m: float(np.mean(results["methods"][m]["normalized_test_loss"][-1]))
-    weights = np.mean(results["methods"]["gradnorm"]["final_weights"], axis=0)
-    return {"GradNorm gives the sigma=1 task the larger weight": bool(weights[0] > weights[1]),
-            "GradNorm's normalized test loss < equal weighting's": final("gradnorm") < final("ew")}
+def checks(s: dict) -> dict:
+    """The paper's claims (Figure 2), measured on the final weights and the normalized test loss."""
+    methods = s["methods"]
+    out = {}
+    if "gradnorm" in methods:
+        weights = np.asarray(methods["gradnorm"]["final_weights"])
+        larger = int(np.sum(weights[:, 0] > weights[:, 1]))
+        out["GradNorm gives the sigma=1 task the larger weight"] = (
+            f"{'yes' if larger == len(weights) else 'no'} ({larger}/{len(weights)} seeds; "
+            f"w(sigma=1) - w(sigma=100) = {stats.paired_difference(weights[:, 0], weights[:, 1]).format(4)})")
+    for method in (m for m in methods if m != "ew" and "ew" in methods):
+        difference = stats.paired_difference(methods[method]["normalized_test_loss"],
+                                             methods["ew"]["normalized_test_loss"])
+        below = difference.excludes_zero() and difference.mean < 0
+        out[f"{METHODS[method]}'s normalized test loss below equal weighting's beyond the paired interval"] = (
+            f"{'yes' if below else 'no'} ({difference.format(4)})")
+    return out
 
 
-def plot(results: dict, workdir: str) -> None:
+def plot(s: dict, workdir: str) -> None:
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, r in results["methods"].items():
-        steps = np.asarray(r["eval_steps"])
-        values = np.asarray(r["normalized_test_loss"])
-        axes[0].plot(steps, values.mean(1), label=METHODS[method])
-        axes[0].fill_between(steps, values.mean(1) - values.std(1), values.mean(1) + values.std(1), alpha=0.2)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("mean_i L_i(t) / L_i(0) (eval)")
-    axes[0].set_title("normalized test loss")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for method, m in s["methods"].items():
+        steps, values = np.asarray(m["eval_steps"]), np.asarray(m["normalized_curve"])    # [S, E]
+        mean, half = common.interval_band(values)
+        axes[0].plot(steps, mean, label=METHODS[method])
+        axes[0].fill_between(steps, mean - half, mean + half, alpha=0.2)
+    axes[0].set(yscale="log", xlabel="step", ylabel="mean_i L_i(t) / L_i(0) (test)",
+                title="normalized test loss (95% interval over seeds)")
     axes[0].legend()
     for method in ("gradnorm", "uncertainty"):
-        r = results["methods"][method]
-        weights = np.asarray(r["curve_weights"])   # [N, S, T]
-        for i, (t, sigma) in enumerate(zip(TASKS, SIGMAS)):
-            axes[1].plot(r["curve_steps"], weights[:, :, i].mean(1),
+        if method not in s["methods"]:
+            continue
+        m = s["methods"][method]
+        weights = np.asarray(m["weights"])                                                    # [S, N, T]
+        for i, sigma in enumerate(SIGMAS):
+            axes[1].plot(m["weight_steps"], weights[:, :, i].mean(0),
                          linestyle="-" if method == "gradnorm" else "--",
                          label=f"{METHODS[method]}, sigma={sigma:g}")
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("task weight w_i(t)")
-    axes[1].set_title("weights")
+    axes[1].set(yscale="log", xlabel="step", ylabel="task weight w_i(t) (seed mean)", title="weights")
     axes[1].legend(fontsize=8)
     common.save_figure(fig, workdir, "test_loss_ratio.png")
+    if "gradnorm" not in s["methods"]:
+        return
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    r = results["methods"]["gradnorm"]
-    weights = np.asarray(r["curve_weights"])
+    m = s["methods"]["gradnorm"]
+    weights = np.asarray(m["weights"])
     for i, sigma in enumerate(SIGMAS):
-        mean, std = weights[:, :, i].mean(1), weights[:, :, i].std(1)
-        ax.plot(r["curve_steps"], mean, label=f"sigma={sigma:g}")
-        ax.fill_between(r["curve_steps"], mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("GradNorm weight w_i(t)")
-    ax.set_title("GradNorm weights (alpha=0.12)")
+        mean, half = common.interval_band(weights[:, :, i])
+        ax.plot(m["weight_steps"], mean, label=f"sigma={sigma:g}")
+        ax.fill_between(m["weight_steps"], mean - half, mean + half, alpha=0.2)
+    ax.set(xlabel="step", ylabel="GradNorm weight w_i(t)",
+           title=f"GradNorm weights (alpha={PAPER_ALPHA}; 95% interval over seeds)")
     ax.legend()
     common.save_figure(fig, workdir, "weights.png")
 

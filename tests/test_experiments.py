@@ -146,13 +146,26 @@ def test_mmoe_correlation(results):
 
 
 def test_gradnorm_toy(results):
+    from experiments import gradnorm_toy
     r = results("gradnorm_toy")
-    weights = np.asarray(r["methods"]["gradnorm"]["final_weights"])          # [seeds, 2]
+    methods = r["summary"]["methods"]
+    assert list(methods) == ["ew", "uncertainty", "gradnorm"]
+    weights = np.asarray(methods["gradnorm"]["final_weights"])               # [seeds, 2]
     np.testing.assert_allclose(weights.sum(-1), 2.0, rtol=1e-4)             # GradNorm: sum_i w_i = T
     assert np.all(weights[:, 0] > weights[:, 1])     # the sigma = 1 task gets the larger weight
-    np.testing.assert_allclose(r["methods"]["ew"]["final_weights"], 1.0)
-    ratio = np.asarray(r["methods"]["ew"]["loss_ratio"]["toy_0"])
-    np.testing.assert_allclose(ratio[0], 1.0)                               # L(0) / L(0)
+    np.testing.assert_allclose(methods["ew"]["final_weights"], 1.0)
+    curve = np.asarray(methods["ew"]["normalized_curve"])                   # [seeds, evals]
+    assert curve.shape == (2, 11)
+    np.testing.assert_allclose(curve[:, 0], 1.0)                            # L(0) / L(0)
+    np.testing.assert_allclose(curve[:, -1], methods["ew"]["normalized_test_loss"])
+    records = run_records(r["workdir"])
+    assert len(records) == 3 * 2 and all(set(x["metrics"]) == {"test"} for x in records)
+    assert {(x["arm"], x["seed"], x["config"]["seed"]) for x in records} == {
+        (m, s, s) for m in methods for s in (0, 1)}
+    assert all(len(x["curves"]["train_steps"]) <= 20 for x in records)
+    table = gradnorm_toy.report(records)
+    assert table in open(os.path.join(r["workdir"], "table.md")).read()
+    assert "GradNorm gives the sigma=1 task the larger weight: yes (2/2 seeds" in table
 
 
 def test_pareto_toy(results):
