@@ -23,11 +23,22 @@ positive (only FAMO uses their values); FAMO runs with gamma = 0 as in FAMO's to
 
 "Reaching the front": the Pareto front is computed by brute force on a grid of theta in [-10, 10]^2
 (non-dominated (L1, L2) pairs); a run reaches it when no grid point improves both of its final losses by
-more than 0.05 (the dominance gap). Also reported: the min-norm ||sum_t a_t g_t|| over a in the simplex at
-the final point (Pareto stationarity; MGDA's own objective). Plots: trajectories over the loss landscape
-with the Pareto set (``trajectories_theta.png``) and in objective space with the Pareto front
-(``trajectories_objectives.png``). The problem is deterministic (PCGrad too, with two tasks), so the
-statistics are over the five starting points.
+more than 0.05 (the dominance gap). Also measured: the min-norm ||sum_t a_t g_t|| over a in the simplex
+at the final point (Pareto stationarity; MGDA's own objective).
+
+Seeds and splits: the problem is deterministic (PCGrad too, with two tasks) and has no data, so there is
+no split: a run's metrics are the exact objectives at its final point (the records' "split" is named
+``objective``), and nothing is selected. A run is one method from one starting point; the record's seed
+is the index of its start in `STARTS`, and every statistic is over the five starting points, not over
+random seeds.
+
+What it reports (`report`, from the archived run records alone, `experiments.archive`; one record per
+method and start, with its trajectory at 21 points): per method, how many starts reach the front and
+each start's final (L1, L2); the final losses, min-norm and dominance gap as a mean with its 95%
+t-interval over the starts; the dominance gap minus LS's, paired by start; which methods reach the front
+from every start and from none. Plots, drawn from the records: trajectories over the loss landscape with
+the Pareto set (``trajectories_theta.png``) and in objective space with the Pareto front
+(``trajectories_objectives.png``).
 
 Cost. full: 7 methods x 5 starts x 50000 steps (FAMO's count): about 1-2 minutes on 2 CPU cores.
 ``--quick``: 35000 steps (Nash-MTL's count), under a minute.
@@ -36,13 +47,14 @@ Cost. full: 7 methods x 5 starts x 50000 steps (FAMO's count): about 1-2 minutes
 from __future__ import annotations
 
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common
+from experiments import archive, common, stats
 from mtt_jax import weighting
 from configs.default import base_config
 
@@ -145,92 +157,143 @@ def dominance_gap(losses_2: np.ndarray, front: np.ndarray) -> float:
     return float(np.max(np.min(losses_2[None, :] - front, axis=1)))
 
 
+TRAJECTORY_POINTS = 20   # points of a trajectory after its start, kept in each run's record
+
+
 def run(args) -> dict:
     log = common.Log()
     steps = common.pick(args.size, 1000, 35000, 50000)
     learning_rate = common.pick(args.size, 3e-2, 1e-3, 1e-3)      # --tiny: larger steps, few of them
-    record_every = common.pick(args.size, 20, 100, 250)
-    front, front_theta = pareto_front(common.pick(args.size, 201, 801, 1201))
+    resolution = common.pick(args.size, 201, 801, 1201)
+    front, front_theta = pareto_front(resolution)
     log(f"Pareto front: {len(front)} non-dominated grid points")
-    results = {"starts": STARTS.tolist(), "steps": steps, "learning_rate": learning_rate,
-               "front": front.tolist(),
-               "front_theta": front_theta.tolist(), "tolerance": FRONT_TOLERANCE, "methods": {}}
+    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=False)
+    command, records = common.command_line(), []
     for name in METHODS:
-        trajectories = optimize(name, STARTS, steps, record_every, learning_rate)   # [S, N, 2]
-        losses = np.asarray(jax.vmap(jax.vmap(objectives))(jnp.asarray(trajectories)))   # [S, N, 2]
-        final = losses[:, -1]
-        gaps = [dominance_gap(f, front) for f in final]
+        start = time.perf_counter()
+        trajectories = optimize(name, STARTS, steps, steps // TRAJECTORY_POINTS, learning_rate)  # [S, N, 2]
+        losses = np.asarray(jax.vmap(jax.vmap(objectives))(jnp.asarray(trajectories)))          # [S, N, 2]
+        gaps = [dominance_gap(f, front) for f in losses[:, -1]]
         norms = [min_norm(t) for t in trajectories[:, -1]]
-        results["methods"][name] = {
-            "trajectory_theta": trajectories.tolist(), "trajectory_losses": losses.tolist(),
-            "final_theta": trajectories[:, -1].tolist(), "final_losses": final.tolist(),
-            "dominance_gap": gaps, "min_norm": norms,
-            "reached": [bool(g <= FRONT_TOLERANCE) for g in gaps]}
-        log(f"{METHODS[name]:10s} reached {sum(results['methods'][name]['reached'])}/{len(STARTS)}; "
+        wall = (time.perf_counter() - start) / len(STARTS)
+        method_records = []
+        for k, start_point in enumerate(STARTS):
+            config = {"method": name, "method_options": METHOD_OPTIONS.get(name, {}),
+                      "start": start_point.tolist(), "steps": steps, "learning_rate": learning_rate,
+                      "loss_scale": SCALE, "min_losses": MIN_LOSSES.tolist(),
+                      "front_resolution": resolution, "front_tolerance": FRONT_TOLERANCE}
+            metrics = {"L1": losses[k, -1, 0], "L2": losses[k, -1, 1], "dominance_gap": gaps[k],
+                       "min_norm": norms[k], "reached": float(gaps[k] <= FRONT_TOLERANCE),
+                       "x1": trajectories[k, -1, 0], "x2": trajectories[k, -1, 1]}
+            curves = {"steps": np.arange(TRAJECTORY_POINTS + 1) * (steps // TRAJECTORY_POINTS),
+                      "theta": trajectories[k], "losses": losses[k]}
+            method_records.append(archive.run_record(NAME, args.size, name, {"method": name}, k, config,
+                                                     {SPLIT: metrics}, command, wall, curves))
+        writer.write(method_records)
+        records += method_records
+        log(f"{METHODS[name]:10s} reached {sum(g <= FRONT_TOLERANCE for g in gaps)}/{len(STARTS)}; "
             f"min-norm {np.round(norms, 4).tolist()}")
-    table = make_table(results)
-    plot(results, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
-        f"CAGrad's toy with L1 scaled by {SCALE} (Nash-MTL / FAMO), Adam lr {learning_rate:g}, "
-        f"{steps} steps, from the "
-        f"five starts {', '.join(f'({a:g}, {b:g})' for a, b in STARTS)}. Reached = dominance gap to the "
-        f"brute-force Pareto front <= {FRONT_TOLERANCE}."), spread="mean ± std over the five starting points")
-    return results
+    summary = summarize(records)
+    plot(summary, front, front_theta, args.workdir)
+    common.write_outputs(args.workdir, NAME, args, report(records),
+                         {"summary": summary, "front": front.tolist(), "front_theta": front_theta.tolist()},
+                         log, header=f"Archived runs: {args.workdir}/runs.",
+                         spread="mean ± 95% t-interval over the five starting points")
+    return summary
 
 
-def make_table(results: dict) -> str:
-    headers = (["method", "reached front"]
-               + [f"start ({a:g}, {b:g})" for a, b in STARTS]
-               + ["final L1", "final L2", "min-norm at end", "dominance gap"])
+SPLIT = "objective"  # the metrics' "split": the exact objectives, there is no data
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per method, over the starting points (a record's seed is its start's index): what the table and
+    the plots show, from the run records alone."""
+    methods = {}
+    for name, runs in archive.by_arm(records).items():
+        final = [x["metrics"][SPLIT] for x in runs]
+        methods[name] = {
+            "starts": [x["config"]["start"] for x in runs],
+            "reached": [bool(f["reached"]) for f in final],
+            "final_losses": [[f["L1"], f["L2"]] for f in final],
+            "dominance_gap": [f["dominance_gap"] for f in final], "min_norm": [f["min_norm"] for f in final],
+            "trajectory_theta": [x["curves"]["theta"] for x in runs],
+            "trajectory_losses": [x["curves"]["losses"] for x in runs]}
+    config = records[0]["config"]
+    return {"steps": config["steps"], "learning_rate": config["learning_rate"],
+            "tolerance": config["front_tolerance"], "front_resolution": config["front_resolution"],
+            "starts": methods[next(iter(methods))]["starts"],
+            "methods": {m: methods[m] for m in METHODS if m in methods}}
+
+
+def report(records: list[dict]) -> str:
+    """The table and which methods reach the front from where, from the run records alone."""
+    s = summarize(records)
+    methods = s["methods"]
+    headers = (["method", "reached front"] + [f"start ({a:g}, {b:g})" for a, b in s["starts"]]
+               + ["final L1", "final L2", "min-norm at end", "dominance gap", "gap vs LS (paired by start)"])
     rows = []
-    for name, r in results["methods"].items():
-        final = np.asarray(r["final_losses"])
-        rows.append([METHODS[name], f"{sum(r['reached'])}/{len(STARTS)}"]
+    for name, m in methods.items():
+        final = np.asarray(m["final_losses"])
+        versus = ("(reference)" if name == "ew" else common.paired_cell(m["dominance_gap"],
+                                                                       methods["ew"]["dominance_gap"], 3)
+                  if "ew" in methods else "")
+        rows.append([METHODS[name], f"{sum(m['reached'])}/{len(m['reached'])}"]
                     + [("yes" if ok else "no") + f" ({f[0]:.2f}, {f[1]:.2f})"
-                       for ok, f in zip(r["reached"], final)]
-                    + [common.fmt(final[:, 0], 3), common.fmt(final[:, 1], 3), common.fmt(r["min_norm"], 4),
-                       common.fmt(r["dominance_gap"], 3)])
-    return common.markdown_table(headers, rows)
+                       for ok, f in zip(m["reached"], final)]
+                    + [stats.interval(final[:, 0]).format(3), stats.interval(final[:, 1]).format(3),
+                       stats.interval(m["min_norm"]).format(4), stats.interval(m["dominance_gap"]).format(3),
+                       versus])
+    every = [METHODS[n] for n, m in methods.items() if all(m["reached"])]
+    never = [METHODS[n] for n, m in methods.items() if not any(m["reached"])]
+    text = [f"CAGrad's toy with L1 scaled by {SCALE} (Nash-MTL / FAMO), Adam lr {s['learning_rate']:g}, "
+            f"{s['steps']} steps from each starting point; cells (x, y): the final (L1, L2). Reached: the "
+            f"dominance gap to the brute-force Pareto front (grid {s['front_resolution']}^2) is at most "
+            f"{s['tolerance']}. The problem is deterministic: the intervals are over the "
+            f"{len(s['starts'])} starting points, not over random seeds, and the paired column is each "
+            "method's dominance gap minus LS's from the same start.\n",
+            common.markdown_table(headers, rows),
+            f"- Reach the front from every start: {', '.join(every) or 'none'}.\n"
+            f"- Reach it from no start: {', '.join(never) or 'none'}.\n", archive.provenance(records)]
+    return "\n".join(text) + "\n"
 
 
-def plot(results: dict, workdir: str) -> None:
+def plot(s: dict, front: np.ndarray, front_theta: np.ndarray, workdir: str) -> None:
     plt = common.pyplot()
-    front = np.asarray(results["front"])
-    front_theta = np.asarray(results["front_theta"])
-    colors = plt.get_cmap("tab10")(np.arange(len(STARTS)))
-    names = list(results["methods"])
+    colors = plt.get_cmap("tab10")(np.arange(len(s["starts"])))
+    names = list(s["methods"])
     cols = 4
     rows = -(-len(names) // cols)
 
     axis = np.linspace(-10, 10, 201, dtype=np.float32)
     grid = np.stack(np.meshgrid(axis, axis, indexing="xy"), -1)
     landscape = np.asarray(jax.vmap(jax.vmap(objectives))(jnp.asarray(grid))).sum(-1)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, names):
+        m = s["methods"][name]
         ax.contourf(axis, axis, landscape, levels=30, cmap="Greys", alpha=0.6)
         ax.scatter(front_theta[:, 0], front_theta[:, 1], s=2, color="tab:red", label="Pareto set")
-        for k, trajectory in enumerate(np.asarray(results["methods"][name]["trajectory_theta"])):
-            ax.plot(trajectory[:, 0], trajectory[:, 1], color=colors[k], linewidth=1.5)
+        for k, (start, trajectory) in enumerate(zip(s["starts"], np.asarray(m["trajectory_theta"]))):
+            ax.plot(trajectory[:, 0], trajectory[:, 1], color=colors[k], linewidth=1.5,
+                    label=f"from ({start[0]:g}, {start[1]:g})")
             ax.scatter(*trajectory[0], color=colors[k], marker="o", s=25)
             ax.scatter(*trajectory[-1], color=colors[k], marker="*", s=80, edgecolor="black")
-        ax.set_title(f"{METHODS[name]} ({sum(results['methods'][name]['reached'])}/{len(STARTS)} on front)")
-        ax.set_xlim(-10, 10)
-        ax.set_ylim(-10, 10)
+        ax.set(title=f"{METHODS[name]} ({sum(m['reached'])}/{len(m['reached'])} on front)",
+               xlim=(-10, 10), ylim=(-10, 10), xlabel="x1", ylabel="x2")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes[0, 0].legend(loc="lower left", fontsize=7)
     fig.suptitle("trajectories over L1 + L2 (theta space); o start, * end")
     common.save_figure(fig, workdir, "trajectories_theta.png")
 
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, names):
         ax.plot(front[:, 0], front[:, 1], color="tab:red", linewidth=2, label="Pareto front")
-        for k, losses in enumerate(np.asarray(results["methods"][name]["trajectory_losses"])):
-            ax.plot(losses[:, 0], losses[:, 1], color=colors[k], linewidth=1.2)
+        trajectories = np.asarray(s["methods"][name]["trajectory_losses"])
+        for k, (start, losses) in enumerate(zip(s["starts"], trajectories)):
+            ax.plot(losses[:, 0], losses[:, 1], color=colors[k], linewidth=1.2,
+                    label=f"from ({start[0]:g}, {start[1]:g})")
             ax.scatter(*losses[-1], color=colors[k], marker="*", s=80, edgecolor="black")
-        ax.set_title(METHODS[name])
-        ax.set_xlabel("L1")
-        ax.set_ylabel("L2")
+        ax.set(title=METHODS[name], xlabel="L1", ylabel="L2")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes[0, 0].legend(loc="upper right", fontsize=7)

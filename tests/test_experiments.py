@@ -169,14 +169,28 @@ def test_gradnorm_toy(results):
 
 
 def test_pareto_toy(results):
+    from experiments import pareto_toy
     r = results("pareto_toy")
-    assert set(r["methods"]) == {"ew", "pcgrad", "mgda", "cagrad", "nash_mtl", "famo", "upgrad"}
+    methods = r["summary"]["methods"]
+    assert set(methods) == {"ew", "pcgrad", "mgda", "cagrad", "nash_mtl", "famo", "upgrad"}
     assert len(r["front"]) > 50
-    mgda = r["methods"]["mgda"]
+    mgda = methods["mgda"]
     assert max(mgda["min_norm"]) < 0.05          # MGDA ends Pareto-stationary from every start
     assert sum(mgda["reached"]) >= 4
     front = np.asarray(r["front"])
     assert np.all(np.diff(front[:, 0]) >= 0) and np.all(np.diff(front[:, 1]) < 0)   # non-dominated
+    records = run_records(r["workdir"])            # one per method and starting point (its "seed")
+    assert len(records) == 7 * 5 and all(set(x["metrics"]) == {"objective"} for x in records)
+    assert {(x["seed"], tuple(x["config"]["start"])) for x in records} == {
+        (k, tuple(start)) for k, start in enumerate(pareto_toy.STARTS.tolist())}
+    for x in records:
+        theta = np.asarray(x["curves"]["theta"])
+        assert theta.shape == (21, 2) and np.allclose(theta[0], x["config"]["start"])
+        final = x["metrics"]["objective"]
+        np.testing.assert_allclose(theta[-1], [final["x1"], final["x2"]])
+    table = pareto_toy.report(records)
+    assert table in open(os.path.join(r["workdir"], "table.md")).read()
+    assert f"| MGDA | {sum(mgda['reached'])}/5 |" in table
 
 
 def test_multimnist(results):
