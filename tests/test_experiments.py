@@ -194,14 +194,25 @@ def test_pareto_toy(results):
 
 
 def test_multimnist(results):
+    from experiments import multimnist
     r = results("multimnist")
-    assert r["source"] == "multidigits"
-    assert set(r["rows"]) == {"single-task", "uniform (ew)", "MGDA-UB"}
-    for row in r["rows"].values():
-        for task in ("left_digit", "right_digit"):
-            accuracy = np.asarray(row["accuracy"][task])
-            assert accuracy.shape == (2,) and np.all((0 <= accuracy) & (accuracy <= 1))
-    np.testing.assert_allclose(np.sum(r["rows"]["MGDA-UB"]["final_weights"], -1), 1.0, rtol=1e-4)
+    summary = r["summary"]
+    assert summary["source"] == "multidigits" and summary["tasks"] == ["left_digit", "right_digit"]
+    assert list(summary["rows"]) == ["single_task", "ew", "mgda_ub"]
+    for row in summary["rows"].values():
+        for split in ("validation", "test"):
+            for task in ("left_digit", "right_digit"):
+                accuracy = np.asarray(row[split][task])
+                assert accuracy.shape == (2,) and np.all((0 <= accuracy) & (accuracy <= 1))
+        np.testing.assert_allclose(row["mean"], np.mean([row["test"][t] for t in summary["tasks"]], axis=0))
+    np.testing.assert_allclose(np.sum(summary["rows"]["mgda_ub"]["final_weights"], -1), 1.0, rtol=1e-4)
+    records = run_records(r["workdir"])    # (2 single-task models + 2 rows) x 2 seeds
+    assert len(records) == 4 * 2 and all(set(x["metrics"]) == {"validation", "test"} for x in records)
+    assert {x["arm"] for x in records} == {"single_task:left_digit", "single_task:right_digit", "ew", "mgda_ub"}
+    assert all(x["config"]["seed"] == x["seed"] for x in records)
+    table = multimnist.report(records)
+    assert table in open(os.path.join(r["workdir"], "table.md")).read()
+    assert "| uniform (ew) |" in table and "(reference)" in table
 
 
 def test_weighting_zoo(results):
