@@ -31,6 +31,9 @@ from mtt_jax.run import lease
 RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep",
                               "grad_accum_unroll", "attention_kernel", "profile", "transfer_guard",
                               "nonfinite_skip_window", "nonfinite_skip_limit"})
+# Config fields added after runs were first written, each with the value that does what a config
+# without it did: a run written before the field existed resumes when the field has that value.
+ADDED_FIELDS = {("data", "eval_split"): "test"}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 
@@ -223,13 +226,27 @@ def prepare(workdir: str, config, overwrite: bool = False) -> bool:
         raise WorkdirError(f"{workdir} holds {', '.join(present)} without the config.json of their run; "
                            f"use another --workdir, or move them away if they are not needed")
     previous = run_identity(_read_run_config(workdir))
-    current = run_identity(config_dict(config))
+    current = run_identity(_without_added_defaults(config_dict(config), previous))
     if previous != current:
         changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
         raise WorkdirError(f"{workdir} holds a run with a different config (fields: {', '.join(changed)}); "
                            f"use another --workdir or pass --overwrite to discard it")
     _check_output_kinds(workdir, present)
     return True
+
+
+def _without_added_defaults(current: dict, previous: dict) -> dict:
+    """``current`` less each `ADDED_FIELDS` entry that ``previous`` lacks and ``current`` holds at its
+    old-behaviour value (so that an upgrade alone never blocks a resume)."""
+    current = json.loads(json.dumps(current))
+    for path, value in ADDED_FIELDS.items():
+        *parents, name = path
+        old, new = previous, current
+        for key in parents:
+            old, new = old.get(key, {}), new.get(key, {})
+        if name not in old and new.get(name) == value:
+            new.pop(name, None)
+    return current
 
 
 def check_overwrite(workdir: str) -> None:
