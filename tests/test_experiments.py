@@ -284,13 +284,25 @@ def test_weighting_zoo_method_variants_are_checked_before_any_work(tmp_path, cap
 
 
 def test_task_grouping_recovers_the_pairs(results):
+    from experiments import task_grouping
     r = results("task_grouping")
+    models = r["summary"]["models"]
+    assert list(models) == ["shared_bottom"] and list(models["shared_bottom"]) == ["1.0", "0.9", "0.5"]
     for p in ("1.0", "0.9"):
-        shared_bottom = r["models"]["shared_bottom"][p]
+        shared_bottom = models["shared_bottom"][p]
         assert shared_bottom["grouping"] == [[0, 1], [2, 3]], p
         assert np.mean(shared_bottom["within_pair"]) > np.mean(shared_bottom["across_pairs"])
         affinity = np.asarray(shared_bottom["affinity_mean"])
         assert affinity.shape == (4, 4) and np.all(np.isfinite(affinity))
+        np.testing.assert_allclose(affinity, np.mean(shared_bottom["affinity_per_seed"], axis=0))
+    records = run_records(r["workdir"])        # 3 correlations x 3 seeds of the MLP
+    assert len(records) == 3 * 3 and all(set(x["metrics"]) == {"validation", "test"} for x in records)
+    assert all(x["config"]["data"]["options"]["correlation"] == x["coordinates"]["correlation"]
+               and x["config"]["seed"] == x["seed"] for x in records)
+    assert all(np.asarray(x["curves"]["affinity"]).shape == (4, 4) for x in records)
+    table = task_grouping.report(records)
+    assert table in open(os.path.join(r["workdir"], "table.md")).read()
+    assert "| Shared-Bottom MLP | 1.0 | 3 | {mmoe_a1, mmoe_a2} / {mmoe_b1, mmoe_b2} | yes |" in table
 
 
 def test_task_attention(results):
