@@ -187,8 +187,7 @@ def train_arm(arm: Arm, seeds: list[int], learning_rates: tuple[float, ...], siz
     for r, (lr, seed) in enumerate(grid):
         run_config = config.copy_and_resolve_references()
         run_config.optimizer.learning_rate, run_config.seed = lr, seed
-        metrics = {split: _scalars(runs.by_split[split][config.total_steps][r])
-                   for split in ("validation", "test")}
+        metrics = common.final_metrics(runs, r, ("validation", "test"))
         curves = {"steps": runs.curve_steps, "train_task_losses": runs.curve_losses[:, r],
                   "task_weights": runs.curve_weights[:, r]}
         records.append(archive.run_record(
@@ -196,10 +195,6 @@ def train_arm(arm: Arm, seeds: list[int], learning_rates: tuple[float, ...], siz
             {"kind": arm.kind, "label": arm.label, "lr": lr}, seed, run_config, metrics, command,
             runs.wall_seconds / len(grid), curves))
     return records
-
-
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
 
 def run(args) -> dict:
@@ -337,6 +332,7 @@ def report(records: list[dict]) -> str:
                    "1 (definition)", "", "", "0 (reference)", "0 (reference)"]
                   + [stats.interval(s["single_task"][t]["test"]).format(3) for t in tasks_]]
     order = sorted(s["rows"], key=lambda k: -np.mean(s["rows"][k]["score"]))
+    ew, scalarization = s["rows"]["method:ew"], s["rows"][s["best_scalarization"]]
     footnotes = []
     for key in order:
         row = s["rows"][key]
@@ -352,8 +348,8 @@ def report(records: list[dict]) -> str:
             dagger = " †"
             footnotes.append(f"{name}: {row['dominant']}")
         table_rows.append([name, f"{row['lr']:g}", stats.interval(row["score"]).format(3),
-                           _paired(row["vs_ew"], key == "method:ew"),
-                           _paired(row["vs_scalarization"], key == s["best_scalarization"]),
+                           _paired(row, ew, key == "method:ew"),
+                           _paired(row, scalarization, key == s["best_scalarization"]),
                            stats.interval(row["delta_m_pooled"]).format(2) + dagger,
                            stats.interval(row["delta_p_per_task"]).format(2)]
                           + [stats.interval(row["main"][t]).format(3) for t in tasks_])
@@ -364,12 +360,8 @@ def report(records: list[dict]) -> str:
     return "\n".join(text) + "\n"
 
 
-def _paired(differences: list[float], is_reference: bool) -> str:
-    if is_reference:
-        return "(reference)"
-    found = stats.interval(differences)
-    mark = " ▲" if found.excludes_zero() and found.mean > 0 else " ▼" if found.excludes_zero() else ""
-    return found.format(3) + mark
+def _paired(row: dict, reference: dict, is_reference: bool) -> str:
+    return "(reference)" if is_reference else common.paired_cell(row["score"], reference["score"])
 
 
 def verdict(s: dict) -> str:
