@@ -5,7 +5,8 @@ that are pure functions of ``(seed, step)`` and can be cut into per-process slic
 
 Offline, embedded (no download):
 
-- ``multidigits``: MultiMNIST on scikit-learn's 8x8 digits (single-input, image);
+- ``multidigits``: MultiMNIST on scikit-learn's 8x8 digits (single-input, image); ``overlap="heavy"``:
+  half of each digit covered by the other, plus pixel noise;
 - ``seqtasks``: synthetic token tasks of known relatedness (multi-input, tokens);
 - ``mmoe_synthetic``: Ma et al. (2018)'s regression pairs with controlled correlation (single-input,
   vector);

@@ -1,0 +1,213 @@
+"""The offline benchmarks with known answers: multidigits' heavy overlap.
+
+Every source: shapes, dtypes and label ranges, train batches pure in (seed, step), shards equal slices,
+validation disjoint from test and independent of the seed, one-line errors. Then each source's own
+claims, measured on samples: the overlap geometry.
+"""
+
+import hashlib
+import importlib
+
+import numpy as np
+import pytest
+
+from mtt_jax import data, tasks as tasks_lib
+from mtt_jax.data import base, multidigits
+from mtt_jax.run import config_check
+from tests.test_splits import assert_same_batches, concat, inputs_per_task
+
+NUM = 40  # held-out examples: two batches of 32, the second padded
+DIGITS = ("left_digit", "right_digit")
+SOURCES = {
+    "multidigits_heavy": ("multidigits", DIGITS, {"overlap": "heavy", "jitter": 1, "num_eval_pairs": NUM}),
+}
+
+
+def make(key: str, seed: int = 0, **extra):
+    name, tasks, options = SOURCES[key]
+    return data.make_source(name, tasks, seed=seed, **{**options, **extra})
+
+
+def rows_of(batch: dict, layout: str, task_index: int = 0) -> np.ndarray:
+    """One flattened input row per example (of task ``task_index`` in the multi-input layout)."""
+    inputs = batch["inputs"][task_index] if layout == "multi" else batch["inputs"]
+    return inputs.reshape(len(inputs), -1)
+
+
+# --- The contract, for every source -----------------------------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(SOURCES))
+def test_shapes_dtypes_and_label_ranges(key):
+    source = make(key)
+    spec = source.input_spec
+    for batch in (source.train_batch(3, 40), next(source.eval_batches(32, split="validation"))):
+        rows = len(batch["mask"][source.task_names[0]])
+        if source.layout == "multi":
+            assert batch["inputs"].shape == (len(source.task_names), rows) + spec.shape
+        else:
+            assert batch["inputs"].shape == (rows,) + spec.shape
+        if spec.kind == "tokens":
+            assert batch["inputs"].dtype == np.int32
+            assert 1 <= batch["inputs"].min() and batch["inputs"].max() < spec.vocab_size  # no padding
+        else:
+            assert batch["inputs"].dtype == np.float32
+        assert list(batch["labels"]) == list(source.task_names) == list(batch["mask"])
+        for task, labels in batch["labels"].items():
+            assert labels.shape == (rows,) and np.issubdtype(labels.dtype, np.integer)
+            assert 0 <= labels.min() and labels.max() < tasks_lib.get(task).num_classes
+            assert tasks_lib.get(task).source == source.name
+            assert batch["mask"][task].dtype == np.float32
+
+
+@pytest.mark.parametrize("key", sorted(SOURCES))
+def test_train_batches_are_pure_in_seed_and_step(key):
+    source = make(key)
+    assert_same_batches([source.train_batch(5, 40)], [make(key).train_batch(5, 40)])
+    assert_same_batches([source.train_batch(5, 40)], [source.train_batch(5, 40)])  # no iterator state
+    first = rows_of(source.train_batch(5, 40), source.layout)
+    assert not np.array_equal(first, rows_of(source.train_batch(6, 40), source.layout))
+    assert not np.array_equal(first, rows_of(make(key, seed=1).train_batch(5, 40), source.layout))
+    if source.name == "multidigits":  # draws the global batch's pairs at once: rows depend on its size
+        return
+    # Row i does not depend on the batch size (rows come in seeded blocks).
+    assert_same_batches([base.slice_batch(source.train_batch(5, 40), slice(0, 8), source.layout)],
+                        [source.train_batch(5, 8)])
+
+
+@pytest.mark.parametrize("key", sorted(SOURCES))
+def test_shards_are_slices_of_the_global_batch(key):
+    source = make(key)
+    whole_train = source.train_batch(2, 72)  # crosses two block boundaries
+    whole_eval = list(source.eval_batches(32, split="test"))
+    for count in (2, 3):
+        for index in range(count):
+            assert_same_batches([source.train_batch(2, 72, shard=(index, count))],
+                                [base.slice_batch(whole_train, base.shard_rows(72, (index, count)),
+                                                  source.layout)])
+            part = list(source.eval_batches(32, shard=(index, count), split="test"))
+            rows = base.shard_rows(32, (index, count))
+            assert_same_batches(part, [base.slice_batch(b, rows, source.layout) for b in whole_eval])
+
+
+@pytest.mark.parametrize("key", sorted(SOURCES))
+def test_validation_is_disjoint_from_test_fixed_and_sized(key):
+    source = make(key)
+    assert source.num_examples("validation") == source.num_examples("test") == NUM
+    validation, test = inputs_per_task(source, "validation"), inputs_per_task(source, "test")
+    for task in source.task_names:
+        assert len(validation[task]) == len(test[task]) == NUM
+        shared = {row.tobytes() for row in validation[task]} & {row.tobytes() for row in test[task]}
+        assert not shared, f"{task}: {len(shared)} validation inputs are test inputs"
+    train_rows = {row.tobytes() for row in rows_of(source.train_batch(0, NUM), source.layout)}
+    assert not train_rows & {row.tobytes() for row in validation[source.task_names[0]]}
+    for split in base.SPLITS:  # not the run seed's
+        assert_same_batches(list(source.eval_batches(32, split=split)),
+                            list(make(key, seed=7).eval_batches(32, split=split)))
+    whole = concat(list(source.eval_batches(32, split="validation")), source.layout)
+    assert all(whole["mask"][t].sum() == NUM and np.all(whole["mask"][t][NUM:] == 0)
+               for t in source.task_names)
+    option = "num_validation_pairs" if source.name == "multidigits" else "num_validation_examples"
+    small = make(key, **{option: 9})
+    assert small.num_examples("validation") == 9 and small.num_examples() == NUM
+
+
+BAD_OPTIONS = [
+    ("multidigits", DIGITS, {"overlap": "total"}, "overlap"),
+]
+
+
+@pytest.mark.parametrize("name, tasks, options, named", BAD_OPTIONS)
+def test_bad_options_fail_in_one_line(name, tasks, options, named):
+    with pytest.raises(ValueError) as error:
+        data.make_source(name, tasks, seed=0, **options)
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family, variants", [("multidigits_heavy", ("", "tiny"))])
+def test_configs_validate_and_build_their_source(family, variants):
+    module = importlib.import_module(f"configs.{family}")
+    for variant in variants:
+        config = module.get_config(variant)
+        config_check.validate(config, num_devices=1)
+        source = data.make_source(config.data.source, config.tasks, seed=0, **dict(config.data.options))
+        assert source.task_names == tuple(config.tasks)
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("huge")
+
+
+# --- multidigits, overlap="heavy" -------------------------------------------------------------------
+
+def digest(source) -> str:
+    """sha256 of train batches (whole and a shard) and both held-out sets."""
+    h = hashlib.sha256()
+
+    def add(batch):
+        h.update(np.ascontiguousarray(batch["inputs"]).tobytes())
+        for task in sorted(batch["labels"]):
+            h.update(np.ascontiguousarray(batch["labels"][task]).tobytes())
+            h.update(batch["mask"][task].tobytes())
+    for step in (0, 5):
+        add(source.train_batch(step, 48))
+        add(source.train_batch(step, 48, shard=(1, 3)))
+    for split in ("test", "validation"):
+        for batch in source.eval_batches(32, split=split):
+            add(batch)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("jitter, expected", [
+    (0, "43d1600d521e51f4eff1859ec3f58c616b7aa930e60981ed267552e7c12b3876"),
+    (1, "8e49a3c1723c47238e28bc661d803938f26d8f9304d901d4887468186e0ca11c")])
+def test_default_multidigits_is_byte_identical_to_the_code_before_the_overlap_option(jitter, expected):
+    """The digests were computed by the committed code before ``overlap`` existed (3139b22)."""
+    for options in ({}, {"overlap": "standard"}):
+        source = data.make_source("multidigits", DIGITS, seed=3, jitter=jitter, num_eval_pairs=50, **options)
+        assert digest(source) == expected
+
+
+def ink_fractions(pairs: multidigits.Pairs) -> dict[str, float]:
+    """Measured overlap, averaged over pairs and both digits: the share of a digit's square inside the
+    other's, of its ink (pixel mass) inside the other's square, and of its inked pixels the other inks."""
+    images, _ = multidigits.digit_images()
+    num_pairs, size = len(pairs.left_index), multidigits.CANVAS_SIZE
+    example, span = np.arange(num_pairs)[:, None, None], np.arange(8)
+    layers, squares = [], []
+    for index, corner in ((pairs.left_index, pairs.left_corner), (pairs.right_index, pairs.right_corner)):
+        rows = (corner[:, 0, None] + span)[:, :, None]
+        cols = (corner[:, 1, None] + span)[:, None, :]
+        layer, square = np.zeros((num_pairs, size, size)), np.zeros((num_pairs, size, size), bool)
+        layer[example, rows, cols], square[example, rows, cols] = images[index], True
+        layers.append(layer)
+        squares.append(square)
+    area, mass, inked = [], [], []
+    for mine, other in ((0, 1), (1, 0)):
+        area.append((squares[mine] & squares[other]).sum(axis=(1, 2)) / 64)
+        mass.append((layers[mine] * squares[other]).sum(axis=(1, 2)) / layers[mine].sum(axis=(1, 2)))
+        both = (layers[mine] > 0) & (layers[other] > 0)
+        inked.append(both.sum(axis=(1, 2)) / (layers[mine] > 0).sum(axis=(1, 2)))
+    return {"area": float(np.mean(area)), "mass": float(np.mean(mass)), "inked": float(np.mean(inked))}
+
+
+def test_heavy_overlap_covers_about_half_of_each_digit_and_adds_light_noise():
+    standard = data.make_source("multidigits", DIGITS, seed=0)
+    heavy = data.make_source("multidigits", DIGITS, seed=0, overlap="heavy")
+    measured = {name: ink_fractions(source.train_pairs(0, 4000))
+                for name, source in (("standard", standard), ("heavy", heavy))}
+    print(measured)
+    assert measured["standard"]["area"] == pytest.approx(16 / 64)
+    assert measured["heavy"]["area"] == pytest.approx(36 / 64)
+    assert measured["standard"]["mass"] == pytest.approx(0.26, abs=0.02)
+    assert measured["heavy"]["mass"] == pytest.approx(0.70, abs=0.02)
+    assert measured["standard"]["inked"] == pytest.approx(0.09, abs=0.02)
+    assert measured["heavy"]["inked"] == pytest.approx(0.38, abs=0.02)
+    # The same image pairs, now rendered closer and with N(0, 0.1^2) pixel noise on top.
+    pairs = heavy.train_pairs(0, 2000)
+    np.testing.assert_array_equal(pairs.left_index, standard.train_pairs(0, 2000).left_index)
+    residual = heavy.train_batch(0, 2000)["inputs"] - multidigits.compose(pairs)
+    assert abs(residual.mean()) < 0.002 and residual.std() == pytest.approx(0.1, rel=0.01)
+    assert abs(np.corrcoef(residual[:, 0, 0], residual[:, 5, 7])[0, 1]) < 0.1
+    np.testing.assert_array_equal(standard.train_batch(0, 64)["inputs"],
+                                  multidigits.compose(standard.train_pairs(0, 64)))
+    # The two labels stay independent: one predicts the other at chance (10 classes).
+    labels = heavy.train_batch(1, 4000)["labels"]
+    assert np.mean(labels["left_digit"] == labels["right_digit"]) == pytest.approx(0.1, abs=0.02)
