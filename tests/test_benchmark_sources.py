@@ -1,8 +1,8 @@
-"""The offline benchmarks with known answers: multidigits' heavy overlap.
+"""The offline benchmarks with known answers: multidigits' heavy overlap and retrieval.
 
 Every source: shapes, dtypes and label ranges, train batches pure in (seed, step), shards equal slices,
 validation disjoint from test and independent of the seed, one-line errors. Then each source's own
-claims, measured on samples: the overlap geometry.
+claims, measured on samples: the overlap geometry and the retrieval label against a brute-force recount.
 """
 
 import hashlib
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mtt_jax import data, tasks as tasks_lib
-from mtt_jax.data import base, multidigits
+from mtt_jax.data import base, multidigits, retrieval
 from mtt_jax.run import config_check
 from tests.test_splits import assert_same_batches, concat, inputs_per_task
 
@@ -20,6 +20,7 @@ NUM = 40  # held-out examples: two batches of 32, the second padded
 DIGITS = ("left_digit", "right_digit")
 SOURCES = {
     "multidigits_heavy": ("multidigits", DIGITS, {"overlap": "heavy", "jitter": 1, "num_eval_pairs": NUM}),
+    "retrieval": ("retrieval", ("retrieve_0", "retrieve_2", "retrieve_3"), {"num_eval_examples": NUM}),
 }
 
 
@@ -113,6 +114,14 @@ def test_validation_is_disjoint_from_test_fixed_and_sized(key):
 
 BAD_OPTIONS = [
     ("multidigits", DIGITS, {"overlap": "total"}, "overlap"),
+    ("retrieval", ("retrieve_0",), {"num_tasks": 9}, "num_tasks"),
+    ("retrieval", ("retrieve_0",), {"num_groups": 17}, "num_groups"),
+    ("retrieval", ("retrieve_0",), {"num_groups": 0}, "num_groups"),
+    ("retrieval", ("retrieve_0",), {"num_values": 17}, "num_values"),
+    ("retrieval", ("retrieve_0",), {"num_values": 1}, "num_values"),
+    ("retrieval", ("retrieve_0",), {"length": 30}, "length"),
+    ("retrieval", ("retrieve_4",), {}, "retrieve_4"),
+    ("retrieval", ("retrieve_0",), {"num_eval_examples": 0}, "num_eval_examples"),
 ]
 
 
@@ -123,7 +132,8 @@ def test_bad_options_fail_in_one_line(name, tasks, options, named):
     assert named in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("family, variants", [("multidigits_heavy", ("", "tiny"))])
+@pytest.mark.parametrize("family, variants", [("multidigits_heavy", ("", "tiny")),
+                                              ("retrieval", ("", "narrow", "tiny"))])
 def test_configs_validate_and_build_their_source(family, variants):
     module = importlib.import_module(f"configs.{family}")
     for variant in variants:
@@ -211,3 +221,36 @@ def test_heavy_overlap_covers_about_half_of_each_digit_and_adds_light_noise():
     # The two labels stay independent: one predicts the other at chance (10 classes).
     labels = heavy.train_batch(1, 4000)["labels"]
     assert np.mean(labels["left_digit"] == labels["right_digit"]) == pytest.approx(0.1, abs=0.02)
+
+
+# --- retrieval --------------------------------------------------------------------------------------
+
+def test_retrieval_labels_equal_a_brute_force_recount_and_every_group_is_present():
+    source = data.make_source("retrieval", ("retrieve_0", "retrieve_5"), seed=2, num_tasks=6,
+                              num_groups=6, num_values=5, length=18)
+    batch = source.train_batch(4, 64)
+    assert source.input_spec == data.InputSpec(kind="tokens", shape=(18,), vocab_size=31)
+    for row in range(64):
+        tokens = batch["inputs"][row].tolist()
+        found = {group: [] for group in range(6)}
+        for token in tokens:
+            found[(token - 1) // 5].append((token - 1) % 5)
+        assert all(len(values) == 3 for values in found.values())  # every group, 18 / 6 times
+        assert batch["labels"]["retrieve_0"][row] == max(found[0])
+        assert batch["labels"]["retrieve_5"][row] == max(found[5])
+
+
+def test_retrieval_label_distribution_and_trivial_accuracy_are_exact():
+    source = data.make_source("retrieval", ("retrieve_0", "retrieve_1"), seed=0)  # defaults: V 16, n 4
+    accuracies = source.reference_accuracies()
+    assert accuracies["retrieve_0"] == {"bayes": 1.0, "trivial": pytest.approx(1 - (15 / 16) ** 4)}
+    exact = retrieval.label_distribution(16, 4)
+    assert exact.sum() == pytest.approx(1.0) and exact.argmax() == 15
+    labels = source.train_batch(0, 20_000)["labels"]
+    for task in source.task_names:
+        frequency = np.bincount(labels[task], minlength=16) / 20_000
+        standard_error = np.sqrt(exact * (1 - exact) / 20_000)
+        assert np.all(np.abs(frequency - exact) < 4 * standard_error + 1e-12)
+    # Group 0 and group 1 are drawn independently: the two labels agree as often as independence says.
+    agree = np.mean(labels["retrieve_0"] == labels["retrieve_1"])
+    assert agree == pytest.approx((exact ** 2).sum(), abs=4 * np.sqrt(0.12 / 20_000))
