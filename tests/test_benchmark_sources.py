@@ -1,8 +1,10 @@
-"""The offline benchmarks with known answers: multidigits' heavy overlap and retrieval.
+"""The offline benchmarks with known answers: multidigits' heavy overlap, retrieval and multiview.
 
 Every source: shapes, dtypes and label ranges, train batches pure in (seed, step), shards equal slices,
 validation disjoint from test and independent of the seed, one-line errors. Then each source's own
-claims, measured on samples: the overlap geometry and the retrieval label against a brute-force recount.
+claims, measured on samples: the overlap geometry, the retrieval label against a brute-force recount,
+and multiview's cross-task evidence (there when rows are aligned, gone when shuffled) and its exact
+Bayes accuracies against Monte Carlo.
 """
 
 import hashlib
@@ -12,15 +14,18 @@ import numpy as np
 import pytest
 
 from mtt_jax import data, tasks as tasks_lib
-from mtt_jax.data import base, multidigits, retrieval
+from mtt_jax.data import base, multidigits, multiview, retrieval
 from mtt_jax.run import config_check
 from tests.test_splits import assert_same_batches, concat, inputs_per_task
 
 NUM = 40  # held-out examples: two batches of 32, the second padded
 DIGITS = ("left_digit", "right_digit")
+VIEWS = multiview.TASK_NAMES
 SOURCES = {
     "multidigits_heavy": ("multidigits", DIGITS, {"overlap": "heavy", "jitter": 1, "num_eval_pairs": NUM}),
     "retrieval": ("retrieval", ("retrieve_0", "retrieve_2", "retrieve_3"), {"num_eval_examples": NUM}),
+    "multiview": ("multiview", VIEWS, {"num_eval_examples": NUM}),
+    "multiview_shuffled": ("multiview", VIEWS, {"num_eval_examples": NUM, "shuffle_rows": True}),
 }
 
 
@@ -122,6 +127,14 @@ BAD_OPTIONS = [
     ("retrieval", ("retrieve_0",), {"length": 30}, "length"),
     ("retrieval", ("retrieve_4",), {}, "retrieve_4"),
     ("retrieval", ("retrieve_0",), {"num_eval_examples": 0}, "num_eval_examples"),
+    ("multiview", VIEWS, {"reveal": (0.1, 0.1, 0.1)}, "reveal"),
+    ("multiview", VIEWS, {"reveal": (0.1, 0.1, 1.0, 0.0)}, "reveal"),
+    ("multiview", VIEWS, {"reveal": (0.1, -0.1, 0.1, 0.0)}, "reveal"),
+    ("multiview", VIEWS, {"shuffle_rows": "yes"}, "shuffle_rows"),
+    ("multiview", VIEWS, {"view_length": 0}, "view_length"),
+    ("multiview", VIEWS, {"num_validation_examples": -1}, "num_validation_examples"),
+    ("multiview", ("view_class", "view_other"), {}, "view_other"),
+    ("multiview", VIEWS, {"mode": "aligned"}, "mode"),
 ]
 
 
@@ -133,7 +146,8 @@ def test_bad_options_fail_in_one_line(name, tasks, options, named):
 
 
 @pytest.mark.parametrize("family, variants", [("multidigits_heavy", ("", "tiny")),
-                                              ("retrieval", ("", "narrow", "tiny"))])
+                                              ("retrieval", ("", "narrow", "tiny")),
+                                              ("multiview", ("", "shuffled", "tiny"))])
 def test_configs_validate_and_build_their_source(family, variants):
     module = importlib.import_module(f"configs.{family}")
     for variant in variants:
@@ -254,3 +268,126 @@ def test_retrieval_label_distribution_and_trivial_accuracy_are_exact():
     # Group 0 and group 1 are drawn independently: the two labels agree as often as independence says.
     agree = np.mean(labels["retrieve_0"] == labels["retrieve_1"])
     assert agree == pytest.approx((exact ** 2).sum(), abs=4 * np.sqrt(0.12 / 20_000))
+
+
+# --- multiview --------------------------------------------------------------------------------------
+
+def count_features(tokens_NxL: np.ndarray) -> np.ndarray:
+    """``[N, K]``: how often each content token occurs in a view."""
+    return (tokens_NxL[..., None] == 1 + np.arange(multiview.NUM_CLASSES)).sum(axis=1)
+
+
+def count_classifier_accuracy(fit_views: list, fit_labels, test_views: list, test_labels,
+                              num_classes: int) -> float:
+    """A naive-Bayes classifier on token counts, fitted on one sample and scored on another: per label,
+    the frequency of each token in each view (add-one smoothing). Knows nothing of the generator."""
+    log_prior = np.log(np.bincount(fit_labels, minlength=num_classes) + 1.0)
+    scores = np.tile(log_prior, (len(test_labels), 1))
+    for fit, test in zip(fit_views, test_views):
+        counts_NxK, test_counts = count_features(fit), count_features(test)
+        per_label = np.stack([counts_NxK[fit_labels == y].sum(axis=0) + 1.0 for y in range(num_classes)])
+        log_frequency = np.log(per_label / per_label.sum(axis=1, keepdims=True))
+        scores += test_counts @ log_frequency.T
+    return float(np.mean(scores.argmax(axis=1) == test_labels))
+
+
+def views_and_labels(source, step: int, rows: int):
+    batch = source.train_batch(step, rows)
+    return {task: batch["inputs"][i] for i, task in enumerate(source.task_names)}, batch["labels"]
+
+
+def test_multiview_blind_task_learns_only_through_aligned_rows():
+    rows = 16_384  # standard error of an accuracy near 0.25: 0.0034
+    chance = 0.25
+    tolerance = 4 * np.sqrt(chance * (1 - chance) / rows)
+    others = ("view_class", "view_parity", "view_high")
+    exact = multiview.reference_accuracies()
+    for shuffle_rows in (False, True):
+        source = data.make_source("multiview", VIEWS, seed=0, shuffle_rows=shuffle_rows)
+        assert source.aligned_rows is (not shuffle_rows)
+        fit_views, fit_labels = views_and_labels(source, 0, rows)
+        test_views, test_labels = views_and_labels(source, 1, rows)
+        score = lambda task, views: count_classifier_accuracy(
+            [fit_views[v] for v in views], fit_labels[task], [test_views[v] for v in views],
+            test_labels[task], multiview.TASK_CLASSES[task])
+        own = score("view_blind", ("view_blind",))
+        across = score("view_blind", others)
+        class_own = score("view_class", ("view_class",))
+        print(f"shuffle_rows={shuffle_rows}: blind own {own:.4f}, blind from the others {across:.4f}, "
+              f"view_class own {class_own:.4f}")
+        assert abs(own - chance) < tolerance                       # its own view is noise either way
+        assert class_own == pytest.approx(exact["view_class"]["own"], abs=0.02)  # own data unchanged
+        if shuffle_rows:
+            assert abs(across - chance) < tolerance                # the other rows are other instances
+        else:
+            assert across == pytest.approx(exact["view_blind"]["all"], abs=0.02)
+
+
+def test_shuffled_rows_are_the_aligned_rows_moved_and_never_shared():
+    aligned = data.make_source("multiview", VIEWS, seed=3)
+    shuffled = data.make_source("multiview", VIEWS, seed=3, shuffle_rows=True)
+    a, s = aligned.train_batch(2, 64), shuffled.train_batch(2, 64)  # two whole blocks
+    for t, task in enumerate(VIEWS):
+        for block in (slice(0, 32), slice(32, 64)):  # per block, the same examples in another order
+            key = lambda batch: sorted(zip(batch["inputs"][t][block].tolist(),
+                                           batch["labels"][task][block].tolist()))
+            assert key(a) == key(s)
+    np.testing.assert_array_equal(s["inputs"][0], a["inputs"][0])  # view_class: 0 steps along the cycle
+    for t in range(1, len(VIEWS)):  # every other task's row b shows another row's instance
+        aligned_row = {tuple(row): i for i, row in enumerate(a["inputs"][t].tolist())}
+        assert len(aligned_row) == 64
+        moved_to = np.array([aligned_row[tuple(row)] for row in s["inputs"][t].tolist()])
+        assert np.all(moved_to != np.arange(64))
+        assert np.all(moved_to // 32 == np.arange(64) // 32)  # within its block
+
+
+def test_multiview_posterior_is_the_product_of_per_token_likelihoods():
+    reveal = (0.3, 0.1, 0.2, 0.0)
+    source = data.make_source("multiview", VIEWS, seed=1, reveal=reveal, view_length=5)
+    tokens = source.train_batch(0, 6)["inputs"]
+    computed = multiview.posterior(tokens, reveal)
+    for row in range(6):
+        likelihood = np.ones(multiview.NUM_CLASSES)
+        for view, q in enumerate(reveal):
+            for token in tokens[view, row]:
+                likelihood *= [q * (token - 1 == c) + (1 - q) / multiview.NUM_CLASSES
+                               for c in range(multiview.NUM_CLASSES)]
+        np.testing.assert_allclose(computed[row], likelihood / likelihood.sum(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("reveal, view_length", [(multiview.DEFAULT_REVEAL, 16), ((0.3, 0.1, 0.3, 0.0), 8)])
+def test_multiview_exact_bayes_accuracies_agree_with_monte_carlo(reveal, view_length):
+    rows = 20_000
+    source = data.make_source("multiview", VIEWS, seed=5, reveal=reveal, view_length=view_length)
+    batch = source.train_batch(0, rows)
+    for t, task in enumerate(VIEWS):
+        for views in ((task,), VIEWS):
+            exact = multiview.bayes_accuracy(task, reveal, view_length, views)
+            at = [VIEWS.index(v) for v in views]
+            predicted = multiview.bayes_predictions(
+                task, multiview.posterior(batch["inputs"][at], [reveal[i] for i in at]))
+            estimate = np.mean(predicted == batch["labels"][task])
+            standard_error = np.sqrt(exact * (1 - exact) / rows)
+            print(f"{task} from {len(views)} view(s): exact {exact:.4f}, Monte Carlo {estimate:.4f}")
+            assert abs(estimate - exact) < 4 * standard_error
+    if reveal == multiview.DEFAULT_REVEAL:  # the docstring's table
+        table = multiview.reference_accuracies()
+        assert {t: {k: round(v, 4) for k, v in row.items()} for t, row in table.items()} == {
+            "view_class": {"trivial": 0.25, "own": 0.6017, "all": 0.8192},
+            "view_parity": {"trivial": 0.5, "own": 0.739, "all": 0.8812},
+            "view_high": {"trivial": 0.5, "own": 0.739, "all": 0.8812},
+            "view_blind": {"trivial": 0.25, "own": 0.25, "all": 0.8192}}
+        shuffled = data.make_source("multiview", VIEWS, seed=0, shuffle_rows=True).reference_accuracies()
+        assert all(row["all"] == row["own"] for row in shuffled.values())
+
+
+def test_multiview_exact_bayes_refuses_an_intractable_sum_in_one_line():
+    with pytest.raises(ValueError) as error:
+        multiview.bayes_accuracy("view_blind", (0.1, 0.2, 0.3, 0.0), 16, VIEWS)
+    assert "count statistics" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_aligned_rows_is_declared_by_multiview_only():
+    assert base.Source.aligned_rows is False
+    assert data.SOURCES["multiview"].aligned_rows is True
+    assert not any(source.aligned_rows for name, source in data.SOURCES.items() if name != "multiview")

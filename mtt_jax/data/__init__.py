@@ -12,7 +12,9 @@ Offline, embedded (no download):
   vector);
 - ``gradnorm_toy``: Chen et al. (2018)'s regression tasks of different scales (single-input, vector);
 - ``retrieval``: task-selective retrieval, task t reads one group of a token sequence (single-input,
-  tokens; a benchmark for task conditioning under a width bottleneck).
+  tokens; a benchmark for task conditioning under a width bottleneck);
+- ``multiview``: tasks with aligned noisy views of one latent class, one view pure noise (multi-input,
+  tokens, ``aligned_rows``; ``shuffle_rows=True`` is its negative control).
 
 From TensorFlow Datasets (prepared under ``data.options.data_dir``; preprocessed arrays cached there):
 
@@ -38,11 +40,12 @@ from mtt_jax.data.gradnorm_toy import GradNormToy
 from mtt_jax.data.mmoe_synthetic import MmoeSynthetic
 from mtt_jax.data.multidigits import MultiDigits
 from mtt_jax.data.multimnist_tfds import MultiMnist
+from mtt_jax.data.multiview import MultiView
 from mtt_jax.data.retrieval import Retrieval
 from mtt_jax.data.seqtasks import SeqTasks
 
 SOURCES: dict[str, type] = {source.name: source for source in (
-    MultiDigits, SeqTasks, MmoeSynthetic, GradNormToy, Glue, MultiMnist, CelebA, Retrieval)}
+    MultiDigits, SeqTasks, MmoeSynthetic, GradNormToy, Glue, MultiMnist, CelebA, Retrieval, MultiView)}
 AVAILABLE_TASKS: dict[str, tuple[str, ...]] = {
     name: source.all_task_names for name, source in SOURCES.items()}
 

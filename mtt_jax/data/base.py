@@ -67,7 +67,9 @@ class Source(abc.ABC):
 
     Subclasses set the class attributes ``name``, ``layout`` and ``all_task_names`` (every task the
     source can serve) and, per instance, ``task_names`` (the requested tasks, in order) and
-    ``input_spec``.
+    ``input_spec``. ``aligned_rows`` (multi-input only) is True where row b of every task's sub-batch is
+    the same instance, in train and held-out batches alike, so a model may combine a row across tasks
+    (``model.task_attention="aligned"``); False (the default) where tasks' rows are unrelated.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Source(abc.ABC):
     all_task_names: tuple[str, ...]
     task_names: tuple[str, ...]
     input_spec: InputSpec
+    aligned_rows: bool = False  # row b of every task's sub-batch is the same instance (multi-input)
 
     @abc.abstractmethod
     def train_batch(self, step: int, batch_size: int, shard: Shard = FULL) -> dict:
