@@ -15,9 +15,19 @@ Models (`MultiTaskTransformer`), all with the same trunk size, steps, batch and 
 - + task attention + task-MoE FFN: the same with the task-gated mixture-of-experts feed-forward
   (`mtt_jax.models.moe`, 4 experts); not in ``--tiny``.
 
-Uniform weighting (ew) throughout. Reported: every task's metrics (mean ± std over seeds), the mean of the
-tasks' main metrics (regression: Pearson instead of MSE, so higher is better throughout), and the learned
-T x T task-attention map (eval mean, rows: task i's attention over tasks j), plotted in
+Uniform weighting (ew) throughout; nothing is selected, so every model is reported as run.
+
+Splits: every run is scored on the validation and test split of its dataset (both in its record); the
+tables report test.
+
+What it reports (`report`, from the archived run records alone, `experiments.archive`; one record per
+model and seed, a single-task model per task being its own arm): per dataset, every task's test metrics
+and the mean over tasks of the tasks' main metrics (regression: Pearson instead of MSE, so higher is
+better throughout), each with its 95% t-interval over seeds; each model's mean minus the shared trunk's,
+paired by seed (a seed gives every multi-task model the same train batches); then the founding question
+one added piece at a time (single-task vs shared trunk, + task encoder vs shared trunk, + task attention
+vs + task encoder, + task-MoE FFN vs + task attention) on the paired differences. The learned T x T
+task-attention map (eval mean on test, rows: task i's attention over tasks j, seed mean) is plotted in
 ``task_attention_<dataset>.png``.
 
 Cost. full: 2 datasets x (T single-task + 4 multi-task models), 5 seeds x 1500 steps (d_model 64, 2
@@ -32,17 +42,23 @@ import sys
 import numpy as np
 
 from configs import default as digits_config, seqtasks as seqtasks_config
-from experiments import common
+from experiments import archive, common, stats
 from mtt_jax import seed_runs, tasks as tasks_lib
 
 NAME = "task_attention"
 FULL_COST = "about 45-70 minutes on 2 CPU cores (2 datasets, 5 seeds x 1500 steps, T + 4 models each)."
-VARIANTS = {  # name -> (task_encoder, task_attention, ffn)
-    "shared trunk": (False, "none", "dense"),
-    "+ task encoder": (True, "none", "dense"),
-    "+ task attention": (True, "cross", "dense"),
-    "+ task attention + task-MoE FFN": (True, "cross", "task_moe"),
+SPLITS = ("validation", "test")
+SINGLE_TASK = "single_task"
+REFERENCE = "shared_trunk"   # the row every other is paired against
+VARIANTS = {  # arm -> (label, task_encoder, task_attention, ffn)
+    "shared_trunk": ("shared trunk", False, "none", "dense"),
+    "task_encoder": ("+ task encoder", True, "none", "dense"),
+    "task_attention": ("+ task attention", True, "cross", "dense"),
+    "task_attention+moe": ("+ task attention + task-MoE FFN", True, "cross", "task_moe"),
 }
+# the founding question, one step at a time: (row, the row it adds to)
+STEPS = (("task_encoder", "shared_trunk"), ("task_attention", "task_encoder"),
+         ("task_attention+moe", "task_attention"))
 
 
 def base_config(size: str, dataset: str):
@@ -77,83 +93,155 @@ def summary_metric(spec: tasks_lib.TaskSpec) -> str:
     return "pearson" if spec.kind == "regression" else spec.main_metric
 
 
-def run_dataset(args, dataset: str, seeds: list[int], log) -> dict:
-    base = base_config(args.size, dataset)
-    task_names = list(base.tasks)
-    specs = {t: tasks_lib.get(t) for t in task_names}
-    out = {"tasks": task_names, "steps": base.total_steps,
-           "metrics": {t: list(specs[t].metric_names) for t in task_names},
-           "summary_metric": {t: summary_metric(specs[t]) for t in task_names}, "models": {}}
-    single = {t: {} for t in task_names}
-    wall = 0.0
-    for task in task_names:
-        runs = seed_runs.train_seeds(seed_runs.single_task_config(base, task), seeds)
-        single[task] = {m: runs.metric(f"{task}/{m}").tolist() for m in specs[task].metric_names}
-        wall += runs.wall_seconds
-        log(f"[{dataset}] single-task {task}: {summary_metric(specs[task])} "
-            f"{common.fmt(single[task][summary_metric(specs[task])])} ({runs.wall_seconds:.0f} s)")
-    out["models"]["single-task"] = {"metrics": single, "num_params": None, "wall_seconds": round(wall, 1)}
-    variants = [v for v in VARIANTS if not (args.size == "tiny" and "MoE" in v)]
-    for variant in variants:
-        task_encoder, task_attention, ffn = VARIANTS[variant]
+def dataset_arms(size: str, dataset: str) -> list[tuple[str, dict, object]]:
+    """``(arm, coordinates, config)`` of every model trained on ``dataset``: one single-task model per
+    task, then the multi-task variants (no task-MoE FFN with ``--tiny``)."""
+    base = base_config(size, dataset)
+    arms = [(f"{dataset}:{SINGLE_TASK}:{task}", {"dataset": dataset, "model": SINGLE_TASK, "task": task},
+             seed_runs.single_task_config(base, task)) for task in base.tasks]
+    for key, (_, task_encoder, task_attention, ffn) in VARIANTS.items():
+        if size == "tiny" and ffn == "task_moe":
+            continue
         c = base.copy_and_resolve_references()
         c.model.task_encoder, c.model.task_attention, c.model.ffn = task_encoder, task_attention, ffn
-        runs = seed_runs.train_seeds(c, seeds)
-        entry = {"metrics": {t: {m: runs.metric(f"{t}/{m}").tolist() for m in specs[t].metric_names}
-                             for t in task_names},
-                 "num_params": runs.num_params, "wall_seconds": round(runs.wall_seconds, 1)}
-        if "task_attention" in runs.final[0]:
-            maps = np.asarray([r["task_attention"] for r in runs.final])          # [S, T, T]
-            entry["task_attention"] = maps.mean(0).tolist()
-            entry["task_attention_per_seed"] = maps.tolist()
-        out["models"][variant] = entry
-        log(f"[{dataset}] {variant:32s} " + "  ".join(
-            f"{t} {common.fmt(entry['metrics'][t][summary_metric(specs[t])])}" for t in task_names)
-            + f" ({runs.wall_seconds:.0f} s)")
-    return out
+        arms.append((f"{dataset}:{key}", {"dataset": dataset, "model": key}, c))
+    return arms
 
 
 def run(args) -> dict:
     log = common.Log()
     seeds = list(range(common.num_seeds(args, 2, 3, 5)))
     datasets = ("multidigits",) if args.size == "tiny" else ("seqtasks", "multidigits")
-    results = {"seeds": seeds, "datasets": {}}
+    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=False)
+    command, records = common.command_line(), []
     for dataset in datasets:
-        results["datasets"][dataset] = run_dataset(args, dataset, seeds, log)
-    table = "".join(make_table(dataset, r) for dataset, r in results["datasets"].items())
-    plot(results, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, table, results, log, header=(
-        "Same trunk, steps, batch and optimizer for every model; uniform weighting. 'mean' = mean over tasks "
-        "of each task's main metric (Pearson for regression). Task-attention maps: "
-        "`task_attention_<dataset>.png`."))
-    return results
+        for arm, coordinates, config in dataset_arms(args.size, dataset):
+            runs = seed_runs.train_seeds(config, seeds, splits=SPLITS)
+            arm_records = [_record(args.size, arm, coordinates, seed, runs, r, config, command)
+                           for r, seed in enumerate(seeds)]
+            writer.write(arm_records)
+            records += arm_records
+            log(f"{arm:40s} " + "  ".join(
+                f"{t} {stats.interval(runs.metric(f'{t}/{summary_metric(tasks_lib.get(t))}')).format(3)}"
+                for t in config.tasks) + f" ({runs.wall_seconds:.0f} s)")
+    summary = summarize(records)
+    plot(summary, args.workdir)
+    common.write_outputs(args.workdir, NAME, args, report(records), {"summary": summary}, log,
+                         header=f"Archived runs: {args.workdir}/runs.",
+                         spread="mean ± 95% t-interval over seeds")
+    return summary
 
 
-def make_table(dataset: str, r: dict) -> str:
-    tasks = r["tasks"]
-    headers = (["model", "params"] + [f"{t} {m}" for t in tasks for m in r["metrics"][t]] + ["mean"])
+def _record(size: str, arm: str, coordinates: dict, seed: int, runs, r: int, config, command: str) -> dict:
+    """The archive record of run ``r`` (seed ``seed``) of ``arm``, with its task-attention map on test."""
+    run_config = config.copy_and_resolve_references()
+    run_config.seed = seed
+    curves = {**common.train_curves(runs, r), "num_params": runs.num_params}
+    final_test = runs.by_split["test"][max(runs.by_split["test"])][r]
+    if "task_attention" in final_test:
+        curves["task_attention"] = final_test["task_attention"]            # [T, T], eval mean on test
+    return archive.run_record(NAME, size, arm, coordinates, seed, run_config,
+                              common.final_metrics(runs, r, SPLITS), command,
+                              runs.wall_seconds / len(runs.seeds), curves)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per dataset and model, from the run records alone: every task metric per seed on each split, the
+    mean over tasks of the summary metric on test, the parameter count and the task-attention maps. The
+    single-task row joins the T single-task models of each seed."""
+    datasets = {}
+    for dataset in dict.fromkeys(r["coordinates"]["dataset"] for r in records):
+        mine = [r for r in records if r["coordinates"]["dataset"] == dataset]
+        arms = archive.by_arm(mine)
+        multi = next(r for r in mine if r["coordinates"]["model"] != SINGLE_TASK)
+        task_names = list(multi["config"]["tasks"])
+        specs = {t: tasks_lib.get(t) for t in task_names}
+        metrics = {t: list(specs[t].metric_names) for t in task_names}
+        values = lambda runs, task, split: {m: [x["metrics"][split][f"{task}/{m}"] for x in runs]
+                                            for m in metrics[task]}
+        models = {}
+        single = {t: arms[f"{dataset}:{SINGLE_TASK}:{t}"] for t in task_names}
+        models[SINGLE_TASK] = {"label": "single-task", "seeds": [x["seed"] for x in single[task_names[0]]],
+                               "num_params": sum(single[t][0]["curves"]["num_params"] for t in task_names),
+                               **{split: {t: values(single[t], t, split) for t in task_names}
+                                  for split in SPLITS}}
+        for key in (k for k in VARIANTS if f"{dataset}:{k}" in arms):
+            runs = arms[f"{dataset}:{key}"]
+            entry = {"label": VARIANTS[key][0], "seeds": [x["seed"] for x in runs],
+                     "num_params": runs[0]["curves"]["num_params"],
+                     **{split: {t: values(runs, t, split) for t in task_names} for split in SPLITS}}
+            if "task_attention" in runs[0]["curves"]:
+                maps = np.asarray([x["curves"]["task_attention"] for x in runs])        # [S, T, T]
+                entry["task_attention"] = maps.mean(0).tolist()
+                entry["task_attention_per_seed"] = maps.tolist()
+            models[key] = entry
+        chosen = {t: summary_metric(specs[t]) for t in task_names}
+        for entry in models.values():
+            entry["mean"] = np.mean([entry["test"][t][chosen[t]] for t in task_names], axis=0).tolist()
+        datasets[dataset] = {"tasks": task_names, "steps": multi["config"]["total_steps"], "metrics": metrics,
+                             "summary_metric": chosen, "models": models}
+    return {"datasets": datasets}
+
+
+def report(records: list[dict]) -> str:
+    """One table per dataset and the founding question's answer, from the run records alone."""
+    s = summarize(records)
+    text = ["Same trunk, steps, batch and optimizer for every model; uniform weighting. Test split. 'mean' = "
+            "the mean over tasks of each task's main metric (Pearson for regression, so higher is better). "
+            f"Paired: per-seed differences from the {VARIANTS[REFERENCE][0]} (a seed gives every multi-task "
+            "model the same train batches); ▲/▼: their 95% interval excludes 0.\n"]
+    for dataset, r in s["datasets"].items():
+        text += [f"**{dataset}** ({r['steps']} steps):\n", _table(r), verdict(r) + "\n"]
+    text.append(archive.provenance(records))
+    return "\n".join(text) + "\n"
+
+
+def _table(r: dict) -> str:
+    task_names = r["tasks"]
+    models = r["models"]
+    headers = (["model", "params", "seeds"] + [f"{t} {m}" for t in task_names for m in r["metrics"][t]]
+               + ["mean", f"mean vs {VARIANTS[REFERENCE][0]} (paired)"])
     rows = []
-    for model, entry in r["models"].items():
-        metrics = entry["metrics"]
-        mean = np.mean([metrics[t][r["summary_metric"][t]] for t in tasks], axis=0)
-        rows.append([model, entry["num_params"] or "T separate models"]
-                    + [common.fmt(metrics[t][m], 3) for t in tasks for m in r["metrics"][t]]
-                    + [common.fmt(mean, 3)])
-    return f"\n## {dataset} ({r['steps']} steps)\n\n" + common.markdown_table(headers, rows)
+    for key, entry in models.items():
+        versus = ("(reference)" if key == REFERENCE else
+                  common.paired_cell(entry["mean"], models[REFERENCE]["mean"], 3) if REFERENCE in models
+                  else "")
+        params = (f"{entry['num_params']} ({len(task_names)} models)" if key == SINGLE_TASK
+                  else entry["num_params"])
+        rows.append([entry["label"], params, len(entry["seeds"])]
+                    + [stats.interval(entry["test"][t][m]).format(3)
+                       for t in task_names for m in r["metrics"][t]]
+                    + [stats.interval(entry["mean"]).format(3), versus])
+    return common.markdown_table(headers, rows)
 
 
-def plot(results: dict, workdir: str) -> None:
+def verdict(r: dict) -> str:
+    """The founding question, one added piece at a time, on the paired mean over tasks."""
+    models = r["models"]
+    lines = []
+    for added, base in [(SINGLE_TASK, REFERENCE)] + list(STEPS):
+        if added not in models or base not in models:
+            continue
+        found = stats.paired_difference(models[added]["mean"], models[base]["mean"])
+        answer = ("higher beyond the interval" if found.excludes_zero() and found.mean > 0 else
+                  "lower beyond the interval" if found.excludes_zero() else "within the interval")
+        lines.append(f"- {models[added]['label']} vs {models[base]['label']}: {found.format(3)}, {answer}.")
+    return "\n".join(lines)
+
+
+def plot(s: dict, workdir: str) -> None:
     plt = common.pyplot()
-    for dataset, r in results["datasets"].items():
-        maps = {m: e["task_attention"] for m, e in r["models"].items() if "task_attention" in e}
+    for dataset, r in s["datasets"].items():
+        maps = {e["label"]: e["task_attention"] for e in r["models"].values() if "task_attention" in e}
         if not maps:
             continue
         fig, axes = plt.subplots(1, len(maps), figsize=(5.5 * len(maps), 4.8), squeeze=False,
                                  layout="constrained")
-        for ax, (model, matrix) in zip(axes[0], maps.items()):
-            common.plot_matrix(ax, np.asarray(matrix), r["tasks"], title=f"{dataset}: {model}",
-                               cmap="viridis")
-        fig.suptitle("learned task attention: row i = how task i's attention splits over tasks j (seed mean)")
+        for ax, (label, matrix) in zip(axes[0], maps.items()):
+            common.plot_matrix(ax, np.asarray(matrix), r["tasks"], title=f"{dataset}: {label}", cmap="viridis")
+            ax.set(xlabel="task j (attended to)", ylabel="task i (attending)")
+        fig.suptitle("learned task attention on test: row i = how task i's attention splits over tasks j "
+                     "(seed mean)")
         common.save_figure(fig, workdir, f"task_attention_{dataset}.png")
 
 

@@ -306,13 +306,26 @@ def test_task_grouping_recovers_the_pairs(results):
 
 
 def test_task_attention(results):
+    from experiments import task_attention
     r = results("task_attention")
-    digits = r["datasets"]["multidigits"]
-    assert list(digits["models"]) == ["single-task", "shared trunk", "+ task encoder", "+ task attention"]
-    attention = np.asarray(digits["models"]["+ task attention"]["task_attention"])
+    digits = r["summary"]["datasets"]["multidigits"]
+    assert list(r["summary"]["datasets"]) == ["multidigits"]
+    assert list(digits["models"]) == ["single_task", "shared_trunk", "task_encoder", "task_attention"]
+    attention = np.asarray(digits["models"]["task_attention"]["task_attention"])
     assert attention.shape == (2, 2)
     np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-3)
-    assert "task_attention" not in digits["models"]["shared trunk"]
+    assert "task_attention" not in digits["models"]["shared_trunk"]
+    for entry in digits["models"].values():
+        accuracy = np.asarray(entry["test"]["left_digit"]["accuracy"])
+        assert accuracy.shape == (2,) and np.all((0 <= accuracy) & (accuracy <= 1))
+        assert len(entry["mean"]) == 2
+    records = run_records(r["workdir"])        # (2 single-task models + 3 multi-task models) x 2 seeds
+    assert len(records) == 5 * 2 and all(set(x["metrics"]) == {"validation", "test"} for x in records)
+    assert {x["arm"] for x in records} == {f"multidigits:{arm}" for arm in (
+        "single_task:left_digit", "single_task:right_digit", "shared_trunk", "task_encoder", "task_attention")}
+    table = task_attention.report(records)
+    assert table in open(os.path.join(r["workdir"], "table.md")).read()
+    assert "- + task attention vs + task encoder: " in table
 
 
 # --- the vmapped runner is the library's loop ----------------------------------------------------------
