@@ -21,6 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.log_every = 100
     c.tasks = ("left_digit", "right_digit")
+    c.plugins = ()              # modules imported, in order, before the config is checked: they register
+    #                             methods, sources, tasks, variants (mtt_jax.registry; docs/extending.md)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "multidigits"
@@ -45,8 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.patch_size = 2
     c.model.positional = "learned"        # or "sinusoidal"
     c.model.task_encoder = True           # task identity -> Dense -> task features
-    c.model.task_attention = "cross"      # or "none": the plain shared-trunk baseline
+    c.model.task_attention = "cross"      # or "none": the plain shared-trunk baseline; or "aligned"
+    #                                       (multi-input sources whose rows are aligned across tasks):
+    #                                       task i's stream queries the other tasks' streams of its row
     c.model.task_attention_self = False   # also attend to the task's own stream
+    c.model.task_attention_pool = "positions"  # aligned: keys/values are the other tasks' positions of
+    #                                       the row, or "pooled": their masked-mean-pooled vectors
     c.model.memory_tokens = 4             # multi-input task attention: memory tokens per task
     c.model.remat = "none"                # none | full | dots | dots_no_batch
     c.model.vocab_size = 0                # token inputs: embedding rows (0: the source's vocabulary)

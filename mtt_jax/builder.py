@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtt_jax import affinity, data, sharding
+from mtt_jax import affinity, data, registry, sharding
 from mtt_jax.perf import flops
 from mtt_jax.run import checkpoint, config_check, memory_check
 from mtt_jax import tasks as tasks_lib
@@ -101,7 +101,10 @@ class Parts:
 
 def build_parts(config, seed: int | None = None, model: nn.Module | None = None) -> Parts:
     """Tasks, data source (of ``seed``, default ``config.seed``), model (``model`` or the config's
-    Transformer), weighting method and optimizer of ``config``."""
+    Transformer), weighting method and optimizer of ``config``. Its ``plugins`` are imported first
+    (`mtt_jax.registry.load_plugins`), for callers that skip `config_check.validate`."""
+    with _as_config_error():
+        registry.load_plugins(config)
     tasks = tuple(tasks_lib.get(name) for name in config.tasks)
     with _as_config_error(f"data.source={config.data.source!r}: "):
         source = data.make_source(config.data.source, config.tasks,
@@ -110,6 +113,7 @@ def build_parts(config, seed: int | None = None, model: nn.Module | None = None)
         if config.data.mixture.method:
             train_source = mixtures.FlatMixture(source, mixtures.rates_for(source, config.data.mixture))
     if model is None:
+        _check_aligned_rows(config, train_source)
         with _as_config_error():
             model = build_model(config, tasks, source.layout, source.input_spec, DTYPES[config.dtype])
     return Parts(tasks=tasks, source=source, train_source=train_source, model=model,
@@ -150,6 +154,16 @@ def build(config) -> Setup:
                  state_shardings=state_shardings,
                  batch_shardings=batch_shardings, abstract_batch=_abstract(train_sample, batch_shardings),
                  seed=config.seed)
+
+
+def _check_aligned_rows(config, train_source) -> None:
+    """Aligned task attention reads row b of every task as one instance: the train batches' rows must be
+    aligned (`config_check` asks the source's class the same before any work; runs that skip it, such
+    as `mtt_jax.seed_runs`, are refused here)."""
+    if config.model.task_attention == "aligned" and not getattr(train_source, "aligned_rows", False):
+        raise config_check.ConfigError(
+            f"model.task_attention='aligned' needs train batches whose rows are aligned across tasks; "
+            f"{type(train_source).__name__} ({config.data.source}) does not declare aligned_rows")
 
 
 @contextlib.contextmanager

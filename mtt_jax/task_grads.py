@@ -11,6 +11,10 @@ parameters under `ENCODER_KEYS`) and a task-side decoder (task attention and hea
 - single-input: every task reads the same encoding, so the T gradients are a vectorized Jacobian:
   the T representation gradients ``d L_t / d z`` from the (cheap) decoder, then ``vmap`` of the
   encoder's VJP over them (T backward passes through the encoder).
+- multi-input with a decoder that mixes the tasks' streams (aligned task attention,
+  ``model.decode_mixes_tasks``): ``L_t`` reads every task's stream of its rows, so the single-input
+  recipe runs over the per-task copies: T representation gradients, T backward passes through all the
+  copies, each summed over copies (T times the cost of one backward pass).
 - ``rep_grad``: the methods see gradients with respect to the shared representation ``z`` instead
   (MGDA-UB, Sener & Koltun 2018 §3.3); the update of the encoder is then one VJP of the combined
   representation gradient.
@@ -88,6 +92,13 @@ def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks:
         return loss_fn(outputs, batch), aux
 
     losses_T, decode_vjp, aux = jax.vjp(decode_losses, z, task_side, has_aux=True)
+    if layout == "multi" and getattr(model, "decode_mixes_tasks", False):
+        if rep_grad:
+            raise ValueError("rep_grad=True needs each task's loss to read its own stream only")
+        task_side_grads = decode_vjp(jnp.ones_like(losses_T))[1]
+        dz_T = jax.vmap(lambda e: decode_vjp(e)[0])(jnp.eye(num_tasks, dtype=losses_T.dtype))
+        grads_T = jax.vmap(lambda d: _sum_copies(encoder_vjp(d)[0]))(dz_T)
+        return TaskGradients(losses_T, grads_T, lambda c: combine(c, grads_T), task_side_grads, aux)
     if layout == "multi":
         # L_t depends on z only through z[t]: one backward of sum_t L_t gives every d L_t / d z_t.
         dz, task_side_grads = decode_vjp(jnp.ones_like(losses_T))

@@ -13,7 +13,11 @@ the multi-input eval batches, and row i of a flat batch gets exactly what slice 
 multi-input forward gives its example (tested).
 
 ``task_attention = "none"`` is the hard-parameter-sharing baseline: task i's outputs then depend on task
-i's stream only.
+i's stream only. ``"cross"``: single-input, the task streams of one example attend to each other;
+multi-input, every task's positions attend over learned memory tokens (`task_attention`).
+``"aligned"`` (multi-input sources whose rows are aligned across tasks, not flat mixture batches):
+task i's positions of row b attend over the other tasks' streams of row b, so task i's outputs of row b
+depend on every task's input of row b (`decode_mixes_tasks`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import jax.numpy as jnp
 
 from mtt_jax.models.heads import TaskHead, masked_mean_pool
 from mtt_jax.models.partitioning import Dtype
-from mtt_jax.models.task_attention import MultiInputTaskAttention, SingleInputTaskAttention
+from mtt_jax.models.task_attention import (ALIGNED_POOLS, AlignedTaskAttention, MultiInputTaskAttention,
+                                           SingleInputTaskAttention)
 from mtt_jax.models.task_encoder import TaskEncoder, add_task_features, prepend_task_tokens
 from mtt_jax.models.trunk import PatchEmbed, PositionalEncoding, TokenEmbed, Trunk, VectorEmbed
 from mtt_jax.specs import InputSpec
 from mtt_jax.tasks import TaskSpec
 
-TASK_ATTENTION = ("none", "cross")
+TASK_ATTENTION = ("none", "cross", "aligned")
 Streams = Any
 
 
@@ -51,6 +56,7 @@ class MultiTaskTransformer(nn.Module):
     task_encoder: bool = True
     task_attention: str = "cross"
     task_attention_self: bool = False
+    task_attention_pool: str = "positions"  # aligned: keys are the other tasks' positions, or "pooled"
     memory_tokens: int = 4
     remat: str = "none"
     dtype: Dtype = jnp.float32
@@ -76,14 +82,15 @@ class MultiTaskTransformer(nn.Module):
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
                            self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
                            self.attention_kernel, self.scan_layers)
+        check_task_attention(self.task_attention, self.layout, self.task_attention_pool)
+        kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
+                      dropout_rate=self.dropout_rate, dtype=self.dtype)
         if self.task_attention == "cross":
-            kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
-                          dropout_rate=self.dropout_rate, dtype=self.dtype)
             self.cross_task = (SingleInputTaskAttention(**kwargs) if self.layout == "single"
                                else MultiInputTaskAttention(memory_tokens=self.memory_tokens,
                                                             num_tasks=len(self.tasks), **kwargs))
-        elif self.task_attention != "none":
-            raise ValueError(f"task_attention={self.task_attention!r}; choose one of {TASK_ATTENTION}")
+        elif self.task_attention == "aligned":
+            self.cross_task = AlignedTaskAttention(pool=self.task_attention_pool, **kwargs)
         self.heads = {t.name: TaskHead(t, self.dtype, name=f"head_{t.name}") for t in self.tasks}
 
     def __call__(self, inputs: jax.Array, train: bool = False, task_id: jax.Array | None = None):
@@ -110,13 +117,16 @@ class MultiTaskTransformer(nn.Module):
             return outputs, aux
         if len(streams) == 3:  # a flat mixture batch: every head reads every row (losses mask them)
             x_BxLxD, token_mask_BxL, task_id_B = streams
+            if self.task_attention == "aligned":
+                raise ValueError("model.task_attention='aligned' needs every task's sub-batch of the same "
+                                 "rows; a flat mixture batch's rows are independent examples")
             if self.task_attention == "cross":
                 x_1xBxLxD, aux["task_attention"] = self.cross_task(
                     x_BxLxD[None], token_mask_BxL[None], train, query_task_B=task_id_B)
                 x_BxLxD = x_1xBxLxD[0]
             return {t.name: self._read_out(t, x_BxLxD, token_mask_BxL) for t in self.tasks}, aux
         x_TxBxLxD, token_mask_TxBxL = streams
-        if self.task_attention == "cross":
+        if self.task_attention in ("cross", "aligned"):
             x_TxBxLxD, aux["task_attention"] = self.cross_task(x_TxBxLxD, token_mask_TxBxL, train)
         outputs = {t.name: self._read_out(t, x_TxBxLxD[i], token_mask_TxBxL[i])
                    for i, t in enumerate(self.tasks)}
@@ -146,6 +156,12 @@ class MultiTaskTransformer(nn.Module):
         if self._needs_task_ids:
             task_ids_BxL = jnp.broadcast_to(task_index[..., None], tokens_BxL.shape)
         return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL, features_TxD)
+
+    @property
+    def decode_mixes_tasks(self) -> bool:
+        """Whether task t's loss reads other tasks' multi-input streams (aligned task attention), so the
+        per-task gradients cannot be read off one backward pass (`mtt_jax.task_grads`)."""
+        return self.layout == "multi" and self.task_attention == "aligned"
 
     @property
     def _needs_task_ids(self) -> bool:
@@ -195,6 +211,18 @@ class MultiTaskTransformer(nn.Module):
         return x_TxBxLxD, token_mask_TxBxL
 
 
+def check_task_attention(task_attention: str, layout: str, pool: str = "positions") -> None:
+    """A one-line ValueError for a task attention the layout cannot run (whether a source's rows are
+    aligned is the data's to say: `mtt_jax.run.config_check` and `mtt_jax.builder` ask it)."""
+    if task_attention not in TASK_ATTENTION:
+        raise ValueError(f"model.task_attention={task_attention!r}; choose one of {TASK_ATTENTION}")
+    if task_attention == "aligned" and layout != "multi":
+        raise ValueError("model.task_attention='aligned' attends across the tasks' sub-batches of the "
+                         "multi-input layout; single-input task streams use 'cross'")
+    if pool not in ALIGNED_POOLS:
+        raise ValueError(f"model.task_attention_pool={pool!r}; choose one of {ALIGNED_POOLS}")
+
+
 def check_film(film: bool, task_encoder: bool) -> None:
     """FiLM conditions the blocks on the task encoder's features, so it needs the task encoder."""
     if film and not task_encoder:
@@ -227,6 +255,7 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         tasks=tasks, layout=layout, input_spec=input_spec, num_layers=m.num_layers, d_model=m.d_model,
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
-        task_attention_self=m.task_attention_self, memory_tokens=m.memory_tokens, remat=m.remat,
+        task_attention_self=m.task_attention_self, task_attention_pool=m.task_attention_pool,
+        memory_tokens=m.memory_tokens, remat=m.remat,
         dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,
         scan_layers=m.scan_layers)

@@ -42,7 +42,7 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
     """FLOPs of one step for ``batch_size`` examples (multi-input: per task, so T x batch_size).
 
     ``model_config`` needs num_layers, d_model, mlp_dim, patch_size, task_encoder, task_attention,
-    memory_tokens.
+    memory_tokens; ``task_attention_pool`` (aligned task attention) defaults to "positions".
     """
     m = model_config
     d, f, num_tasks = m.d_model, m.mlp_dim, len(tasks)
@@ -67,6 +67,11 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
     elif layout == "single":  # T streams per example attend to each other
         streams = batch_size * num_tasks
         task_attention = streams * 2 * 4 * d * d + batch_size * 2 * 2 * num_tasks * num_tasks * d
+    elif m.task_attention == "aligned":  # every position attends over all tasks' keys of its row
+        per_task = length if getattr(m, "task_attention_pool", "positions") == "positions" else 1
+        keys_per_row = num_tasks * per_task  # own task's included: computed, then masked
+        task_attention = (tokens * 2 * 2 * d * d + batch_size * keys_per_row * 2 * 2 * d * d
+                          + tokens * keys_per_row * 2 * 2 * d)
     else:  # every position attends over the memory tokens of all tasks
         memory = num_tasks * m.memory_tokens
         task_attention = tokens * 2 * (2 * d * d + 2 * memory * d) + memory * 2 * 2 * d * d

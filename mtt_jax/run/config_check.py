@@ -2,6 +2,8 @@
 
 `validate` raises `ConfigError` whose message names the bad field, its value and the valid choices;
 `mtt_jax.main` prints it and exits with status 2, before creating or touching the workdir's contents.
+It first imports the config's ``plugins`` (`mtt_jax.registry.load_plugins`), so that the methods, sources
+and tasks they register are checked like the built-ins.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from typing import Sequence
 
 import jax
 
-from mtt_jax import data, sharding, tasks as tasks_lib, train_step, weighting
+from mtt_jax import data, registry, sharding, tasks as tasks_lib, train_step, weighting
 from mtt_jax.data import base as data_base, mixtures
 from mtt_jax.models import TASK_ATTENTION
 from mtt_jax.models.layers import ATTENTION_KERNELS, head_dim_of
-from mtt_jax.models.multitask import check_film
+from mtt_jax.models.multitask import check_film, check_task_attention
 from mtt_jax.models.trunk import POSITIONAL, REMAT_POLICIES
 from mtt_jax.weighting.base import check_range
 
@@ -62,6 +64,7 @@ def _in_range(field: str, value, low: float, high: float = math.inf, note: str =
 
 
 def validate(config, num_devices: int) -> None:
+    _by_owner(registry.load_plugins, config)  # first: they register names the checks below look up
     _integer_at_least("seed", config.seed, 0)
     _positive(config, "total_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
               "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
@@ -140,12 +143,30 @@ def _check_mixture(config) -> None:
 def _check_model(config) -> None:
     m = config.model
     _choice("model.task_attention", m.task_attention, TASK_ATTENTION)
+    _check_task_attention(config)
     _choice("model.positional", m.positional, POSITIONAL)
     _choice("model.remat", m.remat, tuple(REMAT_POLICIES))
     _by_owner(head_dim_of, m.d_model, m.num_heads)
     if not 0.0 <= m.dropout_rate < 1.0:
         raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
     _by_owner(check_film, m.film, m.task_encoder)
+
+
+def _check_task_attention(config) -> None:
+    """What the layout allows (`multitask.check_task_attention`); aligned task attention also needs
+    a source that declares its rows aligned across tasks, and the per-task sub-batches (not flat)."""
+    m, source = config.model, data.SOURCES[config.data.source]
+    _by_owner(check_task_attention, m.task_attention, source.layout, m.task_attention_pool)
+    if m.task_attention != "aligned":
+        return
+    if not getattr(source, "aligned_rows", False):
+        raise ConfigError(f"model.task_attention='aligned' needs rows aligned across tasks (row b of every "
+                          f"task is one instance), and data.source={config.data.source!r} does not "
+                          "declare aligned_rows; use 'cross' or 'none'")
+    if config.data.mixture.method:
+        raise ConfigError(f"model.task_attention='aligned' with data.mixture.method="
+                          f"{config.data.mixture.method!r}: a flat mixture batch's rows are not aligned "
+                          "across tasks; use data.mixture.method='' or task_attention='cross'")
 
 
 def _check_optimizer(o) -> None:

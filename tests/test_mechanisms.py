@@ -1,0 +1,259 @@
+"""The founding mechanisms, literally, beside today's: aligned task attention (task i's stream queries
+the other tasks' streams of the same row), the additive task encoder of the single-input layout (one
+conditioned trunk pass per task) and per-task attention-pool read-outs. Each against a hand computation,
+the config check's refusals, and a few training steps."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config, seqtasks as seqtasks_config
+from mtt_jax import data, tasks as tasks_lib, task_grads, train_step as steps, weighting  # noqa: F401
+from mtt_jax.models import MultiTaskTransformer
+from mtt_jax.models.task_attention import AlignedTaskAttention
+from mtt_jax.run import config_check
+from mtt_jax.specs import InputSpec
+
+SEQ3 = tuple(tasks_lib.get(n) for n in ("majority", "majority_parity", "mean_value"))
+TOKENS = InputSpec("tokens", (8,), vocab_size=16)
+
+
+def jit_init(module, *args):
+    return jax.jit(module.init)(jax.random.key(0), *args)
+
+
+def jit_apply(module, variables, *args, method=None):
+    return jax.jit(functools.partial(module.apply, method=method))(variables, *args)
+
+
+def randomized(params, seed=1):
+    """Every parameter drawn at random (heads, biases and LayerNorms start at 0 or 1, which would hide
+    terms of a hand computation)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def small_model(tasks, layout, spec, **kwargs):
+    return MultiTaskTransformer(tasks=tasks, layout=layout, input_spec=spec, num_layers=1, d_model=16,
+                                num_heads=2, mlp_dim=32, **kwargs)
+
+
+def seq_tokens(batch=3, seed=0):
+    x = jax.random.randint(jax.random.key(seed), (len(SEQ3), batch, 8), 1, 16)
+    return x.at[:, :, 6:].set(0).at[1, 0, 4:].set(0)  # padding at the end, more in one row
+
+
+# --- Aligned task attention ---------------------------------------------------------------------------
+
+def _layer_norm(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def aligned_by_hand(p, x_TxBxLxD, mask_TxBxL, include_self, pool):
+    """numpy softmax attention of one head over the other tasks' keys of the same row."""
+    num_tasks, batch, length, _ = x_TxBxLxD.shape
+    h = _layer_norm(x_TxBxLxD, p["ln"]["scale"], p["ln"]["bias"])
+    dense = lambda y, name: y @ p[name]["kernel"][:, 0] + p[name]["bias"][0]  # one head: [D, 1, K]
+    if pool == "positions":
+        keys, key_mask = h, mask_TxBxL
+    else:
+        weights = mask_TxBxL[..., None].astype(float)
+        keys = ((h * weights).sum(2) / np.maximum(weights.sum(2), 1))[:, :, None]
+        key_mask = mask_TxBxL.any(-1)[:, :, None]
+    q, k, v = dense(h, "query"), dense(keys, "key"), dense(keys, "value")
+    out = np.zeros_like(x_TxBxLxD)
+    mass, count = np.zeros((num_tasks, num_tasks)), np.zeros(num_tasks)
+    for t in range(num_tasks):
+        for b in range(batch):
+            for l in range(length):
+                slots = [(s, m) for s in range(num_tasks) for m in range(keys.shape[2])
+                         if (include_self or s != t) and key_mask[s, b, m]]
+                logits = np.array([q[t, b, l] @ k[s, b, m] for s, m in slots]) / np.sqrt(q.shape[-1])
+                w = np.exp(logits - logits.max())
+                w /= w.sum()
+                attended = sum(wi * v[s, b, m] for wi, (s, m) in zip(w, slots))
+                out[t, b, l] = attended @ p["out"]["kernel"][0] + p["out"]["bias"]
+                if mask_TxBxL[t, b, l]:
+                    count[t] += 1
+                    for wi, (s, _) in zip(w, slots):
+                        mass[t, s] += wi
+    return x_TxBxLxD + out, mass / count[:, None]
+
+
+@pytest.mark.parametrize("include_self,pool", [(False, "positions"), (True, "positions"),
+                                               (False, "pooled"), (True, "pooled")])
+def test_aligned_task_attention_equals_a_hand_computation(include_self, pool):
+    """T=3 tasks, B=2 rows, L=4 positions, one head; padding differs by task and row."""
+    x = jax.random.normal(jax.random.key(0), (3, 2, 4, 8))
+    mask = np.ones((3, 2, 4), bool)
+    mask[0, 0, 3] = mask[1, 1, 2:] = mask[2, 0, 1:] = False
+    module = AlignedTaskAttention(num_heads=1, include_self=include_self, pool=pool)
+    params = randomized(nn.unbox(jax.jit(lambda x, m: module.init(jax.random.key(0), x, m, False))(
+        x, mask)["params"]))
+    out, mass = jax.jit(lambda p, x, m: module.apply({"params": p}, x, m, False))(params, x, mask)
+    expected, expected_mass = aligned_by_hand(jax.tree.map(np.asarray, params), np.asarray(x, np.float64),
+                                              mask, include_self, pool)
+    real = mask[..., None]  # padded query positions are computed too, but never read
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, expected, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mass, expected_mass, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mass.sum(-1), 1.0, atol=1e-5)
+    assert (np.diag(mass) > 0).all() == include_self and (np.diag(mass) == 0).all() != include_self
+
+
+def _outputs_after_perturbing(task_attention, j=2, b=1, **kwargs):
+    model = small_model(SEQ3, "multi", TOKENS, task_attention=task_attention, **kwargs)
+    x = seq_tokens()
+    variables = {"params": randomized(nn.unbox(jit_init(model, x)["params"]))}
+    base, aux = jit_apply(model, variables, x)
+    moved, _ = jit_apply(model, variables, x.at[j, b, :5].set(jnp.arange(11, 16)))
+    change = {t.name: np.abs(np.asarray(moved[t.name]) - np.asarray(base[t.name])).reshape(3, -1).max(-1)
+              for t in SEQ3}
+    return change, aux
+
+
+@pytest.mark.parametrize("pool", ["positions", "pooled"])
+def test_aligned_task_attention_reads_the_other_tasks_same_row_only(pool):
+    change, aux = _outputs_after_perturbing("aligned", task_attention_pool=pool)
+    for name in ("majority", "majority_parity"):        # tasks 0 and 1 listen to task 2's row 1
+        assert change[name][1] > 1e-4, change
+        np.testing.assert_array_equal(change[name][[0, 2]], 0.0)  # and to no other row
+    assert aux["task_attention"].shape == (3, 3)
+    np.testing.assert_allclose(np.diag(aux["task_attention"]), 0.0)   # task_attention_self=False
+
+
+def test_without_task_attention_a_task_does_not_hear_the_others():
+    change, aux = _outputs_after_perturbing("none")
+    for name in ("majority", "majority_parity"):
+        np.testing.assert_array_equal(change[name], 0.0)
+    assert change["mean_value"][1] > 1e-4 and "task_attention" not in aux
+
+
+def test_aligned_per_task_gradients_are_each_tasks_own_gradient():
+    """The per-task gradients that Gram methods see (`task_grads`, T backward passes through the
+    per-task copies when the decoder mixes the streams) equal each task's loss differentiated alone."""
+    model = small_model(SEQ3, "multi", TOKENS, task_attention="aligned", task_attention_self=True)
+    batch = aligned_batch(seq_tokens(batch=4))
+    params = randomized(nn.unbox(jit_init(model, batch["inputs"])["params"]))
+    loss_fn = lambda outputs, b: steps.task_losses(SEQ3, outputs, b, "multi")
+
+    @jax.jit
+    def both(params):
+        result = task_grads.per_task_gradients(model, params, batch, SEQ3, "multi", jax.random.key(0),
+                                               loss_fn)
+        shared, task_side = task_grads.split_params(params)
+
+        def loss_t(shared, t):
+            outputs, _ = model.apply({"params": {**shared, **task_side}}, batch["inputs"])
+            return loss_fn(outputs, batch)[t]
+        direct = [jax.grad(loss_t)(shared, t) for t in range(len(SEQ3))]
+        return result.grads_T, jax.tree.map(lambda *g: jnp.stack(g), *direct)
+    grads_T, direct_T = both(params)
+    for a, b in zip(jax.tree.leaves(grads_T), jax.tree.leaves(direct_T)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert model.decode_mixes_tasks and not small_model(SEQ3, "multi", TOKENS).decode_mixes_tasks
+
+
+def aligned_batch(tokens_TxBxL, seed=0):
+    """A hand-made aligned batch: row b of every task is one instance, and every task's label of row b
+    is a function of all its tasks' tokens (so a task gains from hearing the others)."""
+    x = np.asarray(tokens_TxBxL)
+    total = (x % 4).sum((0, 2))                          # [B], over every task's tokens of the row
+    labels = {"majority": total % 4, "majority_parity": total % 2,
+              "mean_value": (total / x.shape[2]).astype(np.float32)}
+    batch_size = x.shape[1]
+    return {"inputs": jnp.asarray(x), "labels": {k: jnp.asarray(v) for k, v in labels.items()},
+            "mask": {t.name: jnp.ones((batch_size,), jnp.float32) for t in SEQ3}}
+
+
+def short_training_losses(model, tasks, layout, batches, weighting_name="ew", lr=3e-3):
+    """The loss of each step of a few train steps (AdamW, jitted once) on ``batches``."""
+    config = default_config.get_config("tiny")
+    config.optimizer.learning_rate, config.optimizer.warmup_steps = lr, 1
+    config.weighting.name = weighting_name
+    method = weighting.make_method(config.weighting, len(tasks))
+    tx = steps.make_optimizer(config.optimizer, len(batches))
+    state = jax.jit(lambda rng: nn.unbox(steps.init_state(rng, model, method, tx, batches[0]["inputs"])))(
+        jax.random.key(0))
+    step = jax.jit(steps.bind(steps.train_step, model=model, tasks=tasks, layout=layout, method=method,
+                              tx=tx))
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return np.asarray(losses), metrics
+
+
+@pytest.mark.parametrize("weighting_name", ["ew", "mgda"])
+def test_aligned_task_attention_trains_on_an_aligned_batch(weighting_name):
+    """A few steps on hand-made aligned batches, with a loss-based and a Gram (per-task gradient)
+    method: finite losses that fall, and the T x T map in the step's metrics."""
+    model = small_model(SEQ3, "multi", TOKENS, task_attention="aligned")
+    batches = [aligned_batch(jax.random.randint(jax.random.key(s % 4), (3, 16, 8), 1, 16)) for s in range(24)]
+    losses, metrics = short_training_losses(model, SEQ3, "multi", batches, weighting_name)
+    assert np.isfinite(losses).all()
+    assert losses[-4:].mean() < 0.8 * losses[:4].mean(), losses
+    assert metrics["task_attention"].shape == (3, 3)
+
+
+# --- The config check's one-line refusals --------------------------------------------------------------
+
+def refusal(config) -> str:
+    with pytest.raises(config_check.ConfigError) as error:
+        config_check.validate(config, num_devices=8)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_aligned_task_attention_refusals():
+    single = default_config.get_config("tiny")
+    single.model.task_attention = "aligned"
+    assert "multi-input layout" in refusal(single)
+    seq = seqtasks_config.get_config("tiny")
+    seq.model.task_attention = "aligned"
+    assert "does not declare aligned_rows" in refusal(seq)
+    seq.model.task_attention, seq.model.task_attention_pool = "cross", "mean"
+    assert "task_attention_pool='mean'" in refusal(seq)
+
+
+def test_aligned_task_attention_refuses_flat_mixture_batches(monkeypatch):
+    """Even a source with aligned rows: the rows of a flat batch are independent examples."""
+    seq = seqtasks_config.get_config("tiny")
+    monkeypatch.setattr(data.SOURCES["seqtasks"], "aligned_rows", True, raising=False)
+    seq.model.task_attention = "aligned"
+    config_check.validate(seq, num_devices=8)   # aligned rows: accepted
+    seq.data.mixture.method = "uniform"
+    seq.weighting.diagnostics_every = 0
+    assert "flat mixture batch's rows are not aligned" in refusal(seq)
+
+
+# --- FLOPs: the formula against XLA's count of the traced step -----------------------------------------
+
+def xla_and_formula_flops(config) -> tuple[float, float]:
+    """The matmul FLOPs of the config's lowered train step (`benchmark.step_matmul_flops`, lowered on
+    abstract state: nothing runs) and `flops.training_flops`."""
+    from mtt_jax import benchmark, train
+    from mtt_jax.perf import flops
+    setup = train.build(config)
+    batch = setup.train_source.train_batch(0, config.batch_size)
+    counted = benchmark.step_matmul_flops(config, setup, nn.unbox(setup.abstract_state), batch)
+    spec = setup.source.input_spec
+    model = flops.training_flops(config.model, setup.tasks, setup.layout, spec.kind, spec.shape,
+                                 config.batch_size)
+    return sum(counted.values()), model.training
+
+
+@pytest.mark.parametrize("pool", ["positions", "pooled"])
+def test_the_flops_formula_counts_aligned_task_attention(monkeypatch, pool):
+    monkeypatch.setattr(data.SOURCES["seqtasks"], "aligned_rows", True, raising=False)
+    config = seqtasks_config.get_config("tiny")
+    config.model.task_attention, config.model.task_attention_pool = "aligned", pool
+    counted, model = xla_and_formula_flops(config)
+    assert counted == pytest.approx(model, rel=1e-3)
