@@ -27,7 +27,9 @@ perfect score on each (RESULTS.md prints the margins). ``majority``, ``mean_valu
 Selection and reporting (`report`, from the archived run records alone, `experiments.archive`):
 
 - the score of a run is the mean over tasks of the gap-normalised main metric (`experiments.stats.
-  gap_normalised`: 0 = the input-blind predictor, 1 = the tuned single-task model), on a split;
+  gap_normalised`: 0 = the input-blind predictor, 1 = the tuned single-task model), on a split, over
+  the tasks whose single-task model beats the input-blind predictor beyond its 95% interval on
+  validation (a task without that margin has no gap to keep a share of: its ratio would be noise);
 - each single-task model's learning rate is chosen by its validation main metric; each multi-task arm's
   by its validation score (mean over seeds); a scalarization sweep's best point by the same;
 - the test split is then reported once: the score with its 95% t-interval over seeds, its paired
@@ -265,9 +267,14 @@ def summarize(records: list[dict]) -> dict:
                          for t in task_names} for split in ("validation", "test")}
     trivial = {split: {f"{t}/{main[t]}": float(single[t][0]["metrics"][split][f"{t}/baseline_{main[t]}"])
                        for t in task_names} for split in ("validation", "test")}
+    margins = {split: {t: _margin(single[t], split, main[t], trivial[split][f"{t}/{main[t]}"])
+                       for t in task_names} for split in ("validation", "test")}
+    # Only a task the single-task model learned (on validation) has a gap to keep a share of.
+    learned = [t for t in task_names if margins["validation"][t].low > 0]
+    scored = learned or task_names  # none learned: every score is noise, and the table says so
 
     def score(record: dict, split: str) -> float:
-        keys = reference[split]
+        keys = {f"{t}/{main[t]}": reference[split][f"{t}/{main[t]}"] for t in scored}
         return stats.mean_gap_normalised({k: record["metrics"][split][k] for k in keys},
                                          trivial[split], keys)
 
@@ -298,7 +305,8 @@ def summarize(records: list[dict]) -> dict:
             "delta_p_per_task": [delta_m.delta_p_per_task(p, single_means) for p in per_seed],
             "dominant": _dominant(per_seed, single_means),
             "main": {t: _values(arm["runs"], "test", f"{t}/{main[t]}").tolist() for t in task_names}}
-    return {"tasks": task_names, "main_metrics": main, "rows": rows,
+    return {"tasks": task_names, "main_metrics": main, "rows": rows, "scored_tasks": scored, "learned_tasks": learned,
+            "margins": {t: margins["test"][t].format(3) for t in task_names},
             "best_scalarization": f"{best_scalarization[0]}:{best_scalarization[1]}",
             "num_scalarizations": len(scalarizations),
             "single_task": {t: {"lr": single_lr[t], "test": _values(single[t], "test", f"{t}/{main[t]}").tolist()}
@@ -306,6 +314,12 @@ def summarize(records: list[dict]) -> dict:
             "trivial": {t: trivial["test"][f"{t}/{main[t]}"] for t in task_names},
             "seeds": sorted({r["seed"] for r in records}),
             "learning_rates": sorted({r["coordinates"]["lr"] for r in records})}
+
+
+def _margin(single_runs: list[dict], split: str, metric: str, trivial: float) -> stats.Interval:
+    """The single-task model's lead over the input-blind predictor, signed so that + = better."""
+    task = single_runs[0]["coordinates"]["label"]
+    return stats.interval(_signed(metric) * (_values(single_runs, split, f"{task}/{metric}") - trivial))
 
 
 def _dominant(per_seed: list[dict], single_means: dict) -> str | None:
@@ -375,9 +389,16 @@ def verdict(s: dict) -> str:
         lines.append(f"- Against {name}: **{len(better)} of {len(methods)} methods score higher beyond the "
                      f"95% interval of the paired difference** ({', '.join(better) or 'none'}); "
                      f"{len(worse)} score lower ({', '.join(worse) or 'none'}); the rest are within it.")
-    gaps = {t: float(np.mean(s["single_task"][t]["test"])) - s["trivial"][t] for t in s["tasks"]}
-    lines.append("- The benchmark's margins, single-task minus input-blind on test: "
-                 + ", ".join(f"{t} {g:+.3f}" for t, g in gaps.items()) + ".")
+    lines.append("- The benchmark's margins, the single-task model's lead over the input-blind predictor on "
+                 "test (+ = better): " + ", ".join(f"{t} {m}" for t, m in s["margins"].items()) + ".")
+    unscored = [t for t in s["tasks"] if t not in s["scored_tasks"]]
+    if not s["learned_tasks"]:
+        lines.append("- **No task's single-task model beats the input-blind predictor beyond its interval "
+                     "on validation: every score here is noise.**")
+    elif unscored:
+        lines.append(f"- **Not in the score: {', '.join(unscored)}**: its single-task model does not beat the "
+                     "input-blind predictor beyond the 95% interval on validation, so it has no gap to keep "
+                     "a share of; its columns are still shown.")
     lines.append(f"- Score: the mean over tasks of (M - M_input-blind) / (M_single-task - M_input-blind) "
                  f"on each task's main metric; ± is the 95% t-interval over {len(s['seeds'])} seeds; "
                  f"▲/▼: the paired difference's interval excludes 0. Learning rates chosen on validation "
