@@ -25,14 +25,17 @@ From TensorFlow Datasets (prepared under ``data.options.data_dir``; preprocessed
 ``mixtures`` holds mixing rates and the flat-batch sampler; ``tokenizer`` the text tokenizers.
 
 Each source module registers the tasks it serves in `mtt_jax.tasks`, so importing this package (any
-module of it) fills the task registry that ``mtt_jax.tasks.get`` reads.
+module of it) fills the task registry that ``mtt_jax.tasks.get`` reads. A source from outside the package
+is added with `register_source` (``mtt_jax.register_source``; docs/extending.md), with its tasks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Iterable, Sequence
 
+from mtt_jax import tasks as tasks_lib
 from mtt_jax.data.base import DatasetNotPreparedError, InputSpec, Source, check_choice
 from mtt_jax.data.celeba import CelebA
 from mtt_jax.data.glue import Glue
@@ -43,6 +46,7 @@ from mtt_jax.data.multimnist_tfds import MultiMnist
 from mtt_jax.data.multiview import MultiView
 from mtt_jax.data.retrieval import Retrieval
 from mtt_jax.data.seqtasks import SeqTasks
+from mtt_jax.specs import LAYOUTS
 
 SOURCES: dict[str, type] = {source.name: source for source in (
     MultiDigits, SeqTasks, MmoeSynthetic, GradNormToy, Glue, MultiMnist, CelebA, Retrieval, MultiView)}
@@ -75,5 +79,90 @@ def make_source(name: str, task_names: Sequence[str], seed: int, **options) -> S
     return SOURCES[name](task_names, seed, **options)
 
 
+def register_source(name: str, source: type[Source], tasks: Sequence[tasks_lib.TaskSpec] = (), *,
+                    replace: bool = False) -> None:
+    """Makes ``config.data.source = name`` build ``source(task_names, seed, **config.data.options)``, and
+    registers the tasks it serves (`mtt_jax.tasks.get`).
+
+    ``source`` follows the `mtt_jax.data.base.Source` contract: class attributes ``name`` (= ``name``),
+    ``layout`` and ``all_task_names``, the three batch methods, and a constructor
+    ``(task_names, seed, *, option=default, ...)`` whose options are keyword-only with defaults (what
+    ``data.options`` may set). ``tasks`` holds a `TaskSpec` for each of ``all_task_names`` (its ``source``
+    left empty or ``name``), unless the task is already registered for this source. Registering the same
+    class under the same name again does nothing; another class under a taken name is refused unless
+    ``replace``. A task name another source serves is always refused.
+
+    Raises:
+        ValueError: one line naming what does not fit.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"data source name {name!r} must be a non-empty string")
+    if SOURCES.get(name) is source:
+        return
+    if name in SOURCES and not replace:
+        raise ValueError(f"data source {name!r} is already registered ({SOURCES[name].__module__}."
+                         f"{SOURCES[name].__qualname__}); choose another name or pass replace=True")
+    _check_source_class(name, source)
+    specs = _source_task_specs(name, source, tasks)
+    for spec in specs:
+        tasks_lib.register(spec)
+    SOURCES[name] = source
+    AVAILABLE_TASKS[name] = tuple(source.all_task_names)
+
+
+def _check_source_class(name: str, source) -> None:
+    where = f"data source {name!r}: {getattr(source, '__qualname__', repr(source))}"
+    if not isinstance(source, type) or not issubclass(source, Source):
+        raise ValueError(f"{where} is not a subclass of mtt_jax.data.base.Source")
+    if getattr(source, "name", None) != name:
+        raise ValueError(f"{where} has name = {getattr(source, 'name', None)!r}; set the class attribute "
+                         f"name = {name!r}")
+    if inspect.isabstract(source):
+        raise ValueError(f"{where} leaves abstract methods unimplemented: "
+                         f"{', '.join(sorted(source.__abstractmethods__))}")
+    if getattr(source, "layout", None) not in LAYOUTS:
+        raise ValueError(f"{where} has layout = {getattr(source, 'layout', None)!r}; choose one of: "
+                         f"{', '.join(LAYOUTS)}")
+    task_names = getattr(source, "all_task_names", None)
+    if (not isinstance(task_names, (tuple, list)) or not task_names or len(set(task_names)) != len(task_names)
+            or not all(isinstance(t, str) and t for t in task_names)):
+        raise ValueError(f"{where} has all_task_names = {task_names!r}; give a tuple of distinct task names")
+    if source.aligned_rows and source.layout != "multi":
+        raise ValueError(f"{where} declares aligned_rows, which only the multi-input layout has")
+    parameters = list(inspect.signature(source).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    options_ok = all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in parameters[2:])
+    if len(parameters) < 2 or any(p.kind not in positional for p in parameters[:2]) or not options_ok:
+        raise ValueError(f"{where} has the constructor {inspect.signature(source)}; it must be "
+                         "(task_names, seed, *, option=default, ...): options keyword-only, with defaults")
+
+
+def _source_task_specs(name: str, source, tasks) -> list[tasks_lib.TaskSpec]:
+    """The `TaskSpec` of each task in ``tasks``, with its ``source`` set, after checking that together
+    with the tasks already registered for this source they cover ``source.all_task_names``."""
+    registered = tasks_lib.registered()
+    specs = {}
+    for spec in tasks:
+        if not isinstance(spec, tasks_lib.TaskSpec):
+            raise ValueError(f"data source {name!r}: tasks holds {spec!r}; give mtt_jax.tasks.TaskSpec "
+                             "objects")
+        if spec.name not in source.all_task_names or spec.name in specs:
+            raise ValueError(f"data source {name!r}: task {spec.name!r} is not in all_task_names "
+                             f"{tuple(source.all_task_names)}, or is given twice")
+        if spec.source not in ("", name):
+            raise ValueError(f"data source {name!r}: task {spec.name!r} says source={spec.source!r}; leave "
+                             f"it empty or set it to {name!r}")
+        specs[spec.name] = dataclasses.replace(spec, source=name)
+    for task in source.all_task_names:
+        owner = registered[task].source if task in registered else None
+        if owner not in (None, name):
+            raise ValueError(f"data source {name!r}: task {task!r} is already served by data source "
+                             f"{owner!r}; give your task another name")
+        if task not in specs and owner is None:
+            raise ValueError(f"data source {name!r}: task {task!r} has no TaskSpec; pass one in tasks "
+                             "(name, kind, num_classes, metrics)")
+    return list(specs.values())
+
+
 __all__ = ["AVAILABLE_TASKS", "DatasetNotPreparedError", "InputSpec", "SOURCES", "Source", "check_options",
-           "make_source", "source_options"]
+           "make_source", "register_source", "source_options"]

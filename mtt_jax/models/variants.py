@@ -23,11 +23,17 @@ experts *and* the gates, because the gates read the input ``x`` as the experts d
 counts as a shared parameter whose gradient comes from task k alone, which changes nothing for loss
 weighting and is the natural reading of "shared" for gradient methods (MGDA-UB's ``rep_grad`` sees the
 per-task mixtures ``f^k(x)``).
+
+`VARIANTS` maps each name to its module class; `register_variant` adds a model under a new name from
+outside the package (``mtt_jax.register_model_variant``; docs/extending.md), and `build_variant` builds
+it like the built-ins.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import inspect
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,9 +42,6 @@ import jax.numpy as jnp
 from mtt_jax.models.heads import TaskHead
 from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 from mtt_jax.tasks import TaskSpec
-
-VARIANTS = ("shared_bottom", "omoe", "mmoe")
-
 
 def _flatten(inputs: jax.Array) -> jax.Array:
     """``[B, ...]`` -> ``[B, F]`` (vector inputs pass through; images are flattened)."""
@@ -173,12 +176,65 @@ class MultiGateMoE(_MLPMultiTask):
         return self.trunk(_flatten(inputs))[1]
 
 
+# name -> a module class with a ``tasks`` field, or a builder ``(tasks=..., **options) -> module``.
+VARIANTS: dict[str, Callable[..., nn.Module]] = {
+    "shared_bottom": SharedBottomMLP, "omoe": OneGateMoE, "mmoe": MultiGateMoE}
+_INTERFACE = ("encode", "decode")  # besides __call__: what per-task gradients and TAG read (task_grads)
+
+
 def build_variant(name: str, tasks: tuple[TaskSpec, ...], **options) -> nn.Module:
     """``name`` in `VARIANTS`; ``options`` are the module's fields (e.g. ``bottom_units=(113,)``)."""
-    classes = {"shared_bottom": SharedBottomMLP, "omoe": OneGateMoE, "mmoe": MultiGateMoE}
-    if name not in classes:
+    if name not in VARIANTS:
         raise ValueError(f"unknown model variant {name!r}; choose one of: {', '.join(VARIANTS)}")
-    return classes[name](tasks=tuple(tasks), **options)
+    model = VARIANTS[name](tasks=tuple(tasks), **options)
+    if not isinstance(VARIANTS[name], type):  # a registered builder: its product is checked here
+        _check_module(f"model variant {name!r}: its builder returned {type(model).__name__}, which",
+                      type(model))
+    return model
+
+
+def register_variant(name: str, builder: Callable[..., nn.Module], *, replace: bool = False) -> None:
+    """Makes ``build_variant(name, tasks, **options)`` build ``builder(tasks=tasks, **options)``.
+
+    ``builder`` is a Flax module class with a ``tasks`` field, or a function ``(tasks, **options) ->
+    module``; the module follows `MultiTaskTransformer`'s interface (``__call__(inputs, train) ->
+    ({task: output}, aux)``, ``encode`` and ``decode``; shared parameters under ``trunk``), as the
+    modules here do. Registering the same object under the same name again does nothing; another
+    object under a taken name is refused unless ``replace``.
+
+    Raises:
+        ValueError: one line naming what does not fit.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model variant name {name!r} must be a non-empty string")
+    if VARIANTS.get(name) is builder:
+        return
+    if name in VARIANTS and not replace:
+        raise ValueError(f"model variant {name!r} is already registered ({VARIANTS[name].__module__}."
+                         f"{VARIANTS[name].__qualname__}); choose another name or pass replace=True")
+    where = f"model variant {name!r}: {getattr(builder, '__qualname__', repr(builder))}"
+    if isinstance(builder, type):
+        _check_module(where, builder)
+        if "tasks" not in {field.name for field in dataclasses.fields(builder)}:
+            raise ValueError(f"{where} has no field tasks (the TaskSpecs it serves)")
+    elif not callable(builder):
+        raise ValueError(f"{where} is neither a flax module class nor a builder (tasks, **options) -> module")
+    else:
+        try:
+            inspect.signature(builder).bind_partial(tasks=())
+        except TypeError:
+            raise ValueError(f"{where} takes no keyword argument tasks; its signature must be "
+                             "(tasks, **options)") from None
+    VARIANTS[name] = builder
+
+
+def _check_module(where: str, cls: type) -> None:
+    if not issubclass(cls, nn.Module):
+        raise ValueError(f"{where} is not a flax.linen.Module")
+    missing = [method for method in _INTERFACE if not callable(getattr(cls, method, None))]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(m + '()' for m in missing)}; a multi-task model has "
+                         "__call__, encode and decode (mtt_jax.models.variants)")
 
 
 def num_params(params) -> int:
