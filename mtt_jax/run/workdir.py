@@ -32,8 +32,10 @@ RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "che
                               "grad_accum_unroll", "attention_kernel", "profile", "transfer_guard",
                               "nonfinite_skip_window", "nonfinite_skip_limit"})
 # Config fields added after runs were first written, each with the value that does what a config
-# without it did: a run written before the field existed resumes when the field has that value.
-ADDED_FIELDS = {("data", "eval_split"): "test"}
+# without it did: a run written before the field existed resumes when the field has that value (as
+# config.json holds it: a tuple is a list). ``plugins`` is no resumable field: the modules it imports
+# define what the run's method, source and task names compute.
+ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): []}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 
