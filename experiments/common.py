@@ -9,8 +9,9 @@ Every experiment is ``python -m experiments.<name> --workdir DIR [--quick]`` and
 - ``--quick``: the same sweep, shorter and with fewer seeds, in at most 10 minutes on 2 CPU cores;
 - ``--tiny`` (hidden): seconds, for the tests; its numbers mean nothing.
 
-``--seeds N`` overrides the number of seeds. Tables give mean ± standard deviation over seeds (the sample
-standard deviation, ddof = 1; 0 for one seed).
+``--seeds N`` overrides the number of seeds. Every run writes its record (`experiments.archive`), and each
+experiment's ``report(records)`` renders its table from the records: a mean over seeds with its 95%
+Student-t interval (`experiments.stats`).
 
 XLA's CPU backend spends most of a short run compiling. ``--compile fast`` (the default for ``--quick``
 and ``--tiny``) sets ``--xla_backend_optimization_level=1`` (0 with ``--tiny``), which roughly halves

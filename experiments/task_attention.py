@@ -48,6 +48,7 @@ from mtt_jax import seed_runs, tasks as tasks_lib
 NAME = "task_attention"
 FULL_COST = "about 45-70 minutes on 2 CPU cores (2 datasets, 5 seeds x 1500 steps, T + 4 models each)."
 SPLITS = ("validation", "test")
+DATASETS = ("seqtasks", "multidigits")
 SINGLE_TASK = "single_task"
 REFERENCE = "shared_trunk"   # the row every other is paired against
 VARIANTS = {  # arm -> (label, task_encoder, task_attention, ffn)
@@ -111,7 +112,7 @@ def dataset_arms(size: str, dataset: str) -> list[tuple[str, dict, object]]:
 def run(args) -> dict:
     log = common.Log()
     seeds = list(range(common.num_seeds(args, 2, 3, 5)))
-    datasets = ("multidigits",) if args.size == "tiny" else ("seqtasks", "multidigits")
+    datasets = ("multidigits",) if args.size == "tiny" else DATASETS
     writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=False)
     command, records = common.command_line(), []
     for dataset in datasets:
@@ -150,7 +151,7 @@ def summarize(records: list[dict]) -> dict:
     mean over tasks of the summary metric on test, the parameter count and the task-attention maps. The
     single-task row joins the T single-task models of each seed."""
     datasets = {}
-    for dataset in dict.fromkeys(r["coordinates"]["dataset"] for r in records):
+    for dataset in (d for d in DATASETS if any(r["coordinates"]["dataset"] == d for r in records)):
         mine = [r for r in records if r["coordinates"]["dataset"] == dataset]
         arms = archive.by_arm(mine)
         multi = next(r for r in mine if r["coordinates"]["model"] != SINGLE_TASK)
