@@ -102,20 +102,6 @@ def num_seeds(args: argparse.Namespace, tiny: int, quick: int, full: int) -> int
     return args.seeds or pick(args.size, tiny, quick, full)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
-    return float(np.mean(values)), std
-
-
-def fmt(values: Sequence[float], digits: int = 3, scale: float = 1.0) -> str:
-    """``"mean ± std"`` over seeds."""
-    mean, std = mean_std(np.asarray(values, np.float64) * scale)
-    if not math.isfinite(mean):
-        return "nan"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(map(str, headers)) + " |",
              "|" + "|".join("---" for _ in headers) + "|"]
