@@ -3,7 +3,8 @@
 The config and the workdir are checked before anything is created: a bad config, a workdir that
 holds a different run, or one the run could not keep (a file, a bucket that cannot be written) exits
 with status 2 and one line saying what is wrong and how to fix it. ``--workdir`` may be a bucket URL
-(``gs://bucket/run``; `mtt_jax.run.workdir`).
+(``gs://bucket/run``; `mtt_jax.run.workdir`). A config file is found by its path from any working
+directory, its sibling configs with it (`mtt_jax.run.cli.make_config_imports_resolve`).
 
 On the CPU, large host allocations go on huge pages when the launcher asks for it
 (``python -m launch.local --huge_pages``; `mtt_jax.perf.huge_pages`).

@@ -1,5 +1,6 @@
 """What the command lines (`mtt_jax.main`, `mtt_jax.benchmark`) share: bad input ends in one line on
-stderr and exit status 2, before any work, and the multi-host start."""
+stderr and exit status 2, before any work; a config file loads from any working directory; and the
+multi-host start."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def config_file_problem(config_argument: str) -> str | None:
     return None
 
 
+def make_config_imports_resolve(config_path: str) -> None:
+    """Puts the folder that holds a config file's package on ``sys.path`` (first, where it is absent),
+    so that the config's imports of its siblings (``from configs import default``) resolve to the same
+    checkout's files from any working directory (``cd /tmp && python -m mtt_jax.main --config
+    /path/to/configs/default.py:tiny``). A config file outside a package (no ``__init__.py`` beside it)
+    is left as it is: it can import the installed ``mtt_jax``, and its own modules by ``PYTHONPATH``."""
+    package = os.path.dirname(os.path.abspath(config_path))
+    if os.path.isfile(os.path.join(package, "__init__.py")):
+        root = os.path.dirname(package)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+
 def _config_argument(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -47,8 +61,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     ``--config.x=y`` override of a field the config does not have or with a value of the wrong type,
     and any other flag error. The config flag would report most of these as tracebacks or exit 1."""
     config_argument = _config_argument(argv)
-    if config_argument is not None and (problem := config_file_problem(config_argument)):
-        fail(problem)
+    if config_argument is not None:
+        if problem := config_file_problem(config_argument):
+            fail(problem)
+        make_config_imports_resolve(config_argument.split(":", 1)[0])
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # an override of a field the config does not have
