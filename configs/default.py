@@ -7,6 +7,7 @@ Every field can be overridden on the command line, e.g. ``--config.weighting.nam
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from mtt_jax.weighting import DEFAULT_OPTIONS
 
@@ -38,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mixture.maximum = 0.0          # temperature: cap on N_t (0: none)
     c.data.mixture.rates = ()             # explicit: one rate per task
 
-    c.model = ml_collections.ConfigDict()
+    # Not type-safe: model.task_encoder takes a bool or a string, also in a copy of the config.
+    c.model = ml_collections.ConfigDict(type_safe=False)
     c.model.num_layers = 2
     c.model.d_model = 64
     c.model.num_heads = 4
@@ -46,7 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.0
     c.model.patch_size = 2
     c.model.positional = "learned"        # or "sinusoidal"
-    c.model.task_encoder = True           # task identity -> Dense -> task features
+    # task identity -> Dense -> task features, entering the trunk as: "tokens" (single-input: T task
+    # tokens prepended, one pass), "add" (added to every position; single-input: one trunk pass per
+    # task, T times the trunk's FLOPs) or "none"; True: the layout's own form (single-input "tokens",
+    # multi-input "add"), False: "none". (A literal on the command line: --config.model.task_encoder=add.)
+    c.model.task_encoder = config_dict.FieldReference(True, field_type=object)
     c.model.task_attention = "cross"      # or "none": the plain shared-trunk baseline; or "aligned"
     #                                       (multi-input sources whose rows are aligned across tasks):
     #                                       task i's stream queries the other tasks' streams of its row

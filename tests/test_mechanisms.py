@@ -202,6 +202,100 @@ def test_aligned_task_attention_trains_on_an_aligned_batch(weighting_name):
     assert metrics["task_attention"].shape == (3, 3)
 
 
+# --- The additive task encoder of the single-input layout ---------------------------------------------
+
+DIGITS = (tasks_lib.get("left_digit"), tasks_lib.get("right_digit"))
+IMAGE = InputSpec("image", (8, 8))
+
+
+def images(batch=3, seed=0):
+    return jax.random.uniform(jax.random.key(seed), (batch, 8, 8))
+
+
+def test_additive_task_encoder_is_one_conditioned_trunk_pass_per_task():
+    """Stream t = the mean output of the trunk on the embedded image plus task t's features, computed
+    here with the trunk, embedding and task encoder applied alone on the model's parameters."""
+    from mtt_jax.models.task_encoder import TaskEncoder
+    from mtt_jax.models.trunk import PatchEmbed, PositionalEncoding, Trunk
+    model = small_model(DIGITS, "single", IMAGE, task_encoder="add", task_attention="none",
+                        positional="learned")
+    x = images()
+    params = randomized(nn.unbox(jit_init(model, x)["params"]))
+    assert set(params) == {"embed", "positions", "task_features", "trunk", "head_left_digit",
+                           "head_right_digit"}
+    streams = jit_apply(model, {"params": params}, x, method=model.encode)
+    outputs, _ = jit_apply(model, {"params": params}, x)
+
+    @jax.jit
+    def by_hand(params, x):
+        embedded = PatchEmbed(2, 16).apply({"params": params["embed"]}, x)
+        embedded = PositionalEncoding("learned", 512).apply({"params": params["positions"]}, embedded)
+        features = TaskEncoder(2, 16).apply({"params": params["task_features"]})
+        trunk = Trunk(num_layers=1, num_heads=2, mlp_dim=32)
+        return jnp.stack([trunk.apply({"params": params["trunk"]}, embedded + features[t], None, False
+                                      ).mean(1) for t in range(2)], axis=1)
+    expected = by_hand(params, x)
+    assert streams.shape == (3, 2, 16)
+    np.testing.assert_allclose(streams, expected, rtol=1e-5, atol=1e-5)
+    for t, task in enumerate(DIGITS):
+        head = params[f"head_{task.name}"]["dense"]
+        np.testing.assert_allclose(outputs[task.name], expected[:, t] @ head["kernel"] + head["bias"],
+                                   rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(streams[:, 0] - streams[:, 1]).max()) > 1e-3   # conditioned: the passes differ
+
+
+def test_task_encoder_true_is_each_layouts_own_form():
+    """multi-input: "add" and True are the same model; single-input: "tokens" and True, "none" and
+    False."""
+    def outputs(layout, tasks, spec, inputs, **kwargs):
+        model = small_model(tasks, layout, spec, **kwargs)
+        params = randomized(nn.unbox(jit_init(model, inputs)["params"]))
+        return jit_apply(model, {"params": params}, inputs)[0]
+    for layout, tasks, spec, inputs, pairs in [
+            ("multi", SEQ3, TOKENS, seq_tokens(), [(True, "add"), (False, "none")]),
+            ("single", DIGITS, IMAGE, images(), [(True, "tokens"), (False, "none")])]:
+        for flag, name in pairs:
+            a = outputs(layout, tasks, spec, inputs, task_encoder=flag)
+            b = outputs(layout, tasks, spec, inputs, task_encoder=name)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_task_encoder_field_takes_a_bool_or_a_name_also_in_a_copy():
+    config = default_config.get_config("tiny")
+    config.model.task_encoder = "add"
+    config.update_from_flattened_dict({"model.task_encoder": "tokens"})
+    copy = config.copy_and_resolve_references()
+    copy.model.task_encoder = False            # as seed_runs.single_task_config does
+    assert (config.model.task_encoder, copy.model.task_encoder) == ("tokens", False)
+
+
+def test_the_flops_formula_counts_one_trunk_pass_per_task():
+    config = default_config.get_config("tiny")
+    config.model.task_encoder = "add"
+    counted, model = xla_and_formula_flops(config)
+    assert counted == pytest.approx(model, rel=0.01)   # the patch embedding has no input gradient
+    tokens = default_config.get_config("tiny")
+    _, model_tokens = xla_and_formula_flops(tokens)
+    assert model > 1.8 * model_tokens                   # 2 passes of 16 patches vs one of 2 + 16
+
+
+def fixed_batch_losses(source_name, tasks, model_kwargs, steps_=12, batch_size=16):
+    """The losses of a few train steps on one fixed batch of ``source_name`` (the model must fit it)."""
+    source = data.make_source(source_name, tuple(t.name for t in tasks), seed=0)
+    batch = jax.tree.map(jnp.asarray, source.train_batch(0, batch_size))
+    model = MultiTaskTransformer(tasks=tasks, layout=source.layout, input_spec=source.input_spec,
+                                 num_layers=1, d_model=32, num_heads=2, mlp_dim=64, positional="learned",
+                                 **model_kwargs)
+    return short_training_losses(model, tasks, source.layout, [batch] * steps_)
+
+
+def test_additive_task_encoder_trains_on_multidigits():
+    losses, metrics = fixed_batch_losses("multidigits", DIGITS, dict(task_encoder="add"))
+    assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0], losses
+    assert metrics["task_attention"].shape == (2, 2)   # cross-task attention between the T passes
+
+
 # --- The config check's one-line refusals --------------------------------------------------------------
 
 def refusal(config) -> str:
@@ -257,3 +351,14 @@ def test_the_flops_formula_counts_aligned_task_attention(monkeypatch, pool):
     config.model.task_attention, config.model.task_attention_pool = "aligned", pool
     counted, model = xla_and_formula_flops(config)
     assert counted == pytest.approx(model, rel=1e-3)
+
+
+def test_task_encoder_refusals():
+    seq = seqtasks_config.get_config("tiny")
+    seq.model.task_encoder = "tokens"
+    assert "use 'add' (or True)" in refusal(seq)
+    digits = default_config.get_config("tiny")
+    digits.model.task_encoder = "sum"
+    assert "model.task_encoder='sum'; choose True, False or one of tokens, add, none" in refusal(digits)
+    digits.model.task_encoder, digits.model.film = "none", True
+    assert "set model.task_encoder=True" in refusal(digits)

@@ -39,6 +39,9 @@ from mtt_jax.specs import InputSpec
 from mtt_jax.tasks import TaskSpec
 
 TASK_ATTENTION = ("none", "cross", "aligned")
+# How task t's features (`TaskEncoder`) enter the trunk; True is the layout's own form ("tokens" for
+# single-input, "add" for multi-input), False is "none" (`task_encoder_form`).
+TASK_ENCODERS = ("tokens", "add", "none")
 Streams = Any
 
 
@@ -53,7 +56,7 @@ class MultiTaskTransformer(nn.Module):
     dropout_rate: float = 0.0
     patch_size: int = 2
     positional: str = "sinusoidal"
-    task_encoder: bool = True
+    task_encoder: bool | str = True   # True, False or one of TASK_ENCODERS (`task_encoder_form`)
     task_attention: str = "cross"
     task_attention_self: bool = False
     task_attention_pool: str = "positions"  # aligned: keys are the other tasks' positions, or "pooled"
@@ -77,7 +80,7 @@ class MultiTaskTransformer(nn.Module):
         self.positions = PositionalEncoding(self.positional,
                                             max(512, num_positions(self.input_spec, self.patch_size)))
         check_film(self.film, self.task_encoder)
-        if self.task_encoder:
+        if self._task_encoder != "none":
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
                            self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
@@ -148,14 +151,19 @@ class MultiTaskTransformer(nn.Module):
         token_mask_BxL = tokens_BxL != 0
         x_BxLxD = self.positions(self.embed(tokens_BxL))
         task_index = jnp.asarray(task_index, jnp.int32)
-        features_TxD = self.task_features() if self.task_encoder else None
-        if self.task_encoder:
+        features_TxD = self.task_features() if self._task_encoder != "none" else None
+        if features_TxD is not None:
             features = features_TxD[task_index].astype(x_BxLxD.dtype)     # [D] or [B, D]
             x_BxLxD = x_BxLxD + (features[:, None] if task_index.ndim else features)
         task_ids_BxL = None
         if self._needs_task_ids:
             task_ids_BxL = jnp.broadcast_to(task_index[..., None], tokens_BxL.shape)
         return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL, features_TxD)
+
+    @property
+    def _task_encoder(self) -> str:
+        """The task encoder's form in this layout: "tokens", "add" or "none" (`task_encoder_form`)."""
+        return task_encoder_form(self.task_encoder, self.layout)
 
     @property
     def decode_mixes_tasks(self) -> bool:
@@ -170,10 +178,13 @@ class MultiTaskTransformer(nn.Module):
 
     def _encode_single(self, inputs: jax.Array, train: bool) -> jax.Array:
         """One shared sequence per example (image patches or feature chunks); each task's stream is its
-        task token (or the mean output)."""
+        task token (or the mean output; with ``task_encoder = "add"``, the mean output of its own pass,
+        `_encode_single_per_task`)."""
         num_tasks = len(self.tasks)
         x_BxNxD = self.positions(self.embed(inputs))
-        if self.task_encoder:
+        if self._task_encoder == "add":
+            return self._encode_single_per_task(x_BxNxD, train).mean(axis=2)
+        if self._task_encoder == "tokens":
             features_TxD = self.task_features()
             x_BxLxD = prepend_task_tokens(x_BxNxD, features_TxD)
             task_ids_BxL = None
@@ -184,6 +195,26 @@ class MultiTaskTransformer(nn.Module):
             return self.trunk(x_BxLxD, None, train, task_ids_BxL, features_TxD)[:, :num_tasks]
         pooled_BxD = self.trunk(x_BxNxD, None, train).mean(axis=1)
         return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
+
+    def _encode_single_per_task(self, x_BxNxD: jax.Array, train: bool) -> jax.Array:
+        """The founding single-input form (``task_encoder = "add"``): task t's features are added to
+        every position of the shared sequence and the trunk runs once per task, ``[B, N, D] ->
+        [B, T, N, D]``. The T passes are one trunk call over ``B T`` sequences, example-major (as in
+        `_encode_multi`); each is the pass `encode_task` makes for task t. Cost: T times the trunk's
+        FLOPs and activation memory (the embedding runs once), where task tokens cost T extra positions
+        of one pass (`mtt_jax.perf.flops.training_flops` counts both).
+        """
+        batch, length, d_model = x_BxNxD.shape
+        num_tasks = len(self.tasks)
+        features_TxD = self.task_features()
+        x_BxTxNxD = x_BxNxD[:, None] + features_TxD[None, :, None].astype(x_BxNxD.dtype)
+        task_ids = None
+        if self._needs_task_ids:  # every position of pass t belongs to task t
+            task_ids = jnp.broadcast_to(jnp.arange(num_tasks, dtype=jnp.int32)[None, :, None],
+                                        (batch, num_tasks, length)).reshape(batch * num_tasks, length)
+        x = self.trunk(x_BxTxNxD.reshape(batch * num_tasks, length, d_model), None, train, task_ids,
+                       features_TxD)
+        return x.reshape(batch, num_tasks, length, d_model)
 
     def _encode_multi(self, tokens_TxBxL: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         """Each task's own examples, with that task's features added at every position.
@@ -196,8 +227,8 @@ class MultiTaskTransformer(nn.Module):
         num_tasks, batch, length = tokens_TxBxL.shape
         token_mask_TxBxL = tokens_TxBxL != 0
         x_TxBxLxD = self.positions(self.embed(tokens_TxBxL))
-        features_TxD = self.task_features() if self.task_encoder else None
-        if self.task_encoder:
+        features_TxD = self.task_features() if self._task_encoder != "none" else None
+        if features_TxD is not None:
             x_TxBxLxD = add_task_features(x_TxBxLxD, features_TxD)
         to_rows = lambda y: jnp.swapaxes(y, 0, 1).reshape((batch * num_tasks,) + y.shape[2:])
         task_ids = None
@@ -223,9 +254,34 @@ def check_task_attention(task_attention: str, layout: str, pool: str = "position
         raise ValueError(f"model.task_attention_pool={pool!r}; choose one of {ALIGNED_POOLS}")
 
 
-def check_film(film: bool, task_encoder: bool) -> None:
+def task_encoder_form(task_encoder: bool | str, layout: str) -> str:
+    """``model.task_encoder`` in ``layout`` ("single" or "multi") as one of `TASK_ENCODERS`.
+
+    - "tokens" (single-input; True there): one task token per task prepended to the shared sequence,
+      one pass; task t's stream is the trunk's output at token t.
+    - "add": task t's features added to every input position. multi-input (True there): every example
+      belongs to one task, so the pass is the one the examples get anyway. single-input: the founding
+      form, one conditioned pass per task (`MultiTaskTransformer._encode_single_per_task`).
+    - "none" (False): the plain shared trunk.
+
+    A one-line ValueError for another value, and for "tokens" in the multi-input layout, whose examples
+    have no shared sequence to prepend task tokens to.
+    """
+    if isinstance(task_encoder, bool):
+        return ("tokens" if layout == "single" else "add") if task_encoder else "none"
+    if task_encoder not in TASK_ENCODERS:
+        raise ValueError(f"model.task_encoder={task_encoder!r}; choose True, False or one of "
+                         f"{', '.join(TASK_ENCODERS)}")
+    if task_encoder == "tokens" and layout != "single":
+        raise ValueError("model.task_encoder='tokens' prepends task tokens to the shared sequence of the "
+                         "single-input layout; multi-input examples get their task's features added: "
+                         "use 'add' (or True)")
+    return task_encoder
+
+
+def check_film(film: bool, task_encoder: bool | str) -> None:
     """FiLM conditions the blocks on the task encoder's features, so it needs the task encoder."""
-    if film and not task_encoder:
+    if film and task_encoder in (False, "none"):
         raise ValueError("model.film=True conditions the blocks on the task encoder's features; "
                          "set model.task_encoder=True")
 

@@ -4,8 +4,11 @@
 enter the trunk depends on the batch layout:
 
 - multi-input: every example belongs to one task, so its features are added to every input position.
-- single-input: one forward pass serves all tasks, so the features become one task token per task,
-  prepended to the shared sequence; task t's head reads the trunk output at token t.
+- single-input (``model.task_encoder = True`` or ``"tokens"``): one forward pass serves all tasks, so the
+  features become one task token per task, prepended to the shared sequence; task t's head reads the
+  trunk output at token t.
+- single-input, the founding form (``"add"``): task t's features are added to every position of the
+  shared sequence and the trunk runs once per task (T passes, T times the trunk's FLOPs).
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
 
     ``model_config`` needs num_layers, d_model, mlp_dim, patch_size, task_encoder, task_attention,
     memory_tokens; ``task_attention_pool`` (aligned task attention) defaults to "positions".
+    Single-input task encoders: task tokens ("tokens", True) add T positions to each sequence;
+    additive features ("add") run the trunk once per task, T times its FLOPs (the embedding once).
     """
     m = model_config
     d, f, num_tasks = m.d_model, m.mlp_dim, len(tasks)
@@ -56,9 +58,11 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
         embed_per_token = 2 * m.patch_size * d
     else:  # token lookup: a gather, no matmul
         length, embed_per_token = input_shape[0], 0
-    sequences = batch_size * (num_tasks if layout == "multi" else 1)
-    # Single input with the task encoder: the T task tokens join every sequence.
-    seq_len = length + (num_tasks if layout == "single" and m.task_encoder else 0)
+    examples = batch_size * (num_tasks if layout == "multi" else 1)
+    pass_per_task = layout == "single" and m.task_encoder == "add"
+    sequences = examples * (num_tasks if pass_per_task else 1)   # through the trunk
+    # Single input with task tokens: the T task tokens join every sequence.
+    seq_len = length + (num_tasks if layout == "single" and m.task_encoder in (True, "tokens") else 0)
     tokens = sequences * seq_len
     projections = tokens * m.num_layers * 2 * (4 * d * d + 2 * d * f)
     attention = sequences * m.num_layers * 2 * 2 * seq_len * seq_len * d
@@ -79,7 +83,7 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
     for t in tasks:
         per_example = length if t.kind == "tagging" else 1
         heads += batch_size * per_example * 2 * d * t.num_outputs
-    embedding = sequences * length * embed_per_token
+    embedding = examples * length * embed_per_token
     return FlopCount(float(embedding), float(projections), float(attention), float(task_attention),
                      float(heads))
 
