@@ -1,12 +1,14 @@
 """The package as installed (`pip install .`): pyproject.toml ships every package of mtt_jax and nothing
-else, its dependency ranges hold the versions CI pins, and a config file loads by its path from any
-working directory."""
+else, its dependency ranges hold the versions CI pins, its version is the one CITATION.cff gives, and a
+config file loads by its path from any working directory."""
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -48,6 +50,21 @@ def test_dependency_ranges_hold_the_pinned_versions():
         assert declared_as.specifier.contains(version), f"{pin} is outside {declared_as}"
         assert pin.extras <= declared_as.extras, f"{pin} needs the extras {pin.extras}"
     assert set(project["optional-dependencies"]) >= {"tfds", "gcs", "tensorboard", "test"}
+
+
+def test_metadata_agrees_with_the_citation_file():
+    project = pyproject()["project"]
+    with open(os.path.join(ROOT, "CITATION.cff")) as f:
+        citation = yaml.safe_load(f)
+    assert citation["cff-version"] == "1.2.0"
+    assert str(citation["version"]) == project["version"]
+    assert citation["license"] == project["license"] == "Apache-2.0"
+    assert citation["authors"] == [{"name": "The mtt_jax authors"}]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    with open(os.path.join(ROOT, "LICENSE")) as f:
+        license_text = f.read()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "Copyright 2026 The mtt_jax authors" in license_text
 
 
 def test_a_config_file_loads_from_another_working_directory(tmp_path):
