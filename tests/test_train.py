@@ -72,7 +72,7 @@ def test_bf16_run_tracks_the_f32_run(digits_run, digits_run_bf16):
                                    rtol=0.1)
 
 
-def test_outputs_follow_the_design_contract(digits_run):
+def test_outputs_are_the_ones_the_readme_lists(digits_run):
     config, workdir, _, final = digits_run
     for name in ("config.json", "metrics.jsonl", "summary.md", "curves.png", "task_attention.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name

@@ -15,7 +15,7 @@ Three forms:
 - `AlignedTaskAttention`: multi-input batches whose rows are aligned across tasks (row b of every task's
   sub-batch is the same instance, e.g. several views of one object). Task i's positions of row b attend
   over the other tasks' streams of row b: their positions (with their padding masks), or their
-  masked-mean-pooled vectors. The literal form of the founding mechanism; predictions of row b depend
+  masked-mean-pooled vectors. Task attention in its most literal form; predictions of row b depend
   on every task's input of row b, and on no other row.
 """
 

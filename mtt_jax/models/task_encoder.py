@@ -7,7 +7,7 @@ enter the trunk depends on the batch layout:
 - single-input (``model.task_encoder = True`` or ``"tokens"``): one forward pass serves all tasks, so the
   features become one task token per task, prepended to the shared sequence; task t's head reads the
   trunk output at token t.
-- single-input, the founding form (``"add"``): task t's features are added to every position of the
+- single-input, the additive form (``"add"``): task t's features are added to every position of the
   shared sequence and the trunk runs once per task (T passes, T times the trunk's FLOPs).
 """
 
