@@ -1,4 +1,4 @@
-"""The founding question: does task attention help? Single-task models vs one shared trunk vs + task
+"""The central question: does task attention help? Single-task models vs one shared trunk vs + task
 encoder vs + task attention, at the same budget, on `seqtasks` and `multidigits`.
 
     python -m experiments.task_attention --workdir /tmp/exp/task_attention --quick
@@ -24,7 +24,7 @@ What it reports (`report`, from the archived run records alone, `experiments.arc
 model and seed, a single-task model per task being its own arm): per dataset, every task's test metrics
 and the mean over tasks of the tasks' main metrics (regression: Pearson instead of MSE, so higher is
 better throughout), each with its 95% t-interval over seeds; each model's mean minus the shared trunk's,
-paired by seed (a seed gives every multi-task model the same train batches); then the founding question
+paired by seed (a seed gives every multi-task model the same train batches); then the central question
 one added piece at a time (single-task vs shared trunk, + task encoder vs shared trunk, + task attention
 vs + task encoder, + task-MoE FFN vs + task attention) on the paired differences. The learned T x T
 task-attention map (eval mean on test, rows: task i's attention over tasks j, seed mean) is plotted in
@@ -57,7 +57,7 @@ VARIANTS = {  # arm -> (label, task_encoder, task_attention, ffn)
     "task_attention": ("+ task attention", True, "cross", "dense"),
     "task_attention+moe": ("+ task attention + task-MoE FFN", True, "cross", "task_moe"),
 }
-# the founding question, one step at a time: (row, the row it adds to)
+# the central question, one step at a time: (row, the row it adds to)
 STEPS = (("task_encoder", "shared_trunk"), ("task_attention", "task_encoder"),
          ("task_attention+moe", "task_attention"))
 
@@ -185,7 +185,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def report(records: list[dict]) -> str:
-    """One table per dataset and the founding question's answer, from the run records alone."""
+    """One table per dataset and the central question's answer, from the run records alone."""
     s = summarize(records)
     text = ["Same trunk, steps, batch and optimizer for every model; uniform weighting. Test split. 'mean' = "
             "the mean over tasks of each task's main metric (Pearson for regression, so higher is better). "
@@ -217,7 +217,7 @@ def _table(r: dict) -> str:
 
 
 def verdict(r: dict) -> str:
-    """The founding question, one added piece at a time, on the paired mean over tasks."""
+    """The central question, one added piece at a time, on the paired mean over tasks."""
     models = r["models"]
     lines = []
     for added, base in [(SINGLE_TASK, REFERENCE)] + list(STEPS):
