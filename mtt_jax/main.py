@@ -6,6 +6,9 @@ with status 2 and one line saying what is wrong and how to fix it. ``--workdir``
 (``gs://bucket/run``; `mtt_jax.run.workdir`). A config file is found by its path from any working
 directory, its sibling configs with it (`mtt_jax.run.cli.make_config_imports_resolve`).
 
+The console shows the run's progress, warnings and errors; the libraries' INFO lines (orbax's, for
+every checkpoint) only with ``--verbosity=0`` (`mtt_jax.run.cli.quiet_library_logs`).
+
 On the CPU, large host allocations go on huge pages when the launcher asks for it
 (``python -m launch.local --huge_pages``; `mtt_jax.perf.huge_pages`).
 
@@ -35,6 +38,7 @@ flags.adopt_module_key_flags(cli)  # --coordinator_address --num_processes --pro
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; overrides look like --config.total_steps=100")
+    cli.quiet_library_logs()
     from mtt_jax.run import checkpoint
 
     # SIGTERM from the first moment: during start-up it stops the run before its first update (exit 0,

@@ -1,13 +1,14 @@
 """What the command lines (`mtt_jax.main`, `mtt_jax.benchmark`) share: bad input ends in one line on
-stderr and exit status 2, before any work; a config file loads from any working directory; and the
-multi-host start."""
+stderr and exit status 2, before any work; a config file loads from any working directory; the
+libraries' INFO logs stay off the console unless asked for; and the multi-host start."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 # The one --config flag of the command lines (`mtt_jax.main`, `mtt_jax.benchmark`): defined once, so that
@@ -17,6 +18,30 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Passes every warning and error, and the INFO lines of mtt_jax's own modules."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+_OWN_INFO_ONLY = _OwnInfoOnly()
+
+
+def quiet_library_logs() -> None:
+    """The console shows the libraries' warnings and errors but not their INFO lines (orbax's 60-odd
+    per checkpoint saved, jax's probing of absent backends), unless ``--verbosity`` (``-v``) is given:
+    absl raises an unset verbosity to INFO for every logger. mtt_jax's own INFO lines stay."""
+    handler = absl_logging.get_absl_handler()
+    if flags.FLAGS["verbosity"].present:
+        handler.removeFilter(_OWN_INFO_ONLY)
+    else:
+        handler.addFilter(_OWN_INFO_ONLY)  # at most once: a handler keeps each filter object once
 
 
 def fail(message: str) -> None:
