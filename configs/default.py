@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.task_attention_pool = "positions"  # aligned: keys/values are the other tasks' positions of
     #                                       the row, or "pooled": their masked-mean-pooled vectors
     c.model.memory_tokens = 4             # multi-input task attention: memory tokens per task
+    c.model.readout = "mean"              # each task's vector from the positions: "mean" (masked mean;
+    #                                       single-input task tokens are read directly) or
+    #                                       "attention_pool" (a learned query per task over the positions)
     c.model.remat = "none"                # none | full | dots | dots_no_batch
     c.model.vocab_size = 0                # token inputs: embedding rows (0: the source's vocabulary)
     c.model.ffn = "dense"                 # or "task_moe": task-gated mixture-of-experts feed-forward

@@ -280,20 +280,125 @@ def test_the_flops_formula_counts_one_trunk_pass_per_task():
     assert model > 1.8 * model_tokens                   # 2 passes of 16 patches vs one of 2 + 16
 
 
-def fixed_batch_losses(source_name, tasks, model_kwargs, steps_=12, batch_size=16):
+def fixed_batch_losses(source_name, tasks, model_kwargs, steps_=12, batch_size=16, weighting_name="ew"):
     """The losses of a few train steps on one fixed batch of ``source_name`` (the model must fit it)."""
     source = data.make_source(source_name, tuple(t.name for t in tasks), seed=0)
     batch = jax.tree.map(jnp.asarray, source.train_batch(0, batch_size))
     model = MultiTaskTransformer(tasks=tasks, layout=source.layout, input_spec=source.input_spec,
                                  num_layers=1, d_model=32, num_heads=2, mlp_dim=64, positional="learned",
                                  **model_kwargs)
-    return short_training_losses(model, tasks, source.layout, [batch] * steps_)
+    return short_training_losses(model, tasks, source.layout, [batch] * steps_, weighting_name)
 
 
-def test_additive_task_encoder_trains_on_multidigits():
-    losses, metrics = fixed_batch_losses("multidigits", DIGITS, dict(task_encoder="add"))
+@pytest.mark.parametrize("weighting_name", ["ew", "mgda"])
+def test_additive_task_encoder_trains_on_multidigits(weighting_name):
+    """With a loss-based and a Gram method (per-task gradients through the T passes)."""
+    losses, metrics = fixed_batch_losses("multidigits", DIGITS, dict(task_encoder="add"),
+                                         weighting_name=weighting_name)
     assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0], losses
     assert metrics["task_attention"].shape == (2, 2)   # cross-task attention between the T passes
+
+
+# --- Per-task attention-pool read-outs -----------------------------------------------------------------
+
+def pool_apply(x, mask, query_TxHxK, task):
+    from mtt_jax.models.heads import TaskAttentionPool
+    pool = TaskAttentionPool(num_tasks=query_TxHxK.shape[0], num_heads=query_TxHxK.shape[1])
+    return jax.jit(lambda x, m, q: pool.apply({"params": {"query": q}}, x, m, task))(x, mask, query_TxHxK)
+
+
+def test_attention_pool_is_a_softmax_weighted_mean_of_the_real_positions():
+    """Per head (channels h K .. (h + 1) K): weights softmax(q_t . x_l / sqrt(K)) over the unmasked
+    positions, by hand in numpy."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 8)))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    query = np.asarray(jax.random.normal(jax.random.key(1), (3, 2, 4)))
+    pooled = pool_apply(x, mask, query, 1)
+    for b in range(2):
+        for h in range(2):
+            x_h = x[b, mask[b], 4 * h:4 * (h + 1)]
+            logits = x_h @ query[1, h] / 2.0
+            w = np.exp(logits - logits.max())
+            np.testing.assert_allclose(pooled[b, 4 * h:4 * (h + 1)], w @ x_h / w.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_pool_of_identical_positions_is_that_position_and_masked_positions_get_no_weight():
+    query = np.asarray(jax.random.normal(jax.random.key(1), (2, 2, 4)))
+    position = jax.random.normal(jax.random.key(0), (2, 1, 8))
+    same = jnp.broadcast_to(position, (2, 6, 8))
+    mask = jnp.ones((2, 6), bool).at[0, 4:].set(False)
+    np.testing.assert_allclose(pool_apply(same, mask, query, 0), position[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool_apply(same, None, query, 1), position[:, 0], rtol=1e-5, atol=1e-6)
+    padded = same.at[0, 4:].set(100.0)   # masked positions: any values, no weight
+    np.testing.assert_allclose(pool_apply(padded, mask, query, 0), position[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_each_task_pools_with_its_own_query_and_zero_queries_are_the_mean():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+    mask = jnp.ones((2, 6), bool).at[1, 3:].set(False)
+    query = jax.random.normal(jax.random.key(1), (3, 2, 4))
+    pooled = [np.asarray(pool_apply(x, mask, query, t)) for t in range(3)]
+    assert min(np.abs(pooled[i] - pooled[j]).max() for i in range(3) for j in range(i)) > 1e-2
+    from mtt_jax.models.heads import masked_mean_pool
+    np.testing.assert_allclose(pool_apply(x, mask, jnp.zeros_like(query), 2), masked_mean_pool(x, mask),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout,task_encoder", [("single", False), ("single", True), ("single", "add"),
+                                                 ("multi", True), ("multi", False)])
+def test_attention_pool_models_start_as_the_mean_readout_and_learn_per_task_queries(layout, task_encoder):
+    """Queries at 0 (their initial value) give the model with the "mean" read-out of the positions;
+    random queries give each task its own vector."""
+    tasks, spec, inputs = ((DIGITS, IMAGE, images()) if layout == "single" else (SEQ3, TOKENS, seq_tokens()))
+    pooled = small_model(tasks, layout, spec, task_encoder=task_encoder, readout="attention_pool")
+    params = randomized(nn.unbox(jit_init(pooled, inputs)["params"]))
+    assert params["readout_pool"]["query"].shape == (len(tasks), 2, 8)
+    zero = {**params, "readout_pool": {"query": jnp.zeros((len(tasks), 2, 8))}}
+    streams = jit_apply(pooled, {"params": zero}, inputs, method=pooled.encode)
+    outputs, _ = jit_apply(pooled, {"params": zero}, inputs)
+    if layout == "multi":
+        mean = small_model(tasks, layout, spec, task_encoder=task_encoder)
+        expected, _ = jit_apply(mean, {"params": {k: v for k, v in params.items() if k != "readout_pool"}},
+                                inputs)
+    else:   # single-input: the mean over the input's positions (of each task's pass)
+        positions = streams.mean(-2)
+        positions = positions if positions.ndim == 3 else jnp.broadcast_to(
+            positions[:, None], (positions.shape[0], len(tasks), positions.shape[-1]))
+        expected, _ = jit_apply(pooled, {"params": params}, positions, method=_decode_with_mean)
+    for t in tasks:
+        np.testing.assert_allclose(outputs[t.name], expected[t.name], rtol=1e-4, atol=1e-5)
+    learned, _ = jit_apply(pooled, {"params": params}, inputs)
+    assert max(float(jnp.abs(learned[t.name] - outputs[t.name]).max()) for t in tasks) > 1e-3
+
+
+def _decode_with_mean(module, streams_BxTxD):
+    """single-input decode of ready-pooled streams (task attention and heads, no read-out)."""
+    streams_BxTxD, _ = module.cross_task(streams_BxTxD, False)
+    return {t.name: module.heads[t.name](streams_BxTxD[:, i]) for i, t in enumerate(module.tasks)}, {}
+
+
+def test_attention_pool_trains_on_multidigits_with_a_plain_shared_trunk():
+    """The control: no task encoder and no task attention, only the per-task read-out is per task."""
+    losses, _ = fixed_batch_losses("multidigits", DIGITS, dict(task_encoder=False, task_attention="none",
+                                                                readout="attention_pool"))
+    assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0], losses
+
+
+def test_attention_pool_trains_on_seqtasks_multi_input():
+    tasks = tuple(tasks_lib.get(n) for n in ("majority", "majority_parity", "mean_value", "repeat_tag"))
+    losses, _ = fixed_batch_losses("seqtasks", tasks, dict(readout="attention_pool"), batch_size=8)
+    assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0], losses
+
+
+@pytest.mark.parametrize("spec", ["default", "seqtasks"])
+def test_the_flops_formula_counts_the_attention_pools(spec):
+    """The whole step, and the pools' part exactly: what the step costs over the "mean" read-out's."""
+    config = (default_config if spec == "default" else seqtasks_config).get_config("tiny")
+    mean_counted, mean_model = xla_and_formula_flops(config)
+    config.model.readout = "attention_pool"
+    counted, model = xla_and_formula_flops(config)
+    assert counted == pytest.approx(model, rel=0.01 if spec == "default" else 1e-3)
+    assert counted - mean_counted == pytest.approx(model - mean_model, rel=1e-6) and model > mean_model
 
 
 # --- The config check's one-line refusals --------------------------------------------------------------
@@ -362,3 +467,9 @@ def test_task_encoder_refusals():
     assert "model.task_encoder='sum'; choose True, False or one of tokens, add, none" in refusal(digits)
     digits.model.task_encoder, digits.model.film = "none", True
     assert "set model.task_encoder=True" in refusal(digits)
+
+
+def test_readout_refusal():
+    digits = default_config.get_config("tiny")
+    digits.model.readout = "max"
+    assert "model.readout='max'; choose one of mean, attention_pool" in refusal(digits)

@@ -1,4 +1,6 @@
-"""Per-task output heads, chosen by task kind (`mtt_jax.tasks.KINDS`)."""
+"""Per-task output heads, chosen by task kind (`mtt_jax.tasks.KINDS`), and the read-outs that turn the
+trunk's positions into one vector per task: the masked mean (``model.readout = "mean"``) or a learned
+attention pool per task (``"attention_pool"``, `TaskAttentionPool`)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtt_jax.models.layers import attention_logits, head_dim_of, masked_softmax
 from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 from mtt_jax.tasks import TaskSpec
+
+READOUTS = ("mean", "attention_pool")
 
 
 class TaskHead(nn.Module):
@@ -31,3 +36,36 @@ def masked_mean_pool(x_BxLxD: jax.Array, token_mask_BxL: jax.Array) -> jax.Array
     """Mean over the real (non-pad) positions of each sequence."""
     weights = token_mask_BxL.astype(x_BxLxD.dtype)[..., None]
     return (x_BxLxD * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+
+
+class TaskAttentionPool(nn.Module):
+    """Task t's vector: its learned query attends over the trunk's final outputs ``x_BxLxD``.
+
+    Pooling by attention with one learned seed vector per task (the PMA of the Set Transformer, Lee et
+    al., ICML 2019, §3.2), without projections, so that the read-out is a weighted mean of the
+    positions: per head h (channels ``h K .. (h + 1) K``), ``pooled_h = sum_l a_l x_{l,h}`` with
+    ``a = softmax_l(q_{t,h} . x_{l,h} / sqrt(K))`` over the real positions (``token_mask_BxL``; None:
+    all). The queries start at 0, i.e. at the masked mean (``readout = "mean"``); all that is
+    task-specific is where each task looks, which separates a task-specific read-out from conditioning
+    inside the trunk. Cost per task and example: ``4 L D`` FLOPs (logits and the weighted sum).
+    """
+    num_tasks: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, token_mask_BxL: jax.Array | None, task: int) -> jax.Array:
+        batch, length, d_model = x_BxLxD.shape
+        head_dim = head_dim_of(d_model, self.num_heads)
+        query_TxHxK = self.param("query", zeros_init((None, "heads", "kv")),
+                                 (self.num_tasks, self.num_heads, head_dim))
+        x_BxLxHxK = x_BxLxD.reshape(batch, length, self.num_heads, head_dim).astype(self.dtype)
+        q_Bx1xHxK = jnp.broadcast_to(query_TxHxK[task].astype(self.dtype),
+                                     (batch, 1, self.num_heads, head_dim))
+        logits_BxHx1xL = attention_logits(q_Bx1xHxK, x_BxLxHxK) / jnp.sqrt(head_dim)
+        if token_mask_BxL is None:
+            weights_BxHx1xL = jax.nn.softmax(logits_BxHx1xL, axis=-1)
+        else:
+            weights_BxHx1xL = masked_softmax(logits_BxHx1xL, token_mask_BxL[:, None, None, :])
+        pooled_Bx1xHxK = jnp.einsum("bhql,blhk->bqhk", weights_BxHx1xL.astype(self.dtype), x_BxLxHxK)
+        return pooled_Bx1xHxK.reshape(batch, d_model)

@@ -2,11 +2,16 @@
 
 The forward pass is split in two so that tests and diagnostics can act on the task streams directly:
 
-- `encode`: inputs -> task streams. single-input: ``streams_BxTxD`` (one vector per task and example);
-  multi-input: ``(x_TxBxLxD, token_mask_TxBxL)`` (every position of every task's examples); a flat
-  mixture batch of the multi-input model (``task_id`` given): ``(x_BxLxD, token_mask_BxL,
-  task_id_B)``, each row with its own task's features, as in `encode_task`.
-- `decode`: task streams -> task attention (optional) -> per-task heads.
+- `encode`: inputs -> task streams. single-input: ``streams_BxTxD`` (one vector per task and example;
+  with ``readout = "attention_pool"`` the positions the pool reads: ``x_BxNxD``, or ``x_BxTxNxD`` with
+  one trunk pass per task); multi-input: ``(x_TxBxLxD, token_mask_TxBxL)`` (every position of every
+  task's examples); a flat mixture batch of the multi-input model (``task_id`` given): ``(x_BxLxD,
+  token_mask_BxL, task_id_B)``, each row with its own task's features, as in `encode_task`.
+- `decode`: task streams -> task attention (optional) -> per-task read-out and heads. The read-out
+  (``readout``): "mean", today's (the masked mean of the positions; single-input task tokens are read
+  directly), or "attention_pool", a learned query per task over the positions (`TaskAttentionPool`;
+  single-input: the input's positions, not the task tokens). Per-task parameters, so it belongs to the
+  task side of `mtt_jax.task_grads`.
 
 The multi-input and flat forms share every parameter, so a model trained on flat mixtures is scored on
 the multi-input eval batches, and row i of a flat batch gets exactly what slice ``task_id[i]`` of the
@@ -29,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtt_jax.models.heads import TaskHead, masked_mean_pool
+from mtt_jax.models.heads import READOUTS, TaskAttentionPool, TaskHead, masked_mean_pool
 from mtt_jax.models.partitioning import Dtype
 from mtt_jax.models.task_attention import (ALIGNED_POOLS, AlignedTaskAttention, MultiInputTaskAttention,
                                            SingleInputTaskAttention)
@@ -61,6 +66,7 @@ class MultiTaskTransformer(nn.Module):
     task_attention_self: bool = False
     task_attention_pool: str = "positions"  # aligned: keys are the other tasks' positions, or "pooled"
     memory_tokens: int = 4
+    readout: str = "mean"            # or "attention_pool": a learned query per task (`TaskAttentionPool`)
     remat: str = "none"
     dtype: Dtype = jnp.float32
     ffn: str = "dense"               # or "task_moe": task-gated MoE feed-forward (`mtt_jax.models.moe`)
@@ -94,6 +100,9 @@ class MultiTaskTransformer(nn.Module):
                                                             num_tasks=len(self.tasks), **kwargs))
         elif self.task_attention == "aligned":
             self.cross_task = AlignedTaskAttention(pool=self.task_attention_pool, **kwargs)
+        check_readout(self.readout)
+        if self.readout == "attention_pool":
+            self.readout_pool = TaskAttentionPool(len(self.tasks), self.num_heads, self.dtype)
         self.heads = {t.name: TaskHead(t, self.dtype, name=f"head_{t.name}") for t in self.tasks}
 
     def __call__(self, inputs: jax.Array, train: bool = False, task_id: jax.Array | None = None):
@@ -113,7 +122,7 @@ class MultiTaskTransformer(nn.Module):
         """Returns ``({task: output}, aux)``; aux holds ``task_attention`` (the T x T mass) if on."""
         aux = {}
         if self.layout == "single":
-            streams_BxTxD = streams
+            streams_BxTxD = self._pool_single(streams) if self.readout == "attention_pool" else streams
             if self.task_attention == "cross":
                 streams_BxTxD, aux["task_attention"] = self.cross_task(streams_BxTxD, train)
             outputs = {t.name: self.heads[t.name](streams_BxTxD[:, i]) for i, t in enumerate(self.tasks)}
@@ -127,18 +136,33 @@ class MultiTaskTransformer(nn.Module):
                 x_1xBxLxD, aux["task_attention"] = self.cross_task(
                     x_BxLxD[None], token_mask_BxL[None], train, query_task_B=task_id_B)
                 x_BxLxD = x_1xBxLxD[0]
-            return {t.name: self._read_out(t, x_BxLxD, token_mask_BxL) for t in self.tasks}, aux
+            outputs = {t.name: self._read_out(i, t, x_BxLxD, token_mask_BxL) for i, t in enumerate(self.tasks)}
+            return outputs, aux
         x_TxBxLxD, token_mask_TxBxL = streams
         if self.task_attention in ("cross", "aligned"):
             x_TxBxLxD, aux["task_attention"] = self.cross_task(x_TxBxLxD, token_mask_TxBxL, train)
-        outputs = {t.name: self._read_out(t, x_TxBxLxD[i], token_mask_TxBxL[i])
+        outputs = {t.name: self._read_out(i, t, x_TxBxLxD[i], token_mask_TxBxL[i])
                    for i, t in enumerate(self.tasks)}
         return outputs, aux
 
-    def _read_out(self, task: TaskSpec, x_BxLxD: jax.Array, token_mask_BxL: jax.Array) -> jax.Array:
-        """Task head on every position (tagging) or on the mean over real positions."""
-        features = x_BxLxD if task.kind == "tagging" else masked_mean_pool(x_BxLxD, token_mask_BxL)
+    def _read_out(self, index: int, task: TaskSpec, x_BxLxD: jax.Array,
+                  token_mask_BxL: jax.Array) -> jax.Array:
+        """Task head on every position (tagging), or on the real positions pooled: their mean, or task
+        ``index``'s attention pool."""
+        if task.kind == "tagging":
+            features = x_BxLxD
+        elif self.readout == "attention_pool":
+            features = self.readout_pool(x_BxLxD, token_mask_BxL, index)
+        else:
+            features = masked_mean_pool(x_BxLxD, token_mask_BxL)
         return self.heads[task.name](features)
+
+    def _pool_single(self, x: jax.Array) -> jax.Array:
+        """single-input positions -> ``[B, T, D]``: each task's attention pool over the shared positions
+        ``x_BxNxD``, or over its own pass's ``x_BxTxNxD[:, t]``."""
+        per_task = x.ndim == 4
+        return jnp.stack([self.readout_pool(x[:, t] if per_task else x, None, t)
+                          for t in range(len(self.tasks))], axis=1)
 
     def encode_task(self, tokens_BxL: jax.Array, task_index: jax.Array,
                     train: bool = False) -> jax.Array:
@@ -179,11 +203,14 @@ class MultiTaskTransformer(nn.Module):
     def _encode_single(self, inputs: jax.Array, train: bool) -> jax.Array:
         """One shared sequence per example (image patches or feature chunks); each task's stream is its
         task token (or the mean output; with ``task_encoder = "add"``, the mean output of its own pass,
-        `_encode_single_per_task`)."""
+        `_encode_single_per_task`). With ``readout = "attention_pool"``: the input's positions (of
+        each task's pass), which `decode` pools."""
         num_tasks = len(self.tasks)
         x_BxNxD = self.positions(self.embed(inputs))
+        pool = self.readout == "attention_pool"   # decode pools the positions
         if self._task_encoder == "add":
-            return self._encode_single_per_task(x_BxNxD, train).mean(axis=2)
+            x_BxTxNxD = self._encode_single_per_task(x_BxNxD, train)
+            return x_BxTxNxD if pool else x_BxTxNxD.mean(axis=2)
         if self._task_encoder == "tokens":
             features_TxD = self.task_features()
             x_BxLxD = prepend_task_tokens(x_BxNxD, features_TxD)
@@ -192,8 +219,12 @@ class MultiTaskTransformer(nn.Module):
                 ids_L = jnp.concatenate([jnp.arange(num_tasks, dtype=jnp.int32),
                                          jnp.full((x_BxNxD.shape[1],), -1, jnp.int32)])
                 task_ids_BxL = jnp.broadcast_to(ids_L, x_BxLxD.shape[:2])
-            return self.trunk(x_BxLxD, None, train, task_ids_BxL, features_TxD)[:, :num_tasks]
-        pooled_BxD = self.trunk(x_BxNxD, None, train).mean(axis=1)
+            x_BxLxD = self.trunk(x_BxLxD, None, train, task_ids_BxL, features_TxD)
+            return x_BxLxD[:, num_tasks:] if pool else x_BxLxD[:, :num_tasks]
+        x_BxNxD = self.trunk(x_BxNxD, None, train)
+        if pool:
+            return x_BxNxD
+        pooled_BxD = x_BxNxD.mean(axis=1)
         return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
 
     def _encode_single_per_task(self, x_BxNxD: jax.Array, train: bool) -> jax.Array:
@@ -279,6 +310,11 @@ def task_encoder_form(task_encoder: bool | str, layout: str) -> str:
     return task_encoder
 
 
+def check_readout(readout: str) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"model.readout={readout!r}; choose one of {', '.join(READOUTS)}")
+
+
 def check_film(film: bool, task_encoder: bool | str) -> None:
     """FiLM conditions the blocks on the task encoder's features, so it needs the task encoder."""
     if film and task_encoder in (False, "none"):
@@ -312,6 +348,6 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, task_attention_pool=m.task_attention_pool,
-        memory_tokens=m.memory_tokens, remat=m.remat,
+        memory_tokens=m.memory_tokens, readout=m.readout, remat=m.remat,
         dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,
         scan_layers=m.scan_layers)

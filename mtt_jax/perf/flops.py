@@ -27,10 +27,12 @@ class FlopCount:
     attention: float     # q k^T and attention x v, all layers
     task_attention: float
     heads: float
+    readout: float = 0.0  # the per-task attention pools (``model.readout = "attention_pool"``)
 
     @property
     def forward(self) -> float:
-        return self.embedding + self.projections + self.attention + self.task_attention + self.heads
+        return (self.embedding + self.projections + self.attention + self.task_attention + self.heads
+                + self.readout)
 
     @property
     def training(self) -> float:
@@ -42,7 +44,9 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
     """FLOPs of one step for ``batch_size`` examples (multi-input: per task, so T x batch_size).
 
     ``model_config`` needs num_layers, d_model, mlp_dim, patch_size, task_encoder, task_attention,
-    memory_tokens; ``task_attention_pool`` (aligned task attention) defaults to "positions".
+    memory_tokens; ``task_attention_pool`` (aligned task attention) defaults to "positions" and
+    ``readout`` to "mean" (no matmul; "attention_pool": 4 L D per task and example, tagging tasks
+    read every position instead).
     Single-input task encoders: task tokens ("tokens", True) add T positions to each sequence;
     additive features ("add") run the trunk once per task, T times its FLOPs (the embedding once).
     """
@@ -79,13 +83,16 @@ def training_flops(model_config, tasks: tuple[TaskSpec, ...], layout: str, input
     else:  # every position attends over the memory tokens of all tasks
         memory = num_tasks * m.memory_tokens
         task_attention = tokens * 2 * (2 * d * d + 2 * memory * d) + memory * 2 * 2 * d * d
-    heads = 0.0
+    heads = readout = 0.0
+    pools = getattr(m, "readout", "mean") == "attention_pool"
     for t in tasks:
         per_example = length if t.kind == "tagging" else 1
         heads += batch_size * per_example * 2 * d * t.num_outputs
+        if pools and t.kind != "tagging":  # the query's logits and the weighted sum over the positions
+            readout += batch_size * length * 2 * 2 * d
     embedding = examples * length * embed_per_token
     return FlopCount(float(embedding), float(projections), float(attention), float(task_attention),
-                     float(heads))
+                     float(heads), float(readout))
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")

@@ -17,7 +17,7 @@ from mtt_jax import data, registry, sharding, tasks as tasks_lib, train_step, we
 from mtt_jax.data import base as data_base, mixtures
 from mtt_jax.models import TASK_ATTENTION
 from mtt_jax.models.layers import ATTENTION_KERNELS, head_dim_of
-from mtt_jax.models.multitask import check_film, check_task_attention, task_encoder_form
+from mtt_jax.models.multitask import check_film, check_readout, check_task_attention, task_encoder_form
 from mtt_jax.models.trunk import POSITIONAL, REMAT_POLICIES
 from mtt_jax.weighting.base import check_range
 
@@ -151,6 +151,7 @@ def _check_model(config) -> None:
         raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
     _by_owner(task_encoder_form, m.task_encoder, data.SOURCES[config.data.source].layout)
     _by_owner(check_film, m.film, m.task_encoder)
+    _by_owner(check_readout, m.readout)
 
 
 def _check_task_attention(config) -> None:
