@@ -89,6 +89,9 @@ def _run(setup: Setup, compiled: Steps, config, workdir: str, quiet: bool, overw
         if stopped:
             return state, last_eval
         run.save(config.total_steps, state, force=True)
+        if last_eval:
+            run.writer.write_run_summary(summary.hparams(config), last_eval,
+                                         summary.per_task_table(setup.tasks, last_eval), config.total_steps)
     # --- Finish: the summary of a finished run --------------------------------------------------------------
     if is_primary:
         if not last_eval:  # restarted after the run had finished: nothing new to evaluate

@@ -33,6 +33,21 @@ def attention_table(tasks: Sequence[TaskSpec], matrix, fmt: str = ".3f") -> str:
     return "\n".join(lines)
 
 
+def hparams(config) -> dict:
+    """The config flattened (``model.d_model``, ...), each value a bool, int, float or str (tuples and
+    lists as their text): what TensorBoard's HParams dashboard compares runs by."""
+    flat = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    visit("", json.loads(config.to_json_best_effort()))
+    return flat
+
+
 def discard(workdir: str) -> None:
     """Removes the end-of-run outputs of an earlier (possibly interrupted) attempt."""
     for name in ("summary.md", "curves.png", "task_attention.png"):
@@ -101,38 +116,87 @@ def read_metrics(workdir: str) -> list[dict]:
             if line.strip()]
 
 
+MAX_PLOTTED_TASKS = 8  # curves.png: one column per task, the first this many
+
+
 def write_plots(workdir: str, tasks: Sequence[TaskSpec]) -> None:
-    """``curves.png``: per-task train loss and eval main metric over steps; ``task_attention.png``."""
+    """``curves.png`` and, when the run has task attention, ``task_attention.png``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(workdir)
+    save_png(curves_figure(plt, records, tasks), join(workdir, "curves.png"))
+    evals = [r for r in records if r["split"] == "eval"]
+    if evals and "task_attention" in evals[-1]:
+        save_png(attention_figure(plt, np.asarray(evals[-1]["task_attention"]), tasks),
+                 join(workdir, "task_attention.png"))
+
+
+def curves_figure(plt, records: list[dict], tasks: Sequence[TaskSpec]):
+    """One column per task: above, the train losses at the records (each one batch's loss), their
+    running mean and the eval loss; below, the eval main metric with the input-blind predictor's value
+    (`mtt_jax.tasks.trivial_baseline`) dashed. Each task's metric has its own axis."""
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for t in tasks:
-        ax_loss.plot([r["step"] for r in train], [r[f"{t.name}/loss"] for r in train], label=t.name)
-        ax_metric.plot([r["step"] for r in evals], [r[f"{t.name}/{t.main_metric}"] for r in evals],
-                       marker="o", label=f"{t.name} ({t.main_metric})")
-    ax_loss.set(xlabel="step", ylabel="train loss", yscale="log", title="Train loss per task")
-    ax_metric.set(xlabel="step", ylabel="eval metric", title="Eval main metric per task")
-    for ax in (ax_loss, ax_metric):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+    shown = list(tasks)[:MAX_PLOTTED_TASKS]
+    fig, axes = plt.subplots(2, len(shown), figsize=(3.4 * len(shown) + 0.6, 6.2), squeeze=False)
+    train_steps, eval_steps = [r["step"] for r in train], [r["step"] for r in evals]
+    for column, t in enumerate(shown):
+        loss_ax, metric_ax = axes[0, column], axes[1, column]
+        losses = np.asarray([r[f"{t.name}/loss"] for r in train], np.float64)
+        loss_ax.plot(train_steps, losses, ".", color="tab:blue", alpha=0.35, label="train (one batch)")
+        if len(losses) >= 5:
+            running = np.convolve(losses, np.ones(5) / 5, mode="valid")
+            loss_ax.plot(train_steps[4:], running, color="tab:blue", label="train (running mean of 5)")
+        loss_ax.plot(eval_steps, [r[f"{t.name}/loss"] for r in evals], "o-", color="tab:orange",
+                     label="eval")
+        shown_losses = np.concatenate([losses, [r[f"{t.name}/loss"] for r in evals]])
+        spans_decades = shown_losses.size and shown_losses.min() > 0 and shown_losses.max() > 10 * shown_losses.min()
+        loss_ax.set(title=t.name, xlabel="step", ylabel="loss", yscale="log" if spans_decades else "linear")
+        metric = t.main_metric
+        metric_ax.plot(eval_steps, [r[f"{t.name}/{metric}"] for r in evals], "o-", color="tab:orange",
+                       label="eval")
+        baseline = [r.get(f"{t.name}/baseline_{metric}") for r in evals]
+        if evals and baseline[-1] is not None:
+            metric_ax.axhline(baseline[-1], color="gray", linestyle="--", label="input-blind predictor")
+        metric_ax.set(xlabel="step", ylabel=f"eval {metric}")
+        for ax in (loss_ax, metric_ax):
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7)
+    if len(tasks) > len(shown):
+        fig.suptitle(f"the first {len(shown)} of {len(tasks)} tasks (all are in metrics.jsonl)", fontsize=9)
     fig.tight_layout()
-    save_png(fig, join(workdir, "curves.png"))
-    if evals and "task_attention" in evals[-1]:
-        matrix = np.asarray(evals[-1]["task_attention"])
-        fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 1.2 * len(tasks) + 1.5))
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        names = [t.name for t in tasks]
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set(xlabel="attends to (keys/values)", ylabel="task (queries)", title="Task attention mass")
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        save_png(fig, join(workdir, "task_attention.png"))
+    return fig
+
+
+def attention_figure(plt, matrix_TxT: np.ndarray, tasks: Sequence[TaskSpec]):
+    """The task-attention map with its values in the cells, coloured over the range of the values that
+    are not fixed by construction (a diagonal of zeros: the own stream is not attended)."""
+    names = [t.name for t in tasks]
+    self_excluded = np.allclose(np.diag(matrix_TxT), 0.0)
+    free = matrix_TxT[~np.eye(len(names), dtype=bool)] if self_excluded else matrix_TxT.ravel()
+    shown = np.where(np.eye(len(names), dtype=bool), np.nan, matrix_TxT) if self_excluded else matrix_TxT
+    low, high = float(free.min()), float(free.max())
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 1.1 * len(names) + 1.8))
+    image = ax.imshow(shown, vmin=low, vmax=max(high, low + 1e-6), cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if not (self_excluded and i == j):
+                ax.text(j, i, f"{matrix_TxT[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if image.norm(matrix_TxT[i, j]) < 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    title = "Task attention mass (rows sum to 1)"
+    if self_excluded and len(names) == 2:
+        title += "\ntwo tasks, own stream excluded: 1 by construction"
+    elif self_excluded:
+        title += "\ndiagonal: own stream not attended"
+    ax.set(xlabel="attends to (keys/values)", ylabel="task (queries)", title=title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
 
 
 def save_png(fig, path: str, **savefig_options) -> None:

@@ -63,6 +63,22 @@ class MetricWriter:
             if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tensorboard.add_scalar(f"{split}/{key}", value, int(step))
 
+    def write_run_summary(self, config_fields: Mapping[str, Any], final_metrics: Mapping[str, Any],
+                          text: str, step: int) -> None:
+        """This run in TensorBoard's HParams dashboard (``config_fields``: the flattened config, its
+        values as bool, int, float or str; ``final_metrics``' numbers under ``hparam/``, so that they
+        do not collide with the eval scalars) and ``text`` (markdown) as its summary in the Text tab."""
+        if not self.enabled:
+            return
+        from tensorboardX.summary import hparams
+        metrics = {f"hparam/{k}": float(v) for k, v in final_metrics.items()
+                   if isinstance(v, (int, float)) and math.isfinite(v)}
+        for summary in hparams(dict(config_fields), metrics):
+            self._tensorboard.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            self._tensorboard.add_scalar(key, value, int(step))
+        self._tensorboard.add_text("summary", text, int(step))
+
     def flush(self) -> None:
         """Stores the records written so far (a local metrics.jsonl is written unbuffered already)."""
         if self.enabled:
