@@ -157,10 +157,12 @@ def build(config) -> Setup:
 
 
 def _check_aligned_rows(config, train_source) -> None:
-    """Aligned task attention reads row b of every task as one instance: the train batches' rows must be
-    aligned (`config_check` asks the source's class the same before any work; runs that skip it, such
-    as `mtt_jax.seed_runs`, are refused here)."""
-    if config.model.task_attention == "aligned" and not getattr(train_source, "aligned_rows", False):
+    """Aligned task attention reads row b of every task as one instance: the train batches must come
+    from a source whose class declares aligned rows, as `config_check` asks before any work (runs that
+    skip it, such as `mtt_jax.seed_runs`, are refused here; a flat mixture declares none). The class,
+    not the instance: a source may serve its rows shuffled across tasks as a negative control (multiview's
+    ``shuffle_rows``), on which the same aligned model is meant to run."""
+    if config.model.task_attention == "aligned" and not getattr(type(train_source), "aligned_rows", False):
         raise config_check.ConfigError(
             f"model.task_attention='aligned' needs train batches whose rows are aligned across tasks; "
             f"{type(train_source).__name__} ({config.data.source}) does not declare aligned_rows")

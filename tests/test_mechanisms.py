@@ -1,7 +1,7 @@
-"""The founding mechanisms, literally, beside today's: aligned task attention (task i's stream queries
-the other tasks' streams of the same row), the additive task encoder of the single-input layout (one
-conditioned trunk pass per task) and per-task attention-pool read-outs. Each against a hand computation,
-the config check's refusals, and a few training steps."""
+"""Task attention and the task encoder in their literal forms, beside today's: aligned task attention
+(task i's stream queries the other tasks' streams of the same row), the additive task encoder of the
+single-input layout (one conditioned trunk pass per task) and per-task attention-pool read-outs. Each
+against a hand computation, the config check's refusals, and a few training steps."""
 
 import functools
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config, seqtasks as seqtasks_config
+from configs import default as default_config, multiview as multiview_config, seqtasks as seqtasks_config
 from mtt_jax import data, tasks as tasks_lib, task_grads, train_step as steps, weighting  # noqa: F401
 from mtt_jax.models import MultiTaskTransformer
 from mtt_jax.models.task_attention import AlignedTaskAttention
@@ -401,6 +401,29 @@ def test_the_flops_formula_counts_the_attention_pools(spec):
     assert counted - mean_counted == pytest.approx(model - mean_model, rel=1e-6) and model > mean_model
 
 
+def test_aligned_task_attention_trains_on_multiview():
+    """The source whose rows are aligned across tasks: the config check accepts it, and a few steps on
+    one batch fit it."""
+    config = multiview_config.get_config("tiny")
+    config.model.task_attention = "aligned"
+    config_check.validate(config, num_devices=8)
+    views = tuple(tasks_lib.get(n) for n in config.tasks)
+    losses, metrics = fixed_batch_losses("multiview", views, dict(task_attention="aligned"))
+    assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0], losses
+    assert metrics["task_attention"].shape == (4, 4)
+
+
+def test_aligned_task_attention_builds_on_the_shuffled_negative_control():
+    """multiview's shuffled rows (instance aligned_rows False) are the control the aligned model is run
+    on; what the check and the builder read is the source class's declaration."""
+    from mtt_jax import builder
+    config = multiview_config.get_config("shuffled")
+    config.model.task_attention = "aligned"
+    config_check.validate(config, num_devices=8)
+    parts = builder.build_parts(config)
+    assert not parts.source.aligned_rows and parts.model.task_attention == "aligned"
+
+
 # --- The config check's one-line refusals --------------------------------------------------------------
 
 def refusal(config) -> str:
@@ -422,15 +445,14 @@ def test_aligned_task_attention_refusals():
     assert "task_attention_pool='mean'" in refusal(seq)
 
 
-def test_aligned_task_attention_refuses_flat_mixture_batches(monkeypatch):
+def test_aligned_task_attention_refuses_flat_mixture_batches():
     """Even a source with aligned rows: the rows of a flat batch are independent examples."""
-    seq = seqtasks_config.get_config("tiny")
-    monkeypatch.setattr(data.SOURCES["seqtasks"], "aligned_rows", True, raising=False)
-    seq.model.task_attention = "aligned"
-    config_check.validate(seq, num_devices=8)   # aligned rows: accepted
-    seq.data.mixture.method = "uniform"
-    seq.weighting.diagnostics_every = 0
-    assert "flat mixture batch's rows are not aligned" in refusal(seq)
+    views = multiview_config.get_config("tiny")
+    views.model.task_attention = "aligned"
+    config_check.validate(views, num_devices=8)   # aligned rows: accepted
+    views.data.mixture.method = "uniform"
+    views.weighting.diagnostics_every = 0
+    assert "flat mixture batch's rows are not aligned" in refusal(views)
 
 
 # --- FLOPs: the formula against XLA's count of the traced step -----------------------------------------
@@ -450,9 +472,8 @@ def xla_and_formula_flops(config) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("pool", ["positions", "pooled"])
-def test_the_flops_formula_counts_aligned_task_attention(monkeypatch, pool):
-    monkeypatch.setattr(data.SOURCES["seqtasks"], "aligned_rows", True, raising=False)
-    config = seqtasks_config.get_config("tiny")
+def test_the_flops_formula_counts_aligned_task_attention(pool):
+    config = multiview_config.get_config("tiny")
     config.model.task_attention, config.model.task_attention_pool = "aligned", pool
     counted, model = xla_and_formula_flops(config)
     assert counted == pytest.approx(model, rel=1e-3)

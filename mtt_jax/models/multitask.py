@@ -228,7 +228,7 @@ class MultiTaskTransformer(nn.Module):
         return jnp.broadcast_to(pooled_BxD[:, None], (pooled_BxD.shape[0], num_tasks, self.d_model))
 
     def _encode_single_per_task(self, x_BxNxD: jax.Array, train: bool) -> jax.Array:
-        """The founding single-input form (``task_encoder = "add"``): task t's features are added to
+        """The additive single-input form (``task_encoder = "add"``): task t's features are added to
         every position of the shared sequence and the trunk runs once per task, ``[B, N, D] ->
         [B, T, N, D]``. The T passes are one trunk call over ``B T`` sequences, example-major (as in
         `_encode_multi`); each is the pass `encode_task` makes for task t. Cost: T times the trunk's
@@ -291,8 +291,8 @@ def task_encoder_form(task_encoder: bool | str, layout: str) -> str:
     - "tokens" (single-input; True there): one task token per task prepended to the shared sequence,
       one pass; task t's stream is the trunk's output at token t.
     - "add": task t's features added to every input position. multi-input (True there): every example
-      belongs to one task, so the pass is the one the examples get anyway. single-input: the founding
-      form, one conditioned pass per task (`MultiTaskTransformer._encode_single_per_task`).
+      belongs to one task, so the pass is the one the examples get anyway. single-input: one
+      conditioned pass per task (`MultiTaskTransformer._encode_single_per_task`).
     - "none" (False): the plain shared trunk.
 
     A one-line ValueError for another value, and for "tokens" in the multi-input layout, whose examples

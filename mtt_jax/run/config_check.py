@@ -156,7 +156,9 @@ def _check_model(config) -> None:
 
 def _check_task_attention(config) -> None:
     """What the layout allows (`multitask.check_task_attention`); aligned task attention also needs
-    a source that declares its rows aligned across tasks, and the per-task sub-batches (not flat)."""
+    a source whose class declares its rows aligned across tasks (``aligned_rows``; an instance that
+    serves them shuffled as a negative control is meant to run the same model), and the per-task
+    sub-batches (not flat)."""
     m, source = config.model, data.SOURCES[config.data.source]
     _by_owner(check_task_attention, m.task_attention, source.layout, m.task_attention_pool)
     if m.task_attention != "aligned":
