@@ -35,7 +35,11 @@ RESUMABLE_FIELDS = frozenset({"log_every", "eval_every", "eval_batch_size", "che
 # without it did: a run written before the field existed resumes when the field has that value (as
 # config.json holds it: a tuple is a list). ``plugins`` is no resumable field: the modules it imports
 # define what the run's method, source and task names compute.
-ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): []}
+ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): [],
+                # weighting methods and options added later, at their defaults (mtt_jax.weighting)
+                ("weighting", "dualproj"): {"norm_eps": 1e-4, "reg_eps": 1e-4, "preference": []},
+                ("weighting", "conflictfree"): {"preference": []},
+                ("weighting", "upgrad", "preference"): []}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 

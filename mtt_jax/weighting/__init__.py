@@ -4,8 +4,9 @@ A method's options come from the sub-config named after it, e.g. ``config.weight
 builds ``CAGrad(num_tasks, c=0.4)``; `DEFAULT_OPTIONS` lists every method's options and defaults. Two
 older top-level fields still work: ``weighting.weights`` (fixed) and ``weighting.init_log_var``
 (uncertainty); the sub-config wins where both are set. Method families: `loss_based`, `epoch_based`,
-`famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining` (Gram matrix);
-`double_sampling` (cross-Gram of two samples); `elementwise`, `tracking` (per-task gradients). Scale
+`famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining`, `dual_cone`,
+`conflict_free` (Gram matrix); `double_sampling` (cross-Gram of two samples); `elementwise`, `tracking`
+(per-task gradients). Scale
 conventions differ across methods (sum vs mean, clipped); see each class docstring.
 
 `register_method` adds a method under a new name from outside the package (``mtt_jax.register_method``;
@@ -21,7 +22,9 @@ from typing import Any, Callable, Mapping
 from mtt_jax.weighting.bargaining import FairGrad, NashMTL
 from mtt_jax.weighting.base import WeightingMethod
 from mtt_jax.weighting.closed_form import IMTL, AlignedMTL
+from mtt_jax.weighting.conflict_free import ConFIG
 from mtt_jax.weighting.double_sampling import MoDo, SDMGrad
+from mtt_jax.weighting.dual_cone import DualProj
 from mtt_jax.weighting.elementwise import DBMTL, GradDrop
 from mtt_jax.weighting.epoch_based import DynamicWeightAverage, SmoothTchebycheff
 from mtt_jax.weighting.famo import FAMO
@@ -36,7 +39,7 @@ METHODS: dict[str, type[WeightingMethod]] = {cls.name: cls for cls in (
     EqualWeighting, FixedWeighting, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
     GeometricLossWeighting, FAMO, SmoothTchebycheff,
     GradNorm, MGDA, PCGrad, GradVac, IMTL, CAGrad, NashMTL, AlignedMTL, UPGrad, FairGrad,
-    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo)}
+    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo, DualProj, ConFIG)}
 
 
 def _constructor_defaults(cls: type[WeightingMethod]) -> dict[str, Any]:

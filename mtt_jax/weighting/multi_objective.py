@@ -8,11 +8,14 @@ rescaling of K in its weights (solved on ``K / mean(diag K)``).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from mtt_jax.weighting import solvers
 from mtt_jax.weighting.base import WeightingMethod, as_gram, validate_choice, validate_range
+from mtt_jax.weighting.preference import check_preference, preference_or
 
 
 class MGDA(WeightingMethod):
@@ -95,27 +98,30 @@ class UPGrad(WeightingMethod):
     2024, Def. 3 / Prop. 3; TorchJD).
 
     ``K_hat = K / tr(K) + reg_eps I`` (``K_hat = reg_eps I`` if ``tr(K) < norm_eps``); for each task i,
-    ``v_i = argmin v^T K_hat v s.t. v >= e_i / T`` (the projection of ``g_i / T`` onto the dual cone of
-    the gradients), ``w = sum_i v_i`` and ``d = sum_t w_t g_t``. Every ``w_t >= 1/T``; gradients with no
-    conflict give the mean (mean scale). The T quadratic programs are solved exactly by block principal
-    pivoting (`solvers.nonneg_qp`) instead of quadprog. Defaults ``norm_eps = reg_eps = 1e-4``
-    (TorchJD = LibMTL); the normalisation only sets the regulariser's relative size.
+    ``v_i = argmin v^T K_hat v s.t. v >= p_i e_i`` (the projection of ``p_i g_i`` onto the dual cone of
+    the gradients), ``w = sum_i v_i`` and ``d = sum_t w_t g_t``, with ``p_i = 1/T`` or, given a
+    ``preference``, ``p_i = preference[i]`` as given (TorchJD's ``UPGrad(pref_vector=...)``: the
+    projections are weighted by the preference instead of uniformly; ``(1, 0)`` gives the projection of
+    ``g_1`` alone). Every ``w_t >= p_t``; gradients with no conflict give ``sum_t p_t g_t`` (the mean by
+    default: mean scale). The T quadratic programs are solved exactly by block principal pivoting
+    (`solvers.nonneg_qp`) instead of quadprog. Defaults ``preference = ()`` (uniform),
+    ``norm_eps = reg_eps = 1e-4`` (TorchJD = LibMTL); the normalisation only sets the regulariser's
+    relative size.
     """
     name = "upgrad"
     requires = "gram"
 
-    def __init__(self, num_tasks: int, norm_eps: float = 1e-4, reg_eps: float = 1e-4):
+    def __init__(self, num_tasks: int, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+                 preference: Sequence[float] = ()):
         super().__init__(num_tasks)
+        self.preference = check_preference(self.name, preference, num_tasks)
         validate_range(self.name, "norm_eps", norm_eps, 0.0)
         validate_range(self.name, "reg_eps", reg_eps, 0.0, low_open=True)
         self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
 
     def gram_weights(self, state, gram_TxT, losses_T, step, rng=None):
         gram_TxT = as_gram(gram_TxT, self.num_tasks)
-        trace = jnp.trace(gram_TxT)
-        regularized = (jnp.where(trace >= self.norm_eps, gram_TxT / jnp.maximum(trace, solvers.TINY), 0.0)
-                       + self.reg_eps * jnp.eye(self.num_tasks, dtype=jnp.float32))
-        lower_TxT = jnp.eye(self.num_tasks, dtype=jnp.float32) / self.num_tasks
-        project = lambda lower_T: solvers.nonneg_qp(regularized, regularized @ lower_T)
-        excess_TxT = jax.vmap(project)(lower_TxT)
-        return jnp.sum(lower_TxT + excess_TxT, axis=0), state
+        regularized = solvers.regularize_gram(gram_TxT, self.norm_eps, self.reg_eps)
+        lower_TxT = jnp.diag(preference_or(self.preference, 1.0 / self.num_tasks, self.num_tasks))
+        project = lambda lower_T: solvers.project_to_dual_cone(regularized, lower_T)
+        return jnp.sum(jax.vmap(project)(lower_TxT), axis=0), state

@@ -11,6 +11,10 @@
   Crowder 1974; Duchi et al. 2008, Fig. 1) (MoCo).
 - `solve_power_equation`: ``w > 0`` with ``(K w)_t = w_t^(-1/alpha)`` (Nash-MTL for alpha = 1, FairGrad),
   by damped Newton steps on the residual of a strictly convex problem (see its docstring).
+- `regularize_gram` and `project_to_dual_cone`: the weights of the projection of ``G^T u`` onto the dual
+  cone ``{d : G d >= 0}`` of the gradients, ``argmin_{v >= u} v^T K v`` (Quinton & Rey 2024, Prop. 1),
+  one `nonneg_qp` (UPGrad, DualProj).
+- `pseudo_inverse_psd`: the Moore-Penrose pseudo-inverse of a PSD matrix by its eigendecomposition (ConFIG).
 
 Scale: callers hand in Gram matrices normalised to mean diagonal 1 (`normalize_gram`), so the fixed
 tolerances below are relative.
@@ -276,3 +280,29 @@ def solve_power_equation(gram_TxT: jax.Array, alpha: float, init_T: jax.Array, *
     init_T = jnp.asarray(init_T, jnp.float32)
     carry = (jnp.zeros((), jnp.int32), init_T, relative(residual(init_T), init_T))
     return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def regularize_gram(gram_TxT: jax.Array, norm_eps: float, reg_eps: float) -> jax.Array:
+    """``K / tr(K) + reg_eps I`` (``reg_eps I`` if ``tr(K) < norm_eps``), TorchJD's normalisation before a
+    dual-cone projection: the trace makes the regulariser relative, the ridge makes the QP strictly convex."""
+    gram_TxT = jnp.asarray(gram_TxT, jnp.float32)
+    trace = jnp.trace(gram_TxT)
+    normalized = jnp.where(trace >= norm_eps, gram_TxT / jnp.maximum(trace, TINY), 0.0)
+    return normalized + reg_eps * jnp.eye(gram_TxT.shape[0], dtype=jnp.float32)
+
+
+def project_to_dual_cone(gram_TxT: jax.Array, lower_T: jax.Array) -> jax.Array:
+    """``v = argmin_{v >= u} v^T K v`` for positive definite ``K`` (``u = lower_T``): ``G^T v`` is the
+    projection of ``G^T u`` onto the dual cone ``{d : G d >= 0}`` of the gradients. With ``v = u + x``
+    this is ``min_{x >= 0} x^T K x / 2 + (K u).x``, one `nonneg_qp`."""
+    lower_T = jnp.asarray(lower_T, jnp.float32)
+    return lower_T + nonneg_qp(gram_TxT, gram_TxT @ lower_T)
+
+
+def pseudo_inverse_psd(matrix_TxT: jax.Array, rcond: float) -> jax.Array:
+    """The pseudo-inverse of a symmetric PSD matrix: ``V diag(1 / e) V^T`` over the eigenvalues
+    ``e > rcond * max(e)`` (the others, and negative round-off, count as 0)."""
+    eigenvalues_T, vectors_TxT = jnp.linalg.eigh(jnp.asarray(matrix_TxT, jnp.float32))
+    keep_T = eigenvalues_T > rcond * jnp.maximum(jnp.max(eigenvalues_T), TINY)
+    inverse_T = jnp.where(keep_T, 1.0 / jnp.where(keep_T, eigenvalues_T, 1.0), 0.0)
+    return (vectors_TxT * inverse_T) @ vectors_TxT.T
