@@ -1,4 +1,4 @@
-"""DualProj, ConFIG and the preference vectors on hand-checkable cases: gradient rows built in
+"""DualProj, ConFIG, CR-MOGM and the preference vectors on hand-checkable cases: gradient rows built in
 numpy, ``K = G G^T`` handed to the method, the direction ``d = G^T c`` compared with a hand computation
 or an independent float64 solver (scipy in parameter space, the ConFIG formula on the gradients)."""
 
@@ -48,9 +48,14 @@ def direction(name, g_TxP, state=None, losses=None, **options):
 def test_new_methods_are_registered_with_config_blocks():
     assert weighting.DEFAULT_OPTIONS["dualproj"] == {"norm_eps": 1e-4, "reg_eps": 1e-4, "preference": ()}
     assert weighting.DEFAULT_OPTIONS["conflictfree"] == {"preference": ()}
+    assert weighting.DEFAULT_OPTIONS["cr_mogm"] == {"inner": "mgda", "alpha": 0.9}
     assert weighting.DEFAULT_OPTIONS["upgrad"]["preference"] == ()
     config = default_config.get_config("tiny")  # the blocks come from DEFAULT_OPTIONS
-    assert config.weighting.dualproj.preference == () and config.weighting.conflictfree.preference == ()
+    assert config.weighting.cr_mogm.inner == "mgda" and config.weighting.dualproj.preference == ()
+    config.weighting.name, config.weighting.cr_mogm.inner = "cr_mogm", "cagrad"
+    config.weighting.cagrad.c = 0.2
+    method = weighting.make_method(config.weighting, 2)
+    assert method.inner.name == "cagrad" and method.inner.c == 0.2 and method.requires == "gram"
 
 
 @pytest.mark.parametrize("preference", [(1.0,), (1.0, -0.5), (0.0, 0.0), (1.0, float("nan")), (True, 1.0)])
@@ -162,12 +167,91 @@ def test_upgrad_uniform_preference_is_the_default():
                                direction("upgrad", g_TxP)[1], rtol=1e-6)
 
 
+# --- CR-MOGM --------------------------------------------------------------------------------------------
+
+GRAMS = [g @ g.T for g in (np.random.default_rng(s).normal(size=(3, 5)) * [[1.0], [2.0], [0.5]]
+                           for s in range(3))]
+
+
+def bare_weights(name, gram):
+    method, fn = jitted(name, 3)
+    return np.asarray(fn(method.init_state(), jnp.asarray(gram, jnp.float32), jnp.ones(3), jnp.int32(0),
+                         jax.random.key(0))[0])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_cr_mogm_follows_the_ema_recursion_over_three_jitted_steps(alpha):
+    method, fn = jitted("cr_mogm", 3, (("alpha", alpha),))
+    state, applied = method.init_state(), []
+    for k, gram in enumerate(GRAMS):
+        weights, state = fn(state, jnp.asarray(gram, jnp.float32), jnp.ones(3), jnp.int32(k), jax.random.key(0))
+        applied.append(np.asarray(weights))
+    fresh = [bare_weights("mgda", gram) for gram in GRAMS]
+    expected = [fresh[0]]                           # lambda_0 = lambda_hat_1: the first update is MGDA's
+    for f in fresh[1:]:
+        expected.append(alpha * expected[-1] + (1 - alpha) * f)
+    np.testing.assert_allclose(applied, expected, rtol=1e-5, atol=1e-7)
+    assert int(state["updates"]) == 3
+    if alpha == 0.0:
+        np.testing.assert_allclose(applied, fresh, rtol=1e-6)
+    else:
+        assert np.abs(np.asarray(applied) - np.asarray(fresh)).max() > 1e-2
+
+
+def test_cr_mogm_refuses_what_is_not_a_weight_vector_in_one_line():
+    for inner, message in (("graddrop", r"combines per-task gradients elementwise \(requires 'grads'\)"),
+                           ("cr_mogm", "a smoothing of a smoothing"), ("nope", "is not valid; choose one of")):
+        with pytest.raises(ValueError, match=rf"^weighting.cr_mogm.inner='{inner}'.*{message}"):
+            make("cr_mogm", 3, inner=inner)
+    with pytest.raises(ValueError, match=r"^weighting.cr_mogm.alpha=1.5 must be in \[0.0, 1.0\]$"):
+        make("cr_mogm", 3, alpha=1.5)
+
+
+@pytest.mark.parametrize("inner", ["gls", "uncertainty", "famo"])
+def test_cr_mogm_of_a_loss_method_applies_the_smoothed_weights(inner):
+    """``d total / d L`` is the smoothed weight vector; the inner method's own parameters keep their
+    gradient, and its after-step update (FAMO) still runs on its state."""
+    method = make("cr_mogm", 3, inner=inner, alpha=0.5)
+    bare = make(inner, 3)
+    assert method.requires == "losses" and method.combine_is_linear == bare.combine_is_linear
+    params, state, rng = method.init_params(), method.init_state(), jax.random.key(0)
+    combine = jax.jit(method.combine)
+    first, second = jnp.asarray([0.5, 1.0, 2.0]), jnp.asarray([2.0, 0.3, 1.0])
+    _, w1, state = combine(params, state, first, jnp.int32(0), rng)
+    if method.needs_losses_after_step:
+        state = jax.jit(method.after_step)(state, first, 0.8 * first)
+    grad_losses = jax.grad(lambda l: combine(params, state, l, jnp.int32(1), rng)[0])(second)
+    _, w2, new_state = combine(params, state, second, jnp.int32(1), rng)
+    _, fresh2, _ = bare.combine(params, state["inner"], second, jnp.int32(1), rng)
+    np.testing.assert_allclose(w2, 0.5 * np.asarray(w1) + 0.5 * np.asarray(fresh2), rtol=1e-5)
+    np.testing.assert_allclose(grad_losses, w2, rtol=1e-5)
+    if params:  # UW's log-variances: the same gradient as without the smoothing
+        np.testing.assert_allclose(
+            jax.grad(lambda p: combine(p, state, second, jnp.int32(1), rng)[0])(params)["log_var"],
+            jax.grad(lambda p: bare.combine(p, state["inner"], second, jnp.int32(1), rng)[0])(params)["log_var"],
+            rtol=1e-6)
+
+
+@pytest.mark.parametrize("inner", ["modo", "imtl"])
+def test_cr_mogm_of_a_sampled_gram_or_parametrized_gram_method(inner):
+    method = make("cr_mogm", 3, inner=inner, alpha=0.0)
+    bare = make(inner, 3)
+    assert method.requires == bare.requires and method.gradient_samples == bare.gradient_samples
+    params = method.init_params()
+    losses = jnp.asarray([0.5, 1.0, 2.0])
+    np.testing.assert_allclose(method.transform_losses(params, losses), bare.transform_losses(params, losses))
+    gram = jnp.asarray(GRAMS[0], jnp.float32)
+    smoothed, _ = jax.jit(method.gram_weights)(method.init_state(), gram, losses, jnp.int32(0), jax.random.key(0))
+    fresh, _ = jax.jit(bare.gram_weights)(bare.init_state(), gram, losses, jnp.int32(0), jax.random.key(0))
+    np.testing.assert_allclose(smoothed, fresh, rtol=1e-6)
+
+
 # --- Runs written before these methods ------------------------------------------------------------------
 
 def test_a_run_written_before_the_new_method_blocks_resumes(tmp_path):
     config = default_config.get_config("tiny")
     old = workdir.config_dict(config)
-    for name in ("dualproj", "conflictfree"):
+    for name in ("dualproj", "conflictfree", "cr_mogm"):
         del old["weighting"][name]
     del old["weighting"]["upgrad"]["preference"]
     (tmp_path / "config.json").write_text(json.dumps(old))

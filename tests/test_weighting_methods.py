@@ -83,7 +83,7 @@ def test_registry_names_options_and_errors():
     assert sorted(weighting.METHODS) == sorted([
         "ew", "fixed", "uncertainty", "dwa", "rlw", "gls", "famo", "stch", "mgda", "pcgrad", "gradvac",
         "imtl", "cagrad", "nash_mtl", "aligned_mtl", "upgrad", "fairgrad", "gradnorm", "graddrop",
-        "db_mtl", "excess_mtl", "moco", "modo", "sdmgrad", "dualproj", "conflictfree"])
+        "db_mtl", "excess_mtl", "moco", "modo", "sdmgrad", "dualproj", "conflictfree", "cr_mogm"])
     assert weighting.DEFAULT_OPTIONS["cagrad"]["c"] == 0.5
     assert weighting.DEFAULT_OPTIONS["gradvac"]["beta"] == 0.5
     assert weighting.DEFAULT_OPTIONS["dwa"] == {"temperature": 2.0, "epoch_steps": 100}
@@ -141,7 +141,7 @@ IDENTICAL_SCALE = {  # d = factor * g for T = 3 identical gradients g with |g| =
     "nash_mtl": 0.5,                                                        # clipped to |d| = 1
     "fairgrad": np.sqrt(3.0) / 2.0,                                         # |d|^2 = T without clipping
     "modo": 1.0, "sdmgrad": 1.0,                          # the weights stay on 1/T (noise-free cross-Gram)
-    "dualproj": 1.0,                                      # the mean is in the cone
+    "dualproj": 1.0, "cr_mogm": 1.0,                      # the mean is in the cone; CR-MOGM of MGDA
     "conflictfree": 3.0,                                  # ConFIG: the sum of the projections
 }
 

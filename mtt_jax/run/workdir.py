@@ -39,6 +39,7 @@ ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): [],
                 # weighting methods and options added later, at their defaults (mtt_jax.weighting)
                 ("weighting", "dualproj"): {"norm_eps": 1e-4, "reg_eps": 1e-4, "preference": []},
                 ("weighting", "conflictfree"): {"preference": []},
+                ("weighting", "cr_mogm"): {"inner": "mgda", "alpha": 0.9},
                 ("weighting", "upgrad", "preference"): []}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")

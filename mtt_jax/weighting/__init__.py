@@ -6,7 +6,7 @@ older top-level fields still work: ``weighting.weights`` (fixed) and ``weighting
 (uncertainty); the sub-config wins where both are set. Method families: `loss_based`, `epoch_based`,
 `famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining`, `dual_cone`,
 `conflict_free` (Gram matrix); `double_sampling` (cross-Gram of two samples); `elementwise`, `tracking`
-(per-task gradients). Scale
+(per-task gradients); `smoothing` (``cr_mogm``: another method's task weights, averaged over steps). Scale
 conventions differ across methods (sum vs mean, clipped); see each class docstring.
 
 `register_method` adds a method under a new name from outside the package (``mtt_jax.register_method``;
@@ -33,13 +33,14 @@ from mtt_jax.weighting.loss_based import (EqualWeighting, FixedWeighting, Geomet
                                           RandomLossWeighting, UncertaintyWeighting)
 from mtt_jax.weighting.multi_objective import MGDA, UPGrad, CAGrad
 from mtt_jax.weighting.projection import GradVac, PCGrad
+from mtt_jax.weighting.smoothing import CRMOGM, build_inner
 from mtt_jax.weighting.tracking import ExcessMTL, MoCo
 
 METHODS: dict[str, type[WeightingMethod]] = {cls.name: cls for cls in (
     EqualWeighting, FixedWeighting, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
     GeometricLossWeighting, FAMO, SmoothTchebycheff,
     GradNorm, MGDA, PCGrad, GradVac, IMTL, CAGrad, NashMTL, AlignedMTL, UPGrad, FairGrad,
-    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo, DualProj, ConFIG)}
+    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo, DualProj, ConFIG, CRMOGM)}
 
 
 def _constructor_defaults(cls: type[WeightingMethod]) -> dict[str, Any]:
@@ -159,13 +160,15 @@ def method_options(weighting_config, name: str) -> dict[str, Any]:
     return options
 
 
-def make_method(weighting_config, num_tasks: int) -> WeightingMethod:
-    """Builds the method named ``weighting_config.name`` with its options from the same config."""
-    name = weighting_config.name
+def make_method(weighting_config, num_tasks: int, name: str | None = None) -> WeightingMethod:
+    """Builds the method named ``name`` (default ``weighting_config.name``) with its options from the same
+    config; a wrapper's inner method (``cr_mogm``'s ``inner``) is built the same way, from its own block."""
+    name = weighting_config.name if name is None else name
     if name not in METHODS:
         raise ValueError(f"weighting.name={name!r} is not valid; choose one of: {', '.join(sorted(METHODS))}")
-    ignored = [key for method, keys in _TOP_LEVEL_OPTIONS.items() if method != name for key in keys
-               if key == "weights" and weighting_config.get(key)]  # init_log_var always has a value
+    wrapper = getattr(METHODS[name], "wraps_method", False)  # its inner method checks weighting.weights
+    ignored = [key for method, keys in _TOP_LEVEL_OPTIONS.items() if method != name and not wrapper
+               for key in keys if key == "weights" and weighting_config.get(key)]  # init_log_var: always set
     if ignored:
         raise ValueError(f"weighting.weights={tuple(weighting_config.weights)} is used only by "
                          f"weighting.name='fixed'; {name!r} would ignore it: remove it or use 'fixed'")
@@ -175,6 +178,9 @@ def make_method(weighting_config, num_tasks: int) -> WeightingMethod:
         valid = ", ".join(DEFAULT_OPTIONS[name]) or "none"
         raise ValueError(f"unknown option(s) {', '.join(f'weighting.{name}.{k}' for k in unknown)}; "
                          f"valid options for {name!r}: {valid}")
+    if wrapper and isinstance(options.get("inner", ""), str):
+        options["inner"] = build_inner(weighting_config, num_tasks,
+                                       options.get("inner", DEFAULT_OPTIONS[name]["inner"]))
     method = METHODS[name](num_tasks, **options)
     if not isinstance(METHODS[name], type):  # a registered factory: its product is checked here
         if not isinstance(method, WeightingMethod):
