@@ -42,7 +42,7 @@ Selection and reporting (`report`, from the archived run records alone, `experim
 An interrupted run resumes when the same command is run again: finished arms are read back from
 ``WORKDIR/runs`` through ``results.partial.json``.
 
-Cost. full: 3 tasks, 33 arms (3 single-task models, the 22 methods and EW, 8 fixed weightings), each
+Cost. full: 3 tasks, 37 arms (3 single-task models, EW and the 25 other methods, 8 fixed weightings), each
 5 seeds x 3 learning rates x 500 steps: `FULL_COST`. ``--quick``: 8 methods, 3 fixed weightings,
 3 seeds x 2 learning rates x 200 steps, in at most 10 minutes on 2 quiet cores.
 """
@@ -70,8 +70,8 @@ ZOO = tuple(m for m in METHODS if m != "fixed")  # "fixed" is the scalarization 
 LEARNING_RATES = {"tiny": (1e-3, 3e-3), "quick": (1e-3, 3e-3), "full": (1e-3, 3e-3, 1e-2)}
 SCALARIZATIONS = {"tiny": 2, "quick": 3, "full": 8}
 EPOCH_BASED = ("dwa", "stch")
-FULL_COST = ("about 1.5-2 hours on 2 CPU cores (33 arms: 3 single-task models, 22 methods + EW, 8 fixed "
-             "weightings; each 5 seeds x 3 learning rates x 500 steps).")
+FULL_COST = ("about 2 hours on 2 quiet CPU cores (37 arms: 3 single-task models, EW and 25 other methods, "
+             "8 fixed weightings; each 5 seeds x 3 learning rates x 500 steps).")
 
 
 # --- Arms ------------------------------------------------------------------------------------------
