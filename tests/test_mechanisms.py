@@ -424,6 +424,32 @@ def test_aligned_task_attention_builds_on_the_shuffled_negative_control():
     assert not parts.source.aligned_rows and parts.model.task_attention == "aligned"
 
 
+@pytest.mark.parametrize("layout", ["single", "multi"])
+def test_new_parameters_carry_logical_axis_names_and_shard_on_an_fsdp_tensor_mesh(layout):
+    """The read-out pools and aligned task attention name their axes (heads, kv, embed) like every other
+    kernel, so the fsdp x tensor rules place them (`builder.build` checks that the mesh divides them)."""
+    from mtt_jax import builder
+    if layout == "single":
+        config = default_config.get_config("tiny")
+        config.model.task_encoder = "add"
+    else:
+        config = multiview_config.get_config("tiny")
+        config.model.task_attention = "aligned"
+        config.model.vocab_size = 8   # embedding rows that fsdp x tensor divides
+    config.model.readout = "attention_pool"
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    setup = builder.build(config)
+    params = setup.abstract_state.params["model"]
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(isinstance(x, nn.Partitioned) for x in leaves)
+    assert params["readout_pool"]["query"].names == (None, "heads", "kv")
+    shardings = setup.state_shardings.params["model"]
+    assert shardings["readout_pool"]["query"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
+    if layout == "multi":
+        assert shardings["cross_task"]["key"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor",
+                                                                                           None)
+
+
 # --- The config check's one-line refusals --------------------------------------------------------------
 
 def refusal(config) -> str:

@@ -119,7 +119,9 @@ class MultiTaskTransformer(nn.Module):
         return self._encode_multi(inputs, train)
 
     def decode(self, streams: Streams, train: bool = False) -> tuple[dict[str, jax.Array], dict]:
-        """Returns ``({task: output}, aux)``; aux holds ``task_attention`` (the T x T mass) if on."""
+        """Returns ``({task: output}, aux)``; aux holds ``task_attention`` (the T x T mass) if on.
+        single-input: read-out (the attention pools, if on), task attention, heads; multi-input: task
+        attention, read-out, heads."""
         aux = {}
         if self.layout == "single":
             streams_BxTxD = self._pool_single(streams) if self.readout == "attention_pool" else streams
@@ -136,7 +138,8 @@ class MultiTaskTransformer(nn.Module):
                 x_1xBxLxD, aux["task_attention"] = self.cross_task(
                     x_BxLxD[None], token_mask_BxL[None], train, query_task_B=task_id_B)
                 x_BxLxD = x_1xBxLxD[0]
-            outputs = {t.name: self._read_out(i, t, x_BxLxD, token_mask_BxL) for i, t in enumerate(self.tasks)}
+            outputs = {t.name: self._read_out(i, t, x_BxLxD, token_mask_BxL)
+                       for i, t in enumerate(self.tasks)}
             return outputs, aux
         x_TxBxLxD, token_mask_TxBxL = streams
         if self.task_attention in ("cross", "aligned"):
