@@ -10,9 +10,13 @@ from mtt_jax.run import workdir
 
 
 def write_old_run(path, config):
-    """``config.json`` as code without ``data.eval_split`` wrote it, and one metrics record."""
+    """``config.json`` as code before every `ADDED_FIELDS` entry wrote it, and one metrics record."""
     old = workdir.config_dict(config)
-    del old["data"]["eval_split"]
+    for *parents, name in workdir.ADDED_FIELDS:
+        node = old
+        for key in parents:
+            node = node[key]
+        del node[name]
     (path / "config.json").write_text(json.dumps(old))
     (path / "metrics.jsonl").write_text('{"step": 1}\n')
 

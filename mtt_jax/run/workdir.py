@@ -40,7 +40,8 @@ ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): [],
                 ("weighting", "dualproj"): {"norm_eps": 1e-4, "reg_eps": 1e-4, "preference": []},
                 ("weighting", "conflictfree"): {"preference": []},
                 ("weighting", "cr_mogm"): {"inner": "mgda", "alpha": 0.9},
-                ("weighting", "upgrad", "preference"): []}
+                ("weighting", "upgrad", "preference"): [],
+                ("model", "readout"): "mean", ("model", "task_attention_pool"): "positions"}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 
