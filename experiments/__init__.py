@@ -8,4 +8,4 @@ every training loop and evaluation. Measured numbers beside the papers': RESULTS
 """
 
 EXPERIMENTS = ("mmoe_correlation", "gradnorm_toy", "pareto_toy", "multimnist", "weighting_zoo",
-               "task_grouping", "task_attention")
+               "task_grouping", "task_attention", "task_mechanisms")

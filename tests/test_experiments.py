@@ -16,7 +16,7 @@ from experiments import delta_m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("mmoe_correlation", "gradnorm_toy", "pareto_toy", "multimnist", "weighting_zoo",
-               "task_grouping", "task_attention")
+               "task_grouping", "task_attention", "task_mechanisms")
 
 
 def run_experiment(name: str, workdir: str) -> dict:
@@ -326,6 +326,23 @@ def test_task_attention(results):
     table = task_attention.report(records)
     assert table in open(os.path.join(r["workdir"], "table.md")).read()
     assert "- + task attention vs + task encoder: " in table
+
+
+def test_task_mechanisms(results):
+    """A corner of each part at --tiny: the pipeline from arms to records to the three tables."""
+    from experiments import task_mechanisms
+    r = results("task_mechanisms")
+    records = run_records(r["workdir"])
+    # readout: 2 models; retrieval: 2 models + the single-task reference; multiview: 2 models + aligned
+    # on shuffled rows; 2 seeds each
+    assert len(records) == (2 + 3 + 3) * 2
+    assert all(set(x["metrics"]) == {"validation", "test"} for x in records)
+    assert all(len(x["curves"]["eval_steps"]) == task_mechanisms.EVALS_ALONG_THE_CURVE for x in records)
+    table = task_mechanisms.report(records)
+    assert table in open(os.path.join(r["workdir"], "table.md")).read()
+    for part in ("Readout vs conditioning vs compute", "Task-selective retrieval", "Aligned multi-view"):
+        assert part in table
+    assert "| shuffled | aligned |" in table
 
 
 # --- the vmapped runner is the library's loop ----------------------------------------------------------
