@@ -141,6 +141,19 @@ def write_outputs(workdir: str, name: str, args: argparse.Namespace, table: str,
     log(f"wrote {workdir}/table.md and results.json ({log.elapsed:.0f} s)")
 
 
+def write_archived_outputs(args: argparse.Namespace, name: str, records: list[dict], summarize: Callable,
+                           report: Callable, plot: Callable, log: Log, header: str = "",
+                           spread: str = "mean ± 95% t-interval over seeds", **results) -> dict:
+    """The end of an experiment: ``summarize(records)``, its plots (``plot(summary, workdir)``), and
+    ``table.md`` (``report(records)``) with ``results.json`` (the summary and ``results``); the summary."""
+    summary = summarize(records)
+    plot(summary, args.workdir)
+    write_outputs(args.workdir, name, args, report(records), {"summary": summary, **results}, log,
+                  header=" ".join(filter(None, [header, f"Archived runs: {args.workdir}/runs."])),
+                  spread=spread)
+    return summary
+
+
 def write_table(workdir: str, name: str, header: str, record: dict, table: str,
                 spread: str = "mean ± std over seeds") -> None:
     """``table.md``: the header, the command, size and wall time of ``record`` (a results.json), the table."""

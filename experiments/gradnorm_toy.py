@@ -86,12 +86,9 @@ def run(args) -> dict:
         records += method_records
         weights = np.mean([x["curves"]["task_weights"][-1] for x in method_records], axis=0)
         log(f"{METHODS[method]:24s} weights {np.round(weights, 3).tolist()} ({runs.wall_seconds:.0f} s)")
-    summary = summarize(records)
-    plot(summary, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, report(records), {"summary": summary}, log, header=(
-        f"GradNorm toy (Chen et al. 2018, §4), T = 2, sigma = {SIGMAS}. Archived runs: "
-        f"{args.workdir}/runs."), spread="mean ± 95% t-interval over seeds")
-    return summary
+    return common.write_archived_outputs(
+        args, NAME, records, summarize, report, plot, log,
+        header=f"GradNorm toy (Chen et al. 2018, §4), T = 2, sigma = {SIGMAS}.")
 
 
 EVALS = 10  # evals along training, after the one at step 0

@@ -125,12 +125,7 @@ def run(args) -> dict:
             log(f"{arm:40s} " + "  ".join(
                 f"{t} {stats.interval(runs.metric(f'{t}/{summary_metric(tasks_lib.get(t))}')).format(3)}"
                 for t in config.tasks) + f" ({runs.wall_seconds:.0f} s)")
-    summary = summarize(records)
-    plot(summary, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, report(records), {"summary": summary}, log,
-                         header=f"Archived runs: {args.workdir}/runs.",
-                         spread="mean ± 95% t-interval over seeds")
-    return summary
+    return common.write_archived_outputs(args, NAME, records, summarize, report, plot, log)
 
 
 def _record(size: str, arm: str, coordinates: dict, seed: int, runs, r: int, config, command: str) -> dict:

@@ -94,12 +94,7 @@ def run(args) -> dict:
         writer.write(model_records)
         records += model_records
         log(f"{MODELS[model_name]}: {runs.wall_seconds:.0f} s")
-    summary = summarize(records)
-    plot(summary, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, report(records), {"summary": summary}, log,
-                         header=f"Archived runs: {args.workdir}/runs.",
-                         spread="mean ± 95% t-interval over seeds")
-    return summary
+    return common.write_archived_outputs(args, NAME, records, summarize, report, plot, log)
 
 
 def _record(size: str, model_name: str, p: float, seed: int, runs, r: int, config, command: str) -> dict:

@@ -222,11 +222,8 @@ def run(args) -> dict:
         partial.save({"arms": done})
         log(f"{key}: {len(records)} runs, {sum(r['wall_seconds'] for r in records):.0f} s")
     records = [r for arm_records in done.values() for r in arm_records]
-    summary = summarize(records)
-    plot(summary, args.workdir)
-    common.write_outputs(args.workdir, NAME, args, report(records),
-                         {"summary": summary, "seeds": seeds, "learning_rates": learning_rates}, log,
-                         header=f"Archived runs: {args.workdir}/runs.", spread="mean ± 95% t-interval over seeds")
+    summary = common.write_archived_outputs(args, NAME, records, summarize, report, plot, log, seeds=seeds,
+                                            learning_rates=learning_rates)
     partial.discard()
     return summary
 

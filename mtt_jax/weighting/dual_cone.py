@@ -14,7 +14,28 @@ from mtt_jax.weighting.base import WeightingMethod, as_gram, validate_range
 from mtt_jax.weighting.preference import check_preference, preference_or
 
 
-class DualProj(WeightingMethod):
+class DualConeMethod(WeightingMethod):
+    """What UPGrad and DualProj share: their options (``norm_eps``, ``reg_eps``, ``preference``) and the
+    regularised Gram ``K_hat = K / tr(K) + reg_eps I`` (``reg_eps I`` if ``tr(K) < norm_eps``) that their
+    projections onto the dual cone are solved on, with the lower bounds ``u`` (the preference, or 1/T)."""
+    requires = "gram"
+
+    def __init__(self, num_tasks: int, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+                 preference: Sequence[float] = ()):
+        super().__init__(num_tasks)
+        self.preference = check_preference(self.name, preference, num_tasks)
+        validate_range(self.name, "norm_eps", norm_eps, 0.0)
+        validate_range(self.name, "reg_eps", reg_eps, 0.0, low_open=True)
+        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
+
+    def regularized_gram_and_bounds(self, gram_TxT):
+        """``(K_hat [T, T], u [T])``."""
+        gram_TxT = as_gram(gram_TxT, self.num_tasks)
+        return (solvers.regularize_gram(gram_TxT, self.norm_eps, self.reg_eps),
+                preference_or(self.preference, 1.0 / self.num_tasks, self.num_tasks))
+
+
+class DualProj(DualConeMethod):
     """DualProj (TorchJD, ``torchjd.aggregation.DualProj``; Quinton & Rey, "Jacobian Descent for
     Multi-Objective Optimization", arXiv 2406.16232, 2024; the projection is GEM's, Lopez-Paz & Ranzato,
     "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, eq. 11).
@@ -31,18 +52,7 @@ class DualProj(WeightingMethod):
     solves, inside the jitted step. Its ``pref_vector`` is a tensor; ours a tuple option, checked up front.
     """
     name = "dualproj"
-    requires = "gram"
-
-    def __init__(self, num_tasks: int, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
-                 preference: Sequence[float] = ()):
-        super().__init__(num_tasks)
-        self.preference = check_preference(self.name, preference, num_tasks)
-        validate_range(self.name, "norm_eps", norm_eps, 0.0)
-        validate_range(self.name, "reg_eps", reg_eps, 0.0, low_open=True)
-        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
 
     def gram_weights(self, state, gram_TxT, losses_T, step, rng=None):
-        gram_TxT = as_gram(gram_TxT, self.num_tasks)
-        regularized = solvers.regularize_gram(gram_TxT, self.norm_eps, self.reg_eps)
-        lower_T = preference_or(self.preference, 1.0 / self.num_tasks, self.num_tasks)
+        regularized, lower_T = self.regularized_gram_and_bounds(gram_TxT)
         return solvers.project_to_dual_cone(regularized, lower_T), state

@@ -8,14 +8,13 @@ rescaling of K in its weights (solved on ``K / mean(diag K)``).
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from mtt_jax.weighting import solvers
+from mtt_jax.weighting.dual_cone import DualConeMethod
 from mtt_jax.weighting.base import WeightingMethod, as_gram, validate_choice, validate_range
-from mtt_jax.weighting.preference import check_preference, preference_or
 
 
 class MGDA(WeightingMethod):
@@ -93,7 +92,7 @@ class CAGrad(WeightingMethod):
         return (mean_T + lam * w_T) / divisor, state
 
 
-class UPGrad(WeightingMethod):
+class UPGrad(DualConeMethod):
     """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv 2406.16232,
     2024, Def. 3 / Prop. 3; TorchJD).
 
@@ -109,19 +108,9 @@ class UPGrad(WeightingMethod):
     relative size.
     """
     name = "upgrad"
-    requires = "gram"
-
-    def __init__(self, num_tasks: int, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
-                 preference: Sequence[float] = ()):
-        super().__init__(num_tasks)
-        self.preference = check_preference(self.name, preference, num_tasks)
-        validate_range(self.name, "norm_eps", norm_eps, 0.0)
-        validate_range(self.name, "reg_eps", reg_eps, 0.0, low_open=True)
-        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
 
     def gram_weights(self, state, gram_TxT, losses_T, step, rng=None):
-        gram_TxT = as_gram(gram_TxT, self.num_tasks)
-        regularized = solvers.regularize_gram(gram_TxT, self.norm_eps, self.reg_eps)
-        lower_TxT = jnp.diag(preference_or(self.preference, 1.0 / self.num_tasks, self.num_tasks))
+        regularized, lower_T = self.regularized_gram_and_bounds(gram_TxT)
+        lower_TxT = jnp.diag(lower_T)
         project = lambda lower_T: solvers.project_to_dual_cone(regularized, lower_T)
         return jnp.sum(jax.vmap(project)(lower_TxT), axis=0), state
