@@ -8,13 +8,12 @@ rescaling of K in its weights (solved on ``K / mean(diag K)``).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
 from mtt_jax.weighting import solvers
-from mtt_jax.weighting.dual_cone import DualConeMethod
 from mtt_jax.weighting.base import WeightingMethod, as_gram, validate_choice, validate_range
+from mtt_jax.weighting.dual_cone import DualConeMethod
 
 
 class MGDA(WeightingMethod):
