@@ -29,7 +29,7 @@ def get_config(variant: str = ""):
     c.total_steps, c.eval_every, c.log_every = 30, 1000, 10
     c.weighting.diagnostics_every = 0
     if not variant:  # on a CPU: the same update over 16 microbatches of 2 examples per task, 2 per
-        # scan iteration; activations stay in cache, 1.6x faster than one batch (README, Performance)
+        # scan iteration; activations stay in cache, 1.6x faster than one batch (docs/performance.md)
         c.grad_accum_steps, c.grad_accum_unroll = 16, 2
     if variant == "tasks8":  # smaller per task, so that 8 tasks fit a CPU run
         c.tasks = ("majority", "majority_parity", "mean_value", "repeat_tag", "first_group",
