@@ -134,9 +134,10 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = base_config()
-    if variant == "tiny":
-        c.total_steps, c.batch_size, c.eval_every, c.log_every = 20, 16, 10, 5
-        c.data.options.num_eval_pairs = 64
+    if variant == "tiny":  # learns in seconds: 0.2-0.35 accuracy per digit after 40 steps (chance 0.1)
+        c.total_steps, c.batch_size, c.eval_every, c.log_every = 40, 64, 10, 5
+        c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 2  # (the default 100 would be all 40)
+        c.data.options.num_eval_pairs = 256  # one eval batch
         c.model.num_layers, c.model.d_model, c.model.mlp_dim = 1, 32, 64
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of configs/default.py; choose '' or 'tiny'")

@@ -157,8 +157,8 @@ def test_a_missing_config_file_exits_with_one_line(tmp_path):
     ("affinity.lr", -0.1, "affinity.lr=-0.1 must be in [0.0, inf) (0: the current learning rate)"),
     ("profile.first_step", -1, "profile.first_step=-1 must be an integer >= 0 (0: off)"),
     ("profile.num_steps", 0, "profile.num_steps=0 must be a positive integer"),
-    ("profile.first_step", 19, "profile.first_step=19 with profile.num_steps=3 ends at update 21, after "
-                               "total_steps=20; start the window earlier"),
+    ("profile.first_step", 39, "profile.first_step=39 with profile.num_steps=3 ends at update 41, after "
+                               "total_steps=40; start the window earlier"),
 ])
 def test_optimizer_and_affinity_settings_that_would_not_train_are_refused(field, value, expected):
     from configs import default

@@ -22,7 +22,7 @@ def read_jsonl(workdir):
 def digits_run(tmp_path_factory):
     config = default_config.get_config("tiny")
     config.total_steps, config.batch_size, config.eval_every, config.log_every = 120, 32, 60, 10
-    config.optimizer.warmup_steps = 10
+    config.optimizer.learning_rate, config.optimizer.warmup_steps = 2e-3, 10
     workdir = str(tmp_path_factory.mktemp("digits"))
     state, final = train.train_and_evaluate(config, workdir, quiet=True)
     return config, workdir, state, final
