@@ -2,7 +2,7 @@
 
     python -m experiments.task_mechanisms --workdir /tmp/exp/mechanisms --quick [--part readout]
 
-The founding design conditions one Transformer on the task in two ways: a task encoder (task identity
+This library conditions one Transformer on the task in two ways: a task encoder (task identity
 -> Dense -> task features entering the trunk) and task attention (one task's stream reads another's).
 On the earlier benchmarks (`experiments.task_attention`) neither could help: no example carried
 information for another task, and every task sat at ceiling. Each part below has a known answer.
@@ -11,7 +11,7 @@ information for another task, and every task sat at ceiling. Each part below has
   to conditioning inside the trunk, or to extra compute? Models: the plain shared trunk with one
   mean-pooled vector (``mean_pool``), per-task attention-pool heads on the same trunk
   (``attention_pool``: a task-specific readout and nothing else), T task tokens (``task_tokens``), the
-  same plus task attention (``task_tokens+attention``), the founding additive task encoder
+  same plus task attention (``task_tokens+attention``), the additive task encoder
   (``additive``: task features added to every position, one trunk pass per task, T times the trunk's
   FLOPs), its FLOP-matched control (``flop_matched``: the plain trunk with T times the layers), and one
   single-task model per task; at several widths and depths, with test accuracy along training.

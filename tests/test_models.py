@@ -1,4 +1,4 @@
-"""The model does what the design says: task features differ per task, and task attention is the only
+"""The model keeps its two promises: task features differ per task, and task attention is the only
 path between task streams."""
 
 import flax.linen as nn
