@@ -108,10 +108,11 @@ def by_arm(records: Iterable[dict]) -> dict[str, list[dict]]:
 
 
 def provenance(records: Iterable[dict]) -> str:
-    """One line naming the code versions and commands behind ``records``."""
+    """One line naming the code versions and commands behind ``records`` (each command's ``--workdir``, a
+    path on the machine that ran it, as ``WORKDIR``)."""
     records = list(records)
     versions = sorted({r["code_version"] for r in records})
-    commands = sorted({r["command"] for r in records})
+    commands = sorted({re.sub(r"--workdir[= ]\S+", "--workdir WORKDIR", r["command"]) for r in records})
     return (f"Code version{'s' if len(versions) > 1 else ''}: {', '.join(f'`{v}`' for v in versions)}. "
             f"Command{'s' if len(commands) > 1 else ''}: {'; '.join(f'`{c}`' for c in commands)}. "
             f"{len(records)} archived runs.")
