@@ -246,10 +246,53 @@ def run(args) -> dict:
         partial.save({"arms": done})
         log(f"{arm.label}: {len(records)} runs, {sum(r['wall_seconds'] for r in records):.0f} s")
     records = [r for arm_records in done.values() for r in arm_records]
+    plot(_chosen(records), args.workdir)
     common.write_outputs(args.workdir, NAME, args, report(records), {"parts": list(parts)}, log,
                          header=f"Archived runs: {args.workdir}/runs.", spread="mean ± 95% t-interval over seeds")
     partial.discard()
     return {}
+
+
+def plot(chosen: dict[str, list[dict]], workdir: str) -> None:
+    """``curves.png``: test accuracy along training per readout model (first cell); accuracy against
+    width per retrieval model (largest T); each multiview model's accuracy on the blind task."""
+    plt = common.pyplot()
+    by_part = {part: {k: v for k, v in chosen.items() if v[0]["coordinates"]["part"] == part} for part in PARTS}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    readout = by_part["readout"]
+    if readout:
+        cell = sorted(readout)[0].rsplit(":", 1)[0]
+        for label, runs in sorted(readout.items()):
+            if label.startswith(cell + ":") and ":single:" not in label:
+                steps = runs[0]["curves"]["eval_steps"]
+                accuracy = np.asarray([np.mean(r["curves"]["test_accuracy"], axis=1) for r in runs])
+                axes[0].plot(steps, accuracy.mean(0), "o-", label=label.rsplit(":", 1)[1])
+        axes[0].set(title=f"readout, {cell.split(':', 1)[1]}", xlabel="step", ylabel="mean test accuracy")
+        axes[0].legend(fontsize=7)
+    retrieval = {k: v for k, v in by_part["retrieval"].items() if "num_tasks" in v[0]["coordinates"]}
+    if retrieval:
+        most = max(v[0]["coordinates"]["num_tasks"] for v in retrieval.values())
+        for model in RETRIEVAL_MODELS:
+            points = sorted((v[0]["coordinates"]["width"], float(np.mean(_accuracies(v))))
+                            for v in retrieval.values()
+                            if v[0]["coordinates"]["model"] == model and v[0]["coordinates"]["num_tasks"] == most)
+            if points:
+                axes[1].plot(*zip(*points), "o-", label=model)
+        axes[1].set(title=f"retrieval, T = {most}", xlabel="width (d_model)", ylabel="mean test accuracy",
+                    xscale="log")
+        axes[1].legend(fontsize=7)
+    multiview = {k: v for k, v in by_part["multiview"].items() if v[0]["coordinates"]["model"] != "single_task"}
+    if multiview:
+        labels = sorted(multiview)
+        axes[2].barh(range(len(labels)), [float(np.mean(_accuracies(multiview[k], "test", "view_blind")))
+                                          for k in labels])
+        axes[2].set_yticks(range(len(labels)), [k.split(":", 1)[1] for k in labels], fontsize=7)
+        exact = data.multiview.reference_accuracies()["view_blind"]
+        axes[2].axvline(exact["own"], color="gray", linestyle="--", label="Bayes, own view (chance)")
+        axes[2].axvline(exact["all"], color="black", linestyle="--", label="Bayes, all views of the row")
+        axes[2].legend(fontsize=7)
+        axes[2].set(title="multiview: the task whose own view is noise", xlabel="view_blind test accuracy")
+    common.save_figure(fig, workdir, "curves.png")
 
 
 # --- Selection on validation, reporting on test ---------------------------------------------------
