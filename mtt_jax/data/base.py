@@ -301,6 +301,18 @@ class VectorGenerator(Source):
         return cache[split]
 
 
+def multi_input_eval_batches(inputs_TxN: np.ndarray, labels: dict[str, np.ndarray], batch_size: int,
+                             shard: Shard = FULL) -> Iterator[dict]:
+    """`Source.eval_batches` of a multi-input held-out set: ``inputs_TxN`` (row n of every task, on the
+    second axis) and ``{task: labels [N, ...]}``, in padded batches (`padded_index_batches`), each cut to
+    this process's rows."""
+    part = shard_rows(batch_size, shard)
+    for rows, mask in padded_index_batches(inputs_TxN.shape[1], batch_size):
+        rows, mask = rows[part], mask[part]
+        yield {"inputs": inputs_TxN[:, rows], "labels": {task: y[rows] for task, y in labels.items()},
+               "mask": {task: mask.copy() for task in labels}}
+
+
 def vector_batch(inputs: np.ndarray, labels: dict[str, np.ndarray], mask: np.ndarray) -> dict:
     return {"inputs": inputs, "labels": labels, "mask": {task: mask.copy() for task in labels}}
 

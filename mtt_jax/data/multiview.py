@@ -242,13 +242,7 @@ class MultiView(base.Source):
 
     def eval_batches(self, batch_size: int, shard: base.Shard = base.FULL,
                      split: str = "test") -> Iterator[dict]:
-        part = base.shard_rows(batch_size, shard)
-        inputs_TxNxL, held_out_labels = self.held_out(split)
-        for rows, mask in base.padded_index_batches(self.num_examples(split), batch_size):
-            rows, mask = rows[part], mask[part]
-            yield {"inputs": inputs_TxNxL[:, rows],
-                   "labels": {task: labels[rows] for task, labels in held_out_labels.items()},
-                   "mask": {task: mask.copy() for task in self.task_names}}
+        return base.multi_input_eval_batches(*self.held_out(split), batch_size, shard)
 
     def _rows(self, rng_for_block, rows: slice) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Rows ``rows`` of every requested task: ``(tokens int32[T, n, L], {task: labels int32[n]})``."""
