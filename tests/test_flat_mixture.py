@@ -103,12 +103,14 @@ def test_a_flat_row_gets_what_the_multi_input_forward_gives_its_example(options)
     model = MultiTaskTransformer(tasks=tasks, layout="multi", input_spec=InputSpec("tokens", (8,), 32),
                                  num_layers=1, d_model=16, num_heads=2, mlp_dim=32, **options)
     tokens_TxBxL = jax.random.randint(jax.random.key(0), (3, 4, 8), 0, 32)
-    params = model.init(jax.random.key(1), tokens_TxBxL)["params"]
     noise = lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape, x.dtype)
-    params = jax.tree.map(noise, params)  # heads start at zero: make every output informative
-    multi, _ = model.apply({"params": params}, tokens_TxBxL)
+    # Jitted: op by op, the init and the two forwards cost seconds of small compiles, never cached.
+    params = jax.jit(lambda tokens: jax.tree.map(noise, model.init(jax.random.key(1), tokens)["params"]))(
+        tokens_TxBxL)  # heads start at zero: the noise makes every output informative
+    apply = jax.jit(model.apply)
+    multi, _ = apply({"params": params}, tokens_TxBxL)
     task_id, example = jnp.array([2, 0, 1, 0, 2, 1]), jnp.array([1, 3, 0, 2, 3, 3])
-    flat, aux = model.apply({"params": params}, tokens_TxBxL[task_id, example], task_id=task_id)
+    flat, aux = apply({"params": params}, tokens_TxBxL[task_id, example], task_id=task_id)
     for t, task in enumerate(tasks):
         for row in np.flatnonzero(np.asarray(task_id) == t):
             np.testing.assert_allclose(flat[task.name][row], multi[task.name][example[row]], atol=1e-5)

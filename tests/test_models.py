@@ -1,6 +1,8 @@
 """The model keeps its two promises: task features differ per task, and task attention is the only
 path between task streams."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ def small_model(tasks, layout, spec, **kwargs):
 
 def init_with_random_heads(model, inputs):
     """Heads start at zero (so the initial loss is ln C); give them random kernels to see dependence."""
-    params = nn.unbox(model.init(jax.random.key(0), inputs)["params"])
+    params = nn.unbox(jit_init(model, inputs)["params"])
     for name in [k for k in params if k.startswith("head_")]:
         kernel = params[name]["dense"]["kernel"]
         params[name]["dense"]["kernel"] = jax.random.normal(jax.random.key(3), kernel.shape)
@@ -42,9 +44,20 @@ def tokens(batch=3, seed=0):
     return x.at[:, :, 12:].set(0)  # padding at the end
 
 
+# Models are initialised and applied jitted: op by op, each takes seconds of small compiles that the
+# persistent compilation cache does not keep.
+def jit_init(module, *args):
+    return jax.jit(module.init)(jax.random.key(0), *args)
+
+
+def jit_apply(module, variables, *args, method=None):
+    """``module.apply(variables, *args, method=method)``; ``args`` are arrays (they are traced)."""
+    return jax.jit(functools.partial(module.apply, method=method))(variables, *args)
+
+
 def test_heads_start_at_zero_so_the_initial_loss_is_log_num_classes():
     model = small_model(DIGITS, "single", IMAGE)
-    outputs, _ = model.apply(model.init(jax.random.key(0), images()), images())
+    outputs, _ = jit_apply(model, jit_init(model, images()), images())
     np.testing.assert_allclose(outputs["left_digit"], 0.0)
 
 
@@ -61,8 +74,8 @@ def test_task_encoder_gives_each_task_different_features():
     ("single", DIGITS, IMAGE, images()), ("multi", SEQ, TOKENS, tokens())])
 def test_output_shapes_per_task_kind(layout, tasks, spec, inputs):
     model = small_model(tasks, layout, spec)
-    variables = model.init(jax.random.key(0), inputs)
-    outputs, aux = model.apply(variables, inputs)
+    variables = jit_init(model, inputs)
+    outputs, aux = jit_apply(model, variables, inputs)
     b = inputs.shape[0] if layout == "single" else inputs.shape[1]
     expected = {"classification": lambda t: (b, t.num_classes), "regression": lambda t: (b,),
                 "tagging": lambda t: (b, 16, t.num_classes)}
@@ -78,8 +91,8 @@ def test_output_shapes_per_task_kind(layout, tasks, spec, inputs):
 def _decode_after_perturbing_stream(model, variables, streams, j):
     noise = jax.random.normal(jax.random.key(7), streams[:, j].shape)  # not a constant: LN removes it
     perturbed = streams.at[:, j].add(noise)
-    base, _ = model.apply(variables, streams, method=model.decode)
-    moved, _ = model.apply(variables, perturbed, method=model.decode)
+    base, _ = jit_apply(model, variables, streams, method=model.decode)
+    moved, _ = jit_apply(model, variables, perturbed, method=model.decode)
     return base, moved
 
 
@@ -87,7 +100,7 @@ def _decode_after_perturbing_stream(model, variables, streams, j):
 def test_single_input_only_task_attention_connects_streams(task_attention, should_change):
     model = small_model(DIGITS, "single", IMAGE, task_attention=task_attention)
     variables = init_with_random_heads(model, images())
-    streams = model.apply(variables, images(), method=model.encode)
+    streams = jit_apply(model, variables, images(), method=model.encode)
     assert streams.shape == (4, 2, 32)
     base, moved = _decode_after_perturbing_stream(model, variables, streams, j=1)
     change_i = float(jnp.abs(moved["left_digit"] - base["left_digit"]).max())
@@ -100,15 +113,15 @@ def test_multi_input_task_attention_reads_other_tasks_memory(task_attention, sho
     model = small_model(SEQ, "multi", TOKENS, task_attention=task_attention)
     x = tokens()
     variables = init_with_random_heads(model, x)
-    base, _ = model.apply(variables, x)
+    base, _ = jit_apply(model, variables, x)
     if task_attention == "cross":   # perturb task 3's (repeat_tag's) memory tokens
         params = variables["params"]
         memory = params["cross_task"]["memory"]
         params["cross_task"]["memory"] = memory.at[3].add(jax.random.normal(jax.random.key(7),
                                                                             memory[3].shape))
-        moved, _ = model.apply({"params": params}, x)
+        moved, _ = jit_apply(model, {"params": params}, x)
     else:                           # no cross-task path: perturb task 3's inputs instead
-        moved, _ = model.apply(variables, x.at[3, :, :12].set(7))
+        moved, _ = jit_apply(model, variables, x.at[3, :, :12].set(7))
     change = max(float(jnp.abs(moved[n] - base[n]).max()) for n in ("majority", "mean_value"))
     assert (change > 1e-4) == should_change, change
 
@@ -118,8 +131,8 @@ def test_multi_input_predictions_do_not_depend_on_other_examples():
     model = small_model(SEQ, "multi", TOKENS)
     x = tokens(batch=3)
     variables = init_with_random_heads(model, x)
-    full, _ = model.apply(variables, x)
-    alone, _ = model.apply(variables, x[:, :1])
+    full, _ = jit_apply(model, variables, x)
+    alone, _ = jit_apply(model, variables, x[:, :1])
     for t in SEQ:
         np.testing.assert_allclose(full[t.name][:1], alone[t.name], atol=1e-5)
 
@@ -128,10 +141,10 @@ def test_padding_does_not_change_predictions():
     model = small_model(SEQ, "multi", TOKENS)
     x = tokens(batch=2)
     variables = init_with_random_heads(model, x)
-    base, _ = model.apply(variables, x)
+    base, _ = jit_apply(model, variables, x)
     longer_pad = jnp.concatenate([x, jnp.zeros_like(x)], axis=-1)  # same content, 16 more pads
     model32 = small_model(SEQ, "multi", InputSpec("tokens", (32,), vocab_size=32))
-    padded, _ = model32.apply(variables, longer_pad)
+    padded, _ = jit_apply(model32, variables, longer_pad)
     for t in SEQ:
         if t.kind != "tagging":
             np.testing.assert_allclose(base[t.name], padded[t.name], atol=1e-4)
@@ -185,7 +198,7 @@ def test_film_modulates_each_position_by_its_task_and_leaves_no_task_positions_a
 def test_film_model_starts_as_the_plain_model_and_encode_task_matches(layout, tasks, spec, inputs):
     film_model = small_model(tasks, layout, spec, film=True)
     plain = small_model(tasks, layout, spec)
-    params = nn.unbox(film_model.init(jax.random.key(0), inputs)["params"])
+    params = nn.unbox(jit_init(film_model, inputs)["params"])
     blocks = params["trunk"]["block_0"]
     assert {"film_attention", "film_mlp"} <= set(blocks)
     plain_params = jax.tree.map(lambda x: x, params)
@@ -194,19 +207,19 @@ def test_film_model_starts_as_the_plain_model_and_encode_task_matches(layout, ta
     heads = {k: {"dense": {"kernel": jax.random.normal(jax.random.key(5), v["dense"]["kernel"].shape),
                            "bias": v["dense"]["bias"]}} for k, v in params.items() if k.startswith("head_")}
     params.update(heads), plain_params.update(heads)
-    for a, b in zip(jax.tree.leaves(film_model.apply({"params": params}, inputs)[0]),
-                    jax.tree.leaves(plain.apply({"params": plain_params}, inputs)[0])):
+    for a, b in zip(jax.tree.leaves(jit_apply(film_model, {"params": params}, inputs)[0]),
+                    jax.tree.leaves(jit_apply(plain, {"params": plain_params}, inputs)[0])):
         np.testing.assert_allclose(a, b, atol=1e-6)
     if layout == "multi":  # with FiLM on, the per-task encoder used for per-task gradients agrees
         film_params = jax.tree.map(lambda x: x, params)
         for name in ("film_attention", "film_mlp"):
             leaf = film_params["trunk"]["block_0"][name]
             leaf["kernel"] = jax.random.normal(jax.random.key(7), leaf["kernel"].shape)
-        streams, _ = film_model.apply({"params": film_params}, inputs, method="encode")
+        streams, _ = jit_apply(film_model, {"params": film_params}, inputs, method="encode")
         for i in range(len(tasks)):
-            one = film_model.apply({"params": film_params}, inputs[i], i, method="encode_task")
+            one = jit_apply(film_model, {"params": film_params}, inputs[i], i, method="encode_task")
             np.testing.assert_allclose(one, streams[i], atol=1e-5)
-        other = film_model.apply({"params": film_params}, inputs[0], 1, method="encode_task")
+        other = jit_apply(film_model, {"params": film_params}, inputs[0], 1, method="encode_task")
         assert float(jnp.abs(other - streams[0]).max()) > 1e-3  # the same tokens as another task
 
 
@@ -287,9 +300,9 @@ def test_the_models_attention_kernel_reaches_every_block():
     einsum = small_model(SEQ, "multi", TOKENS, attention_kernel="einsum")
     xla = small_model(SEQ, "multi", TOKENS, attention_kernel="xla")
     inputs = tokens()
-    params = nn.unbox(einsum.init(jax.random.key(0), inputs)["params"])
-    for a, b in zip(jax.tree.leaves(einsum.apply({"params": params}, inputs)[0]),
-                    jax.tree.leaves(xla.apply({"params": params}, inputs)[0])):
+    params = nn.unbox(jit_init(einsum, inputs)["params"])
+    for a, b in zip(jax.tree.leaves(jit_apply(einsum, {"params": params}, inputs)[0]),
+                    jax.tree.leaves(jit_apply(xla, {"params": params}, inputs)[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # the kernel is really passed down: one the layer does not know fails in every block's attention
     with pytest.raises(ValueError, match="Unsupported implementation option"):
@@ -305,7 +318,7 @@ def test_a_bf16_model_with_the_cudnn_kernel_lowers_for_cuda_to_fused_attention(c
     the mask runs, and the HLO must hold cuDNN's fused forward and backward (the mask as a bias)."""
     model = small_model(SEQ, "multi", TOKENS, attention_kernel="cudnn", dtype=jnp.bfloat16)
     inputs = tokens()
-    params = nn.unbox(model.clone(attention_kernel="einsum").init(jax.random.key(0), inputs)["params"])
+    params = nn.unbox(jit_init(model.clone(attention_kernel="einsum"), inputs)["params"])
     outputs = lambda p: jax.tree.leaves(model.apply({"params": p}, inputs)[0])
     loss = lambda p: sum(jnp.sum(o.astype(jnp.float32)) for o in outputs(p))
     checks = [jax.export.DisabledSafetyCheck.custom_call(target) for target in CUDNN_ATTENTION]
@@ -330,7 +343,7 @@ def test_the_matmul_count_reads_cudnn_attention_as_the_einsums_it_replaces(cudnn
     counts = {}
     for kernel, platform in (("cudnn", "cuda"), ("einsum", "cpu")):
         model = small_model(SEQ, "multi", TOKENS, attention_kernel=kernel, dtype=jnp.bfloat16)
-        params = nn.unbox(model.clone(attention_kernel="einsum").init(jax.random.key(0), inputs)["params"])
+        params = nn.unbox(jit_init(model.clone(attention_kernel="einsum"), inputs)["params"])
         loss = lambda p: sum(jnp.sum(o.astype(jnp.float32))
                              for o in jax.tree.leaves(model.apply({"params": p}, inputs)[0]))
         lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=(platform,))
@@ -408,11 +421,11 @@ def test_an_image_of_more_than_512_patches_gets_a_position_for_every_patch(posit
                                  positional=positional)
     inputs = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
     variables = init_with_random_heads(model, inputs)
-    outputs, _ = model.apply(variables, inputs)
+    outputs, _ = jit_apply(model, variables, inputs)
     for t in DIGITS:
         assert outputs[t.name].shape == (2, t.num_classes)
         assert np.isfinite(outputs[t.name]).all()
-    positions = model.apply(variables, jnp.zeros((1, 1024, 8)), method=lambda m, x: m.positions(x))[0]
+    positions = jit_apply(model, variables, jnp.zeros((1, 1024, 8)), method=lambda m, x: m.positions(x))[0]
     table = (sinusoidal_positions(1024, 8) if positional == "sinusoidal"
              else variables["params"]["positions"]["table"])
     assert table.shape == (1024, 8)
@@ -478,7 +491,7 @@ def test_bf16_task_attention_computes_its_logits_as_the_trunk_does(layout):
     hlo = grad.lower(params, low_args[0]).compiler_ir("hlo").as_hlo_text()
     assert set(flops.hlo_matmul_flops(hlo)) == {"bf16 x bf16"}
     low = grad(params, low_args[0])
-    reference = jax.grad(lambda p, x: loss(f32_module, p, x), (0, 1))(params, args[0])
+    reference = jax.jit(jax.grad(lambda p, x: loss(f32_module, p, x), (0, 1)))(params, args[0])
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(reference))  # bf16 noise is relative to it
     for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(reference)):
         np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0.05, atol=0.02 * scale)

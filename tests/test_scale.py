@@ -184,10 +184,13 @@ def test_grad_accumulation_equals_one_big_step_for_methods_that_weigh_by_the_los
                                                             setup.batch_shardings, "single"))
     if method == "imtl":  # a trained IMTL-L scale: at s = 0 a double scaling is invisible
         start = start.replace(params={**start.params, "weighting": {"loss_scale": jnp.array([0.7, -0.4])}})
+    # Each step starts from its own device copy of the host's (the step donates it). An eager jnp.copy
+    # here was where a worker twice aborted (docs/testing.md); it also compiled a copy per leaf shape.
+    start = jax.device_get(start)
     results = []
     for accum in (1, 4):
         with setup.context():
-            state, metrics = steps[accum](jax.tree.map(jnp.copy, start), batch)  # the step donates it
+            state, metrics = steps[accum](jax.device_put(start, setup.state_shardings), batch)
         results.append(jax.device_get((state.params, state.weighting_state, metrics)))
     (params_1, method_state_1, metrics_1), (params_4, method_state_4, metrics_4) = results
     for key in ("loss", "task_losses", "weights", "grad_norm"):
@@ -218,10 +221,10 @@ def test_bf16_computes_in_bf16_with_f32_params_and_losses():
     state = setup.create_state()
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     batch = setup.source.train_batch(0, config.batch_size)
-    outputs, _ = setup.model.apply({"params": state.params["model"]}, jnp.asarray(batch["inputs"]))
+    forward = lambda p: setup.model.apply({"params": p}, jnp.asarray(batch["inputs"]))
+    outputs, _ = jax.jit(forward)(state.params["model"])  # (op by op: seconds of small compiles)
     assert outputs["left_digit"].dtype == jnp.float32  # heads cast back for the loss
-    jaxpr = jax.make_jaxpr(lambda p: setup.model.apply({"params": p}, jnp.asarray(batch["inputs"])))(
-        state.params["model"])
+    jaxpr = jax.make_jaxpr(forward)(state.params["model"])
     assert "bf16" in str(jaxpr)
     _, metrics = train.compile_train_step(setup)(state, sharding.shard_batch(
         batch, setup.batch_shardings, "single"))
@@ -263,7 +266,6 @@ def test_double_sampling_takes_three_strided_samples_of_the_batch(grad_accum_ste
     are applied to sample 0's per-task gradients (rows 0, 3, 6, ...); with accumulation, sample s is
     part s of every microbatch. The logged Gram is that of the samples' mean gradients (the batch's, up
     to the token counts of a tagging task's means)."""
-    from jax.flatten_util import ravel_pytree
     from mtt_jax import task_grads, train_step
     from tests.test_weighting_methods import simplex_projection_reference
     config = seqtasks_config.get_config("tiny")
@@ -274,7 +276,8 @@ def test_double_sampling_takes_three_strided_samples_of_the_batch(grad_accum_ste
     batch = sharding.shard_batch(setup.source.train_batch(3, 12), setup.batch_shardings, "multi")
     state, key = setup.create_state(), jax.random.key(0)
     leaves, tree = jax.tree.flatten(state.params["model"])  # nonzero heads: the shared grads are not 0
-    leaves = [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype) for i, x in enumerate(leaves)]
+    leaves = jax.jit(lambda leaves: [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+                                     for i, x in enumerate(leaves)])(leaves)  # one compile, not one per shape
     state = state.replace(params={**state.params, "model": jax.tree.unflatten(tree, leaves)})
     loss_fn = lambda outputs, b: train_step.task_losses(setup.tasks, outputs, b, "multi")
     with setup.context():
@@ -288,13 +291,16 @@ def test_double_sampling_takes_three_strided_samples_of_the_batch(grad_accum_ste
                      for s in range(3)]  # part s of microbatch i
                     for parts in (train_step.microbatches(jax.tree.map(lambda x: x[i], micro), "multi", 3)
                                   for i in range(grad_accum_steps))]
-    as_matrix = lambda g_T: np.stack([ravel_pytree(jax.tree.map(lambda g: g[t], g_T))[0] for t in range(4)])
+    # Flattened on the host (as ravel_pytree orders the leaves): eager slices would compile per shape.
+    flat_leaves = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
+    as_matrix = lambda g_T: np.stack([flat_leaves(jax.tree.map(lambda g: g[t], jax.device_get(g_T)))
+                                      for t in range(4)])
     flat = [np.mean([as_matrix(parts[s]) for parts in per_part], axis=0, dtype=np.float64) for s in range(3)]
     expected_T = simplex_projection_reference(np.full(4, 0.25) - 0.5 * (flat[1] @ flat[2].T + 0.1 * np.eye(4)) @ np.full(4, 0.25))
     np.testing.assert_allclose(weights_T, expected_T, rtol=1e-4, atol=1e-6)
     assert np.abs(expected_T - 0.25).max() > 1e-2
     shared, _ = task_grads.split_params(grads["model"])
-    np.testing.assert_allclose(ravel_pytree(shared)[0], expected_T @ flat[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(flat_leaves(shared), expected_T @ flat[0], rtol=1e-4, atol=1e-7)
     mean_TxP = sum(flat) / 3
     np.testing.assert_allclose(gram_TxT, mean_TxP @ mean_TxP.T, rtol=1e-4, atol=1e-9)
 

@@ -1,5 +1,7 @@
 """Per-task gradients from one backward pass equal the naive Jacobian, in both layouts."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ DIGITS = (tasks_lib.get("left_digit"), tasks_lib.get("right_digit"))
 SEQ = tuple(tasks_lib.get(n) for n in ("majority", "majority_parity", "mean_value", "repeat_tag"))
 
 
+@functools.cache  # shared by the tests of a layout; none of them changes what it returns
 def setup(layout):
     key = jax.random.key(0)
     if layout == "single":
@@ -30,7 +33,7 @@ def setup(layout):
         mask = {t.name: jnp.ones(3) for t in tasks}
     model = MultiTaskTransformer(tasks=tasks, layout=layout, input_spec=spec, num_layers=1, d_model=16,
                                  num_heads=2, mlp_dim=32)
-    params = nn.unbox(model.init(key, inputs)["params"])
+    params = nn.unbox(jax.jit(model.init)(key, inputs)["params"])  # op by op: seconds of small compiles
     # Non-zero heads, so that every task's gradient reaches the trunk.
     for name in [k for k in params if k.startswith("head_")]:
         params[name]["dense"]["kernel"] = jax.random.normal(key, params[name]["dense"]["kernel"].shape)
