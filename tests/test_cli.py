@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
+from launch import local
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(workdir, *overrides, config="configs/default.py:tiny"):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = local.child_env(os.environ, 2)  # two devices, and conftest's cheaper compiles
     return subprocess.run([sys.executable, "-m", "mtt_jax.main", f"--config={config}",
                            f"--workdir={workdir}", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -26,7 +26,7 @@ ARGS = ["--config=configs/seqtasks.py:tiny", "--config.total_steps=60", "--confi
 
 
 def cli(workdir, *extra, devices=2):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = local.child_env(os.environ, devices)  # the test process's XLA flags, with its device count
     return subprocess.Popen([sys.executable, "-m", "mtt_jax.main", f"--workdir={workdir}", *ARGS, *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
