@@ -165,7 +165,9 @@ def report(records: list[dict]) -> str:
             cells.append(gaps[i].format(4) + (" ▲" if gaps[i].excludes_zero() and gaps[i].mean > 0 else ""))
         along_rows.append([LABELS[model]] + cells)
     correlations = ", ".join(f"p = {p}: {mmoe_synthetic.label_moments(p)[2]:.3f}" for p in CORRELATIONS)
-    text = [f"Correlation of the two tasks' labels (exact, `mmoe_synthetic.label_moments`): {correlations}.\n",
+    blind = mmoe_synthetic.label_moments(1.0)[1] ** 2
+    text = [f"Correlation of the two tasks' labels (exact, `mmoe_synthetic.label_moments`): {correlations}. "
+            f"The label variance, the test MSE of the best input-blind predictor: {blind:.2f}.\n",
             f"Final test MSE (mean of the two tasks; {s['steps']} steps, Adam lr {s['learning_rate']:g}), "
             "mean ± 95% t-interval over seeds:\n", common.markdown_table(headers, rows),
             "The gap loss(p = 0.5) - loss(p = 1.0) along training (eval MSE on the test examples, paired by "
@@ -182,11 +184,15 @@ def checks(s: dict) -> dict:
     gap = lambda m: stats.paired_difference(final(m, 0.5), final(m, 1.0))
     grows = [LABELS[m] for m in models if gap(m).excludes_zero() and gap(m).mean > 0]
     out = {"loss at p = 0.5 above p = 1.0 beyond the interval": ", ".join(grows) or "no model"}
+    gaps = lambda m: np.asarray(final(m, 0.5)) - np.asarray(final(m, 1.0))
     for other in ("shared_bottom", "omoe"):
         if {"mmoe", other} <= set(models):
+            difference = stats.welch_difference(gaps("mmoe"), gaps(other))
+            verdict = ("yes, beyond the interval" if difference.excludes_zero() and difference.mean < 0
+                       else "not beyond the interval" if not difference.excludes_zero() else "no")
             out[f"MMoE's gap smaller than {LABELS[other]}'s"] = (
-                f"{'yes' if gap('mmoe').mean < gap(other).mean else 'no'} ({gap('mmoe').format(4)} vs "
-                f"{gap(other).format(4)}; separate intervals, the models do not share seeds)")
+                f"{verdict} ({gap('mmoe').format(4)} vs {gap(other).format(4)}; difference "
+                f"{difference.format(4)}, Welch's interval: the models do not share seeds)")
     out["spread (std over seeds) of the final loss at p = 0.5"] = ", ".join(
         f"{LABELS[m]} {np.std(final(m, 0.5), ddof=1):.4f}" for m in models)
     return out

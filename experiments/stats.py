@@ -80,6 +80,23 @@ def paired_difference(values: Sequence[float], reference: Sequence[float],
     return interval(values - reference, confidence)
 
 
+def welch_difference(values: Sequence[float], reference: Sequence[float],
+                     confidence: float = CONFIDENCE) -> Interval:
+    """The interval of ``mean(values) - mean(reference)`` for two independent samples (Welch 1947).
+
+    Half-width ``t_{(1+c)/2, nu} * sqrt(s1^2/n1 + s2^2/n2)`` with the Welch-Satterthwaite degrees of
+    freedom ``nu``: for arms that share no seeds, where `paired_difference` does not apply. ``n`` of the
+    result is the smaller sample's size.
+    """
+    a, b = np.asarray(values, np.float64), np.asarray(reference, np.float64)
+    if min(a.size, b.size) < 2:
+        raise ValueError(f"a Welch interval needs two values on each side: {a.size} and {b.size}")
+    va, vb = np.var(a, ddof=1) / a.size, np.var(b, ddof=1) / b.size
+    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    t = float(scipy_stats.t.ppf((1 + confidence) / 2, df=dof))
+    return Interval(float(a.mean() - b.mean()), t * math.sqrt(va + vb), int(min(a.size, b.size)))
+
+
 def gap_normalised(value: float, trivial: float, single_task: float) -> float:
     """``(value - trivial) / (single_task - trivial)``: 1 = single-task, 0 = the input-blind predictor.
 

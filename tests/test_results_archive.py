@@ -31,6 +31,19 @@ def test_paired_differences_see_what_the_rows_spread_hides():
         stats.paired_difference([1.0, 2.0], [1.0])
 
 
+def test_welch_difference_matches_scipys_unequal_variance_t_test():
+    from scipy import stats as scipy_stats
+    a, b = [0.18, 0.25, 0.11, 0.30, 0.21, 0.16], [0.41, 0.22, 0.35, 0.52, 0.29]
+    found = stats.welch_difference(a, b)
+    expected = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert found.mean == pytest.approx(np.mean(a) - np.mean(b))
+    assert (found.low, found.high) == pytest.approx((expected.low, expected.high), rel=1e-9)
+    assert found.excludes_zero() and found.n == 5
+    assert not stats.welch_difference([0.1, 0.3, 0.2], [0.2, 0.1, 0.3]).excludes_zero()
+    with pytest.raises(ValueError, match="two values on each side"):
+        stats.welch_difference([1.0], [1.0, 2.0])
+
+
 def test_gap_normalised_score_for_both_directions_of_metric():
     assert stats.gap_normalised(0.9, trivial=0.5, single_task=0.9) == 1.0
     assert stats.gap_normalised(0.7, trivial=0.5, single_task=0.9) == pytest.approx(0.5)
