@@ -48,6 +48,7 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False, overwrite: boo
     """
     with contextlib.ExitStack() as stack:
         preemption = preemption or stack.enter_context(checkpoint.PreemptionFlag())
+        _on_process_zero(lambda: workdir_lib.check_free(workdir), "checking the workdir lock")
         # --- Build: first, so that a config that cannot run fails before the workdir is touched ---------
         setup = build(config)
         compiled = compile_steps(setup, config)
@@ -57,14 +58,24 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False, overwrite: boo
                       "same command to start.", flush=True)
             return None, {}
         # --- Lock: one run per workdir; every process stops with one line if process 0 cannot take it --
-        held, error = None, None
-        try:
-            held = stack.enter_context(workdir_lib.lock(workdir, enabled=jax.process_index() == 0))
-        except Exception as e:
-            error = e
-        multihost.agree_on_error(error, "taking the workdir lock")
+        held = _on_process_zero(lambda: stack.enter_context(
+            workdir_lib.lock(workdir, enabled=jax.process_index() == 0)), "taking the workdir lock",
+            every_process=True)
         with multihost.watch_peers():  # a process that stops mid-run stops the others at once, in one line
             return _run(setup, compiled, config, workdir, quiet, overwrite, held, preemption)
+
+
+def _on_process_zero(action, where: str, every_process: bool = False):
+    """``action()`` on process 0 (on every process with ``every_process``), its error raised on all
+    (`multihost.agree_on_error`); returns its result, None where it did not run."""
+    result, error = None, None
+    if every_process or jax.process_index() == 0:
+        try:
+            result = action()
+        except Exception as e:
+            error = e
+    multihost.agree_on_error(error, where)
+    return result
 
 
 def _run(setup: Setup, compiled: Steps, config, workdir: str, quiet: bool, overwrite: bool, held,

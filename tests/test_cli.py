@@ -93,22 +93,26 @@ def test_a_workdir_whose_run_is_unknown_is_refused(tmp_path):
         workdir.prepare(str(tmp_path), config)
 
 
-def test_a_second_run_in_a_workdir_in_use_stops_before_writing(tmp_path):
-    """The same command launched twice, or a requeued job while its first copy still runs."""
+def test_a_second_run_in_a_workdir_in_use_stops_before_building_or_writing(tmp_path, monkeypatch):
+    """The same command launched twice, or a requeued job while its first copy still runs: refused
+    before the start-up (building and compiling), and again when the lock is taken."""
     import os
     from configs import default
     from mtt_jax import train
     from mtt_jax.run import workdir
+    built = []
+    monkeypatch.setattr(train, "build", lambda config: built.append(config) or 1 / 0)
     with workdir.lock(str(tmp_path)):  # the first run
         with pytest.raises(workdir.WorkdirError,
                            match=rf"is in use by another run \(pid {os.getpid()} on .+\); wait for it"):
             train.train_and_evaluate(default.get_config("tiny"), str(tmp_path), quiet=True)
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
-    with workdir.lock(str(tmp_path)):  # released with the first run
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"] and not built  # nothing done
+    workdir.check_free(str(tmp_path))  # released with the first run
+    with workdir.lock(str(tmp_path)):
         pass
     with pytest.raises(workdir.WorkdirError, match="needs the s3fs package"):  # not locked into ./s3:
         train.train_and_evaluate(default.get_config("tiny"), "s3://bucket/run", quiet=True)
-    assert not os.path.exists("s3:")
+    assert not os.path.exists("s3:") and not built
 
 
 def test_output_paths_are_checked_before_the_work_and_written_whole(tmp_path, monkeypatch):

@@ -190,14 +190,27 @@ def _acquire(fs, path: str, token: str) -> str | None:
             age = time.time() - float(held.get("renewed", 0.0))
             holder = held.get("holder", "another run")
             if attempt or age < EXPIRE_SECONDS or generation != _generation(fs, path):
-                raise LeaseHeld(f"in use by another run ({holder}, lease renewed {age:.0f} s ago); wait "
-                                f"for it to end, or, if it died, {max(EXPIRE_SECONDS - age, 0):.0f} s for "
-                                f"its lease to expire") from None
+                raise _held(holder, age) from None
             if not _remove_version(fs, path, generation):
                 raise LeaseHeld(f"in use by another run (the expired lease of {holder} was just taken "
                                 f"over by another run)")
             logging.warning("taking over the lease of a run that stopped renewing it %.0f s ago (%s)",
                             age, holder)
+
+
+def check_free(url: str) -> None:
+    """Raises `LeaseHeld` if the lease object ``url`` is held and not expired; creates nothing (the
+    check a run makes before its start-up, which `hold` repeats when it takes the lease)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    held = _read(fs, path)
+    age = time.time() - float(held.get("renewed", 0.0))
+    if held and age < EXPIRE_SECONDS:
+        raise _held(held.get("holder", "another run"), age)
+
+
+def _held(holder: str, age: float) -> LeaseHeld:
+    return LeaseHeld(f"in use by another run ({holder}, lease renewed {age:.0f} s ago); wait for it to "
+                     f"end, or, if it died, {max(EXPIRE_SECONDS - age, 0):.0f} s for its lease to expire")
 
 
 def _generation(fs, path: str) -> str | None:

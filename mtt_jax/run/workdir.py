@@ -348,6 +348,33 @@ def lock(workdir: str, enabled: bool = True):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def check_free(workdir: str) -> None:
+    """Raises `WorkdirError`, as `lock` would, if another run holds ``workdir``'s lock now; creates and
+    changes nothing. A run checks this before its start-up (building and compiling can take minutes),
+    then takes the lock itself when it is ready to write."""
+    if is_url(workdir):
+        check_url(workdir)
+        try:
+            lease.check_free(join(workdir, ".lock"))
+        except lease.LeaseHeld as e:
+            raise WorkdirError(f"{workdir} is {e}") from None
+        return
+    try:
+        f = open(os.path.join(workdir, ".lock"))
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to end or "
+                               f"use another --workdir") from None
+        except OSError:  # no flock on this filesystem
+            return
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _holds(path: str) -> bool:
     """A file, or a folder with anything in it (an empty one is what a run stopped at its start left)."""
     target = epath.Path(path)
