@@ -69,6 +69,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_experts = 4               # task_moe: experts per block (mlp_dim split over them)
     c.model.film = False                  # task-conditioned LayerNorms in every block (CA-MTL)
     c.model.scan_layers = False           # blocks as one nn.scan: compile time independent of depth
+    # A pretrained encoder (docs/pretrained.md): a Hugging Face BERT or ViT folder (config.json and
+    # model.safetensors) whose weights replace the initialised trunk's; "" trains from scratch. The
+    # fields below are the trunk options such checkpoints need (BERT: post, 2, True, False, exact, 1e-12).
+    c.model.checkpoint = ""
+    c.model.norm_position = "pre"         # "pre": x + f(LN(x)); "post": LN(x + f(x)), no final LN
+    c.model.token_types = 0               # token inputs: segment embeddings (0: none)
+    c.model.embed_norm = False            # a LayerNorm over the summed embeddings
+    c.model.embed_scale = True            # token embeddings times sqrt(d_model)
+    c.model.gelu = "tanh"                 # or "exact" (erf)
+    c.model.layer_norm_eps = 1e-6         # the trunk's LayerNorms
 
     c.weighting = ml_collections.ConfigDict()
     c.weighting.name = "ew"               # any of mtt_jax.weighting.METHODS

@@ -13,6 +13,13 @@ Variants:
   ``--config.data.options.tokenizer=sentencepiece --config.data.options.sentencepiece_model=PATH``
   and 128 for sub-words); 32 examples per task per step; eval on the full validation sets.
 - ``tiny``: for tests, on ``tfds_io.mock_data``.
+- ``bert_base_mtdnn``: MT-DNN (Liu et al., "Multi-Task Deep Neural Networks for Natural Language
+  Understanding", ACL 2019): a pretrained BERT-base encoder fine-tuned on eight GLUE tasks at once, with
+  per-task heads and batches drawn in proportion to the tasks' sizes. Needs the checkpoint
+  (docs/pretrained.md)::
+
+      python -m mtt_jax.main --config configs/glue.py:bert_base_mtdnn --workdir /tmp/mtdnn \
+          --config.model.checkpoint=$BERT --config.data.options.data_dir=$DATA
 
 Metrics are GLUE's (``mtt_jax.tasks``): CoLA Matthews correlation; MRPC and QQP F1 and accuracy; STS-B
 Pearson and Spearman (on standardized scores); accuracy for the rest. MNLI is scored on
@@ -21,6 +28,10 @@ validation_matched (``--config.data.options.mnli_eval=mismatched`` for the other
 
 from configs.default import base_config, shrink_for_tests
 from mtt_jax.data.glue import TASK_NAMES
+
+# GLUE's train split sizes (TFDS glue 2.0.0), for the recipes' epoch counts.
+TRAIN_EXAMPLES = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "qqp": 363846, "stsb": 5749, "mnli": 392702,
+                  "qnli": 104743, "rte": 2490, "wnli": 635}
 
 
 def get_config(variant: str = "small"):
@@ -58,6 +69,57 @@ def get_config(variant: str = "small"):
         shrink_for_tests(c)
         c.model.memory_tokens = 2
         c.optimizer.warmup_steps = 1
+    elif variant == "bert_base_mtdnn":
+        bert_base_mtdnn(c)
     else:
-        raise ValueError(f"unknown variant {variant!r} of configs/glue.py; choose 'small', 'base' or 'tiny'")
+        raise ValueError(f"unknown variant {variant!r} of configs/glue.py; choose 'small', 'base', 'tiny' "
+                         "or 'bert_base_mtdnn'")
     return c
+
+
+def bert_base(c) -> None:
+    """A pretrained BERT-base (Devlin et al. 2019) as the trunk: its shape and trunk options, and its
+    WordPiece vocabulary, read from the checkpoint folder (``model.checkpoint``, which the tokenizer
+    follows when it is overridden)."""
+    c.model.checkpoint = ""
+    c.data.options.tokenizer = "wordpiece"
+    c.data.options.wordpiece_vocab = c.model.get_ref("checkpoint")
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 12, 768, 12, 3072
+    c.model.positional, c.model.norm_position, c.model.token_types = "learned", "post", 2
+    c.model.embed_norm, c.model.embed_scale, c.model.gelu, c.model.layer_norm_eps = True, False, "exact", 1e-12
+    c.model.vocab_size = 0                # the vocabulary's (30522 in bert-base-uncased)
+
+
+def bert_base_mtdnn(c) -> None:
+    """MT-DNN's multi-task fine-tuning (Liu et al. 2019, §4.2): learning rate 5e-5, batch size 32, 5
+    epochs, linear warm-up over the first 10% of steps, dropout 0.1, gradient norm clipped at 1;
+    each batch drawn from the tasks in proportion to their train sizes, a linear head per task on the
+    shared encoder (no task encoder or task attention). WNLI is left out, as in MT-DNN's training.
+
+    Differences, by what this library has: AdamW with weight decay 0.01 (BERT's fine-tuning optimizer)
+    for MT-DNN's Adamax; cosine decay after the warm-up for linear; a batch's rows mix tasks (flat
+    mixture batches) where MT-DNN's batches each hold one task; heads read the masked mean of the
+    positions (``model.readout="mean"``) where MT-DNN reads [CLS]; one dropout rate, where MT-DNN uses
+    0.3 for MNLI's and 0.05 for CoLA's head; 128 tokens (BERT's GLUE length) for MT-DNN's 512.
+    GLUE dev metrics: the eval split ``test`` is GLUE's labelled validation split (mtt_jax/data/glue.py)."""
+    bert_base(c)
+    c.tasks = tuple(task for task in TASK_NAMES if task != "wnli")
+    c.data.options.max_length = 128
+    c.data.options.max_eval_examples = 0
+    c.data.mixture.method = "proportional"
+    c.model.task_encoder = False
+    c.model.task_attention = "none"
+    c.model.readout = "mean"
+    c.model.dropout_rate = 0.1
+    c.weighting.name = "ew"
+    c.weighting.diagnostics_every = 0     # flat mixture batches give no per-task gradients
+    c.batch_size, c.eval_batch_size = 32, 128
+    epochs = 5
+    c.total_steps = epochs * sum(TRAIN_EXAMPLES[task] for task in c.tasks) // c.batch_size  # 148,296
+    c.optimizer.learning_rate = 5e-5
+    c.optimizer.warmup_steps = c.total_steps // 10
+    c.optimizer.end_learning_rate_factor = 0.0
+    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.grad_clip_norm = 1.0
+    c.eval_every, c.log_every, c.checkpoint_every = 10000, 100, 10000

@@ -27,7 +27,8 @@ from mtt_jax.run import checkpoint, config_check, memory_check
 from mtt_jax import tasks as tasks_lib
 from mtt_jax import train_step as steps, weighting
 from mtt_jax.data import mixtures
-from mtt_jax.models import build_model
+from mtt_jax.models import build_model, pretrained
+from mtt_jax.models.multitask import num_positions, task_encoder_form
 from mtt_jax.run.prefetch import prefetch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -54,6 +55,7 @@ class Setup:
     batch_shardings: Any
     abstract_batch: Any       # the global train batch as ShapeDtypeStructs with batch_shardings
     seed: int = 0
+    checkpoint: str = ""      # a pretrained encoder's folder (`mtt_jax.models.pretrained`), "" for none
 
     @property
     def layout(self) -> str:
@@ -79,10 +81,17 @@ class Setup:
                                         self.abstract_batch, batch_shardings))
 
     def create_state(self) -> steps.TrainState:
-        """The initial state, created directly sharded (no host copy of the full parameters)."""
+        """The initial state, created directly sharded (no host copy of the full parameters); with a
+        pretrained ``checkpoint``, its encoder's arrays then replace the initialised ones, each placed
+        like the leaf it replaces."""
         with self.context():
-            return jax.jit(lambda rng: nn.unbox(self.init(rng)), out_shardings=self.state_shardings)(
+            state = jax.jit(lambda rng: nn.unbox(self.init(rng)), out_shardings=self.state_shardings)(
                 jax.random.key(self.seed))
+        if not self.checkpoint:
+            return state
+        model_params, _ = pretrained.load_into(state.params["model"], pretrained.open_checkpoint(self.checkpoint),
+                                               _has_task_tokens(self.model))
+        return state.replace(params={**state.params, "model": model_params})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +158,21 @@ def build(config) -> Setup:
         sharding.check_divisible(abstract_state, state_shardings)
     except ValueError as e:
         raise config_check.ConfigError(f"mesh {dict(mesh.shape)}: {e}") from None
+    checkpoint = config.model.get("checkpoint", "")
+    if checkpoint:  # every tensor there and of a shape that fits, read from the file's header
+        with _as_config_error():
+            pretrained.check_tensors(pretrained.open_checkpoint(checkpoint), abstract_state.params["model"],
+                                     num_positions(model.input_spec, model.patch_size), _has_task_tokens(model))
     return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules,
                  model=model, method=method, tx=tx, init=init, abstract_state=abstract_state,
                  state_shardings=state_shardings,
                  batch_shardings=batch_shardings, abstract_batch=_abstract(train_sample, batch_shardings),
-                 seed=config.seed)
+                 seed=config.seed, checkpoint=checkpoint)
+
+
+def _has_task_tokens(model: nn.Module) -> bool:
+    """Whether the model prepends task tokens, which a ViT checkpoint's [CLS] starts."""
+    return task_encoder_form(model.task_encoder, model.layout) == "tokens"
 
 
 def _check_aligned_rows(config, train_source) -> None:

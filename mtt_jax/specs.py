@@ -30,3 +30,4 @@ class InputSpec:
     kind: str
     shape: tuple[int, ...]
     vocab_size: int = 0  # tokens only; id 0 is padding
+    separator_id: int = 2  # tokens only: the tokenizer's [SEP], which token-type embeddings count

@@ -18,7 +18,10 @@ wnli    sentence1, sentence2        2 classes    accuracy
 ======  ==========================  ===========  ===============================
 
 Text: ``[CLS] a [SEP] b [SEP]`` (``mtt_jax.data.tokenizer``), byte-level by default, truncated
-longest-first to ``max_length`` and padded with 0.
+longest-first to ``max_length`` and padded with 0. ``tokenizer="wordpiece"`` with ``wordpiece_vocab`` (a
+BERT checkpoint's folder, ``vocab.txt`` or ``tokenizer.json``) emits that checkpoint's ids, its ``[CLS]``
+and ``[SEP]`` included; the input spec names the ``[SEP]`` id, from which a model with token-type
+embeddings reads each pair's segments (`mtt_jax.models.trunk.token_type_ids`).
 
 STS-B targets are standardized with the mean and standard deviation of the labels of the whole train
 split, the validation examples included (so the test labels are what they were before there was a
@@ -97,18 +100,19 @@ class Glue(base.Source):
     all_task_names = TASK_NAMES
 
     def __init__(self, task_names: Sequence[str], seed: int, *, data_dir: str = "", max_length: int = 128,
-                 tokenizer: str = "bytes", sentencepiece_model: str = "", mnli_eval: str = "matched",
-                 max_eval_examples: int = 0, num_validation_examples: int = 0):
+                 tokenizer: str = "bytes", sentencepiece_model: str = "", wordpiece_vocab: str = "",
+                 mnli_eval: str = "matched", max_eval_examples: int = 0, num_validation_examples: int = 0):
         self.task_names = base.check_task_names(self.name, task_names, self.all_task_names)
         self.seed = base.check_positive("seed", seed, minimum=0)
         self.max_length = base.check_positive("max_length", max_length, minimum=4)
         base.check_choice("mnli_eval", mnli_eval, MNLI_EVAL)
         self.max_eval_examples = base.check_positive("max_eval_examples", max_eval_examples, minimum=0)
         base.check_positive("num_validation_examples", num_validation_examples, minimum=0)
-        self.tokenizer = make_tokenizer(tokenizer, sentencepiece_model)
+        self.tokenizer = make_tokenizer(tokenizer, sentencepiece_model, wordpiece_vocab)
         self.data_dir = tfds_io.resolve_data_dir(data_dir)
         self.input_spec = base.InputSpec(kind="tokens", shape=(self.max_length,),
-                                         vocab_size=self.tokenizer.vocab_size)
+                                         vocab_size=self.tokenizer.vocab_size,
+                                         separator_id=self.tokenizer.sep_id)
         self.train = {task: self._load(task, "train") for task in self.task_names}  # the whole split
         self.eval = {task: self._load(task, eval_split(task, mnli_eval)) for task in self.task_names}
         self.label_moments = {}

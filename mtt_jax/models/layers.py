@@ -20,8 +20,14 @@ from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init  # (re-ex
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
-def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-    return nn.LayerNorm(dtype=dtype, name=name,
+NORM_POSITIONS = ("pre", "post")
+GELUS = ("tanh", "exact")
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm (Ba et al. 2016) named logically; ``epsilon`` 1e-6 is flax's default, BERT's and ViT's
+    checkpoints were trained with 1e-12 (`mtt_jax.models.pretrained`)."""
+    return nn.LayerNorm(dtype=dtype, name=name, epsilon=epsilon,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                         bias_init=zeros_init(("embed",)))
 
@@ -226,15 +232,21 @@ class Dense(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """``wo(GELU(wi(x)))`` (Hendrycks & Gimpel 2016). ``gelu = "tanh"`` is flax's tanh approximation,
+    ``"exact"`` the erf form that BERT (Devlin et al. 2019) and ViT (Dosovitskiy et al. 2021) were
+    trained with: the two differ by up to ~1e-3 per unit, enough to move an imported checkpoint's
+    hidden states far past float32 round-off."""
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    gelu: str = "tanh"
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, train: bool) -> jax.Array:
         d_model = x_BxLxD.shape[-1]
         h = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi")(x_BxLxD)
-        h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
+        h = nn.gelu(h, approximate=check_gelu(self.gelu) == "tanh")
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
         return Dense(d_model, ("mlp", "embed"), self.dtype, name="wo")(h)
 
@@ -263,8 +275,25 @@ class TaskFiLM(nn.Module):
         return normed_BxLxD * (1 + film_BxLx2xD[..., 0, :]) + film_BxLx2xD[..., 1, :]
 
 
+def check_gelu(gelu: str) -> str:
+    if gelu not in GELUS:
+        raise ValueError(f"model.gelu={gelu!r}; choose one of {', '.join(GELUS)}")
+    return gelu
+
+
+def check_norm_position(norm_position: str) -> str:
+    if norm_position not in NORM_POSITIONS:
+        raise ValueError(f"model.norm_position={norm_position!r}; choose one of {', '.join(NORM_POSITIONS)}")
+    return norm_position
+
+
 class EncoderBlock(nn.Module):
     """Pre-LN Transformer block (Xiong et al. 2020): x + Attn(LN(x)), then x + FFN(LN(x)).
+
+    ``norm_position = "post"``: the post-LN block of Vaswani et al. (2017) and BERT (Devlin et al.
+    2019), LN(x + Attn(x)), then LN(x + FFN(x)), with the same parameter names, so that BERT-family
+    checkpoints load as they were trained (`mtt_jax.models.pretrained`). ``gelu`` and ``layer_norm_eps``
+    likewise follow the checkpoint.
 
     ``ffn = "task_moe"`` swaps the dense FFN for `mtt_jax.models.moe.TaskMoEFeedForward`, gated by the
     task of each position (``task_ids_BxL``, -1 = no task); the dense FFN ignores ``task_ids_BxL``.
@@ -280,6 +309,9 @@ class EncoderBlock(nn.Module):
     num_tasks: int = 0
     film: bool = False
     attention_kernel: str = "auto"   # `dot_product_attention`'s kernel
+    norm_position: str = "pre"       # or "post" (BERT)
+    gelu: str = "tanh"               # or "exact" (erf; BERT, ViT)
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -287,23 +319,30 @@ class EncoderBlock(nn.Module):
                  task_features_TxD: jax.Array | None = None) -> jax.Array:
         drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
 
-        def norm(name):
-            normed = layer_norm(f"ln_{name}", self.dtype)(x_BxLxD)
+        def norm(name, y_BxLxD):
+            normed = layer_norm(f"ln_{name}", self.dtype, self.layer_norm_eps)(y_BxLxD)
             if self.film:
                 normed = TaskFiLM(self.dtype, name=f"film_{name}")(normed, task_ids_BxL, task_features_TxD)
             return normed
-        h = MultiHeadSelfAttention(self.num_heads, self.dtype, self.attention_kernel,
-                                   name="attention")(norm("attention"), key_mask_BxL)
-        x_BxLxD = constrain(x_BxLxD + drop(h))
-        normed = norm("mlp")
-        if self.ffn == "dense":
-            h = FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(normed, train)
-        elif self.ffn == "task_moe":
-            h = TaskMoEFeedForward(self.num_experts, self.mlp_dim, self.num_tasks, self.dropout_rate,
-                                   self.dtype, name="moe")(normed, task_ids_BxL, train)
-        else:
+
+        def attention(y_BxLxD):
+            return MultiHeadSelfAttention(self.num_heads, self.dtype, self.attention_kernel,
+                                          name="attention")(y_BxLxD, key_mask_BxL)
+
+        def feed_forward(y_BxLxD):
+            if self.ffn == "dense":
+                return FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu,
+                                   name="mlp")(y_BxLxD, train)
+            if self.ffn == "task_moe":
+                return TaskMoEFeedForward(self.num_experts, self.mlp_dim, self.num_tasks, self.dropout_rate,
+                                          self.dtype, name="moe")(y_BxLxD, task_ids_BxL, train)
             raise ValueError(f"model.ffn={self.ffn!r}; choose 'dense' or 'task_moe'")
-        return constrain(x_BxLxD + drop(h))
+
+        if check_norm_position(self.norm_position) == "post":
+            x_BxLxD = constrain(norm("attention", x_BxLxD + drop(attention(x_BxLxD))))
+            return constrain(norm("mlp", x_BxLxD + drop(feed_forward(x_BxLxD))))
+        x_BxLxD = constrain(x_BxLxD + drop(attention(norm("attention", x_BxLxD))))
+        return constrain(x_BxLxD + drop(feed_forward(norm("mlp", x_BxLxD))))
 
 
 def sinusoidal_positions(length: int, d_model: int) -> jax.Array:

@@ -74,6 +74,13 @@ class MultiTaskTransformer(nn.Module):
     film: bool = False               # task-conditioned LayerNorms in every block (needs task_encoder)
     attention_kernel: str = "auto"   # auto | cudnn | xla | einsum (`layers.dot_product_attention`)
     scan_layers: bool = False        # the trunk's blocks as one nn.scan over stacked parameters
+    # For pretrained checkpoints (`mtt_jax.models.pretrained`); the defaults are the from-scratch model.
+    norm_position: str = "pre"       # or "post": LN(x + f(x)) blocks, no final LayerNorm (BERT)
+    token_types: int = 0             # token inputs: segment embeddings (BERT: 2); 0: none
+    embed_norm: bool = False         # a LayerNorm over the summed embeddings (BERT)
+    embed_scale: bool = True         # token embeddings times sqrt(d_model); BERT: False
+    gelu: str = "tanh"               # or "exact" (erf; BERT, ViT)
+    layer_norm_eps: float = 1e-6     # the trunk's LayerNorms (BERT, ViT: 1e-12)
 
     def setup(self):
         if self.input_spec.kind == "image":
@@ -81,16 +88,20 @@ class MultiTaskTransformer(nn.Module):
         elif self.input_spec.kind == "vector":
             self.embed = VectorEmbed(self.patch_size, self.d_model, self.dtype)
         else:
-            self.embed = TokenEmbed(self.input_spec.vocab_size, self.d_model, self.dtype)
+            self.embed = TokenEmbed(self.input_spec.vocab_size, self.d_model, self.dtype, self.embed_scale)
         # At least 512 rows, the size of the learned table in existing checkpoints.
+        token_types = self.token_types if self.input_spec.kind == "tokens" else 0
         self.positions = PositionalEncoding(self.positional,
-                                            max(512, num_positions(self.input_spec, self.patch_size)))
+                                            max(512, num_positions(self.input_spec, self.patch_size)),
+                                            token_types, self.input_spec.separator_id, self.embed_norm,
+                                            self.layer_norm_eps, self.dtype)
         check_film(self.film, self.task_encoder)
         if self._task_encoder != "none":
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
                            self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
-                           self.attention_kernel, self.scan_layers)
+                           self.attention_kernel, self.scan_layers, self.norm_position, self.gelu,
+                           self.layer_norm_eps)
         check_task_attention(self.task_attention, self.layout, self.task_attention_pool)
         kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                       dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -176,7 +187,7 @@ class MultiTaskTransformer(nn.Module):
         axis with one parameter copy per task, which yields every task's gradient in one backward pass.
         """
         token_mask_BxL = tokens_BxL != 0
-        x_BxLxD = self.positions(self.embed(tokens_BxL))
+        x_BxLxD = self.embed_inputs(tokens_BxL)
         task_index = jnp.asarray(task_index, jnp.int32)
         features_TxD = self.task_features() if self._task_encoder != "none" else None
         if features_TxD is not None:
@@ -186,6 +197,12 @@ class MultiTaskTransformer(nn.Module):
         if self._needs_task_ids:
             task_ids_BxL = jnp.broadcast_to(task_index[..., None], tokens_BxL.shape)
         return self.trunk(x_BxLxD, token_mask_BxL, train, task_ids_BxL, features_TxD)
+
+    def embed_inputs(self, inputs: jax.Array) -> jax.Array:
+        """Inputs -> ``[..., L, D]``: the embedding plus positions (and, when on, BERT's token types and
+        embedding LayerNorm: `PositionalEncoding`), before any task features are added."""
+        tokens = inputs if self.input_spec.kind == "tokens" else None
+        return self.positions(self.embed(inputs), tokens)
 
     @property
     def _task_encoder(self) -> str:
@@ -209,7 +226,7 @@ class MultiTaskTransformer(nn.Module):
         `_encode_single_per_task`). With ``readout = "attention_pool"``: the input's positions (of
         each task's pass), which `decode` pools."""
         num_tasks = len(self.tasks)
-        x_BxNxD = self.positions(self.embed(inputs))
+        x_BxNxD = self.embed_inputs(inputs)
         pool = self.readout == "attention_pool"   # decode pools the positions
         if self._task_encoder == "add":
             x_BxTxNxD = self._encode_single_per_task(x_BxNxD, train)
@@ -260,7 +277,7 @@ class MultiTaskTransformer(nn.Module):
         """
         num_tasks, batch, length = tokens_TxBxL.shape
         token_mask_TxBxL = tokens_TxBxL != 0
-        x_TxBxLxD = self.positions(self.embed(tokens_TxBxL))
+        x_TxBxLxD = self.embed_inputs(tokens_TxBxL)
         features_TxD = self.task_features() if self._task_encoder != "none" else None
         if features_TxD is not None:
             x_TxBxLxD = add_task_features(x_TxBxLxD, features_TxD)
@@ -353,4 +370,14 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         task_attention_self=m.task_attention_self, task_attention_pool=m.task_attention_pool,
         memory_tokens=m.memory_tokens, readout=m.readout, remat=m.remat,
         dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,
-        scan_layers=m.scan_layers)
+        scan_layers=m.scan_layers, **pretrained_options(m))
+
+
+PRETRAINED_OPTIONS = {"norm_position": "pre", "token_types": 0, "embed_norm": False, "embed_scale": True,
+                      "gelu": "tanh", "layer_norm_eps": 1e-6}
+
+
+def pretrained_options(model_config) -> dict:
+    """The trunk's options for pretrained checkpoints in ``config.model``, their defaults where a config
+    (an older run's) lacks them."""
+    return {name: model_config.get(name, default) for name, default in PRETRAINED_OPTIONS.items()}

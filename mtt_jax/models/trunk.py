@@ -1,4 +1,8 @@
-"""The shared Transformer trunk: embedding, positional encoding, N pre-LN blocks, final LayerNorm."""
+"""The shared Transformer trunk: embedding, positional encoding, N pre-LN blocks, final LayerNorm.
+
+Options for pretrained checkpoints (`mtt_jax.models.pretrained`), off by default: post-LN blocks without
+the final LayerNorm (BERT), token-type embeddings, no sqrt(D) scale on the token embeddings, exact GELU,
+the LayerNorm epsilon."""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ class TokenEmbed(nn.Module):
     """Token ids ``[B, L]`` (0 = pad) -> ``[B, L, D]`` with unit-variance channels.
 
     Initialised N(0, 1/D) and scaled by sqrt(D) (Vaswani et al. 2017, §3.4), so that tokens and the
-    sinusoidal positions have the same scale.
+    sinusoidal positions have the same scale. ``scale = False`` reads the table as it is, as BERT does
+    (Devlin et al. 2019), whose learned positions and token types are on the table's own scale.
 
     The lookup reads the table whole along ``embed``, as FSDP gathers every weight before use. From a
     table sharded over ``embed`` the looked-up rows come out sharded over ``embed``, and GSPMD can turn
@@ -36,6 +41,7 @@ class TokenEmbed(nn.Module):
     vocab_size: int
     d_model: int
     dtype: Dtype = jnp.float32
+    scale: bool = True
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
@@ -44,7 +50,17 @@ class TokenEmbed(nn.Module):
                                                     nn.initializers.normal(self.d_model ** -0.5)))
         axes = (None, None) if sharding.data_is_manual() else ("vocab", None)
         table_VxD = nn.with_logical_constraint(table.embedding, axes).astype(self.dtype)
-        return jnp.take(table_VxD, tokens_BxL, axis=0) * jnp.sqrt(self.d_model).astype(self.dtype)
+        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0)
+        return x_BxLxD * jnp.sqrt(self.d_model).astype(self.dtype) if self.scale else x_BxLxD
+
+
+def token_type_ids(tokens_BxL: jax.Array, separator_id: int, num_types: int) -> jax.Array:
+    """The segment of every token of ``[CLS] a [SEP] b [SEP]`` (Devlin et al. 2019, §3): 0 up to and
+    including the first separator, 1 after it (at most ``num_types - 1``), 0 at the pads, as BERT's
+    tokenizers emit them. Read off the token ids, so the batches need no second input."""
+    is_separator_BxL = (tokens_BxL == separator_id).astype(jnp.int32)
+    separators_before_BxL = jnp.cumsum(is_separator_BxL, axis=-1) - is_separator_BxL
+    return jnp.minimum(separators_before_BxL, num_types - 1) * (tokens_BxL != 0)
 
 
 class PatchEmbed(nn.Module):
@@ -95,12 +111,23 @@ def _project(x: jax.Array, d_model: int, dtype: Dtype) -> jax.Array:
 
 
 class PositionalEncoding(nn.Module):
-    """Adds sinusoidal (fixed) or learned positional encodings to ``x_BxLxD``."""
+    """Adds sinusoidal (fixed) or learned positional encodings to ``x_BxLxD``.
+
+    For BERT-family checkpoints (Devlin et al. 2019, §3, fig. 2), the rest of BERT's embedding sum lives
+    here too, off by default: ``token_types`` segment embeddings (E_A, E_B; the segments are
+    `token_type_ids` of ``tokens_BxL``), and ``norm``, a LayerNorm over the sum. They are shared encoder
+    parameters like the positions (``positions/token_types``, ``positions/norm``).
+    """
     kind: str = "sinusoidal"
     max_length: int = 512
+    token_types: int = 0
+    separator_id: int = 2
+    norm: bool = False
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, tokens_BxL: jax.Array | None = None) -> jax.Array:
         length, d_model = x_BxLxD.shape[-2:]
         if length > self.max_length:
             raise ValueError(f"a sequence of {length} positions is longer than the "
@@ -112,7 +139,13 @@ class PositionalEncoding(nn.Module):
                                (self.max_length, d_model))
         else:
             raise ValueError(f"positional={self.kind!r}; choose {' or '.join(map(repr, POSITIONAL))}")
-        return x_BxLxD + table[:length].astype(x_BxLxD.dtype)
+        x_BxLxD = x_BxLxD + table[:length].astype(x_BxLxD.dtype)
+        if self.token_types and tokens_BxL is not None:
+            types_SxD = self.param("token_types", kernel_init((None, "embed"), nn.initializers.normal(0.02)),
+                                   (self.token_types, d_model))
+            types_BxL = token_type_ids(tokens_BxL, self.separator_id, self.token_types)
+            x_BxLxD = x_BxLxD + jnp.take(types_SxD.astype(x_BxLxD.dtype), types_BxL, axis=0)
+        return layer_norm("norm", self.dtype, self.layer_norm_eps)(x_BxLxD) if self.norm else x_BxLxD
 
 
 class ScannedBlock(nn.Module):
@@ -133,6 +166,9 @@ class ScannedBlock(nn.Module):
 class Trunk(nn.Module):
     """N pre-LN encoder blocks and a final LayerNorm over an embedded sequence ``x_BxLxD``.
 
+    ``norm_position = "post"``: post-LN blocks (BERT) and no final LayerNorm, as each block already
+    ends in one; ``gelu`` and ``layer_norm_eps`` as in `EncoderBlock`.
+
     ``scan_layers``: the blocks' parameters are stacked on a leading ``layers`` axis
     (``trunk/blocks/block/...``, replicated) and the blocks run as one `nn.scan`, so XLA compiles
     one block instead of N (MaxText's ``scan_layers``). The same function as the unrolled blocks,
@@ -151,6 +187,9 @@ class Trunk(nn.Module):
     film: bool = False        # task-conditioned LayerNorms (`mtt_jax.models.layers.TaskFiLM`)
     attention_kernel: str = "auto"   # `mtt_jax.models.layers.dot_product_attention`'s kernel
     scan_layers: bool = False
+    norm_position: str = "pre"
+    gelu: str = "tanh"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -162,7 +201,8 @@ class Trunk(nn.Module):
         if REMAT_POLICIES[self.remat] is not None:
             block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
         block_args = (self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, self.ffn,
-                      self.num_experts, self.num_tasks, self.film, self.attention_kernel)
+                      self.num_experts, self.num_tasks, self.film, self.attention_kernel,
+                      self.norm_position, self.gelu, self.layer_norm_eps)
         x_BxLxD = nn.Dropout(self.dropout_rate)(constrain(x_BxLxD), deterministic=not train)
         if self.scan_layers:
             blocks = nn.scan(ScannedBlock, variable_axes={"params": 0},
@@ -174,4 +214,6 @@ class Trunk(nn.Module):
             for i in range(self.num_layers):
                 x_BxLxD = block_cls(*block_args, name=f"block_{i}")(
                     x_BxLxD, key_mask_BxL, train, task_ids_BxL, task_features_TxD)
-        return layer_norm("ln_final", self.dtype)(x_BxLxD)
+        if self.norm_position == "post":
+            return x_BxLxD
+        return layer_norm("ln_final", self.dtype, self.layer_norm_eps)(x_BxLxD)

@@ -15,8 +15,8 @@ import jax
 
 from mtt_jax import data, registry, sharding, tasks as tasks_lib, train_step, weighting
 from mtt_jax.data import base as data_base, mixtures
-from mtt_jax.models import TASK_ATTENTION
-from mtt_jax.models.layers import ATTENTION_KERNELS, head_dim_of
+from mtt_jax.models import TASK_ATTENTION, pretrained
+from mtt_jax.models.layers import ATTENTION_KERNELS, GELUS, NORM_POSITIONS, head_dim_of
 from mtt_jax.models.multitask import check_film, check_readout, check_task_attention, task_encoder_form
 from mtt_jax.models.trunk import POSITIONAL, REMAT_POLICIES
 from mtt_jax.weighting.base import check_range
@@ -152,6 +152,19 @@ def _check_model(config) -> None:
     _by_owner(task_encoder_form, m.task_encoder, data.SOURCES[config.data.source].layout)
     _by_owner(check_film, m.film, m.task_encoder)
     _by_owner(check_readout, m.readout)
+    _check_pretrained_options(m)
+
+
+def _check_pretrained_options(m) -> None:
+    """The trunk's options for pretrained checkpoints, and the checkpoint itself: its files, and the
+    shape and options it was trained with (`pretrained.check_architecture`; its tensors are checked
+    against the built model in `mtt_jax.builder.build`, before any work)."""
+    _choice("model.norm_position", m.norm_position, NORM_POSITIONS)
+    _choice("model.gelu", m.gelu, GELUS)
+    _integer_at_least("model.token_types", m.token_types, 0, " (0: none)")
+    _in_range("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True, high_open=True)
+    if m.checkpoint:
+        _by_owner(lambda: pretrained.check_architecture(m, pretrained.open_checkpoint(m.checkpoint)))
 
 
 def _check_task_attention(config) -> None:

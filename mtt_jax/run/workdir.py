@@ -41,7 +41,11 @@ ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): [],
                 ("weighting", "conflictfree"): {"preference": []},
                 ("weighting", "cr_mogm"): {"inner": "mgda", "alpha": 0.9},
                 ("weighting", "upgrad", "preference"): [],
-                ("model", "readout"): "mean", ("model", "task_attention_pool"): "positions"}
+                ("model", "readout"): "mean", ("model", "task_attention_pool"): "positions",
+                # the trunk's options for pretrained checkpoints (mtt_jax.models.pretrained)
+                ("model", "checkpoint"): "", ("model", "norm_position"): "pre", ("model", "token_types"): 0,
+                ("model", "embed_norm"): False, ("model", "embed_scale"): True, ("model", "gelu"): "tanh",
+                ("model", "layer_norm_eps"): 1e-6}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 

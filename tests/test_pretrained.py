@@ -1,0 +1,342 @@
+"""Pretrained encoders into the trunk (`mtt_jax.models.pretrained`), offline: each test writes a tiny
+BERT- or ViT-shaped Hugging Face folder (random weights under the real tensor names, a real config.json),
+imports it, and compares the trunk's hidden states with an independent numpy forward of the encoder
+written here (Devlin et al. 2019; Dosovitskiy et al. 2021) to 1e-5 in float32."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from configs import glue as glue_config
+from mtt_jax import tasks as tasks_lib
+from mtt_jax import train
+from mtt_jax.data import glue, tfds_io  # noqa: F401  (registers the GLUE tasks)
+from mtt_jax.data.tokenizer import WordPieceTokenizer, encode_texts
+from mtt_jax.models import build_model, pretrained
+from mtt_jax.models.task_encoder import prepend_task_tokens
+from mtt_jax.run import config_check
+from mtt_jax.specs import InputSpec
+
+from configs.default import base_config
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "a", "##s",
+         "ran", ".", ",", "is", "not", "it", "and"] + [f"w{i}" for i in range(12)]
+BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=8,
+           patch_size=4, num_channels=3, layer_norm_eps=1e-12, hidden_act="gelu", qkv_bias=True)
+
+
+# --- Tiny checkpoints, as Hugging Face writes them ---------------------------------------------------
+
+def _layer_tensors(rng, prefix, names, d, f):
+    def dense(name, out_dim, in_dim):
+        return {f"{name}.weight": rng.normal(0, 0.2, (out_dim, in_dim)),
+                f"{name}.bias": rng.normal(0, 0.2, (out_dim,))}
+
+    def norm(name):
+        return {f"{name}.weight": 1 + rng.normal(0, 0.2, (d,)), f"{name}.bias": rng.normal(0, 0.2, (d,))}
+    tensors = {}
+    for part in ("query", "key", "value"):
+        tensors |= dense(f"{prefix}.{names['attention']}.{part}", d, d)
+    tensors |= dense(f"{prefix}.attention.output.dense", d, d) | dense(f"{prefix}.intermediate.dense", f, d)
+    tensors |= dense(f"{prefix}.output.dense", d, f)
+    return tensors | norm(f"{prefix}.{names['ln_attention']}") | norm(f"{prefix}.{names['ln_mlp']}")
+
+
+def write_checkpoint(folder, config, tensors):
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def write_bert(folder, seed=0, prefix="bert.", **overrides):
+    """A BertModel folder: ``bert.``-prefixed names, as BertForSequenceClassification saves them, with a
+    pooler the import must skip, and the vocabulary."""
+    c = BERT | overrides | {"model_type": "bert", "vocab_size": len(VOCAB), "architectures": ["BertModel"]}
+    rng = np.random.default_rng(seed)
+    d = c["hidden_size"]
+    t = {"embeddings.word_embeddings.weight": rng.normal(0, 0.5, (len(VOCAB), d)),
+         "embeddings.position_embeddings.weight": rng.normal(0, 0.5, (c["max_position_embeddings"], d)),
+         "embeddings.token_type_embeddings.weight": rng.normal(0, 0.5, (c["type_vocab_size"], d)),
+         "embeddings.LayerNorm.weight": 1 + rng.normal(0, 0.2, (d,)),
+         "embeddings.LayerNorm.bias": rng.normal(0, 0.2, (d,)),
+         "pooler.dense.weight": rng.normal(0, 0.2, (d, d)), "pooler.dense.bias": np.zeros(d)}
+    for i in range(c["num_hidden_layers"]):
+        t |= _layer_tensors(rng, f"encoder.layer.{i}", pretrained.BLOCK_NAMES["bert"], d, c["intermediate_size"])
+    write_checkpoint(folder, c, {prefix + k: v for k, v in t.items()})
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(VOCAB) + "\n")
+    return c
+
+
+def write_vit(folder, seed=0):
+    c = VIT | {"model_type": "vit"}
+    rng = np.random.default_rng(seed)
+    d, p, ch = c["hidden_size"], c["patch_size"], c["num_channels"]
+    num_patches = (c["image_size"] // p) ** 2
+    t = {"embeddings.cls_token": rng.normal(0, 0.5, (1, 1, d)),
+         "embeddings.position_embeddings": rng.normal(0, 0.5, (1, num_patches + 1, d)),
+         "embeddings.patch_embeddings.projection.weight": rng.normal(0, 0.2, (d, ch, p, p)),
+         "embeddings.patch_embeddings.projection.bias": rng.normal(0, 0.2, (d,)),
+         "layernorm.weight": 1 + rng.normal(0, 0.2, (d,)), "layernorm.bias": rng.normal(0, 0.2, (d,))}
+    for i in range(c["num_hidden_layers"]):
+        t |= _layer_tensors(rng, f"encoder.layer.{i}", pretrained.BLOCK_NAMES["vit"], d, c["intermediate_size"])
+    write_checkpoint(folder, c, {"vit." + k: v for k, v in t.items()})
+    return c
+
+
+# --- The reference: the encoders in numpy (float64), from the papers ---------------------------------
+
+erf = np.vectorize(math.erf)
+
+
+def np_layer_norm(x, w, b, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def np_attention(x, t, pre, heads, key_mask):
+    """Multi-head self-attention of Vaswani et al. (2017), with torch's ``Linear`` (x W^T + b)."""
+    b, length, d = x.shape
+    k_dim = d // heads
+    project = lambda name: (x @ t[f"{pre}.{name}.weight"].T + t[f"{pre}.{name}.bias"]).reshape(
+        b, length, heads, k_dim).transpose(0, 2, 1, 3)
+    names = "attention.self" if f"{pre}.attention.self.query.weight" in t else "attention.attention"
+    q, k, v = (project(f"{names}.{n}") for n in ("query", "key", "value"))
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(k_dim)
+    if key_mask is not None:
+        logits = np.where(key_mask[:, None, None, :], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    context = (probs @ v).transpose(0, 2, 1, 3).reshape(b, length, d)
+    return context @ t[f"{pre}.attention.output.dense.weight"].T + t[f"{pre}.attention.output.dense.bias"]
+
+
+def np_mlp(x, t, pre):
+    h = x @ t[f"{pre}.intermediate.dense.weight"].T + t[f"{pre}.intermediate.dense.bias"]
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))   # GELU, exact
+    return h @ t[f"{pre}.output.dense.weight"].T + t[f"{pre}.output.dense.bias"]
+
+
+def np_bert(t, c, tokens, token_types):
+    """BERT's encoder (Devlin et al. 2019): embeddings summed and normalised, post-LN layers."""
+    t = {k.removeprefix("bert."): np.asarray(v, np.float64) for k, v in t.items()}
+    eps, length = c["layer_norm_eps"], tokens.shape[1]
+    x = (t["embeddings.word_embeddings.weight"][tokens] + t["embeddings.position_embeddings.weight"][:length]
+         + t["embeddings.token_type_embeddings.weight"][token_types])
+    x = np_layer_norm(x, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], eps)
+    for i in range(c["num_hidden_layers"]):
+        pre = f"encoder.layer.{i}"
+        x = np_layer_norm(x + np_attention(x, t, pre, c["num_attention_heads"], tokens != 0),
+                          t[f"{pre}.attention.output.LayerNorm.weight"], t[f"{pre}.attention.output.LayerNorm.bias"], eps)
+        x = np_layer_norm(x + np_mlp(x, t, pre), t[f"{pre}.output.LayerNorm.weight"],
+                          t[f"{pre}.output.LayerNorm.bias"], eps)
+    return x
+
+
+def np_vit(t, c, images_BxHxWxC):
+    """ViT's encoder (Dosovitskiy et al. 2021, eq. 1-4): patch convolution, [CLS], pre-LN layers, final LN."""
+    t = {k.removeprefix("vit."): np.asarray(v, np.float64) for k, v in t.items()}
+    p, eps = c["patch_size"], c["layer_norm_eps"]
+    b, h, w, ch = images_BxHxWxC.shape
+    patches = images_BxHxWxC.reshape(b, h // p, p, w // p, p, ch)
+    x = np.einsum("biujvc,dcuv->bijd", patches, t["embeddings.patch_embeddings.projection.weight"])
+    x = x.reshape(b, -1, x.shape[-1]) + t["embeddings.patch_embeddings.projection.bias"]
+    cls = np.broadcast_to(t["embeddings.cls_token"], (b, 1, x.shape[-1]))
+    x = np.concatenate([cls, x], axis=1) + t["embeddings.position_embeddings"]
+    for i in range(c["num_hidden_layers"]):
+        pre = f"encoder.layer.{i}"
+        ln = lambda y, name: np_layer_norm(y, t[f"{pre}.{name}.weight"], t[f"{pre}.{name}.bias"], eps)
+        x = x + np_attention(ln(x, "layernorm_before"), t, pre, c["num_attention_heads"], None)
+        x = x + np_mlp(ln(x, "layernorm_after"), t, pre)
+    return np_layer_norm(x, t["layernorm.weight"], t["layernorm.bias"], eps)
+
+
+# --- Our model with the checkpoint's architecture -----------------------------------------------------
+
+def model_config(checkpoint, **fields):
+    c = base_config()
+    c.model.update(pretrained.architecture(checkpoint) | fields)
+    return c
+
+
+def imported(model, folder, sample, task_tokens=False):
+    variables = jax.jit(model.init)({"params": jax.random.key(0), "dropout": jax.random.key(1)}, sample)
+    params, count = pretrained.load_into(nn.unbox(variables["params"]),
+                                         pretrained.open_checkpoint(folder), task_tokens)
+    return params, count
+
+
+def bert_inputs(folder):
+    """Two sentence pairs packed with the checkpoint's own [CLS]/[SEP] ids, and their segments."""
+    tokenizer = WordPieceTokenizer(folder)
+    tokens = encode_texts(tokenizer, ["the cats sat on the mat .", "a dog ran"],
+                          ["it is not a cat", "the dog , the mat and the cat sat ."], 24)
+    sep_positions = [np.flatnonzero(row == tokenizer.sep_id) for row in tokens]
+    token_types = np.zeros_like(tokens)
+    for row, seps in enumerate(sep_positions):
+        token_types[row, seps[0] + 1:seps[1] + 1] = 1
+    return tokenizer, tokens, token_types
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_an_imported_bert_gives_the_reference_hidden_states(tmp_path, scan_layers):
+    folder = str(tmp_path / "bert")
+    c = write_bert(folder)
+    tokenizer, tokens, token_types = bert_inputs(folder)
+    assert tokens[0, 0] == VOCAB.index("[CLS]") and (tokens == VOCAB.index("[SEP]")).sum() == 4
+    config = model_config(pretrained.open_checkpoint(folder), scan_layers=scan_layers, task_encoder=False,
+                          task_attention="none")
+    spec = InputSpec("tokens", (tokens.shape[1],), tokenizer.vocab_size, separator_id=tokenizer.sep_id)
+    model = build_model(config, (tasks_lib.get("mrpc"),), "multi", spec)
+    params, count = imported(model, folder, jnp.asarray(tokens[None]))
+    ours, mask = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, tokens[None])
+    reference = np_bert(load_file(os.path.join(folder, "model.safetensors")), c, tokens, token_types)
+    assert np.asarray(mask[0]).sum() == (tokens != 0).sum()
+    np.testing.assert_allclose(np.asarray(ours[0]), reference, atol=1e-5, rtol=0)
+    d, layers, f = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
+    assert count == len(VOCAB) * d + 40 * d + 2 * d + 2 * d + layers * per_layer  # all but the pooler
+
+
+def test_an_imported_vit_gives_the_reference_hidden_states(tmp_path):
+    folder = str(tmp_path / "vit")
+    c = write_vit(folder)
+    images = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    config = model_config(pretrained.open_checkpoint(folder), task_encoder=True, task_attention="none")
+    task = tasks_lib.TaskSpec("label", "classification", 3, "test")
+    model = build_model(config, (task,), "single", InputSpec("image", (8, 8, 3)))
+    params, _ = imported(model, folder, jnp.asarray(images), task_tokens=True)
+
+    def hidden_states(module, x):  # the task token (ViT's [CLS]) and the patches, through the trunk
+        return module.trunk(prepend_task_tokens(module.embed_inputs(x), module.task_features()), None, False)
+    ours = jax.jit(lambda p, x: model.apply({"params": p}, x, method=hidden_states))(params, images)
+    reference = np_vit(load_file(os.path.join(folder, "model.safetensors")), c, images.astype(np.float64))
+    assert ours.shape == reference.shape == (2, 5, 32)
+    np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-5, rtol=0)
+
+
+# --- Refusals: one line, naming the file and the first mismatch ---------------------------------------
+
+def test_a_missing_folder_or_file_is_named(tmp_path):
+    with pytest.raises(pretrained.CheckpointError, match="model.checkpoint=.*nowhere: no such folder"):
+        pretrained.open_checkpoint(str(tmp_path / "nowhere"))
+    folder = tmp_path / "bert"
+    write_bert(str(folder))
+    os.remove(folder / "model.safetensors")
+    with pytest.raises(pretrained.CheckpointError, match=r"bert/model.safetensors is missing"):
+        pretrained.open_checkpoint(str(folder))
+
+
+def test_an_architecture_mismatch_names_the_field_and_its_fix(tmp_path):
+    folder = str(tmp_path / "bert")
+    write_bert(folder)
+    checkpoint = pretrained.open_checkpoint(folder)
+    config = model_config(checkpoint, num_heads=2)
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"asks for model.num_heads=4, and the config has 2; set --config.model.num_heads=4$"):
+        pretrained.check_architecture(config.model, checkpoint)
+    config = model_config(checkpoint, gelu="tanh")
+    with pytest.raises(pretrained.CheckpointError, match=r"model.gelu='exact'"):
+        pretrained.check_architecture(config.model, checkpoint)
+
+
+def _abstract_bert_params(folder, length=24):
+    config = model_config(pretrained.open_checkpoint(folder), task_encoder=False, task_attention="none")
+    model = build_model(config, (tasks_lib.get("mrpc"),), "multi", InputSpec("tokens", (length,), len(VOCAB), 3))
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, length), jnp.int32))["params"]
+
+
+def test_the_first_missing_or_misshapen_tensor_is_named(tmp_path):
+    folder = tmp_path / "bert"
+    write_bert(str(folder))
+    checkpoint = pretrained.open_checkpoint(str(folder))
+    params = _abstract_bert_params(str(folder))
+    pretrained.check_tensors(checkpoint, params, 24)  # as written: no error
+    with pytest.raises(pretrained.CheckpointError, match="holds 40 positions, and the data has 48"):
+        pretrained.check_tensors(checkpoint, _abstract_bert_params(str(folder), 48), 48)
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "bert.encoder.layer.1.intermediate.dense.weight"
+    save_file(tensors | {name: np.zeros((48, 30), np.float32)}, str(folder / "model.safetensors"))
+    with pytest.raises(pretrained.CheckpointError,
+                       match=rf"model.safetensors: tensor '{name}' of shape \(48, 30\) maps to \(30, 48\), and "
+                             r"the model's trunk/block_1/mlp/wi/kernel is \(32, 48\)$"):
+        pretrained.check_tensors(checkpoint, params, 24)
+    del tensors["bert.encoder.layer.0.attention.self.key.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"model.safetensors: no tensor 'bert.encoder.layer.0.attention.self.key.bias' "
+                             r"\(for trunk/block_0/attention/key/bias\)$"):
+        pretrained.check_tensors(checkpoint, params, 24)
+
+
+def test_tensorflow_layer_norm_names_and_no_prefix_are_read(tmp_path):
+    """bert-base-uncased's file names its LayerNorms gamma/beta; a BertModel's has no ``bert.`` prefix."""
+    folder = tmp_path / "bert"
+    write_bert(str(folder), prefix="")
+    tensors = load_file(str(folder / "model.safetensors"))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(folder / "model.safetensors"))
+    checkpoint = pretrained.open_checkpoint(str(folder))
+    pretrained.check_tensors(checkpoint, _abstract_bert_params(str(folder)), 24)
+    arrays = pretrained.read_arrays(checkpoint, pretrained._shapes(_abstract_bert_params(str(folder))))
+    np.testing.assert_array_equal(arrays[("positions", "norm", "scale")][0], renamed["embeddings.LayerNorm.gamma"])
+
+
+# --- The recipe --------------------------------------------------------------------------------------
+
+def recipe(folder, data_dir):
+    config = glue_config.get_config("bert_base_mtdnn")
+    config.model.checkpoint = folder
+    config.data.options.data_dir = data_dir
+    config.model.update(pretrained.architecture(pretrained.open_checkpoint(folder)))
+    config.tasks = ("cola", "mrpc", "stsb")
+    config.data.options.max_length, config.data.options.max_eval_examples = 24, 8
+    config.batch_size, config.eval_batch_size = 8, 8
+    config.total_steps, config.eval_every, config.log_every, config.checkpoint_every = 3, 3, 1, 3
+    config.optimizer.warmup_steps = 1
+    return config
+
+
+def test_the_mtdnn_recipe_trains_from_the_imported_checkpoint(tmp_path):
+    folder = str(tmp_path / "bert")
+    write_bert(folder)
+    config = recipe(folder, str(tmp_path / "data"))
+    config_check.validate(config, jax.device_count())
+    with tfds_io.mock_data(num_examples=8):
+        setup = train.build(config)
+        assert setup.source.input_spec.separator_id == VOCAB.index("[SEP]")
+        state = setup.create_state()
+        word_embeddings = load_file(os.path.join(folder, "model.safetensors"))["bert.embeddings.word_embeddings.weight"]
+        table = state.params["model"]["embed"]["embedding"]["embedding"]
+        np.testing.assert_array_equal(np.asarray(table), word_embeddings)
+        assert table.sharding == setup.state_shardings.params["model"]["embed"]["embedding"]["embedding"]
+        _, final = train.train_and_evaluate(config, str(tmp_path / "run"), quiet=True)
+    assert np.isfinite(final["cola/matthews_corr"]) and np.isfinite(final["stsb/pearson"])
+    assert 0.0 <= final["mrpc/accuracy"] <= 1.0
+
+
+def test_a_missing_checkpoint_stops_the_command_in_one_line(tmp_path):
+    missing = tmp_path / "no_checkpoint"
+    result = subprocess.run(
+        [sys.executable, "-m", "mtt_jax.main", "--config", "configs/glue.py:bert_base_mtdnn",
+         f"--config.model.checkpoint={missing}", f"--config.data.options.data_dir={tmp_path}",
+         f"--workdir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: model.checkpoint={missing}: no such folder (a Hugging Face " \
+                                    "checkpoint folder with config.json and model.safetensors)"
+    assert not (tmp_path / "run").exists()
