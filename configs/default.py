@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.embed_scale = True            # token embeddings times sqrt(d_model)
     c.model.gelu = "tanh"                 # or "exact" (erf)
     c.model.layer_norm_eps = 1e-6         # the trunk's LayerNorms
+    # Parameter-efficient multi-task modules (mtt_jax/models/adapters.py), multi-input layout: "task"
+    # (a bottleneck adapter per task, Houlsby 2019) or "hyper" (generated from the task encoder's
+    # features, HyperFormer); with optimizer.freeze="encoder" only they, the task side and the task
+    # encoder train.
+    c.model.adapters = "none"
+    c.model.adapter_dim = 64              # the adapters' bottleneck
+    c.model.adapter_hyper_dim = 8         # hyper: the task embedding the adapter generators read
 
     c.weighting = ml_collections.ConfigDict()
     c.weighting.name = "ew"               # any of mtt_jax.weighting.METHODS
@@ -104,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.98
     c.optimizer.weight_decay = 1e-4
     c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.freeze = "none"           # or "encoder": embedding, positions and trunk frozen (adapters train)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                      # -1: all devices left over

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from mtt_jax import affinity, data, registry, sharding
 from mtt_jax.perf import flops
@@ -27,7 +28,7 @@ from mtt_jax.run import checkpoint, config_check, memory_check
 from mtt_jax import tasks as tasks_lib
 from mtt_jax import train_step as steps, weighting
 from mtt_jax.data import mixtures
-from mtt_jax.models import build_model, pretrained
+from mtt_jax.models import adapters, build_model, pretrained
 from mtt_jax.models.multitask import num_positions, task_encoder_form
 from mtt_jax.run.prefetch import prefetch
 
@@ -125,9 +126,10 @@ def build_parts(config, seed: int | None = None, model: nn.Module | None = None)
         _check_aligned_rows(config, train_source)
         with _as_config_error():
             model = build_model(config, tasks, source.layout, source.input_spec, DTYPES[config.dtype])
+    tx = adapters.with_freeze(steps.make_optimizer(config.optimizer, config.total_steps),
+                              config.optimizer.get("freeze", "none"))
     return Parts(tasks=tasks, source=source, train_source=train_source, model=model,
-                 method=weighting.make_method(config.weighting, len(tasks)),
-                 tx=steps.make_optimizer(config.optimizer, config.total_steps))
+                 method=weighting.make_method(config.weighting, len(tasks)), tx=tx)
 
 
 def build(config) -> Setup:
@@ -163,11 +165,24 @@ def build(config) -> Setup:
         with _as_config_error():
             pretrained.check_tensors(pretrained.open_checkpoint(checkpoint), abstract_state.params["model"],
                                      num_positions(model.input_spec, model.patch_size), _has_task_tokens(model))
+    _log_parameter_counts(config, abstract_state.params)
     return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules,
                  model=model, method=method, tx=tx, init=init, abstract_state=abstract_state,
                  state_shardings=state_shardings,
                  batch_shardings=batch_shardings, abstract_batch=_abstract(train_sample, batch_shardings),
                  seed=config.seed, checkpoint=checkpoint)
+
+
+def _log_parameter_counts(config, abstract_params) -> None:
+    """The parameters a run trains, on the console, for runs where that is not all of them or is the
+    point (a pretrained checkpoint, adapters, a frozen encoder; `mtt_jax.models.adapters`)."""
+    freeze = config.optimizer.get("freeze", "none")
+    if freeze == "none" and config.model.get("adapters", "none") == "none" and not config.model.get("checkpoint"):
+        return
+    counts = adapters.parameter_counts(abstract_params, freeze)
+    if jax.process_index() == 0:
+        logging.info("parameters: %s in all, %s trained (%.2f%%), %s in adapters", f"{counts['total']:,}",
+                     f"{counts['trained']:,}", 100 * counts["trained"] / counts["total"], f"{counts['adapters']:,}")
 
 
 def _has_task_tokens(model: nn.Module) -> bool:

@@ -340,3 +340,25 @@ def test_a_missing_checkpoint_stops_the_command_in_one_line(tmp_path):
     assert result.stderr.strip() == f"error: model.checkpoint={missing}: no such folder (a Hugging Face " \
                                     "checkpoint folder with config.json and model.safetensors)"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variant, adapter_values", [
+    # 2 layers x 2 adapters x (8 tasks x (2 * 32 * 64 + 64 + 32)) and x (32 * 8 + 9 * (2 * 32 * 24 + 24 + 32))
+    ("bert_base_adapters", 2 * 2 * 8 * 4192), ("bert_base_hyperformer", 2 * 2 * (256 + 9 * 1592))])
+def test_the_adapter_recipes_build_on_the_frozen_checkpoint_and_print_their_counts(tmp_path, caplog, variant,
+                                                                                   adapter_values):
+    folder = str(tmp_path / "bert")
+    write_bert(folder)
+    config = glue_config.get_config(variant)
+    config.model.checkpoint, config.data.options.data_dir = folder, str(tmp_path / "data")
+    config.model.update(pretrained.architecture(pretrained.open_checkpoint(folder)))
+    config.data.options.max_length = 24
+    config_check.validate(config, jax.device_count())
+    with tfds_io.mock_data(num_examples=8), caplog.at_level("INFO"):
+        train.build(config)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("parameters:"))
+    assert f"{adapter_values:,} in adapters" in line
+    trained = int(line.split(" trained")[0].rsplit(", ", 1)[1].replace(",", ""))
+    heads = 32 * 2 * 6 + 2 * 6 + 32 * 1 + 1 + 32 * 3 + 3   # 6 binary tasks, STS-B, MNLI
+    task_encoder = 8 * 32 + 32 if variant == "bert_base_hyperformer" else 0
+    assert trained == adapter_values + heads + task_encoder

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtt_jax.models.adapters import make_adapter
 from mtt_jax.models.moe import TaskMoEFeedForward
 from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init  # (re-exported)
 
@@ -293,7 +294,8 @@ class EncoderBlock(nn.Module):
     ``norm_position = "post"``: the post-LN block of Vaswani et al. (2017) and BERT (Devlin et al.
     2019), LN(x + Attn(x)), then LN(x + FFN(x)), with the same parameter names, so that BERT-family
     checkpoints load as they were trained (`mtt_jax.models.pretrained`). ``gelu`` and ``layer_norm_eps``
-    likewise follow the checkpoint.
+    likewise follow the checkpoint. ``adapters`` ("task" or "hyper", `mtt_jax.models.adapters`): a
+    bottleneck adapter on the output of each sublayer, before the residual sum (Houlsby et al. 2019).
 
     ``ffn = "task_moe"`` swaps the dense FFN for `mtt_jax.models.moe.TaskMoEFeedForward`, gated by the
     task of each position (``task_ids_BxL``, -1 = no task); the dense FFN ignores ``task_ids_BxL``.
@@ -312,6 +314,9 @@ class EncoderBlock(nn.Module):
     norm_position: str = "pre"       # or "post" (BERT)
     gelu: str = "tanh"               # or "exact" (erf; BERT, ViT)
     layer_norm_eps: float = 1e-6
+    adapters: str = "none"           # or "task", "hyper" (`mtt_jax.models.adapters`)
+    adapter_dim: int = 64
+    adapter_hyper_dim: int = 8
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -325,17 +330,24 @@ class EncoderBlock(nn.Module):
                 normed = TaskFiLM(self.dtype, name=f"film_{name}")(normed, task_ids_BxL, task_features_TxD)
             return normed
 
+        def adapt(name, h_BxLxD):
+            if self.adapters == "none":
+                return h_BxLxD
+            return make_adapter(self.adapters, name, self.num_tasks, self.adapter_dim, self.adapter_hyper_dim,
+                                self.dtype)(h_BxLxD, task_ids_BxL, task_features_TxD)
+
         def attention(y_BxLxD):
-            return MultiHeadSelfAttention(self.num_heads, self.dtype, self.attention_kernel,
-                                          name="attention")(y_BxLxD, key_mask_BxL)
+            return adapt("attention", MultiHeadSelfAttention(self.num_heads, self.dtype, self.attention_kernel,
+                                                             name="attention")(y_BxLxD, key_mask_BxL))
 
         def feed_forward(y_BxLxD):
             if self.ffn == "dense":
-                return FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu,
-                                   name="mlp")(y_BxLxD, train)
+                return adapt("mlp", FeedForward(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu,
+                                                name="mlp")(y_BxLxD, train))
             if self.ffn == "task_moe":
-                return TaskMoEFeedForward(self.num_experts, self.mlp_dim, self.num_tasks, self.dropout_rate,
-                                          self.dtype, name="moe")(y_BxLxD, task_ids_BxL, train)
+                return adapt("mlp", TaskMoEFeedForward(self.num_experts, self.mlp_dim, self.num_tasks,
+                                                       self.dropout_rate, self.dtype, name="moe")(
+                    y_BxLxD, task_ids_BxL, train))
             raise ValueError(f"model.ffn={self.ffn!r}; choose 'dense' or 'task_moe'")
 
         if check_norm_position(self.norm_position) == "post":

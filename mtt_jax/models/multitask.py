@@ -81,6 +81,10 @@ class MultiTaskTransformer(nn.Module):
     embed_scale: bool = True         # token embeddings times sqrt(d_model); BERT: False
     gelu: str = "tanh"               # or "exact" (erf; BERT, ViT)
     layer_norm_eps: float = 1e-6     # the trunk's LayerNorms (BERT, ViT: 1e-12)
+    # Parameter-efficient modules (`mtt_jax.models.adapters`): "task" or "hyper" adapters in every block.
+    adapters: str = "none"
+    adapter_dim: int = 64            # the adapters' bottleneck
+    adapter_hyper_dim: int = 8       # "hyper": the task embedding the generators read
 
     def setup(self):
         if self.input_spec.kind == "image":
@@ -101,7 +105,7 @@ class MultiTaskTransformer(nn.Module):
         self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
                            self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
                            self.attention_kernel, self.scan_layers, self.norm_position, self.gelu,
-                           self.layer_norm_eps)
+                           self.layer_norm_eps, self.adapters, self.adapter_dim, self.adapter_hyper_dim)
         check_task_attention(self.task_attention, self.layout, self.task_attention_pool)
         kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                       dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -217,8 +221,8 @@ class MultiTaskTransformer(nn.Module):
 
     @property
     def _needs_task_ids(self) -> bool:
-        """Whether the blocks read the task of each position (the task-gated MoE FFN, FiLM)."""
-        return self.ffn == "task_moe" or self.film
+        """Whether the blocks read the task of each position (the task-gated MoE FFN, FiLM, adapters)."""
+        return self.ffn == "task_moe" or self.film or self.adapters != "none"
 
     def _encode_single(self, inputs: jax.Array, train: bool) -> jax.Array:
         """One shared sequence per example (image patches or feature chunks); each task's stream is its
@@ -374,10 +378,11 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
 
 
 PRETRAINED_OPTIONS = {"norm_position": "pre", "token_types": 0, "embed_norm": False, "embed_scale": True,
-                      "gelu": "tanh", "layer_norm_eps": 1e-6}
+                      "gelu": "tanh", "layer_norm_eps": 1e-6, "adapters": "none", "adapter_dim": 64,
+                      "adapter_hyper_dim": 8}
 
 
 def pretrained_options(model_config) -> dict:
-    """The trunk's options for pretrained checkpoints in ``config.model``, their defaults where a config
-    (an older run's) lacks them."""
+    """The trunk's options for pretrained checkpoints and adapters in ``config.model``, their defaults
+    where a config (an older run's) lacks them."""
     return {name: model_config.get(name, default) for name, default in PRETRAINED_OPTIONS.items()}

@@ -190,6 +190,9 @@ class Trunk(nn.Module):
     norm_position: str = "pre"
     gelu: str = "tanh"
     layer_norm_eps: float = 1e-6
+    adapters: str = "none"    # bottleneck adapters per task (`mtt_jax.models.adapters`)
+    adapter_dim: int = 64
+    adapter_hyper_dim: int = 8
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None, train: bool,
@@ -202,7 +205,8 @@ class Trunk(nn.Module):
             block_cls = nn.remat(EncoderBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
         block_args = (self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, self.ffn,
                       self.num_experts, self.num_tasks, self.film, self.attention_kernel,
-                      self.norm_position, self.gelu, self.layer_norm_eps)
+                      self.norm_position, self.gelu, self.layer_norm_eps, self.adapters, self.adapter_dim,
+                      self.adapter_hyper_dim)
         x_BxLxD = nn.Dropout(self.dropout_rate)(constrain(x_BxLxD), deterministic=not train)
         if self.scan_layers:
             blocks = nn.scan(ScannedBlock, variable_axes={"params": 0},

@@ -15,7 +15,7 @@ import jax
 
 from mtt_jax import data, registry, sharding, tasks as tasks_lib, train_step, weighting
 from mtt_jax.data import base as data_base, mixtures
-from mtt_jax.models import TASK_ATTENTION, pretrained
+from mtt_jax.models import TASK_ATTENTION, adapters, pretrained
 from mtt_jax.models.layers import ATTENTION_KERNELS, GELUS, NORM_POSITIONS, head_dim_of
 from mtt_jax.models.multitask import check_film, check_readout, check_task_attention, task_encoder_form
 from mtt_jax.models.trunk import POSITIONAL, REMAT_POLICIES
@@ -153,6 +153,7 @@ def _check_model(config) -> None:
     _by_owner(check_film, m.film, m.task_encoder)
     _by_owner(check_readout, m.readout)
     _check_pretrained_options(m)
+    _check_adapters(config)
 
 
 def _check_pretrained_options(m) -> None:
@@ -165,6 +166,15 @@ def _check_pretrained_options(m) -> None:
     _in_range("model.layer_norm_eps", m.layer_norm_eps, 0.0, low_open=True, high_open=True)
     if m.checkpoint:
         _by_owner(lambda: pretrained.check_architecture(m, pretrained.open_checkpoint(m.checkpoint)))
+
+
+def _check_adapters(config) -> None:
+    """Adapters (`mtt_jax.models.adapters`): one task per row, the task encoder for hypernetworks."""
+    m = config.model
+    _by_owner(adapters.check_adapters, m.adapters, data.SOURCES[config.data.source].layout, m.task_encoder,
+              config.optimizer.freeze)
+    _integer_at_least("model.adapter_dim", m.adapter_dim, 1)
+    _integer_at_least("model.adapter_hyper_dim", m.adapter_hyper_dim, 1)
 
 
 def _check_task_attention(config) -> None:

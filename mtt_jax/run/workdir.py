@@ -45,7 +45,10 @@ ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): [],
                 # the trunk's options for pretrained checkpoints (mtt_jax.models.pretrained)
                 ("model", "checkpoint"): "", ("model", "norm_position"): "pre", ("model", "token_types"): 0,
                 ("model", "embed_norm"): False, ("model", "embed_scale"): True, ("model", "gelu"): "tanh",
-                ("model", "layer_norm_eps"): 1e-6}
+                ("model", "layer_norm_eps"): 1e-6,
+                # adapters and the frozen encoder (mtt_jax.models.adapters)
+                ("model", "adapters"): "none", ("model", "adapter_dim"): 64, ("model", "adapter_hyper_dim"): 8,
+                ("optimizer", "freeze"): "none"}
 OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.md", "config.json", "curves.png",
            "task_attention.png", "affinity.json", "profile")
 
