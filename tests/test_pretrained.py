@@ -253,6 +253,19 @@ def test_an_architecture_mismatch_names_the_field_and_its_fix(tmp_path):
         pretrained.check_architecture(config.model, checkpoint)
 
 
+def test_the_config_check_refuses_bad_trunk_options_and_a_mismatched_checkpoint(tmp_path):
+    folder = str(tmp_path / "bert")
+    write_bert(folder)
+    for field, value, message in [("norm_position", "mid", r"model.norm_position='mid' is not valid; choose one of: pre, post"),
+                                  ("gelu", "erf", r"model.gelu='erf' is not valid; choose one of: tanh, exact"),
+                                  ("token_types", -1, r"model.token_types=-1 must be an integer >= 0 \(0: none\)"),
+                                  ("d_model", 64, r"config.json asks for model.d_model=32, and the config has 64")]:
+        config = recipe(folder, str(tmp_path / "data"))
+        config.model[field] = value
+        with pytest.raises(config_check.ConfigError, match=message):
+            config_check.validate(config, jax.device_count())
+
+
 def _abstract_bert_params(folder, length=24):
     config = model_config(pretrained.open_checkpoint(folder), task_encoder=False, task_attention="none")
     model = build_model(config, (tasks_lib.get("mrpc"),), "multi", InputSpec("tokens", (length,), len(VOCAB), 3))
@@ -311,20 +324,37 @@ def recipe(folder, data_dir):
     return config
 
 
-def test_the_mtdnn_recipe_trains_from_the_imported_checkpoint(tmp_path):
+def test_the_imported_arrays_are_placed_like_the_initialised_ones(tmp_path):
+    """On 8 CPU devices, FSDP x tensor parallel: the recipe's state holds the checkpoint's arrays, sharded
+    like the initialised ones."""
     folder = str(tmp_path / "bert")
     write_bert(folder)
     config = recipe(folder, str(tmp_path / "data"))
+    config.mesh.fsdp, config.mesh.tensor = 2, 2
     config_check.validate(config, jax.device_count())
+    stored = load_file(os.path.join(folder, "model.safetensors"))
     with tfds_io.mock_data(num_examples=8):
         setup = train.build(config)
         assert setup.source.input_spec.separator_id == VOCAB.index("[SEP]")
         state = setup.create_state()
-        word_embeddings = load_file(os.path.join(folder, "model.safetensors"))["bert.embeddings.word_embeddings.weight"]
-        table = state.params["model"]["embed"]["embedding"]["embedding"]
-        np.testing.assert_array_equal(np.asarray(table), word_embeddings)
-        assert table.sharding == setup.state_shardings.params["model"]["embed"]["embedding"]["embedding"]
-        _, final = train.train_and_evaluate(config, str(tmp_path / "run"), quiet=True)
+        model = state.params["model"]
+        table, query = model["embed"]["embedding"]["embedding"], model["trunk"]["block_1"]["attention"]["query"]["kernel"]
+        np.testing.assert_array_equal(np.asarray(table), stored["bert.embeddings.word_embeddings.weight"])
+        np.testing.assert_array_equal(np.asarray(query),
+                                      stored["bert.encoder.layer.1.attention.self.query.weight"].T.reshape(32, 4, 8))
+        shardings = setup.state_shardings.params["model"]
+        assert table.sharding == shardings["embed"]["embedding"]["embedding"]
+        assert query.sharding == shardings["trunk"]["block_1"]["attention"]["query"]["kernel"]
+        assert not query.sharding.is_fully_replicated
+
+
+def test_the_mtdnn_recipe_trains_from_the_imported_checkpoint(tmp_path):
+    folder = str(tmp_path / "bert")
+    write_bert(folder)
+    config = recipe(folder, str(tmp_path / "data"))
+    with tfds_io.mock_data(num_examples=8):
+        state, final = train.train_and_evaluate(config, str(tmp_path / "run"), quiet=True)
+    assert int(state.step) == 3 and int(state.skipped_steps) == 0
     assert np.isfinite(final["cola/matthews_corr"]) and np.isfinite(final["stsb/pearson"])
     assert 0.0 <= final["mrpc/accuracy"] <= 1.0
 
