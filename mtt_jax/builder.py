@@ -90,8 +90,8 @@ class Setup:
                 jax.random.key(self.seed))
         if not self.checkpoint:
             return state
-        model_params, _ = pretrained.load_into(state.params["model"], pretrained.open_checkpoint(self.checkpoint),
-                                               _has_task_tokens(self.model))
+        model_params, _ = pretrained.load_into(
+            state.params["model"], pretrained.open_checkpoint(self.checkpoint), _has_task_tokens(self.model))
         return state.replace(params={**state.params, "model": model_params})
 
 
@@ -164,7 +164,8 @@ def build(config) -> Setup:
     if checkpoint:  # every tensor there and of a shape that fits, read from the file's header
         with _as_config_error():
             pretrained.check_tensors(pretrained.open_checkpoint(checkpoint), abstract_state.params["model"],
-                                     num_positions(model.input_spec, model.patch_size), _has_task_tokens(model))
+                                     num_positions(model.input_spec, model.patch_size),
+                                     _has_task_tokens(model))
     _log_parameter_counts(config, abstract_state.params)
     return Setup(tasks=tasks, source=source, train_source=train_source, mesh=mesh, rules=rules,
                  model=model, method=method, tx=tx, init=init, abstract_state=abstract_state,
@@ -177,12 +178,14 @@ def _log_parameter_counts(config, abstract_params) -> None:
     """The parameters a run trains, on the console, for runs where that is not all of them or is the
     point (a pretrained checkpoint, adapters, a frozen encoder; `mtt_jax.models.adapters`)."""
     freeze = config.optimizer.get("freeze", "none")
-    if freeze == "none" and config.model.get("adapters", "none") == "none" and not config.model.get("checkpoint"):
+    adapters_on = config.model.get("adapters", "none") != "none"
+    if freeze == "none" and not adapters_on and not config.model.get("checkpoint"):
         return
     counts = adapters.parameter_counts(abstract_params, freeze)
     if jax.process_index() == 0:
         logging.info("parameters: %s in all, %s trained (%.2f%%), %s in adapters", f"{counts['total']:,}",
-                     f"{counts['trained']:,}", 100 * counts["trained"] / counts["total"], f"{counts['adapters']:,}")
+                     f"{counts['trained']:,}", 100 * counts["trained"] / counts["total"],
+                     f"{counts['adapters']:,}")
 
 
 def _has_task_tokens(model: nn.Module) -> bool:

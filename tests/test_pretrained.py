@@ -55,7 +55,8 @@ def _layer_tensors(rng, prefix, names, d, f):
 
 def write_checkpoint(folder, config, tensors):
     os.makedirs(folder, exist_ok=True)
-    save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
+    save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()},
+              os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
 
@@ -139,8 +140,9 @@ def np_bert(t, c, tokens, token_types):
     x = np_layer_norm(x, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], eps)
     for i in range(c["num_hidden_layers"]):
         pre = f"encoder.layer.{i}"
+        norm = f"{pre}.attention.output.LayerNorm"
         x = np_layer_norm(x + np_attention(x, t, pre, c["num_attention_heads"], tokens != 0),
-                          t[f"{pre}.attention.output.LayerNorm.weight"], t[f"{pre}.attention.output.LayerNorm.bias"], eps)
+                          t[f"{norm}.weight"], t[f"{norm}.bias"], eps)
         x = np_layer_norm(x + np_mlp(x, t, pre), t[f"{pre}.output.LayerNorm.weight"],
                           t[f"{pre}.output.LayerNorm.bias"], eps)
     return x
@@ -256,10 +258,11 @@ def test_an_architecture_mismatch_names_the_field_and_its_fix(tmp_path):
 def test_the_config_check_refuses_bad_trunk_options_and_a_mismatched_checkpoint(tmp_path):
     folder = str(tmp_path / "bert")
     write_bert(folder)
-    for field, value, message in [("norm_position", "mid", r"model.norm_position='mid' is not valid; choose one of: pre, post"),
-                                  ("gelu", "erf", r"model.gelu='erf' is not valid; choose one of: tanh, exact"),
-                                  ("token_types", -1, r"model.token_types=-1 must be an integer >= 0 \(0: none\)"),
-                                  ("d_model", 64, r"config.json asks for model.d_model=32, and the config has 64")]:
+    for field, value, message in [
+            ("norm_position", "mid", r"model.norm_position='mid' is not valid; choose one of: pre, post"),
+            ("gelu", "erf", r"model.gelu='erf' is not valid; choose one of: tanh, exact"),
+            ("token_types", -1, r"model.token_types=-1 must be an integer >= 0 \(0: none\)"),
+            ("d_model", 64, r"config.json asks for model.d_model=32, and the config has 64")]:
         config = recipe(folder, str(tmp_path / "data"))
         config.model[field] = value
         with pytest.raises(config_check.ConfigError, match=message):
@@ -305,7 +308,7 @@ def test_tensorflow_layer_norm_names_and_no_prefix_are_read(tmp_path):
     save_file(renamed, str(folder / "model.safetensors"))
     checkpoint = pretrained.open_checkpoint(str(folder))
     pretrained.check_tensors(checkpoint, _abstract_bert_params(str(folder)), 24)
-    arrays = pretrained.read_arrays(checkpoint, pretrained._shapes(_abstract_bert_params(str(folder))))
+    arrays = pretrained.read_arrays(checkpoint, pretrained.parameter_shapes(_abstract_bert_params(str(folder))))
     np.testing.assert_array_equal(arrays[("positions", "norm", "scale")][0], renamed["embeddings.LayerNorm.gamma"])
 
 
@@ -338,10 +341,11 @@ def test_the_imported_arrays_are_placed_like_the_initialised_ones(tmp_path):
         assert setup.source.input_spec.separator_id == VOCAB.index("[SEP]")
         state = setup.create_state()
         model = state.params["model"]
-        table, query = model["embed"]["embedding"]["embedding"], model["trunk"]["block_1"]["attention"]["query"]["kernel"]
+        table = model["embed"]["embedding"]["embedding"]
+        query = model["trunk"]["block_1"]["attention"]["query"]["kernel"]
         np.testing.assert_array_equal(np.asarray(table), stored["bert.embeddings.word_embeddings.weight"])
-        np.testing.assert_array_equal(np.asarray(query),
-                                      stored["bert.encoder.layer.1.attention.self.query.weight"].T.reshape(32, 4, 8))
+        query_weight = stored["bert.encoder.layer.1.attention.self.query.weight"]
+        np.testing.assert_array_equal(np.asarray(query), query_weight.T.reshape(32, 4, 8))
         shardings = setup.state_shardings.params["model"]
         assert table.sharding == shardings["embed"]["embedding"]["embedding"]
         assert query.sharding == shardings["trunk"]["block_1"]["attention"]["query"]["kernel"]

@@ -226,7 +226,8 @@ def tensor_map(checkpoint: Checkpoint, param_shapes: dict[Path, tuple[int, ...]]
                           lambda table_1xNxD: table_1xNxD[0, 1:], leading_rows=True))
     if num_tasks:  # every task token starts as [CLS] + its position embedding (module docstring)
         tensors += [
-            Tensor(("embeddings.cls_token", "embeddings.position_embeddings"), ("task_features", "dense", "bias"),
+            Tensor(("embeddings.cls_token", "embeddings.position_embeddings"),
+                   ("task_features", "dense", "bias"),
                    lambda cls_1x1xD, table_1xNxD: cls_1x1xD[0, 0] + table_1xNxD[0, 0]),
             Tensor(("embeddings.cls_token",), ("task_features", "dense", "kernel"),
                    lambda cls_1x1xD: np.zeros((num_tasks, cls_1x1xD.shape[-1]), cls_1x1xD.dtype))]
@@ -269,7 +270,8 @@ def _target_shape(tensor: Tensor, param_shapes: dict[Path, tuple[int, ...]]) -> 
     return shape[1:] if tensor.layer is not None and tensor.path[1] == "blocks" else shape
 
 
-def _shapes(params) -> dict[Path, tuple[int, ...]]:
+def parameter_shapes(params) -> dict[Path, tuple[int, ...]]:
+    """Parameter path -> shape, of boxed or plain, abstract or placed parameters."""
     return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(nn.unbox(params)).items()}
 
 
@@ -280,7 +282,7 @@ def check_tensors(checkpoint: Checkpoint, abstract_params, positions_used: int,
     positions than the checkpoint learned (for a ViT: other than, as its positions form a grid).
     ``abstract_params``: the model's (boxed) parameter shapes."""
     available = _header_shapes(checkpoint)
-    param_shapes = _shapes(abstract_params)
+    param_shapes = parameter_shapes(abstract_params)
     file = checkpoint.weights_path
     for tensor in tensor_map(checkpoint, param_shapes, task_tokens):
         names = [_resolve(name, available) for name in tensor.names]
@@ -332,7 +334,8 @@ def load_into(model_params, checkpoint: Checkpoint, task_tokens: bool = False):
     each on the sharding of the leaf it replaces; returns the new tree and the number of values imported."""
     flat = traverse_util.flatten_dict(model_params)
     imported = 0
-    for path, (array, leading_rows) in read_arrays(checkpoint, _shapes(model_params), task_tokens).items():
+    arrays = read_arrays(checkpoint, parameter_shapes(model_params), task_tokens)
+    for path, (array, leading_rows) in arrays.items():
         old = flat[path]
         if leading_rows and array.shape[0] < old.shape[0]:
             flat[path] = _set_leading_rows(old, array)
