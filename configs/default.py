@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.weighting.init_log_var = -0.5       # uncertainty: initial s = log sigma^2 (LibMTL's default)
     c.weighting.rep_grad = False          # gradient methods see d L_t / d representation (MGDA-UB)
     c.weighting.diagnostics_every = 100   # loss-based methods: per-task gradients for diagnostics
+    c.weighting.blocks = ()               # Gram methods per group of shared parameters: path regexes,
+                                          # e.g. ("trunk/(block_\\d+)/.*",) (docs/per_block_aggregation.md)
     # Method options live in weighting.<name>, e.g. --config.weighting.cagrad.c=0.4; the defaults are
     # the paper's (mtt_jax.weighting.DEFAULT_OPTIONS).
     for name, options in DEFAULT_OPTIONS.items():

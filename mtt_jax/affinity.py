@@ -8,6 +8,9 @@ Lookahead inter-task affinity (TAG eq. 3): the effect of a step on task i's grad
 with ``g_i`` task i's gradient on the shared parameters, on the same batch. Positive: a step for i also
 lowers j's loss. The run averages Z over the steps it is measured at (``affinity.every``).
 
+`lookahead_weight_gradient` is the same lookahead, differentiated with respect to the task weights:
+Auto-Lambda's bilevel update (`mtt_jax.weighting.bilevel`).
+
 Grouping (TAG §3.2): split the tasks into ``num_groups`` groups maximising the total affinity each task
 receives from the others in its group, ``sum_g sum_{j in g} mean_{i in g, i != j} Z_{i->j}`` (a task alone
 in its group receives 0). The search is exhaustive over set partitions, fine up to about 10 tasks.
@@ -81,3 +84,29 @@ def best_grouping(affinity_TxT: np.ndarray, num_groups: int) -> tuple[list[list[
     best = max(set_partitions(list(range(num_tasks)), num_groups),
                key=lambda groups: grouping_score(affinity_TxT, groups))
     return sorted(sorted(g) for g in best), grouping_score(affinity_TxT, best)
+
+
+def lookahead_weight_gradient(losses_fn: Callable, params, train_batch, val_batch, weights_T: jax.Array,
+                              lr: float, val_weights_T: jax.Array | None = None) -> jax.Array:
+    """``d/d lambda`` of the validation loss one virtual step ahead (Auto-Lambda, Liu, James, Davison &
+    Johns, TMLR 2022, §3), the bilevel gradient of the task weights; pure, jit it:
+
+        theta'(lambda) = theta - lr * grad_theta sum_j lambda_j L_j(theta; train)
+        d/d lambda_i  sum_t v_t L_t(theta'; val) = -lr * g_i(theta; train) . grad sum_t v_t L_t(theta'; val)
+
+    exactly (``theta'`` is affine in lambda): one backward for the virtual step, one at ``theta'`` for
+    the validation gradient, and the T inner products ``g_i . d`` as one forward-mode product of the
+    train losses along ``d`` (``jax.jvp``), without materialising the T task gradients. The authors'
+    code approximates the same inner products by central finite differences of the train losses at
+    ``theta +- eps d`` (``eps = 0.01 / |d|``). ``losses_fn(params, batch) -> losses_T``; ``v`` (the
+    primary tasks' indicator in auxiliary learning) defaults to all ones.
+    """
+    weights_T = jax.lax.stop_gradient(jnp.asarray(weights_T, jnp.float32))
+    val_weights_T = jnp.ones_like(weights_T) if val_weights_T is None else val_weights_T
+    train_losses = lambda p: losses_fn(p, train_batch).astype(jnp.float32)
+    weighted_grad = jax.grad(lambda p: jnp.dot(weights_T, train_losses(p)))(params)
+    stepped = jax.tree.map(lambda p, g: p - lr * g.astype(p.dtype), params, weighted_grad)
+    val_loss = lambda p: jnp.dot(val_weights_T, losses_fn(p, val_batch).astype(jnp.float32))
+    val_grad = jax.grad(val_loss)(stepped)
+    _, inner_products_T = jax.jvp(train_losses, (params,), (val_grad,))
+    return -lr * inner_products_T

@@ -2,6 +2,7 @@
 
     python -m mtt_jax.benchmark --config configs/benchmark.py
     python -m mtt_jax.benchmark --config configs/benchmark.py:tasks8 --methods ew,mgda,pcgrad,cagrad
+    python -m mtt_jax.benchmark --config configs/benchmark.py:tasks8 --methods ew,upgrad,upgrad@blocks
     python -m mtt_jax.benchmark --config configs/default.py --meshes 8x1x1,1x8x1 --dtypes float32,bfloat16
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 1,16 --profile /tmp/trace
     python -m mtt_jax.benchmark --config configs/benchmark.py --grad_accums 8,16,32 --unrolls 1,2,4
@@ -59,8 +60,16 @@ from mtt_jax.run import cli
 from mtt_jax.run.cli import fail, initialize_distributed, parse_flags
 
 _CONFIG = cli.CONFIG
-_METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first).")
+_METHODS = flags.DEFINE_list("methods", [], "Weighting methods to compare (ratio to the first); "
+                              "NAME@blocks is NAME per group of --blocks (per-block aggregation).")
+_BLOCKS = flags.DEFINE_list("blocks", [r"trunk/(block_\d+)/.*"], "The shared-parameter groups of the "
+                            "methods named NAME@blocks (``weighting.blocks``): path patterns; the default "
+                            "is one group per Transformer block plus one of the other shared leaves, "
+                            "'(.*)' one group per leaf.")
 _MESHES = flags.DEFINE_list("meshes", [], "Meshes as DATAxFSDPxTENSOR, e.g. 8x1x1,2x4x1.")
+_TASK_COUNTS = flags.DEFINE_list("task_counts", [], "Numbers of tasks to compare, e.g. 2,8,40: the first "
+                                 "k of the config's tasks (per-task gradients cost T backward passes in "
+                                 "the single-input layout).")
 _DTYPES = flags.DEFINE_list("dtypes", [], "Compute dtypes, e.g. float32,bfloat16.")
 _GRAD_ACCUMS = flags.DEFINE_list("grad_accums", [], "Microbatches per step to compare, e.g. 1,4,16 "
                                  "(the same update, computed in pieces).")
@@ -92,6 +101,9 @@ _MOCK_DATA = flags.DEFINE_integer("mock_data", 0, "Serve TFDS datasets from tfds
                                   "with this many examples per split (0: real data).", lower_bound=0)
 flags.mark_flags_as_required(["config"])
 flags.adopt_module_key_flags(cli)  # --coordinator_address --num_processes --process_id in --help
+
+
+_OPEN_CONTEXTS: list = []  # contexts entered for the whole process (--mock_data)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -248,7 +260,8 @@ class Variant:
         count, sequences, tokens = train.step_work(setup, config)
         memory = peak_memory_bytes(self.compiled)
         result = {
-            "method": config.weighting.name, "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
+            "method": method_label(config), "blocks": list(config.weighting.get("blocks", ())),
+            "num_tasks": len(config.tasks), "mesh": "x".join(str(v) for v in setup.mesh.shape.values()),
             "dtype": config.dtype, "grad_accum_steps": config.grad_accum_steps,
             "grad_accum_unroll": config.grad_accum_unroll,
             "scan_layers": config.model.scan_layers,
@@ -380,9 +393,14 @@ def variants(config):
     scans = [_boolean("scan_layers", s) for s in _SCAN_LAYERS.value] or [
         config.model.scan_layers]
     kernels = _ATTENTION_KERNELS.value or [config.attention_kernel]
-    for method, mesh, dtype, accum, unroll, scan, kernel in itertools.product(
-            methods, meshes, dtypes, accums, unrolls, scans, kernels):
+    task_counts = [_task_count(config, k) for k in _TASK_COUNTS.value] or [len(config.tasks)]
+    for num_tasks, method, mesh, dtype, accum, unroll, scan, kernel in itertools.product(
+            task_counts, methods, meshes, dtypes, accums, unrolls, scans, kernels):
         variant = config.copy_and_resolve_references()
+        variant.tasks = tuple(config.tasks[:num_tasks])
+        method, grouped = _method_and_grouping(method)
+        if grouped:
+            variant.weighting.blocks = tuple(_BLOCKS.value)
         variant.weighting.name, variant.dtype, variant.grad_accum_steps = method, dtype, accum
         variant.grad_accum_unroll, variant.attention_kernel = unroll, kernel
         variant.model.scan_layers = scan
@@ -391,9 +409,30 @@ def variants(config):
         yield variant
 
 
+def _task_count(config, text: str) -> int:
+    """A ``--task_counts`` entry: at least 1 and at most the config's number of tasks."""
+    count = _integer("task_counts", text)
+    if not 1 <= count <= len(config.tasks):
+        fail(f"--task_counts: {count} is not in [1, {len(config.tasks)}] (the config's tasks)")
+    return count
+
+
+def _method_and_grouping(text: str) -> tuple[str, bool]:
+    """``("upgrad", True)`` for ``upgrad@blocks`` (the method per group of ``--blocks``)."""
+    name, _, suffix = text.partition("@")
+    if suffix not in ("", "blocks"):
+        fail(f"--methods: {text!r}; write NAME or NAME@blocks")
+    return name, suffix == "blocks"
+
+
+def method_label(config) -> str:
+    """The method's name, with ``@blocks`` where it is aggregated per group of the shared parameters."""
+    return config.weighting.name + ("@blocks" if config.weighting.get("blocks") else "")
+
+
 def variant_name(config) -> str:
     m = config.mesh
-    return (f"{config.weighting.name} mesh {m.data}x{m.fsdp}x{m.tensor} {config.dtype} "
+    return (f"{method_label(config)} T={len(config.tasks)} mesh {m.data}x{m.fsdp}x{m.tensor} {config.dtype} "
             f"accum {config.grad_accum_steps} unroll {config.grad_accum_unroll}"
             f"{' scan' if config.model.scan_layers else ''} "
             f"attention {config.attention_kernel}")
@@ -437,7 +476,11 @@ def matmul_label(row: dict) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    base = results[0]["step_ms"]
+    """The results as a markdown table; ``x first`` is the step time over the first row's with the same
+    number of tasks (``--task_counts``: the ratio to the first method at each T)."""
+    first_by_tasks = {}
+    for r in results:
+        first_by_tasks.setdefault(r.get("num_tasks"), r["step_ms"])
     paired, loop = "mfu_paired" in results[0], "loop_step_ms" in results[0]
     lines = ["| method | mesh | dtype | accum | unroll | layers | attention | step ms | x first | "
              "compile s | examples/s | tokens/s | TFLOP/step | HLO matmuls / model | TFLOP/s | MFU | "
@@ -447,7 +490,9 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         tokens = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         memory = f"{r['peak_memory_mib_per_device']:.1f}" if r["peak_memory_mib_per_device"] else "-"
-        line = (f"| {r['method']} | {r['mesh']} | {r['dtype']} | {r['grad_accum_steps']} | "
+        base = first_by_tasks[r.get("num_tasks")]
+        method = r["method"] if len(first_by_tasks) == 1 else f"{r['method']} (T={r['num_tasks']})"
+        line = (f"| {method} | {r['mesh']} | {r['dtype']} | {r['grad_accum_steps']} | "
                 f"{r['grad_accum_unroll']} | {'scan' if r['scan_layers'] else 'unrolled'} | "
                 f"{attention_label(r)} | {r['step_ms']:.1f} | "
                 f"{r['step_ms'] / base:.2f} | {r['compile_s']:.1f} | {r['examples_per_s']:.0f} | {tokens} | "
@@ -475,7 +520,10 @@ def main(argv) -> None:
     all_variants = checked_variants()
     if _MOCK_DATA.value:
         from mtt_jax.data import tfds_io
-        tfds_io.mock_data(_MOCK_DATA.value).__enter__()  # for the whole process
+        # for the whole process: the context is kept, since a dropped one is closed by the garbage
+        # collector (its generator exits the mock: "celeb_a is not prepared" under --mock_data)
+        _OPEN_CONTEXTS.append(tfds_io.mock_data(_MOCK_DATA.value))
+        _OPEN_CONTEXTS[-1].__enter__()
     dtypes = list(dict.fromkeys(v.dtype for v in all_variants))  # in the order of the rows
     peaks, peak_source = device_peaks(dtypes, _PEAK_REPEATS.value)
     measured = peak_source.startswith("measured")

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from mtt_jax.tasks import TaskSpec
 # The pytree sums and Gram matrices live with the weighting methods; re-exported for the step.
-from mtt_jax.weighting.pytree_ops import combine, cross_gram_matrix, gram_matrix, mean_leading, sum_leading
+from mtt_jax.weighting.pytree_ops import (combine, combine_grouped, cross_gram_matrix, gram_matrix,
+                                          group_gram_matrices, mean_leading, sum_leading)
 
 PyTree = Any
 ENCODER_KEYS = ("embed", "positions", "task_features", "trunk")
@@ -48,7 +49,9 @@ class TaskGradients:
     """What the step needs from one forward/backward: losses, per-task gradients and how to apply them.
 
     ``grads_T`` are the per-task gradients the method sees (shared parameters, or the representation with
-    ``rep_grad``); ``apply(coeffs_T)`` maps coefficients to the encoder gradient ``sum_t c_t g_t``;
+    ``rep_grad``); ``apply(coeffs_T)`` maps coefficients to the encoder gradient ``sum_t c_t g_t``, and
+    `apply_grouped` per-group coefficients to ``sum_t c_b,t g_t,b`` group by group (per-block
+    aggregation, `mtt_jax.weighting.per_block`);
     ``to_params(direction)`` maps a direction shaped like one task's gradient to the encoder gradient
     (the identity, or the encoder's VJP with ``rep_grad``); ``task_side_grads`` is the decoder gradient
     of ``sum_t L_t``.
@@ -59,6 +62,15 @@ class TaskGradients:
     task_side_grads: PyTree
     aux: dict
     to_params: Callable[[PyTree], PyTree] = lambda direction: direction
+    of_params: bool = True            # grads_T are the encoder's (False: the representation's)
+
+    def apply_grouped(self, coeffs_BxT: jax.Array, leaf_group: Sequence[int]) -> PyTree:
+        """The encoder gradient with each leaf's own group's coefficients (``leaf_group[i]``: the group
+        of the i-th leaf). Representation gradients have no parameter groups (config_check refuses)."""
+        if not self.of_params:
+            raise ValueError("per-block aggregation needs the per-task gradients of the parameters, not "
+                             "of the representation (rep_grad)")
+        return combine_grouped(coeffs_BxT, self.grads_T, leaf_group)
 
 
 def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks: Sequence[TaskSpec],
@@ -104,7 +116,7 @@ def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks:
         dz, task_side_grads = decode_vjp(jnp.ones_like(losses_T))
         if rep_grad:  # (the representation gradients of different tasks are disjoint blocks here)
             apply = lambda c: _sum_copies(encoder_vjp(c.astype(dz.dtype)[:, None, None, None] * dz)[0])
-            return TaskGradients(losses_T, dz, apply, task_side_grads, aux)
+            return TaskGradients(losses_T, dz, apply, task_side_grads, aux, of_params=False)
         grads_T = encoder_vjp(dz)[0]
         return TaskGradients(losses_T, grads_T, lambda c: combine(c, grads_T), task_side_grads, aux)
 
@@ -113,7 +125,7 @@ def per_task_gradients(model: nn.Module, model_params: dict, batch: dict, tasks:
     if rep_grad:
         apply = lambda c: encoder_vjp(jnp.tensordot(c.astype(dz_T.dtype), dz_T, axes=1))[0]
         return TaskGradients(losses_T, dz_T, apply, task_side_grads, aux,
-                             to_params=lambda direction: encoder_vjp(direction)[0])
+                             to_params=lambda direction: encoder_vjp(direction)[0], of_params=False)
     grads_T = jax.vmap(lambda d: encoder_vjp(d)[0])(dz_T)
     return TaskGradients(losses_T, grads_T, lambda c: combine(c, grads_T), task_side_grads, aux)
 

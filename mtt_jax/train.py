@@ -166,7 +166,8 @@ class RunOutputs:
         self.timer = StepTimer()
         self.schedule = steps.learning_rate_schedule(config.optimizer, config.total_steps)
         self.log = TrainLog(config, config.tasks, self.writer, self.progress, self.timer, first_step,
-                            self.learning_rate, _throughput(setup, config), setup.method.requires != "losses",
+                            self.learning_rate, _throughput(setup, config),
+                            setup.method.requires not in ("losses", "lookahead"),  # per-task gradients
                             device_peak_memory_mib, f"last good checkpoint kept in {checkpointer.directory}")
         self.affinity = AffinityProbe(setup, config, self.schedule, self.writer, self.timer, kept)
 

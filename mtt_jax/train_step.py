@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtt_jax import sharding, specs, task_grads, tasks as tasks_lib
+from mtt_jax import affinity, sharding, specs, task_grads, tasks as tasks_lib
 from mtt_jax.tasks import TaskSpec
 from mtt_jax.weighting import WeightingMethod
 from mtt_jax.weighting.base import scale_task_rows
@@ -176,6 +176,7 @@ class Gradients:
     weighting_state: PyTree          # the method's state after this step
     aux: dict                        # the model's diagnostics (the task-attention map)
     gram_TxT: jax.Array | None = None  # Gram of the per-task gradients, for the conflict diagnostics
+    block_weights_BxT: jax.Array | None = None  # per-block aggregation: each group's coefficients
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tasks: Sequence[TaskSpec],
@@ -242,6 +243,8 @@ def _step_metrics(result: Gradients, grad_norm: jax.Array, finite: jax.Array) ->
                "grad_norm": grad_norm, "finite": finite, **result.aux}
     if result.gram_TxT is not None:
         metrics.update(task_grads.conflict_diagnostics(result.gram_TxT))
+    if result.block_weights_BxT is not None:
+        metrics["block_weights"] = result.block_weights_BxT
     return metrics
 
 
@@ -360,11 +363,31 @@ def _gram_weighted_gradients(ctx: StepContext, state: TrainState, batch: dict) -
     gradients on the shared parameters; the encoder's gradient is ``sum_t c_t g_t``."""
     task = _task_gradients(ctx, state, batch)
     transformed = _transformed_losses(ctx, state, task.losses_T)
+    grouping = ctx.method.block_grouping(task.grads_T)
+    if grouping is not None:
+        gram_BxTxT = task_grads.group_gram_matrices(
+            task.grads_T, grouping.leaf_group, grouping.num_groups) * transformed.scale_TxT
+        return _grouped_gram_result(ctx, state, task, transformed, grouping, gram_BxTxT, gram_BxTxT.sum(0))
     gram_TxT = task_grads.gram_matrix(task.grads_T) * transformed.scale_TxT
     coeffs_T, weighting_state = ctx.method.gram_weights(
         state.weighting_state, gram_TxT, transformed.values_T, state.step, ctx.method_rng)
     return _task_gradient_result(task, transformed, task.apply(coeffs_T * transformed.scale_T),
                                  coeffs_T, weighting_state, gram_TxT)
+
+
+def _grouped_gram_result(ctx: StepContext, state: TrainState, task: task_grads.TaskGradients,
+                         transformed: TransformedLosses, grouping, method_gram_BxTxT: jax.Array,
+                         gram_TxT: jax.Array) -> Gradients:
+    """Per-block aggregation (``weighting.blocks``, `mtt_jax.weighting.per_block`): the method on each
+    group's (cross-)Gram matrix, group b's encoder gradient ``sum_t c_b,t g_t,b``. The logged weights are
+    the groups' mean coefficients, the groups' own ones ``block_weights``; the conflict diagnostics
+    keep the whole encoder's Gram ``gram_TxT`` (the sum of the groups')."""
+    coeffs_BxT, weighting_state = ctx.method.grouped_gram_weights(
+        state.weighting_state, method_gram_BxTxT, transformed.values_T, state.step, ctx.method_rng)
+    shared_grads = task.apply_grouped(coeffs_BxT * transformed.scale_T, grouping.leaf_group)
+    result = _task_gradient_result(task, transformed, shared_grads, coeffs_BxT.mean(0), weighting_state,
+                                   gram_TxT)
+    return dataclasses.replace(result, block_weights_BxT=coeffs_BxT)
 
 
 def _aggregated_gradients(ctx: StepContext, state: TrainState, batch: dict) -> Gradients:
@@ -387,6 +410,10 @@ def _sampled_gram_weighted_gradients(ctx: StepContext, state: TrainState, batch:
     sampled = _sampled_task_gradients(ctx, state, batch)
     task = sampled.first_sample()
     transformed = _transformed_losses(ctx, state, task.losses_T)
+    grouping = ctx.method.block_grouping(task.grads_T)
+    if grouping is not None:
+        gram_TxT, cross_BxTxT = _mean_and_cross_grams(sampled.grads_ST, transformed.scale_TxT, grouping)
+        return _grouped_gram_result(ctx, state, task, transformed, grouping, cross_BxTxT, gram_TxT)
     gram_TxT, cross_TxT = _mean_and_cross_grams(sampled.grads_ST, transformed.scale_TxT)
     coeffs_T, weighting_state = ctx.method.gram_weights(
         state.weighting_state, cross_TxT, transformed.values_T, state.step, ctx.method_rng)
@@ -394,11 +421,32 @@ def _sampled_gram_weighted_gradients(ctx: StepContext, state: TrainState, batch:
                                  coeffs_T, weighting_state, gram_TxT)
 
 
+# --- requires == "lookahead" ------------------------------------------------------------------------------
+
+def _lookahead_weighted_gradients(ctx: StepContext, state: TrainState, batch: dict) -> Gradients:
+    """``requires == "lookahead"`` (Auto-Lambda, Liu et al. 2022): the method's weights first take their
+    step along the gradient of a validation loss one virtual step ahead
+    (`affinity.lookahead_weight_gradient`), with the batch's strided halves as the train and the
+    validation data; the model then gets the gradient of the combined loss, with the new weights, on the
+    whole batch (`_combined_loss_gradients`)."""
+    train_half, val_half = (jax.tree.map(lambda x: x[i], microbatches(batch, ctx.layout, 2)) for i in (0, 1))
+
+    def losses_of(model_params, part):
+        outputs, _ = apply_model(ctx.model, model_params, part, True, {"dropout": ctx.dropout_rng})
+        return ctx.loss_fn(outputs, part)
+    weight_grad_T = affinity.lookahead_weight_gradient(
+        losses_of, state.params["model"], train_half, val_half,
+        ctx.method.lookahead_weights(state.weighting_state), ctx.method.lookahead_lr)
+    weighting_state = ctx.method.lookahead_gradient(state.weighting_state, weight_grad_T)
+    return _combined_loss_gradients(ctx, state.replace(weighting_state=weighting_state), batch)
+
+
 GRADIENTS_BY_REQUIREMENT: dict[str, Callable[[StepContext, TrainState, dict], Gradients]] = {
     "losses": _combined_loss_gradients,
     "gram": _gram_weighted_gradients,
     "grads": _aggregated_gradients,
     "sampled_gram": _sampled_gram_weighted_gradients,
+    "lookahead": _lookahead_weighted_gradients,
 }
 
 
@@ -433,14 +481,21 @@ def _task_gradient_result(task: task_grads.TaskGradients, transformed: Transform
     return Gradients(grads, total, task.losses_T, weights_T, weighting_state, task.aux, gram_TxT)
 
 
-def _mean_and_cross_grams(grads_ST: PyTree, scale_TxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _mean_and_cross_grams(grads_ST: PyTree, scale_TxT: jax.Array,
+                          grouping=None) -> tuple[jax.Array, jax.Array]:
     """One pass over the S samples' gradients: the (S T) x (S T) Gram of all of them, from which come the
-    Gram of the samples' mean and the cross-Gram of samples 1 and 2, both scaled by ``scale_TxT``."""
+    Gram of the samples' mean and the cross-Gram of samples 1 and 2, both scaled by ``scale_TxT``. With a
+    ``grouping`` (per-block aggregation) the cross-Grams are per group, ``[B, T, T]``."""
     num_samples, num_tasks = jax.tree.leaves(grads_ST)[0].shape[:2]
-    gram_STxST = task_grads.gram_matrix(jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads_ST))
-    gram_SxTxSxT = gram_STxST.reshape(num_samples, num_tasks, num_samples, num_tasks)
-    mean_gram_TxT = gram_SxTxSxT.sum((0, 2)) / num_samples ** 2 * scale_TxT
-    return mean_gram_TxT, gram_SxTxSxT[1, :, 2, :] * scale_TxT
+    flat_ST = jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads_ST)
+    if grouping is None:
+        gram_BxSTxST = task_grads.gram_matrix(flat_ST)[None]
+    else:
+        gram_BxSTxST = task_grads.group_gram_matrices(flat_ST, grouping.leaf_group, grouping.num_groups)
+    gram_BxSxTxSxT = gram_BxSTxST.reshape(-1, num_samples, num_tasks, num_samples, num_tasks)
+    mean_gram_TxT = gram_BxSxTxSxT.sum((0, 1, 3)) / num_samples ** 2 * scale_TxT
+    cross_BxTxT = gram_BxSxTxSxT[:, 1, :, 2, :] * scale_TxT
+    return mean_gram_TxT, (cross_BxTxT[0] if grouping is None else cross_BxTxT)
 
 
 def _per_task_gradients(ctx: StepContext, model_params: PyTree, batch: dict,

@@ -29,7 +29,7 @@ def compiled(name, num_tasks, options=()):
     """``(method, jitted entry point)`` for ``requires``; cached so each variant compiles once."""
     method = make(name, num_tasks, **dict(options))
     entry = {"losses": method.combine, "gram": method.gram_weights, "sampled_gram": method.gram_weights,
-             "grads": method.aggregate}
+             "grads": method.aggregate, "lookahead": method.combine}
     return method, jax.jit(entry[method.requires])
 
 
@@ -83,7 +83,8 @@ def test_registry_names_options_and_errors():
     assert sorted(weighting.METHODS) == sorted([
         "ew", "fixed", "uncertainty", "dwa", "rlw", "gls", "famo", "stch", "mgda", "pcgrad", "gradvac",
         "imtl", "cagrad", "nash_mtl", "aligned_mtl", "upgrad", "fairgrad", "gradnorm", "graddrop",
-        "db_mtl", "excess_mtl", "moco", "modo", "sdmgrad", "dualproj", "conflictfree", "cr_mogm"])
+        "db_mtl", "excess_mtl", "moco", "modo", "sdmgrad", "dualproj", "conflictfree", "cr_mogm",
+        "auto_lambda"])
     assert weighting.DEFAULT_OPTIONS["cagrad"]["c"] == 0.5
     assert weighting.DEFAULT_OPTIONS["gradvac"]["beta"] == 0.5
     assert weighting.DEFAULT_OPTIONS["dwa"] == {"temperature": 2.0, "epoch_steps": 100}
@@ -91,7 +92,7 @@ def test_registry_names_options_and_errors():
     with pytest.raises(ValueError, match=r"^unknown option\(s\) weighting.cagrad.alpha; valid options "
                                          r"for 'cagrad': c, rescale, max_iters$"):
         make("cagrad", alpha=1.0)
-    with pytest.raises(ValueError, match="choose one of: aligned_mtl, cagrad"):
+    with pytest.raises(ValueError, match="choose one of: aligned_mtl, auto_lambda, cagrad"):
         make("nope")
     with pytest.raises(ValueError, match="normalization='l1'; choose one of: none, l2, loss, loss"):
         make("mgda", normalization="l1")
@@ -112,7 +113,7 @@ def test_every_method_jits_with_three_tasks(name):
     method, fn = compiled(name, 3)
     g_TxP = random_gradients(0)
     losses, rng, step = jnp.asarray([0.7, 1.3, 2.1]), jax.random.key(1), jnp.int32(5)
-    if method.requires == "losses":
+    if method.requires in ("losses", "lookahead"):  # a lookahead method weighs like a loss method
         params, state = method.init_params(), method.init_state()
         total, weights, state = fn(params, state, losses, step, rng)
         grad = jax.grad(lambda l: fn(params, method.init_state(), l, step, rng)[0])(losses)

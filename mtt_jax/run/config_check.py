@@ -132,7 +132,7 @@ def _check_mixture(config) -> None:
     _by_owner(lambda: mixtures.mixing_rates([1] * len(config.tasks), mixture.method,
                                             temperature=mixture.temperature, rates=rates))
     method = weighting.make_method(config.weighting, len(config.tasks))
-    if method.requires != "losses":
+    if method.requires not in ("losses", "lookahead"):
         raise ConfigError(f"weighting.name={config.weighting.name!r} needs per-task gradients, which flat "
                           "mixture batches do not give; use a loss-based method or data.mixture.method=''")
     if config.weighting.diagnostics_every or config.affinity.every:
@@ -235,7 +235,13 @@ def _check_attention_kernel(kernel: str) -> None:
 def _check_weighting(config) -> None:
     w = config.weighting
     method = _by_owner(weighting.make_method, w, len(config.tasks))
-    if w.rep_grad and method.requires != "losses":
+    if w.rep_grad and w.blocks:
+        raise ConfigError("weighting.blocks groups the shared parameters, and weighting.rep_grad=True gives "
+                          "the methods the representation's gradients instead: set one of them off")
+    if method.requires == "lookahead" and config.grad_accum_steps > 1:
+        raise ConfigError(f"weighting.name={w.name!r} takes its lookahead on the whole batch, which "
+                          "grad_accum_steps > 1 would not hold in memory; set grad_accum_steps=1")
+    if w.rep_grad and method.requires not in ("losses", "lookahead"):
         if data.SOURCES[config.data.source].layout == "multi":
             raise ConfigError("weighting.rep_grad=True needs the single-input layout: in the multi-input "
                               "layout the tasks' representation gradients are disjoint blocks")

@@ -6,7 +6,9 @@ older top-level fields still work: ``weighting.weights`` (fixed) and ``weighting
 (uncertainty); the sub-config wins where both are set. Method families: `loss_based`, `epoch_based`,
 `famo` (losses); `gradnorm`, `multi_objective`, `projection`, `closed_form`, `bargaining`, `dual_cone`,
 `conflict_free` (Gram matrix); `double_sampling` (cross-Gram of two samples); `elementwise`, `tracking`
-(per-task gradients); `smoothing` (``cr_mogm``: another method's task weights, averaged over steps). Scale
+(per-task gradients); `smoothing` (``cr_mogm``: another method's task weights, averaged over steps);
+`bilevel` (``auto_lambda``: weights trained on a validation loss one virtual step ahead).
+``weighting.blocks`` applies a Gram method per group of the shared parameters (`per_block`). Scale
 conventions differ across methods (sum vs mean, clipped); see each class docstring.
 
 `register_method` adds a method under a new name from outside the package (``mtt_jax.register_method``;
@@ -21,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 from mtt_jax.weighting.bargaining import FairGrad, NashMTL
 from mtt_jax.weighting.base import WeightingMethod
+from mtt_jax.weighting.bilevel import AutoLambda
 from mtt_jax.weighting.closed_form import IMTL, AlignedMTL
 from mtt_jax.weighting.conflict_free import ConFIG
 from mtt_jax.weighting.double_sampling import MoDo, SDMGrad
@@ -32,6 +35,7 @@ from mtt_jax.weighting.gradnorm import GradNorm
 from mtt_jax.weighting.loss_based import (EqualWeighting, FixedWeighting, GeometricLossWeighting,
                                           RandomLossWeighting, UncertaintyWeighting)
 from mtt_jax.weighting.multi_objective import MGDA, UPGrad, CAGrad
+from mtt_jax.weighting.per_block import PerBlock
 from mtt_jax.weighting.projection import GradVac, PCGrad
 from mtt_jax.weighting.smoothing import CRMOGM, build_inner
 from mtt_jax.weighting.tracking import ExcessMTL, MoCo
@@ -40,7 +44,7 @@ METHODS: dict[str, type[WeightingMethod]] = {cls.name: cls for cls in (
     EqualWeighting, FixedWeighting, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
     GeometricLossWeighting, FAMO, SmoothTchebycheff,
     GradNorm, MGDA, PCGrad, GradVac, IMTL, CAGrad, NashMTL, AlignedMTL, UPGrad, FairGrad,
-    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo, DualProj, ConFIG, CRMOGM)}
+    MoDo, SDMGrad, GradDrop, DBMTL, ExcessMTL, MoCo, DualProj, ConFIG, CRMOGM, AutoLambda)}
 
 
 def _constructor_defaults(cls: type[WeightingMethod]) -> dict[str, Any]:
@@ -55,9 +59,9 @@ _TOP_LEVEL_OPTIONS = {"fixed": ("weights",), "uncertainty": ("init_log_var",)}
 
 # What each value of ``WeightingMethod.requires`` makes the step call (`mtt_jax.weighting.base`).
 REQUIRED_HOOKS = {"losses": "combine", "gram": "gram_weights", "sampled_gram": "gram_weights",
-                  "grads": "aggregate"}
+                  "grads": "aggregate", "lookahead": "lookahead_gradient"}
 # config.weighting's own fields (configs/default.py): no method's options block may take their names.
-_WEIGHTING_FIELDS = frozenset({"name", "weights", "init_log_var", "rep_grad", "diagnostics_every"})
+_WEIGHTING_FIELDS = frozenset({"name", "weights", "init_log_var", "rep_grad", "diagnostics_every", "blocks"})
 ADDED_METHODS: set[str] = set()  # the names `register_method` gave (their config blocks: mtt_jax.registry)
 
 
@@ -162,8 +166,13 @@ def method_options(weighting_config, name: str) -> dict[str, Any]:
 
 def make_method(weighting_config, num_tasks: int, name: str | None = None) -> WeightingMethod:
     """Builds the method named ``name`` (default ``weighting_config.name``) with its options from the same
-    config; a wrapper's inner method (``cr_mogm``'s ``inner``) is built the same way, from its own block."""
-    name = weighting_config.name if name is None else name
+    config; a wrapper's inner method (``cr_mogm``'s ``inner``) is built the same way, from its own block.
+    The config's method (``name`` None) is applied per group of the shared parameters when
+    ``weighting.blocks`` is set (`per_block.PerBlock`)."""
+    if name is None:
+        method = make_method(weighting_config, num_tasks, weighting_config.name)
+        blocks = tuple(weighting_config.get("blocks", None) or ())
+        return PerBlock(method, blocks) if blocks else method
     if name not in METHODS:
         raise ValueError(f"weighting.name={name!r} is not valid; choose one of: {', '.join(sorted(METHODS))}")
     wrapper = getattr(METHODS[name], "wraps_method", False)  # its inner method checks weighting.weights

@@ -21,6 +21,10 @@ What a method consumes is declared by ``requires``; the step calls exactly one o
 - ``"sampled_gram"`` (MoDo, SDMGrad): the step splits the batch into ``SAMPLED_GRAM_SAMPLES`` = 3
   independent samples; ``gram_weights`` gets the cross-Gram ``K = G_1 G_2^T`` of samples 1 and 2 (not
   symmetric) and its coefficients are applied to sample 0's gradients, ``d = sum_t c_t g_t^(0)``.
+- ``"lookahead"`` (Auto-Lambda): the step splits the batch into a train and a validation half, takes the
+  gradient of the validation loss one virtual step (of size ``method.lookahead_lr``, with the weights
+  ``lookahead_weights(state)``) ahead with respect to the task weights, hands it to
+  ``lookahead_gradient`` for the new state, then calls ``combine`` with that state like a loss method.
 
 ``step`` is the int32 count of updates so far (0-based); ``rng`` a typed PRNG key, or None for
 deterministic methods. Everything inside is jax, in f32, and compiles under ``jax.jit``.
@@ -43,7 +47,7 @@ SAMPLED_GRAM_SAMPLES = 3  # independent samples of a batch for ``requires == "sa
 
 class WeightingMethod(abc.ABC):
     name: str = ""
-    requires: str = "losses"                 # "losses" | "gram" | "grads" | "sampled_gram"
+    requires: str = "losses"                 # "losses" | "gram" | "grads" | "sampled_gram" | "lookahead"
     needs_losses_after_step: bool = False    # FAMO: call `after_step` with the same batch's new losses
     # ``combine``'s total is affine in the losses, with weights that do not depend on their values
     # (EW, UW, RLW, DWA): gradient accumulation may then combine each microbatch's losses. Otherwise it
@@ -86,6 +90,13 @@ class WeightingMethod(abc.ABC):
         del shared_shapes
         return self.init_state()
 
+    def block_grouping(self, shared_tree: PyTree):
+        """The groups of the shared parameters the method runs on separately (a
+        `mtt_jax.weighting.per_block.BlockGrouping`, read off ``shared_tree``'s paths), or None: one
+        group, the whole encoder. Only `per_block.PerBlock` (``weighting.blocks``) groups."""
+        del shared_tree
+        return None
+
     def transform_losses(self, params: PyTree, losses_T: jax.Array) -> jax.Array:
         """Losses to take the per-task gradients of (gram / grads methods); identity unless a method
         rescales them with learned parameters first (IMTL-L)."""
@@ -108,6 +119,14 @@ class WeightingMethod(abc.ABC):
         """``requires == "grads"``: returns ``(direction, weights_T, new_state)``; ``direction`` is
         shaped like one task's gradient, ``weights_T`` is for logging."""
         raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not per-task grads")
+
+    def lookahead_weights(self, state: PyTree) -> jax.Array:
+        """``requires == "lookahead"``: the task weights ``[T]`` the virtual step is taken with."""
+        raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not a lookahead")
+
+    def lookahead_gradient(self, state: PyTree, weight_grad_T: jax.Array) -> PyTree:
+        """``requires == "lookahead"``: the new state from ``d L_val(theta') / d lambda``."""
+        raise NotImplementedError(f"weighting {self.name!r} requires {self.requires!r}, not a lookahead")
 
     def after_step(self, state: PyTree, losses_before_T: jax.Array,
                    losses_after_T: jax.Array) -> PyTree:

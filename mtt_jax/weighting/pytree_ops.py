@@ -4,7 +4,7 @@ and the train step's per-task gradients (`mtt_jax.task_grads`, which re-exports 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,3 +41,28 @@ def cross_gram_matrix(grads_a_T: PyTree, grads_b_T: PyTree) -> jax.Array:
     set gives the Gram matrix)."""
     flat = lambda g: g.reshape(g.shape[0], -1).astype(jnp.float32)
     return sum(flat(a) @ flat(b).T for a, b in zip(jax.tree.leaves(grads_a_T), jax.tree.leaves(grads_b_T)))
+
+
+def group_gram_matrices(grads_T: PyTree, leaf_group: Sequence[int], num_groups: int) -> jax.Array:
+    """``K_b = G_b G_b^T`` in f32 for each group b of the leaves (``leaf_group[i]``: the group of the
+    i-th leaf), ``[B, T, T]``: each leaf's ``T x T`` inner products added into its group's slot, the same
+    contractions as `gram_matrix` (whose result is the sum over groups)."""
+    leaves = jax.tree.leaves(grads_T)
+    if len(leaves) != len(leaf_group):
+        raise ValueError(f"{len(leaves)} gradient leaves but a grouping of {len(leaf_group)}")
+    num_tasks = leaves[0].shape[0]
+    grams = [jnp.zeros((num_tasks, num_tasks), jnp.float32) for _ in range(num_groups)]
+    for leaf, group in zip(leaves, leaf_group):
+        flat_TxP = leaf.reshape(num_tasks, -1).astype(jnp.float32)
+        grams[group] = grams[group] + flat_TxP @ flat_TxP.T
+    return jnp.stack(grams)
+
+
+def combine_grouped(coeffs_BxT: jax.Array, grads_T: PyTree, leaf_group: Sequence[int]) -> PyTree:
+    """`combine` with each leaf's own group's coefficients: ``d_b = sum_t c_b,t g_t,b``."""
+    leaves, treedef = jax.tree.flatten(grads_T)
+    if len(leaves) != len(leaf_group):
+        raise ValueError(f"{len(leaves)} gradient leaves but a grouping of {len(leaf_group)}")
+    combined = [jnp.tensordot(coeffs_BxT[group].astype(g.dtype), g, axes=1)
+                for g, group in zip(leaves, leaf_group)]
+    return jax.tree.unflatten(treedef, combined)
