@@ -127,6 +127,36 @@ def test_a_frozen_encoder_step_changes_only_the_trained_parameters(kind):
     assert moments == 2 * counts["trained"]
 
 
+def test_a_frozen_encoder_gets_no_gradient_and_its_weight_gradients_are_not_computed():
+    """``freeze_encoder`` reads the encoder through stop_gradient: the same parameters and outputs, the same
+    gradients for the adapters and the task side, zero for the frozen encoder, and the backward pass has
+    one dot fewer per frozen matrix of each block (q, k, v, out, wi, wo)."""
+    x = tokens()
+    model, params = init(tiny_config("task"), x)
+    frozen_model = model.clone(freeze_encoder=True)
+    assert jax.tree.structure(params) == jax.tree.structure(nn.unbox(
+        jax.eval_shape(frozen_model.init, jax.random.key(0), x)["params"]))
+
+    def loss(m, p):
+        outputs, _ = m.apply({"params": p}, x)
+        return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(outputs))
+    moved = jax.tree_util.tree_map_with_path(  # heads and up projections away from their zero init
+        lambda p, v: v + 0.1 if "head_" in jax.tree_util.keystr(p) or "'up" in jax.tree_util.keystr(p) else v,
+        params)
+    compiled = {m.freeze_encoder: jax.jit(jax.grad(loss, argnums=1), static_argnums=0).lower(m, moved).compile()
+                for m in (model, frozen_model)}
+    grads = {frozen_: grad_fn(moved) for frozen_, grad_fn in compiled.items()}
+    outputs = jax.jit(lambda m, p: m.apply({"params": p}, x)[0], static_argnums=0)
+    assert jax.tree.all(jax.tree.map(np.array_equal, outputs(model, moved), outputs(frozen_model, moved)))
+    for path, g in traverse_util.flatten_dict(grads[True]).items():
+        if adapters.is_frozen(("model",) + path, "encoder"):
+            assert not np.any(g), path
+        else:
+            np.testing.assert_allclose(g, traverse_util.flatten_dict(grads[False])[path], rtol=1e-5, atol=1e-7)
+    dots = {frozen_: grad_fn.as_text().count(" dot(") for frozen_, grad_fn in compiled.items()}
+    assert dots[False] - dots[True] == 6 * 2   # 2 blocks
+
+
 def test_adapters_are_refused_where_rows_mix_tasks_or_features_are_missing():
     with pytest.raises(ValueError, match="needs the multi-input layout"):
         adapters.check_adapters("task", "single", True, "none")

@@ -23,7 +23,10 @@ batches; the adapter of row b is its task's (``task_ids_BxL[b, 0]``).
 
 ``optimizer.freeze="encoder"`` (`freeze_labels`, applied by `mtt_jax.builder`): the embedding, positions
 and trunk are frozen, their updates zero and their Adam state absent; the adapters, the task encoder, task
-attention, heads and the weighting method's parameters train (Houlsby et al. §3; HyperFormer §3).
+attention, heads and the weighting method's parameters train (Houlsby et al. §3; HyperFormer §3). The
+model then also reads the frozen parameters through ``stop_gradient`` (`frozen`), so the backward pass
+never computes their gradients: the gradient still flows through the encoder's activations to the
+adapters and the task encoder, but the weight-gradient matmuls of the frozen matrices are not built.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from flax.core import unfreeze
 
 from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 
@@ -136,6 +140,21 @@ def is_frozen(path: tuple[str, ...], freeze: str) -> bool:
     if freeze == "none" or path[0] != "model" or path[1] not in FROZEN_KEYS:
         return False
     return not any(key.startswith(ADAPTER_PREFIX) for key in path)
+
+
+def _stop_frozen_gradients(variables):
+    """A module's parameters with ``stop_gradient`` on all but the adapters'."""
+    flat = traverse_util.flatten_dict(unfreeze(variables), keep_empty_nodes=True)
+    return traverse_util.unflatten_dict({
+        path: value if any(str(key).startswith(ADAPTER_PREFIX) for key in path)
+        else jax.tree.map(jax.lax.stop_gradient, value) for path, value in flat.items()})
+
+
+def frozen(module_cls: type[nn.Module]) -> type[nn.Module]:
+    """``module_cls`` that reads its parameters, adapters excepted, through ``stop_gradient``: the same
+    parameters (names, boxes, initialisation) and outputs, and zero gradients for the frozen ones,
+    whose weight-gradient computations are then left out of the backward pass."""
+    return nn.map_variables(module_cls, "params", trans_in_fn=_stop_frozen_gradients, init=True)
 
 
 def freeze_labels(params: Any, freeze: str) -> Any:

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtt_jax.models.adapters import frozen
 from mtt_jax.models.heads import READOUTS, TaskAttentionPool, TaskHead, masked_mean_pool
 from mtt_jax.models.partitioning import Dtype
 from mtt_jax.models.task_attention import (ALIGNED_POOLS, AlignedTaskAttention, MultiInputTaskAttention,
@@ -85,27 +86,32 @@ class MultiTaskTransformer(nn.Module):
     adapters: str = "none"
     adapter_dim: int = 64            # the adapters' bottleneck
     adapter_hyper_dim: int = 8       # "hyper": the task embedding the generators read
+    freeze_encoder: bool = False     # optimizer.freeze="encoder": no gradients for the frozen encoder
 
     def setup(self):
+        # A frozen encoder's modules read their parameters through stop_gradient (`adapters.frozen`).
+        encoder = frozen if self.freeze_encoder else lambda module_cls: module_cls
         if self.input_spec.kind == "image":
-            self.embed = PatchEmbed(self.patch_size, self.d_model, self.dtype)
+            self.embed = encoder(PatchEmbed)(self.patch_size, self.d_model, self.dtype)
         elif self.input_spec.kind == "vector":
-            self.embed = VectorEmbed(self.patch_size, self.d_model, self.dtype)
+            self.embed = encoder(VectorEmbed)(self.patch_size, self.d_model, self.dtype)
         else:
-            self.embed = TokenEmbed(self.input_spec.vocab_size, self.d_model, self.dtype, self.embed_scale)
+            self.embed = encoder(TokenEmbed)(self.input_spec.vocab_size, self.d_model, self.dtype,
+                                             self.embed_scale)
         # At least 512 rows, the size of the learned table in existing checkpoints.
         token_types = self.token_types if self.input_spec.kind == "tokens" else 0
-        self.positions = PositionalEncoding(self.positional,
+        self.positions = encoder(PositionalEncoding)(self.positional,
                                             max(512, num_positions(self.input_spec, self.patch_size)),
                                             token_types, self.input_spec.separator_id, self.embed_norm,
                                             self.layer_norm_eps, self.dtype)
         check_film(self.film, self.task_encoder)
         if self._task_encoder != "none":
             self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
-        self.trunk = Trunk(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.remat,
-                           self.dtype, self.ffn, self.num_experts, len(self.tasks), self.film,
-                           self.attention_kernel, self.scan_layers, self.norm_position, self.gelu,
-                           self.layer_norm_eps, self.adapters, self.adapter_dim, self.adapter_hyper_dim)
+        self.trunk = encoder(Trunk)(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
+                                    self.remat, self.dtype, self.ffn, self.num_experts, len(self.tasks),
+                                    self.film, self.attention_kernel, self.scan_layers, self.norm_position,
+                                    self.gelu, self.layer_norm_eps, self.adapters, self.adapter_dim,
+                                    self.adapter_hyper_dim)
         check_task_attention(self.task_attention, self.layout, self.task_attention_pool)
         kwargs = dict(num_heads=self.num_heads, include_self=self.task_attention_self,
                       dropout_rate=self.dropout_rate, dtype=self.dtype)
@@ -374,7 +380,8 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         task_attention_self=m.task_attention_self, task_attention_pool=m.task_attention_pool,
         memory_tokens=m.memory_tokens, readout=m.readout, remat=m.remat,
         dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,
-        scan_layers=m.scan_layers, **pretrained_options(m))
+        scan_layers=m.scan_layers, **pretrained_options(m),
+        freeze_encoder=config.optimizer.get("freeze", "none") == "encoder")
 
 
 PRETRAINED_OPTIONS = {"norm_position": "pre", "token_types": 0, "embed_norm": False, "embed_scale": True,
