@@ -104,6 +104,9 @@ class WordPieceTokenizer:
         else:
             lowercase = _lowercase_of(os.path.dirname(path))
             self._tokenizer = tokenizers.BertWordPieceTokenizer(path, lowercase=lowercase)
+        # A saved tokenizer.json may pad or truncate every encoding; `pack` does both, for pairs.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         with open(path, "rb") as f:
             digest = hashlib.sha1(f.read() + repr(lowercase).encode()).hexdigest()[:12]
         self.cache_key = "wordpiece-" + digest
