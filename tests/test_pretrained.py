@@ -298,6 +298,23 @@ def test_the_first_missing_or_misshapen_tensor_is_named(tmp_path):
         pretrained.check_tensors(checkpoint, params, 24)
 
 
+def test_a_vit_refuses_images_of_another_patch_grid(tmp_path):
+    folder = str(tmp_path / "vit")
+    write_vit(folder)
+    checkpoint = pretrained.open_checkpoint(folder)
+    config = model_config(checkpoint, task_encoder=True, task_attention="none")
+    task = tasks_lib.TaskSpec("label", "classification", 3, "test")
+    for side, patches in ((8, 4), (12, 9)):
+        model = build_model(config, (task,), "single", InputSpec("image", (side, side, 3)))
+        params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))["params"]
+        if patches == 4:
+            pretrained.check_tensors(checkpoint, params, patches, task_tokens=True)
+            continue
+        with pytest.raises(pretrained.CheckpointError, match=r"tensor 'vit.embeddings.position_embeddings' holds "
+                           r"the positions of 4 patches, and the data's images have 9; use images of image_size=8$"):
+            pretrained.check_tensors(checkpoint, params, patches, task_tokens=True)
+
+
 def test_tensorflow_layer_norm_names_and_no_prefix_are_read(tmp_path):
     """bert-base-uncased's file names its LayerNorms gamma/beta; a BertModel's has no ``bert.`` prefix."""
     folder = tmp_path / "bert"

@@ -300,13 +300,13 @@ def check_tensors(checkpoint: Checkpoint, abstract_params, positions_used: int,
         if not fits:
             raise CheckpointError(f"{file}: tensor {names[0]!r} of shape {shapes[0]} maps to {converted}, and "
                                   f"the model's {'/'.join(tensor.path)} is {target}")
-        if tensor.leading_rows and positions_used > converted[0]:
-            raise CheckpointError(f"{file}: tensor {names[0]!r} holds {converted[0]} positions, and the "
-                                  f"data has {positions_used}; shorten the inputs (data.options.max_length)")
         if tensor.leading_rows and checkpoint.model_type == "vit" and positions_used != converted[0]:
             raise CheckpointError(f"{file}: tensor {names[0]!r} holds the positions of {converted[0]} "
                                   f"patches, and the data's images have {positions_used}; use images of "
                                   f"image_size={checkpoint.config.get('image_size')}")
+        if tensor.leading_rows and positions_used > converted[0]:
+            raise CheckpointError(f"{file}: tensor {names[0]!r} holds {converted[0]} positions, and the "
+                                  f"data has {positions_used}; shorten the inputs (data.options.max_length)")
 
 
 def read_arrays(checkpoint: Checkpoint, param_shapes: dict[Path, tuple[int, ...]], task_tokens: bool = False
