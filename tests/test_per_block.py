@@ -298,3 +298,19 @@ def test_a_run_from_before_blocks_resumes_at_the_whole_encoder_only(tmp_path):
     config.weighting.blocks = PER_LAYER
     with pytest.raises(workdir.WorkdirError, match=r"different config \(fields: weighting\)"):
         workdir.prepare(str(tmp_path), config)
+
+
+GROUPABLE = sorted(n for n, c in weighting.METHODS.items() if c.requires in ("gram", "sampled_gram"))
+
+
+@pytest.mark.parametrize("name", GROUPABLE)
+def test_every_gram_and_double_sampling_method_runs_per_block(name):
+    """Each groupable method vmaps over the groups: finite coefficients, one row per group, its state
+    with a leading group axis, and the logged weights the rows' mean."""
+    method = method_of(name, PER_LAYER, num_tasks=4)
+    _, weights_T, block_weights_BxT, state, _ = step_gradients("multi", method)
+    assert block_weights_BxT.shape == (3, 4) and np.isfinite(np.asarray(block_weights_BxT)).all()
+    np.testing.assert_allclose(weights_T, np.asarray(block_weights_BxT).mean(0), rtol=1e-6, atol=1e-7)
+    plain = method.inner.init_state_for(task_grads.split_params(tiny_model("multi")[1])[0])
+    jax.tree.map(lambda grouped, one: np.testing.assert_equal(grouped.shape, (3,) + np.shape(one)), state,
+                 plain)
