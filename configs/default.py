@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.readout = "mean"              # each task's vector from the positions: "mean" (masked mean;
     #                                       single-input task tokens are read directly) or
     #                                       "attention_pool" (a learned query per task over the positions)
+    #                                       or "cls" (multi-input: the first position, BERT's [CLS])
+    c.model.pooler = False                # readout="cls": through BERT's pooler (Dense + tanh), which a
+    #                                       BERT checkpoint's pooler.dense fills
     c.model.remat = "none"                # none | full | dots | dots_no_batch
     c.model.vocab_size = 0                # token inputs: embedding rows (0: the source's vocabulary)
     c.model.ffn = "dense"                 # or "task_moe": task-gated mixture-of-experts feed-forward

@@ -98,13 +98,16 @@ def bert_base_mtdnn(c) -> None:
     """MT-DNN's multi-task fine-tuning (Liu et al. 2019, §4.2): learning rate 5e-5, batch size 32, 5
     epochs, linear warm-up over the first 10% of steps, dropout 0.1, gradient norm clipped at 1;
     each batch drawn from the tasks in proportion to their train sizes, a linear head per task on the
-    shared encoder (no task encoder or task attention). WNLI is left out, as in MT-DNN's training.
+    shared encoder (no task encoder or task attention), reading [CLS] through BERT's pooler (§3.1;
+    ``model.readout="cls"``, ``model.pooler=True``, filled from the checkpoint's ``pooler.dense``).
+    WNLI is left out, as in MT-DNN's training.
 
     Differences, by what this library has: AdamW with weight decay 0.01 (BERT's fine-tuning optimizer)
     for MT-DNN's Adamax; cosine decay after the warm-up for linear; a batch's rows mix tasks (flat
-    mixture batches) where MT-DNN's batches each hold one task; heads read the masked mean of the
-    positions (``model.readout="mean"``) where MT-DNN reads [CLS]; one dropout rate, where MT-DNN uses
-    0.3 for MNLI's and 0.05 for CoLA's head; 128 tokens (BERT's GLUE length) for MT-DNN's 512.
+    mixture batches) where MT-DNN's batches each hold one task; a linear head on [CLS] for every task,
+    where MT-DNN's pairwise ranking task (QNLI) scores each candidate and normalises over them
+    (§3.1); one dropout rate, where MT-DNN uses 0.3 for MNLI's and 0.05 for CoLA's head; 128 tokens
+    (BERT's GLUE length) for MT-DNN's 512.
     GLUE dev metrics: the eval split ``test`` is GLUE's labelled validation split (mtt_jax/data/glue.py)."""
     bert_base(c)
     c.tasks = tuple(task for task in TASK_NAMES if task != "wnli")
@@ -113,7 +116,7 @@ def bert_base_mtdnn(c) -> None:
     c.data.mixture.method = "proportional"
     c.model.task_encoder = False
     c.model.task_attention = "none"
-    c.model.readout = "mean"
+    c.model.readout, c.model.pooler = "cls", True
     c.model.dropout_rate = 0.1
     c.weighting.name = "ew"
     c.weighting.diagnostics_every = 0     # flat mixture batches give no per-task gradients

@@ -22,6 +22,8 @@ from mtt_jax import train
 from mtt_jax.data import glue, tfds_io  # noqa: F401  (registers the GLUE tasks)
 from mtt_jax.data.tokenizer import WordPieceTokenizer, encode_texts
 from mtt_jax.models import build_model, pretrained
+from mtt_jax.models.heads import first_position
+from mtt_jax.models.multitask import check_readout
 from mtt_jax.models.task_encoder import prepend_task_tokens
 from mtt_jax.run import config_check
 from mtt_jax.specs import InputSpec
@@ -63,7 +65,7 @@ def write_checkpoint(folder, config, tensors):
 
 def write_bert(folder, seed=0, prefix="bert.", **overrides):
     """A BertModel folder: ``bert.``-prefixed names, as BertForSequenceClassification saves them, with a
-    pooler the import must skip, and the vocabulary."""
+    pooler (which only a model with ``model.pooler`` reads), and the vocabulary."""
     c = BERT | overrides | {"model_type": "bert", "vocab_size": len(VOCAB), "architectures": ["BertModel"]}
     rng = np.random.default_rng(seed)
     d = c["hidden_size"]
@@ -72,7 +74,7 @@ def write_bert(folder, seed=0, prefix="bert.", **overrides):
          "embeddings.token_type_embeddings.weight": rng.normal(0, 0.5, (c["type_vocab_size"], d)),
          "embeddings.LayerNorm.weight": 1 + rng.normal(0, 0.2, (d,)),
          "embeddings.LayerNorm.bias": rng.normal(0, 0.2, (d,)),
-         "pooler.dense.weight": rng.normal(0, 0.2, (d, d)), "pooler.dense.bias": np.zeros(d)}
+         "pooler.dense.weight": rng.normal(0, 0.2, (d, d)), "pooler.dense.bias": rng.normal(0, 0.2, (d,))}
     for i in range(c["num_hidden_layers"]):
         t |= _layer_tensors(rng, f"encoder.layer.{i}", pretrained.BLOCK_NAMES["bert"], d, c["intermediate_size"])
     write_checkpoint(folder, c, {prefix + k: v for k, v in t.items()})
@@ -148,6 +150,12 @@ def np_bert(t, c, tokens, token_types):
     return x
 
 
+def np_bert_pooler(t, hidden_BxLxD):
+    """BERT's pooler (Devlin et al. 2019, §3): tanh of a dense layer on the first position, [CLS]."""
+    t = {k.removeprefix("bert."): np.asarray(v, np.float64) for k, v in t.items()}
+    return np.tanh(hidden_BxLxD[:, 0] @ t["pooler.dense.weight"].T + t["pooler.dense.bias"])
+
+
 def np_vit(t, c, images_BxHxWxC):
     """ViT's encoder (Dosovitskiy et al. 2021, eq. 1-4): patch convolution, [CLS], pre-LN layers, final LN."""
     t = {k.removeprefix("vit."): np.asarray(v, np.float64) for k, v in t.items()}
@@ -213,6 +221,79 @@ def test_an_imported_bert_gives_the_reference_hidden_states(tmp_path, scan_layer
     assert count == len(VOCAB) * d + 40 * d + 2 * d + 2 * d + layers * per_layer  # all but the pooler
 
 
+def test_an_imported_bert_pooler_gives_the_reference_cls_readout(tmp_path):
+    """model.readout="cls" with model.pooler: the pooled [CLS] vector the heads read is BERT's pooler
+    output, with the checkpoint's pooler.dense; the import counts its d^2 + d values too."""
+    folder = str(tmp_path / "bert")
+    c = write_bert(folder)
+    tokenizer, tokens, token_types = bert_inputs(folder)
+    config = model_config(pretrained.open_checkpoint(folder), task_encoder=False, task_attention="none",
+                          readout="cls", pooler=True)
+    spec = InputSpec("tokens", (tokens.shape[1],), tokenizer.vocab_size, separator_id=tokenizer.sep_id)
+    model = build_model(config, (tasks_lib.get("mrpc"),), "multi", spec)
+    params, count = imported(model, folder, jnp.asarray(tokens[None]))
+
+    def pooled(module, x_TxBxL):
+        return module.pooler(first_position(module.encode(x_TxBxL)[0][0]))
+    ours = jax.jit(lambda p, x: model.apply({"params": p}, x, method=pooled))(params, tokens[None])
+    stored = load_file(os.path.join(folder, "model.safetensors"))
+    reference = np_bert_pooler(stored, np_bert(stored, c, tokens, token_types))
+    assert ours.shape == (2, 32) and np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-5, rtol=0)
+    d, layers, f = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
+    assert count == len(VOCAB) * d + 40 * d + 2 * d + 2 * d + layers * per_layer + d * d + d
+    # The heads read it: mrpc's logits are its head on the pooled vector.
+    head = {"kernel": jax.random.normal(jax.random.key(2), (d, 2)), "bias": jnp.arange(2.0)}
+    params = {**params, "head_mrpc": {"dense": head}}
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x)[0]["mrpc"])(params, tokens[None])
+    np.testing.assert_allclose(np.asarray(logits), reference @ np.asarray(head["kernel"]) + np.arange(2.0),
+                               atol=1e-4, rtol=0)
+
+
+def test_a_pooler_the_file_lacks_is_named(tmp_path):
+    folder = tmp_path / "bert"
+    write_bert(str(folder))
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".pooler." not in "." + k}, str(folder / "model.safetensors"))
+    checkpoint = pretrained.open_checkpoint(str(folder))
+    pretrained.check_tensors(checkpoint, _abstract_bert_params(str(folder)), 24)   # no pooler asked for
+    with pytest.raises(pretrained.CheckpointError,
+                       match=r"model.safetensors: no tensor 'bert.pooler.dense.weight' \(for pooler/dense/kernel\); "
+                             r"the file has no pooler: set model.pooler=False$"):
+        pretrained.check_tensors(checkpoint, _abstract_bert_params(str(folder), readout="cls", pooler=True), 24)
+
+
+def test_the_cls_readout_reads_the_first_position_in_both_multi_input_forms():
+    """readout="cls" without the pooler: each task's head reads position 0 of its own examples, in the
+    multi-input batch and in a flat mixture batch; the refusals are one line."""
+    tasks = (tasks_lib.TaskSpec("a", "classification", 3, "test"), tasks_lib.TaskSpec("b", "regression", 1, "test"))
+    config = base_config()
+    config.model.update(num_layers=1, d_model=16, num_heads=2, mlp_dim=32, task_attention="none", readout="cls")
+    model = build_model(config, tasks, "multi", InputSpec("tokens", (6,), 20))
+    tokens = jax.random.randint(jax.random.key(0), (2, 3, 6), 1, 20).at[:, :, 4:].set(0)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
+    heads = {f"head_{t.name}": {"dense": {"kernel": jax.random.normal(jax.random.key(i), (16, t.num_outputs)),
+                                          "bias": jnp.zeros((t.num_outputs,))}} for i, t in enumerate(tasks)}
+    params = {**params, **heads}
+    outputs, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, tokens)
+    x_TxBxLxD, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, tokens)
+    for i, t in enumerate(tasks):
+        expected = np.asarray(x_TxBxLxD[i, :, 0] @ heads[f"head_{t.name}"]["dense"]["kernel"])
+        np.testing.assert_allclose(np.asarray(outputs[t.name]), expected.reshape(outputs[t.name].shape),
+                                   atol=1e-5, rtol=0)
+    flat, task_id = tokens.reshape(6, 6), jnp.repeat(jnp.arange(2), 3)
+    flat_outputs, _ = jax.jit(lambda p, x, i: model.apply({"params": p}, x, task_id=i))(params, flat, task_id)
+    for i, t in enumerate(tasks):
+        np.testing.assert_allclose(np.asarray(flat_outputs[t.name][3 * i:3 * i + 3]), np.asarray(outputs[t.name]),
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"model.readout='cls' reads the first position .* multi-input layout"):
+        check_readout("cls", "single")
+    with pytest.raises(ValueError, match=r"^model.pooler=True is BERT's pooler on the first position; set "
+                                         r"model.readout='cls' \(it is 'mean'\)$"):
+        check_readout("mean", "multi", pooler=True)
+
+
 def test_an_imported_vit_gives_the_reference_hidden_states(tmp_path):
     folder = str(tmp_path / "vit")
     c = write_vit(folder)
@@ -262,15 +343,17 @@ def test_the_config_check_refuses_bad_trunk_options_and_a_mismatched_checkpoint(
             ("norm_position", "mid", r"model.norm_position='mid' is not valid; choose one of: pre, post"),
             ("gelu", "erf", r"model.gelu='erf' is not valid; choose one of: tanh, exact"),
             ("token_types", -1, r"model.token_types=-1 must be an integer >= 0 \(0: none\)"),
-            ("d_model", 64, r"config.json asks for model.d_model=32, and the config has 64")]:
+            ("d_model", 64, r"config.json asks for model.d_model=32, and the config has 64"),
+            ("readout", "mean", r"model.pooler=True is BERT's pooler on the first position; set "
+                                r"model.readout='cls' \(it is 'mean'\)")]:
         config = recipe(folder, str(tmp_path / "data"))
         config.model[field] = value
         with pytest.raises(config_check.ConfigError, match=message):
             config_check.validate(config, jax.device_count())
 
 
-def _abstract_bert_params(folder, length=24):
-    config = model_config(pretrained.open_checkpoint(folder), task_encoder=False, task_attention="none")
+def _abstract_bert_params(folder, length=24, **fields):
+    config = model_config(pretrained.open_checkpoint(folder), task_encoder=False, task_attention="none", **fields)
     model = build_model(config, (tasks_lib.get("mrpc"),), "multi", InputSpec("tokens", (length,), len(VOCAB), 3))
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, length), jnp.int32))["params"]
 
@@ -411,5 +494,6 @@ def test_the_adapter_recipes_build_on_the_frozen_checkpoint_and_print_their_coun
     assert f"{adapter_values:,} in adapters" in line
     trained = int(line.split(" trained")[0].rsplit(", ", 1)[1].replace(",", ""))
     heads = 32 * 2 * 6 + 2 * 6 + 32 * 1 + 1 + 32 * 3 + 3   # 6 binary tasks, STS-B, MNLI
+    pooler = 32 * 32 + 32                                    # MT-DNN's [CLS] read-out, trained
     task_encoder = 8 * 32 + 32 if variant == "bert_base_hyperformer" else 0
-    assert trained == adapter_values + heads + task_encoder
+    assert trained == adapter_values + heads + pooler + task_encoder

@@ -1,6 +1,7 @@
 """Per-task output heads, chosen by task kind (`mtt_jax.tasks.KINDS`), and the read-outs that turn the
-trunk's positions into one vector per task: the masked mean (``model.readout = "mean"``) or a learned
-attention pool per task (``"attention_pool"``, `TaskAttentionPool`)."""
+trunk's positions into one vector per task: the masked mean (``model.readout = "mean"``), a learned
+attention pool per task (``"attention_pool"``, `TaskAttentionPool`), or the first position, BERT's
+[CLS] (``"cls"``), optionally through BERT's pooler (``model.pooler``, `Pooler`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mtt_jax.models.layers import attention_logits, head_dim_of, masked_softmax
 from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 from mtt_jax.tasks import TaskSpec
 
-READOUTS = ("mean", "attention_pool")
+READOUTS = ("mean", "attention_pool", "cls")
 
 
 class TaskHead(nn.Module):
@@ -36,6 +37,25 @@ def masked_mean_pool(x_BxLxD: jax.Array, token_mask_BxL: jax.Array) -> jax.Array
     """Mean over the real (non-pad) positions of each sequence."""
     weights = token_mask_BxL.astype(x_BxLxD.dtype)[..., None]
     return (x_BxLxD * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+
+
+def first_position(x_BxLxD: jax.Array) -> jax.Array:
+    """The output at the first position, where BERT's tokenizer puts [CLS] (``readout = "cls"``)."""
+    return x_BxLxD[:, 0]
+
+
+class Pooler(nn.Module):
+    """BERT's pooler (Devlin et al. 2019, §3; `BertPooler` in Hugging Face's port): ``tanh(W x + b)`` of
+    the first position's output, ``[B, D] -> [B, D]``, shared by the tasks; MT-DNN's heads read it (Liu
+    et al. 2019, §3.1: the [CLS] vector). A checkpoint's ``pooler.dense`` fills it
+    (`mtt_jax.models.pretrained`)."""
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxD: jax.Array) -> jax.Array:
+        return jnp.tanh(nn.Dense(x_BxD.shape[-1], dtype=self.dtype, name="dense",
+                                 kernel_init=kernel_init(("embed", "mlp")),
+                                 bias_init=zeros_init(("mlp",)))(x_BxD))
 
 
 class TaskAttentionPool(nn.Module):

@@ -9,9 +9,11 @@ The forward pass is split in two so that tests and diagnostics can act on the ta
   token_mask_BxL, task_id_B)``, each row with its own task's features, as in `encode_task`.
 - `decode`: task streams -> task attention (optional) -> per-task read-out and heads. The read-out
   (``readout``): "mean", today's (the masked mean of the positions; single-input task tokens are read
-  directly), or "attention_pool", a learned query per task over the positions (`TaskAttentionPool`;
-  single-input: the input's positions, not the task tokens). Per-task parameters, so it belongs to the
-  task side of `mtt_jax.task_grads`.
+  directly), "attention_pool", a learned query per task over the positions (`TaskAttentionPool`;
+  single-input: the input's positions, not the task tokens), or "cls" (multi-input), the first
+  position, BERT's [CLS], through BERT's pooler when ``cls_pooler`` (`Pooler`, shared by the tasks, as
+  in MT-DNN). Read-out parameters live in `decode`, so they belong to the task side of
+  `mtt_jax.task_grads`, and train under ``optimizer.freeze="encoder"``.
 
 The multi-input and flat forms share every parameter, so a model trained on flat mixtures is scored on
 the multi-input eval batches, and row i of a flat batch gets exactly what slice ``task_id[i]`` of the
@@ -35,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from mtt_jax.models.adapters import frozen
-from mtt_jax.models.heads import READOUTS, TaskAttentionPool, TaskHead, masked_mean_pool
+from mtt_jax.models.heads import (READOUTS, Pooler, TaskAttentionPool, TaskHead, first_position,
+                                   masked_mean_pool)
 from mtt_jax.models.partitioning import Dtype
 from mtt_jax.models.task_attention import (ALIGNED_POOLS, AlignedTaskAttention, MultiInputTaskAttention,
                                            SingleInputTaskAttention)
@@ -67,7 +70,9 @@ class MultiTaskTransformer(nn.Module):
     task_attention_self: bool = False
     task_attention_pool: str = "positions"  # aligned: keys are the other tasks' positions, or "pooled"
     memory_tokens: int = 4
-    readout: str = "mean"            # or "attention_pool": a learned query per task (`TaskAttentionPool`)
+    readout: str = "mean"            # or "attention_pool": a learned query per task (`TaskAttentionPool`),
+    #                                  or "cls": the first position (multi-input; BERT's [CLS])
+    cls_pooler: bool = False         # readout="cls": through BERT's pooler, Dense + tanh (`Pooler`)
     remat: str = "none"
     dtype: Dtype = jnp.float32
     ffn: str = "dense"               # or "task_moe": task-gated MoE feed-forward (`mtt_jax.models.moe`)
@@ -121,9 +126,11 @@ class MultiTaskTransformer(nn.Module):
                                                             num_tasks=len(self.tasks), **kwargs))
         elif self.task_attention == "aligned":
             self.cross_task = AlignedTaskAttention(pool=self.task_attention_pool, **kwargs)
-        check_readout(self.readout)
+        check_readout(self.readout, self.layout, self.cls_pooler)
         if self.readout == "attention_pool":
             self.readout_pool = TaskAttentionPool(len(self.tasks), self.num_heads, self.dtype)
+        if self.cls_pooler:
+            self.pooler = Pooler(self.dtype)
         self.heads = {t.name: TaskHead(t, self.dtype, name=f"head_{t.name}") for t in self.tasks}
 
     def __call__(self, inputs: jax.Array, train: bool = False, task_id: jax.Array | None = None):
@@ -171,12 +178,15 @@ class MultiTaskTransformer(nn.Module):
 
     def _read_out(self, index: int, task: TaskSpec, x_BxLxD: jax.Array,
                   token_mask_BxL: jax.Array) -> jax.Array:
-        """Task head on every position (tagging), or on the real positions pooled: their mean, or task
-        ``index``'s attention pool."""
+        """Task head on every position (tagging), or on the real positions pooled: their mean, task
+        ``index``'s attention pool, or the first position ([CLS]; through the pooler if on)."""
         if task.kind == "tagging":
             features = x_BxLxD
         elif self.readout == "attention_pool":
             features = self.readout_pool(x_BxLxD, token_mask_BxL, index)
+        elif self.readout == "cls":
+            features = first_position(x_BxLxD)
+            features = self.pooler(features) if self.cls_pooler else features
         else:
             features = masked_mean_pool(x_BxLxD, token_mask_BxL)
         return self.heads[task.name](features)
@@ -340,9 +350,19 @@ def task_encoder_form(task_encoder: bool | str, layout: str) -> str:
     return task_encoder
 
 
-def check_readout(readout: str) -> None:
+def check_readout(readout: str, layout: str = "multi", pooler: bool = False) -> None:
+    """A one-line ValueError for a read-out the layout cannot run. "cls" reads the first position of
+    each example's own sequence (BERT's [CLS]), which only multi-input examples have: single-input task
+    streams are already one vector per task (their task tokens)."""
     if readout not in READOUTS:
         raise ValueError(f"model.readout={readout!r}; choose one of {', '.join(READOUTS)}")
+    if readout == "cls" and layout != "multi":
+        raise ValueError("model.readout='cls' reads the first position ([CLS]) of each example's token "
+                         "sequence in the multi-input layout; single-input task tokens are read directly "
+                         "by 'mean'")
+    if pooler and readout != "cls":
+        raise ValueError(f"model.pooler=True is BERT's pooler on the first position; set "
+                         f"model.readout='cls' (it is {readout!r})")
 
 
 def check_film(film: bool, task_encoder: bool | str) -> None:
@@ -378,7 +398,7 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
         positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, task_attention_pool=m.task_attention_pool,
-        memory_tokens=m.memory_tokens, readout=m.readout, remat=m.remat,
+        memory_tokens=m.memory_tokens, readout=m.readout, cls_pooler=m.get("pooler", False), remat=m.remat,
         dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,
         scan_layers=m.scan_layers, **pretrained_options(m),
         freeze_encoder=config.optimizer.get("freeze", "none") == "encoder")

@@ -12,8 +12,8 @@ Three steps, each before the next can cost anything:
    the first missing or mismatched one is named. Only the file's header is read.
 3. `load_into` (after the state is initialised): the imported arrays replace the initialised ones,
    each placed with the sharding of the leaf it replaces. Heads, task attention and other parameters
-   the checkpoint has no tensor for keep their initialisation; tensors we have no place for (BERT's
-   pooler and pre-training heads, a ViT classifier) are not read.
+   the checkpoint has no tensor for keep their initialisation; tensors we have no place for (the
+   pre-training heads, a ViT classifier; the pooler unless the model has one) are not read.
 
 The mapping (`tensor_map`): torch ``Linear`` weights ``[out, in]`` are transposed into our ``[in, out]``
 kernels; the attention projections are split into our ``[D, H, K]`` / ``[H, K, D]`` head layout (head h
@@ -21,7 +21,8 @@ is rows ``h K .. (h + 1) K`` of the fused weight, as the checkpoint's own reshap
 position table fills the first rows of ours (which has at least 512), and the data may use no more
 positions than the checkpoint learned. A ViT's ``[CLS]`` token (plus its position embedding) becomes the
 task encoder's bias, with its kernel at zero, so every task token starts as ViT's ``[CLS]``; with one task
-the encoder is ViT exactly.
+the encoder is ViT exactly. A model with BERT's pooler (``model.readout="cls"``, ``model.pooler=True``,
+`mtt_jax.models.heads.Pooler`) reads the checkpoint's ``pooler.dense``, which the file must then hold.
 
 Not supported: RoBERTa (its padding id is 1, and our pad mask reads id != 0; its positions are offset by
 2), relative position embeddings, T5.
@@ -214,6 +215,8 @@ def tensor_map(checkpoint: Checkpoint, param_shapes: dict[Path, tuple[int, ...]]
     tensors = []
     for i in range(num_layers):
         tensors += _block(f"encoder.layer.{i}", block_path(i), i, num_heads, names)
+    if ("pooler", "dense", "kernel") in param_shapes:   # model.pooler: the [CLS] read-out's Dense + tanh
+        tensors += _dense("pooler.dense", ("pooler", "dense"))
     if checkpoint.model_type == "bert":
         return tensors + [
             Tensor(("embeddings.word_embeddings.weight",), ("embed", "embedding", "embedding")),
@@ -288,7 +291,8 @@ def check_tensors(checkpoint: Checkpoint, abstract_params, positions_used: int,
         names = [_resolve(name, available) for name in tensor.names]
         if None in names:
             missing = _model_prefix(available) + tensor.names[names.index(None)]
-            raise CheckpointError(f"{file}: no tensor {missing!r} (for {'/'.join(tensor.path)})")
+            hint = "; the file has no pooler: set model.pooler=False" if tensor.path[0] == "pooler" else ""
+            raise CheckpointError(f"{file}: no tensor {missing!r} (for {'/'.join(tensor.path)}){hint}")
         target = _target_shape(tensor, param_shapes)
         if target is None:
             raise CheckpointError(f"{file}: tensor {names[0]!r} has no parameter {'/'.join(tensor.path)} to "

@@ -151,7 +151,7 @@ def _check_model(config) -> None:
         raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
     _by_owner(task_encoder_form, m.task_encoder, data.SOURCES[config.data.source].layout)
     _by_owner(check_film, m.film, m.task_encoder)
-    _by_owner(check_readout, m.readout)
+    _by_owner(check_readout, m.readout, data.SOURCES[config.data.source].layout, m.get("pooler", False))
     _check_pretrained_options(m)
     _check_adapters(config)
 

@@ -43,6 +43,7 @@ ADDED_FIELDS = {("data", "eval_split"): "test", ("plugins",): [],
                 ("weighting", "upgrad", "preference"): [], ("weighting", "blocks"): [],
                 ("weighting", "auto_lambda"): {"init": 0.1, "lr": 1e-4, "lookahead_lr": 0.1},
                 ("model", "readout"): "mean", ("model", "task_attention_pool"): "positions",
+                ("model", "pooler"): False,   # BERT's pooler on the "cls" read-out
                 # the trunk's options for pretrained checkpoints (mtt_jax.models.pretrained)
                 ("model", "checkpoint"): "", ("model", "norm_position"): "pre", ("model", "token_types"): 0,
                 ("model", "embed_norm"): False, ("model", "embed_scale"): True, ("model", "gelu"): "tanh",
