@@ -34,7 +34,8 @@ test split is reported once. Runs are archived (`experiments.archive`) and `repo
 from the records alone.
 
 Cost. full: about 2 hours per part on 2 CPU cores (see `FULL_COST`); ``--quick``: a corner of each
-grid, 3 seeds, one learning rate, short runs, under 10 minutes for all three parts.
+grid, 3 seeds, one learning rate, short runs: 165 runs, about 2000 CPU-seconds for the three parts
+(roughly 17-20 minutes on 2 quiet cores; `--part` runs one).
 """
 
 from __future__ import annotations
