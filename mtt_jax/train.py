@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from mtt_jax.perf import flops, profile_window
 from mtt_jax.run import checkpoint, lease, multihost, summary
-from mtt_jax import train_step as steps
+from mtt_jax import task_grads, train_step as steps
 from mtt_jax.run import workdir as workdir_lib
 from mtt_jax.builder import (DTYPES, Parts, Setup, Steps, build, build_parts, compile_affinity,  # noqa: F401
                              compile_steps, compile_train_step, config_train_step, device_peak_memory_mib,
@@ -63,6 +63,13 @@ def train_and_evaluate(config, workdir: str, quiet: bool = False, overwrite: boo
             every_process=True)
         with multihost.watch_peers():  # a process that stops mid-run stops the others at once, in one line
             return _run(setup, compiled, config, workdir, quiet, overwrite, held, preemption)
+
+
+def _block_names(setup: Setup) -> tuple[str, ...]:
+    """The names of the groups of per-block aggregation (``weighting.blocks``), or () without it."""
+    shared_shapes, _ = task_grads.split_params(nn.unbox(setup.abstract_state.params["model"]))
+    grouping = setup.method.block_grouping(shared_shapes)
+    return grouping.names if grouping is not None else ()
 
 
 def _on_process_zero(action, where: str, every_process: bool = False):
@@ -168,7 +175,8 @@ class RunOutputs:
         self.log = TrainLog(config, config.tasks, self.writer, self.progress, self.timer, first_step,
                             self.learning_rate, _throughput(setup, config),
                             setup.method.requires not in ("losses", "lookahead"),  # per-task gradients
-                            device_peak_memory_mib, f"last good checkpoint kept in {checkpointer.directory}")
+                            device_peak_memory_mib, f"last good checkpoint kept in {checkpointer.directory}",
+                            _block_names(setup))
         self.affinity = AffinityProbe(setup, config, self.schedule, self.writer, self.timer, kept)
 
     def learning_rate(self, step: int) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -54,7 +54,7 @@ class Throughput:
 def train_record(metrics: dict, task_names, *, learning_rate: float, steps_per_second: float,
                  timing: tuple[float, float] | None, throughput: Throughput,
                  peak_memory_mib: float | None, gradient_diagnostics: bool,
-                 cosine_matrix: bool) -> dict:
+                 cosine_matrix: bool, block_names: Sequence[str] = ()) -> dict:
     """The record of one update from its fetched ``metrics``: loss, gradient norm, learning rate,
     rate; with ``timing`` (seconds per update and input-wait share of the window) the step time and
     throughput; per-task losses and weights; with ``gradient_diagnostics`` the per-task gradient norms
@@ -73,6 +73,10 @@ def train_record(metrics: dict, task_names, *, learning_rate: float, steps_per_s
     for i, name in enumerate(task_names):
         record[f"{name}/loss"] = float(metrics["task_losses"][i])
         record[f"weight/{name}"] = float(metrics["weights"][i])
+    if block_names and "block_weights" in metrics:  # per-block aggregation: each group's own weights
+        for b, group in enumerate(block_names):
+            for i, name in enumerate(task_names):
+                record[f"weight/{group}/{name}"] = float(metrics["block_weights"][b][i])
     if "task_grad_norms" in metrics and gradient_diagnostics:
         for i, name in enumerate(task_names):
             record[f"grad_norm/{name}"] = float(metrics["task_grad_norms"][i])
@@ -89,8 +93,9 @@ class TrainLog:
 
     def __init__(self, config, task_names, writer: MetricWriter, progress: Progress, timer: StepTimer,
                  first_step: int, learning_rate: Callable[[int], float], throughput: Throughput,
-                 gradient_method: bool, peak_memory_mib: Callable[[], float | None], halt_note: str):
-        self.config, self.task_names = config, task_names
+                 gradient_method: bool, peak_memory_mib: Callable[[], float | None], halt_note: str,
+                 block_names: Sequence[str] = ()):
+        self.config, self.task_names, self.block_names = config, task_names, tuple(block_names)
         self.writer, self.progress, self.timer = writer, progress, timer
         self.first_step, self.learning_rate, self.throughput = first_step, learning_rate, throughput
         self.gradient_method, self.peak_memory_mib, self.halt_note = gradient_method, peak_memory_mib, halt_note
@@ -124,7 +129,8 @@ class TrainLog:
             metrics, self.task_names, learning_rate=self.learning_rate(step - 1),
             steps_per_second=self.progress.steps_per_second(step), timing=timing,
             throughput=self.throughput, peak_memory_mib=self.peak_memory_mib(),
-            gradient_diagnostics=self.gradient_method or diagnostics_step, cosine_matrix=diagnostics_step)
+            gradient_diagnostics=self.gradient_method or diagnostics_step, cosine_matrix=diagnostics_step,
+            block_names=self.block_names)
         self.writer.write(step, "train", record)
         self.progress.update(step, record["loss"], force_line=True)
 

@@ -267,6 +267,21 @@ def test_a_pattern_matching_no_parameter_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_a_run_logs_each_groups_weights_beside_their_mean(tmp_path):
+    """metrics.jsonl: ``weight/<task>`` is the groups' mean, ``weight/<group>/<task>`` each group's own."""
+    config = tiny_config("upgrad")
+    config.total_steps, config.eval_every, config.log_every = 2, 2, 1
+    train.train_and_evaluate(config, str(tmp_path), quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r.get("split") == "train"][-1]
+    groups = sorted({k.split("/")[1] for k in last if k.startswith("weight/") and k.count("/") == 2})
+    assert groups == ["block_0", "other"]  # the tiny model: one block, and the embeddings
+    for task in config.tasks:
+        own = [last[f"weight/{group}/{task}"] for group in groups]
+        assert np.isfinite(own).all()
+        np.testing.assert_allclose(np.mean(own), last[f"weight/{task}"], rtol=1e-5)
+
+
 # --- Checkpoints -----------------------------------------------------------------------------------------
 
 def test_a_resumed_run_keeps_the_per_group_state(tmp_path):
