@@ -39,10 +39,11 @@ LONGEST_MODULES = ("test_zoo.py", "test_experiments.py", "test_scale.py", "test_
 # run it before a release and after changing what these cover. An entry that names no test fails the
 # collection, so the list cannot silently go stale. Entries: "module::test" (every case of it) or
 # "module::test[case]".
-ZOO_METHODS_BY_DEFAULT = ("famo", "pcgrad", "nash_mtl", "moco", "auto_lambda")
+ZOO_METHODS_BY_DEFAULT = ("famo", "pcgrad", "nash_mtl", "moco")
 SLOW = (
     # weighting methods: one of each kind by default (loss-based with state, Gram, Gram with a solver,
-    # state shaped like the parameters, lookahead); the sampled Gram trains sharded in test_scale
+    # state shaped like the parameters); the sampled Gram trains sharded in test_scale, the lookahead
+    # (Auto-Lambda) in test_auto_lambda
     "test_zoo.py::test_method_trains_sharded_without_diverging[*]",
     "test_scale.py::test_eight_devices_match_one_device[8-1-1]",
     "test_scale.py::test_scanned_layers_on_a_mesh_shard_like_the_unrolled_blocks_and_step_the_same",
@@ -92,6 +93,7 @@ SLOW = (
     "test_mechanisms.py::test_aligned_task_attention_trains_on_an_aligned_batch[mgda]",
     "test_mechanisms.py::test_additive_task_encoder_trains_on_multidigits[mgda]",
     "test_mechanisms.py::test_task_encoder_true_is_each_layouts_own_form",
+    "test_mechanisms.py::test_attention_pool_trains_on_seqtasks_multi_input",
     "test_mechanisms.py::test_attention_pool_models_start_as_the_mean_readout_and_learn_per_task_queries[multi-True]",
     "test_mechanisms.py::test_the_flops_formula_counts_the_attention_pools[seqtasks]",
     "test_splits.py::test_a_training_run_scores_the_configs_eval_split",
