@@ -342,9 +342,7 @@ def lock(workdir: str, enabled: bool = True):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to end or "
-                               f"use another --workdir") from None
+            raise _in_use(workdir, f.read().strip()) from None
         except OSError:  # no flock on this filesystem
             pass
         f.seek(0)
@@ -376,12 +374,16 @@ def check_free(workdir: str) -> None:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = f.read().strip() or "another process"
-            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to end or "
-                               f"use another --workdir") from None
+            raise _in_use(workdir, f.read().strip()) from None
         except OSError:  # no flock on this filesystem
             return
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _in_use(workdir: str, holder: str) -> WorkdirError:
+    """The refusal of a local workdir whose ``.lock`` another process holds (``holder``: its line)."""
+    return WorkdirError(f"{workdir} is in use by another run ({holder or 'another process'}); wait for it "
+                        f"to end or use another --workdir")
 
 
 def _holds(path: str) -> bool:
