@@ -43,7 +43,7 @@ An interrupted run resumes when the same command is run again: finished arms are
 ``WORKDIR/runs`` through ``results.partial.json``.
 
 Cost. full: 3 tasks; the single-task models, EW and every other registered method, 8 fixed weightings;
-each 5 seeds x 3 learning rates x 500 steps: `FULL_COST`. ``--quick``: 8 methods, 3 fixed weightings,
+each 5 seeds x 4 learning rates x 500 steps: `FULL_COST`. ``--quick``: 8 methods, 3 fixed weightings,
 3 seeds x 2 learning rates x 200 steps, in at most 10 minutes on 2 quiet cores.
 """
 
@@ -67,12 +67,12 @@ TINY_TASKS = ("majority", "mean_value")
 TINY_METHODS = ("ew", "mgda", "db_mtl")        # EW, a Gram method and a per-task-gradient one
 QUICK_METHODS = ("ew", "uncertainty", "famo", "mgda", "pcgrad", "cagrad", "nash_mtl", "db_mtl")
 ZOO = tuple(m for m in METHODS if m != "fixed")  # "fixed" is the scalarization sweep's
-LEARNING_RATES = {"tiny": (1e-3, 3e-3), "quick": (1e-3, 3e-3), "full": (1e-3, 3e-3, 1e-2)}
+LEARNING_RATES = {"tiny": (1e-3, 3e-3), "quick": (1e-3, 3e-3), "full": (1e-3, 3e-3, 1e-2, 3e-2)}
 SCALARIZATIONS = {"tiny": 2, "quick": 3, "full": 8}
 EPOCH_BASED = ("dwa", "stch")
-FULL_COST = (f"about 100 CPU-minutes, 1-2 hours on 2 CPU cores ({3 + len(ZOO) + SCALARIZATIONS['full']} arms: 3 "
-             f"single-task models, EW and the {len(ZOO) - 1} other methods, {SCALARIZATIONS['full']} fixed "
-             "weightings; each 5 seeds x 3 learning rates x 500 steps).")
+FULL_COST = (f"about 140 CPU-minutes, 1.5-2.5 hours on 2 CPU cores ({3 + len(ZOO) + SCALARIZATIONS['full']} arms: "
+             f"3 single-task models, EW and the {len(ZOO) - 1} other methods, {SCALARIZATIONS['full']} fixed "
+             f"weightings; each 5 seeds x {len(LEARNING_RATES['full'])} learning rates x 500 steps).")
 
 
 # --- Arms ------------------------------------------------------------------------------------------
