@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     # task, T times the trunk's FLOPs) or "none"; True: the layout's own form (single-input "tokens",
     # multi-input "add"), False: "none". (A literal on the command line: --config.model.task_encoder=add.)
     c.model.task_encoder = config_dict.FieldReference(True, field_type=object)
+    c.model.task_encoder_init_std = 0.02  # the task features' initial scale: 0.02 suits task tokens;
+    #                                       "add" adds them to the embedded inputs, which it barely moves
     c.model.task_attention = "cross"      # or "none": the plain shared-trunk baseline; or "aligned"
     #                                       (multi-input sources whose rows are aligned across tasks):
     #                                       task i's stream queries the other tasks' streams of its row

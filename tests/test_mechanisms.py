@@ -244,6 +244,21 @@ def test_additive_task_encoder_is_one_conditioned_trunk_pass_per_task():
     assert float(jnp.abs(streams[:, 0] - streams[:, 1]).max()) > 1e-3   # conditioned: the passes differ
 
 
+@pytest.mark.parametrize("init_std", [0.02, 1.0])
+def test_task_encoder_init_std_is_the_initial_features_scale(init_std):
+    """``model.task_encoder_init_std`` reaches the task encoder through the config: the initial task
+    features' standard deviation is the value asked for (256 features per task, so within 20%)."""
+    from mtt_jax.models import build_model
+    config = default_config.get_config("tiny")
+    config.model.task_encoder, config.model.d_model = "add", 256
+    config.model.task_encoder_init_std = init_std
+    model = build_model(config, DIGITS, "single", IMAGE)
+    params = nn.unbox(jit_init(model, images())["params"])
+    kernel = np.asarray(params["task_features"]["dense"]["kernel"])
+    assert kernel.shape == (2, 256)
+    assert kernel.std() == pytest.approx(init_std, rel=0.2)
+
+
 def test_task_encoder_true_is_each_layouts_own_form():
     """multi-input: "add" and True are the same model; single-input: "tokens" and True, "none" and
     False."""
@@ -458,6 +473,12 @@ def refusal(config) -> str:
     message = str(error.value)
     assert "\n" not in message
     return message
+
+
+def test_task_encoder_init_std_refuses_a_negative_scale():
+    config = default_config.get_config("tiny")
+    config.model.task_encoder_init_std = -0.5
+    assert "model.task_encoder_init_std=-0.5 must be in [0.0, inf]" in refusal(config)
 
 
 def test_aligned_task_attention_refusals():

@@ -66,6 +66,7 @@ class MultiTaskTransformer(nn.Module):
     patch_size: int = 2
     positional: str = "sinusoidal"
     task_encoder: bool | str = True   # True, False or one of TASK_ENCODERS (`task_encoder_form`)
+    task_encoder_init_std: float = 0.02  # the task features' initial scale (`TaskEncoder.init_std`)
     task_attention: str = "cross"
     task_attention_self: bool = False
     task_attention_pool: str = "positions"  # aligned: keys are the other tasks' positions, or "pooled"
@@ -111,7 +112,8 @@ class MultiTaskTransformer(nn.Module):
                                             self.layer_norm_eps, self.dtype)
         check_film(self.film, self.task_encoder)
         if self._task_encoder != "none":
-            self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype)
+            self.task_features = TaskEncoder(len(self.tasks), self.d_model, self.dtype,
+                                             self.task_encoder_init_std)
         self.trunk = encoder(Trunk)(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                                     self.remat, self.dtype, self.ffn, self.num_experts, len(self.tasks),
                                     self.film, self.attention_kernel, self.scan_layers, self.norm_position,
@@ -396,7 +398,8 @@ def build_model(config, tasks: tuple[TaskSpec, ...], layout: str, input_spec: In
     return MultiTaskTransformer(
         tasks=tasks, layout=layout, input_spec=input_spec, num_layers=m.num_layers, d_model=m.d_model,
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate, patch_size=m.patch_size,
-        positional=m.positional, task_encoder=m.task_encoder, task_attention=m.task_attention,
+        positional=m.positional, task_encoder=m.task_encoder,
+        task_encoder_init_std=m.get("task_encoder_init_std", 0.02), task_attention=m.task_attention,
         task_attention_self=m.task_attention_self, task_attention_pool=m.task_attention_pool,
         memory_tokens=m.memory_tokens, readout=m.readout, cls_pooler=m.get("pooler", False), remat=m.remat,
         dtype=dtype, ffn=m.ffn, num_experts=m.num_experts, film=m.film, attention_kernel=config.attention_kernel,

@@ -21,16 +21,23 @@ from mtt_jax.models.partitioning import Dtype, kernel_init, zeros_init
 
 
 class TaskEncoder(nn.Module):
+    """``init_std``: the standard deviation of the Dense kernel's initial entries, so of the initial task
+    features. The default 0.02 (BERT's embedding scale) suits task tokens, which the first LayerNorm
+    rescales. Features added to the embedded inputs (``"add"``) start as a perturbation of relative size
+    ``init_std`` / (the embeddings' scale), so a small value hides the task at first; a larger one makes
+    it visible from the first step."""
+
     num_tasks: int
     d_model: int
     dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self) -> jax.Array:
         """Returns the task features ``[T, D]``, row t = Dense(one_hot(t))."""
         identity_TxT = jnp.eye(self.num_tasks, dtype=self.dtype)
         return nn.Dense(self.d_model, dtype=self.dtype, name="dense",
-                        kernel_init=kernel_init((None, "embed"), nn.initializers.normal(0.02)),
+                        kernel_init=kernel_init((None, "embed"), nn.initializers.normal(self.init_std)),
                         bias_init=zeros_init(("embed",)))(identity_TxT)
 
 

@@ -150,6 +150,7 @@ def _check_model(config) -> None:
     if not 0.0 <= m.dropout_rate < 1.0:
         raise ConfigError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
     _by_owner(task_encoder_form, m.task_encoder, data.SOURCES[config.data.source].layout)
+    _in_range("model.task_encoder_init_std", m.get("task_encoder_init_std", 0.02), 0.0)
     _by_owner(check_film, m.film, m.task_encoder)
     _by_owner(check_readout, m.readout, data.SOURCES[config.data.source].layout, m.get("pooler", False))
     _check_pretrained_options(m)
