@@ -397,12 +397,31 @@ def verdict(s: dict) -> str:
         lines.append(f"- **Not in the score: {', '.join(unscored)}**: its single-task model does not beat the "
                      "input-blind predictor beyond the 95% interval on validation, so it has no gap to keep "
                      "a share of; its columns are still shown.")
+    lines.extend(_grid_edges(s))
     lines.append(f"- Score: the mean over tasks of (M - M_input-blind) / (M_single-task - M_input-blind) "
                  f"on each task's main metric; ± is the 95% t-interval over {len(s['seeds'])} seeds; "
                  f"▲/▼: the paired difference's interval excludes 0. Learning rates chosen on validation "
                  f"from {', '.join(f'{lr:g}' for lr in s['learning_rates'])}; the tuned scalarization is "
                  f"the best of {s['num_scalarizations']} fixed weightings on validation.")
     return "\n".join(lines) + "\n"
+
+
+def _grid_edges(s: dict) -> list[str]:
+    """A protocol check: the arms whose chosen learning rate is an end of the grid, where the best rate
+    may lie beyond it. Only a grid of at least three rates has an inside to prefer."""
+    rates = s["learning_rates"]
+    if len(rates) < 3:
+        return []
+    chosen = {f"single-task {t}": v["lr"] for t, v in s["single_task"].items()}
+    chosen.update({row["label"] if row["kind"] == "method" else f"scalarization {row['label']}": row["lr"]
+                   for row in s["rows"].values()})
+    lines = []
+    for end, rate in (("largest", rates[-1]), ("smallest", rates[0])):
+        at_end = sorted(name for name, lr in chosen.items() if lr == rate)
+        if at_end:
+            lines.append(f"- **Grid edge:** {len(at_end)} of {len(chosen)} arms chose the {end} learning rate, "
+                         f"{rate:g}, so their best rate may lie beyond the grid: {', '.join(at_end)}.")
+    return lines
 
 
 def plot(summary: dict, workdir: str) -> None:

@@ -121,6 +121,20 @@ def test_the_zoo_report_selects_on_validation_and_reports_test():
     assert "`abc`" in text and "36 archived runs" in text
 
 
+def test_the_zoo_report_flags_rates_chosen_at_an_end_of_the_grid():
+    rows = {"method:ew": {"kind": "method", "label": "ew", "lr": 1e-2},
+            "method:mgda": {"kind": "method", "label": "mgda", "lr": 3e-3},
+            "scalarization:w=a": {"kind": "scalarization", "label": "w=a", "lr": 1e-3}}
+    s = {"learning_rates": [1e-3, 3e-3, 1e-2], "rows": rows,
+         "single_task": {"majority": {"lr": 1e-2}, "mean_value": {"lr": 3e-3}}}
+    assert weighting_zoo._grid_edges(s) == [
+        "- **Grid edge:** 2 of 5 arms chose the largest learning rate, 0.01, so their best rate may lie "
+        "beyond the grid: ew, single-task majority.",
+        "- **Grid edge:** 1 of 5 arms chose the smallest learning rate, 0.001, so their best rate may lie "
+        "beyond the grid: scalarization w=a."]
+    assert weighting_zoo._grid_edges({**s, "learning_rates": [1e-3, 1e-2]}) == []  # no inside to prefer
+
+
 # --- the archive and RESULTS.md -------------------------------------------------------------------
 
 def test_run_writer_archives_one_file_per_run_and_a_fresh_run_clears_the_old_archive(tmp_path):
