@@ -27,14 +27,16 @@ ARCHIVE = os.path.join(REPOSITORY, "experiments", "results")
 
 
 @functools.cache
-def code_version() -> str:
+def code_version(repository: str = REPOSITORY) -> str:
     """The commit of this checkout, with ``+dirty`` when tracked files differ from it; ``unknown``
-    outside a git checkout."""
+    outside a git checkout. The archive (``experiments/results/``) is data, not code: an archived rerun
+    first clears its own earlier records (`RunWriter`), which must not mark its code as changed."""
     try:
-        run = lambda *args: subprocess.run(["git", "-C", REPOSITORY, *args], capture_output=True,
+        run = lambda *args: subprocess.run(["git", "-C", repository, *args], capture_output=True,
                                            text=True, check=True).stdout.strip()
         commit = run("rev-parse", "--short=12", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    f":(exclude){os.path.relpath(ARCHIVE, REPOSITORY)}")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
