@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -136,6 +137,26 @@ def test_the_zoo_report_flags_rates_chosen_at_an_end_of_the_grid():
 
 
 # --- the archive and RESULTS.md -------------------------------------------------------------------
+
+def test_code_version_marks_changed_code_but_not_the_archive(tmp_path):
+    """A fresh archived rerun clears its earlier records first; its code is still the commit's."""
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "experiments" / "results" / "seed0.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short=12", "HEAD"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    version = archive.code_version.__wrapped__        # uncached: the run's version is computed once
+    assert version(str(tmp_path)) == commit
+    (tmp_path / "experiments" / "results" / "seed0.json").unlink()      # RunWriter clearing the archive
+    assert version(str(tmp_path)) == commit
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert version(str(tmp_path)) == commit + "+dirty"
+    assert version(str(tmp_path / "experiments" / "missing")) == "unknown"
+
 
 def test_run_writer_archives_one_file_per_run_and_a_fresh_run_clears_the_old_archive(tmp_path):
     root = tmp_path / "results"
