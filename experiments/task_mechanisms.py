@@ -35,7 +35,7 @@ from the records alone.
 
 Cost. full: about 2 hours per part on 2 CPU cores (see `FULL_COST`); ``--quick``, a smoke check of
 each part: one readout cell (heavy overlap, width 32, one layer), retrieval at T = 2 and widths 8 and
-32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 300 steps: 78 runs
+32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 200 steps: 78 runs
 (`--part` runs one).
 """
 
@@ -92,11 +92,11 @@ def grid(size: str) -> dict:
         "readout_cells": common.pick(size, (("heavy", 16, 1),), (("heavy", 32, 1),),
                                      (("heavy", 16, 1), ("heavy", 64, 1), ("heavy", 64, 2),
                                       ("standard", 64, 2))),
-        "readout_steps": common.pick(size, 20, 300, 1000),
+        "readout_steps": common.pick(size, 20, 200, 1000),
         "retrieval_tasks": common.pick(size, (2,), (2,), (2, 4, 8)),
         "retrieval_widths": common.pick(size, (8,), (8, 32), (8, 16, 32, 64, 128)),
-        "retrieval_steps": common.pick(size, 20, 300, 1000),
-        "multiview_steps": common.pick(size, 20, 300, 1000),
+        "retrieval_steps": common.pick(size, 20, 200, 1000),
+        "multiview_steps": common.pick(size, 20, 200, 1000),
         "width": common.pick(size, 16, 32, 64),
         # --tiny (the tests): a corner of each part, to check the pipeline in seconds
         "readout_models": common.pick(size, ("mean_pool", "additive"), tuple(READOUT_MODELS),
