@@ -378,3 +378,38 @@ def test_runner_matches_the_training_loop(tmp_path):
     for key, value in values["loop"].items():
         np.testing.assert_allclose(values["runner"][1][key], value, rtol=2e-3, atol=1e-5, err_msg=key)
     assert abs(values["runner"][0]["loss"] - values["loop"]["loss"]) > 1e-4   # seed 0 is another run
+
+
+def retrieval_records(label: str, coordinates: dict, tasks: tuple, accuracies: list, blind: float) -> list:
+    """Hand-made task_mechanisms records of one retrieval arm, one per seed."""
+    return [{"arm": f"{label}@lr=0.002", "seed": seed, "coordinates": {**coordinates, "part": "retrieval",
+                                                                       "lr": 0.002},
+             "config": {"tasks": list(tasks)},
+             "metrics": {"test": {k: v for t in tasks for k, v in ((f"{t}/accuracy", accuracy),
+                                                                  (f"{t}/baseline_accuracy", blind))}}}
+            for seed, accuracy in enumerate(accuracies)]
+
+
+@pytest.mark.parametrize("single_accuracies,reads_widths", [([0.60, 0.61, 0.62], True),
+                                                            ([0.19, 0.20, 0.21], False)])
+def test_retrieval_widths_are_read_only_against_a_learned_single_task_reference(single_accuracies,
+                                                                                 reads_widths):
+    """The smallest width reaching 95% of the single-task model's accuracy means nothing when that model
+    is at the input-blind predictor's level (0.2 here): the report then gives no width."""
+    from experiments import task_mechanisms
+    arms = {}
+    for width, accuracies in ((8, [0.2, 0.2, 0.2]), (32, [0.7, 0.72, 0.74])):
+        label = f"retrieval:T2:w{width}:task_tokens"
+        arms[label] = retrieval_records(label, {"num_tasks": 2, "width": width, "model": "task_tokens"},
+                                        ("retrieve_0", "retrieve_1"), accuracies, 0.2)
+        label = f"retrieval:w{width}:single"
+        arms[label] = retrieval_records(label, {"width": width, "model": "single_task"}, ("retrieve_0",),
+                                        single_accuracies if width == 32 else [0.2, 0.2, 0.2], 0.2)
+    text = task_mechanisms.retrieval_report(arms)
+    if reads_widths:   # 0.95 x 0.61 = 0.5795: width 32 reaches it, width 8 does not
+        assert "accuracy (0.580; its lead over the input-blind predictor: 0.410 ± 0.025)" in text
+        assert "| task_tokens | 32 |" in text
+    else:
+        assert "**No smallest width is given" in text and "0.000 ± 0.025), so it is no reference" in text
+        assert "| task_tokens | 32 |" not in text
+    assert "| task_tokens | 2 | 0.200 ± 0.000 | 0.720 ± 0.050 |" in text
