@@ -36,8 +36,8 @@ from the records alone.
 Cost. full: about 2 hours per part on 2 CPU cores (see `FULL_COST`); ``--quick``, a smoke check of
 each part: one readout cell (heavy overlap, width 32, one layer), retrieval at T = 2 and widths 8 and
 32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 200 steps (300 for
-retrieval, whose single-task reference learns nothing in 200): 78 runs
-(`--part` runs one).
+retrieval, whose single-task reference learns nothing in 200): 78 runs, about 9 CPU-minutes, so under
+10 minutes on 2 cores (`--part` runs one).
 """
 
 from __future__ import annotations
