@@ -227,3 +227,34 @@ def test_a_learning_rate_sweep_in_one_program_equals_separate_runs():
     assert "majority/baseline_accuracy" in swept.final[0]
     with pytest.raises(ValueError, match="learning_rates has 1 entries for 2 runs"):
         seed_runs.train_seeds(config, [0, 1], learning_rates=[1e-3])
+
+
+# --- the README quotes the archive ------------------------------------------------------------------
+
+def test_readme_main_job_quotes_the_archived_seed0_float32_run():
+    """The README's ``eval @ 1500`` line, its table and its wall time are the archived record of its own
+    command (`experiments.reference_runs`, arm default_f32, seed 0), formatted as the README prints them:
+    a README that drifts from the archive fails here."""
+    import re
+
+    from experiments import reference_runs
+    (record,) = [r for r in archive.load("reference_runs", "full") if r["arm"] == "default_f32" and r["seed"] == 0]
+    assert record["curves"]["main_command"].startswith(
+        "python -m mtt_jax.main --config configs/default.py --workdir ")
+    assert "--config." not in record["curves"]["main_command"]      # the README's command, no override
+    with open(os.path.join(archive.REPOSITORY, "README.md")) as f:
+        section = f.read().split("## Run the main job")[1].split("\n## ")[0]
+    metrics = record["metrics"]["eval"]
+    line = (f"eval @ 1500: left_digit/accuracy {metrics['left_digit/accuracy']:.4f}  "
+            f"right_digit/accuracy {metrics['right_digit/accuracy']:.4f}")
+    assert line == reference_runs.eval_line(record)
+    assert f"\n{line}\n" in section
+    rows = {task: values.split(" | ") for task, values in
+            re.findall(r"^\| (left_digit|right_digit) \| (.*) \|$", section, re.MULTILINE)}
+    assert rows == {task: [f"{metrics[f'{task}/{name}']:.4f}" for name in ("accuracy", "macro_f1",
+                                                                          "baseline_accuracy")]
+                    for task in ("left_digit", "right_digit")}
+    walls = re.findall(r"Wall time of the whole command: \*\*(\d+) s\*\*", section)
+    assert walls == [f"{record['wall_seconds']:.0f}"]
+    loads = re.findall(r"load average\s+([0-9.]+) at the start", section)
+    assert loads == [f"{record['curves']['load_average_at_start']:.1f}"]
