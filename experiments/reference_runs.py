@@ -33,8 +33,10 @@ Resumable: a rerun of the same command after an interruption skips the finished 
 (``WORKDIR/results.partial.json``) and starts an unfinished one afresh (``--overwrite``), so that its
 wall time is that of one whole command.
 
-Cost. full: 11 runs of 1500 steps; each default run about 2-5 minutes on 2 CPU cores (bf16 slower
-than f32 on a CPU), seqtasks about as long: about 30-55 minutes. ``--quick``: one run, 2-5 minutes.
+Cost. full: 11 runs of 1500 steps. The archived run took 89 minutes on a 2-core machine shared with
+other jobs (load average 4-8): 6-12 minutes per command, bf16 slower than f32; on an idle 2-core
+machine a default run takes about 2-3 minutes (older, unarchived runs), the whole about 30 minutes.
+``--quick``: one run, 2-12 minutes.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ from mtt_jax.run import summary
 from mtt_jax.run import workdir as workdir_lib
 
 NAME = "reference_runs"
-FULL_COST = "11 runs of 1500 steps (10 of configs/default.py, one of configs/seqtasks.py), each a " \
-            "separate python -m mtt_jax.main command: about 30-55 minutes on 2 CPU cores."
+FULL_COST = ("11 runs of 1500 steps (10 of configs/default.py, one of configs/seqtasks.py), each a "
+             "separate python -m mtt_jax.main command: 89 minutes measured on 2 CPU cores shared with "
+             "other jobs, about 30 on an idle machine.")
 # arm -> (config, the command's overrides besides the seed, what the tables call it)
 ARMS = {
     "default_f32": ("configs/default.py", (), "configs/default.py, float32"),
