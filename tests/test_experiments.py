@@ -16,7 +16,7 @@ from experiments import delta_m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("mmoe_correlation", "gradnorm_toy", "pareto_toy", "multimnist", "weighting_zoo",
-               "task_grouping", "task_attention", "task_mechanisms")
+               "task_grouping", "task_attention", "task_mechanisms", "reference_runs")
 
 
 def run_experiment(name: str, workdir: str) -> dict:
