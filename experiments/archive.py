@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from mtt_jax.run import workdir as workdir_lib
 
@@ -71,15 +71,20 @@ class RunWriter:
 
     A fresh (not resumed) archived experiment first clears its ``experiments/results/<experiment>/
     <size>/`` folder (the previous records are in git), so the archive never mixes two invocations.
+    ``owns``: which arm folders (`file_name`) this invocation replaces, for an experiment whose parts
+    are run by separate invocations (``task_mechanisms --part``); the other parts' records stay.
     """
 
     def __init__(self, workdir: str, experiment: str, size: str, archive: bool, resumed: bool,
-                 archive_root: str = ARCHIVE):
+                 archive_root: str = ARCHIVE, owns: Callable[[str], bool] = lambda arm_folder: True):
         self.folders = [workdir_lib.join(workdir, "runs")]
         if archive:
             folder = archive_dir(experiment, size, archive_root)
             if not resumed and os.path.isdir(folder):
-                shutil.rmtree(folder)
+                for name in sorted(os.listdir(folder)):
+                    if owns(name):
+                        path = os.path.join(folder, name)
+                        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             self.folders.append(folder)
 
     def write(self, records: Iterable[dict]) -> None:

@@ -230,13 +230,20 @@ def train_arm(arm: Arm, size: str, command: str) -> list[dict]:
     return records
 
 
+def parts_folders(parts: tuple[str, ...]):
+    """Which archive folders an invocation for ``parts`` replaces: its parts' arms (named ``<part>_...``,
+    `archive.file_name`), so that ``--part retrieval`` keeps the archived readout records."""
+    return lambda arm_folder: arm_folder.split("_")[0] in parts
+
+
 def run(args) -> dict:
     log = common.Log()
     parts = PARTS if args.part == "all" else (args.part,)
     arms = [arm for part in parts for arm in ARMS[part](args.size)]
     partial = common.PartialResults(args.workdir, {"size": args.size, "parts": parts})
     done = partial.load().get("arms", {})
-    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=bool(done))
+    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=bool(done),
+                               owns=parts_folders(parts))
     if done:
         log(f"resuming from {partial.path}: {len(done)} arms finished")
     command = common.command_line()

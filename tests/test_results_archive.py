@@ -158,6 +158,24 @@ def test_code_version_marks_changed_code_but_not_the_archive(tmp_path):
     assert version(str(tmp_path / "experiments" / "missing")) == "unknown"
 
 
+def test_a_fresh_run_of_one_part_clears_only_that_parts_records(tmp_path):
+    """``task_mechanisms --part retrieval`` after ``--part readout``: the readout records stay."""
+    from experiments import task_mechanisms
+    root = tmp_path / "results"
+    def records(part):
+        return [{**hand_made_records()[0], "arm": f"{part}:w8:mean_pool@lr=0.002", "seed": seed}
+                for seed in range(2)]
+    def writer(workdir, part):   # as task_mechanisms.run makes it for --part
+        return archive.RunWriter(str(tmp_path / workdir), "task_mechanisms", "tiny", True, False, str(root),
+                                 owns=task_mechanisms.parts_folders((part,)))
+    for part in ("readout", "retrieval"):
+        writer(part, part).write(records(part))
+    assert len(archive.load("task_mechanisms", "tiny", str(root))) == 4
+    writer("again", "retrieval").write(records("retrieval")[:1])
+    arms = [r["arm"] for r in archive.load("task_mechanisms", "tiny", str(root))]
+    assert arms == ["readout:w8:mean_pool@lr=0.002"] * 2 + ["retrieval:w8:mean_pool@lr=0.002"]
+
+
 def test_run_writer_archives_one_file_per_run_and_a_fresh_run_clears_the_old_archive(tmp_path):
     root = tmp_path / "results"
     records = hand_made_records()[:4]
