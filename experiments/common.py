@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from experiments import stats
+from experiments import archive, stats
 from mtt_jax.run import summary
 from mtt_jax.run import workdir as workdir_lib
 
@@ -186,6 +186,29 @@ class PartialResults:
 
     def discard(self) -> None:
         workdir_lib.remove(self.path)
+
+
+def train_arms(args, experiment: str, identity: dict, arms: Sequence[tuple[str, Callable[[], list[dict]]]],
+               log: Log, owns: Callable[[str], bool] = lambda arm_folder: True
+               ) -> tuple[list[dict], PartialResults]:
+    """Trains each ``(label, train)`` arm that an earlier attempt of the same command (same ``identity``)
+    did not finish, writing its run records (`archive.RunWriter`) and ``results.partial.json`` as each
+    arm ends, so that an interrupted sweep resumes arm by arm. Returns every arm's records and the partial
+    file, to discard once the complete results are written."""
+    partial = PartialResults(args.workdir, identity)
+    done = partial.load().get("arms", {})
+    writer = archive.RunWriter(args.workdir, experiment, args.size, args.archive, resumed=bool(done), owns=owns)
+    if done:
+        log(f"resuming from {partial.path}: {len(done)} arms finished")
+    for label, train in arms:
+        if label in done:
+            continue
+        records = train()
+        writer.write(records)
+        done[label] = records
+        partial.save({"arms": done})
+        log(f"{label}: {len(records)} runs, {sum(r['wall_seconds'] for r in records):.0f} s")
+    return [r for records in done.values() for r in records], partial
 
 
 def to_jsonable(value):

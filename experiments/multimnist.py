@@ -120,21 +120,24 @@ def run(args) -> dict:
     log = common.Log()
     seeds = list(range(common.num_seeds(args, 2, 3, 5)))
     base = base_config(args.size, args.source, args.data_dir)
-    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=False)
-    command, records = common.command_line(), []
+    command = common.command_line()
     arms = ([(f"{SINGLE_TASK}:{task}", {"row": SINGLE_TASK, "task": task},
               seed_runs.single_task_config(base, task)) for task in base.tasks]
             + [(key, {"row": key}, row_config(base, ROWS[key]))
                for key in (TINY_ROWS if args.size == "tiny" else ROWS)])
-    for arm, coordinates, config in arms:
+
+    def train(arm: str, coordinates: dict, config) -> list[dict]:
         runs = seed_runs.train_seeds(config, seeds, splits=SPLITS)
-        arm_records = [_record(args.size, arm, coordinates, seed, runs, r, config, command)
-                       for r, seed in enumerate(seeds)]
-        writer.write(arm_records)
-        records += arm_records
         log(f"{arm:32s} " + "  ".join(f"{t} {stats.interval(runs.metric(f'{t}/accuracy')).format(3)}"
-                                      for t in config.tasks) + f" ({runs.wall_seconds:.0f} s)")
-    return common.write_archived_outputs(args, NAME, records, summarize, report, plot, log)
+                                      for t in config.tasks))
+        return [_record(args.size, arm, coordinates, seed, runs, r, config, command) for r, seed in enumerate(seeds)]
+
+    records, partial = common.train_arms(
+        args, NAME, {"size": args.size, "seeds": seeds, "source": args.source, "data_dir": args.data_dir},
+        [(arm, lambda a=(arm, coordinates, config): train(*a)) for arm, coordinates, config in arms], log)
+    outcome = common.write_archived_outputs(args, NAME, records, summarize, report, plot, log)
+    partial.discard()
+    return outcome
 
 
 def _record(size: str, arm: str, coordinates: dict, seed: int, runs, r: int, config, command: str) -> dict:

@@ -113,19 +113,22 @@ def run(args) -> dict:
     log = common.Log()
     seeds = list(range(common.num_seeds(args, 2, 3, 5)))
     datasets = ("multidigits",) if args.size == "tiny" else DATASETS
-    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=False)
-    command, records = common.command_line(), []
-    for dataset in datasets:
-        for arm, coordinates, config in dataset_arms(args.size, dataset):
-            runs = seed_runs.train_seeds(config, seeds, splits=SPLITS)
-            arm_records = [_record(args.size, arm, coordinates, seed, runs, r, config, command)
-                           for r, seed in enumerate(seeds)]
-            writer.write(arm_records)
-            records += arm_records
-            log(f"{arm:40s} " + "  ".join(
-                f"{t} {stats.interval(runs.metric(f'{t}/{summary_metric(tasks_lib.get(t))}')).format(3)}"
-                for t in config.tasks) + f" ({runs.wall_seconds:.0f} s)")
-    return common.write_archived_outputs(args, NAME, records, summarize, report, plot, log)
+    command = common.command_line()
+
+    def train(arm: str, coordinates: dict, config) -> list[dict]:
+        runs = seed_runs.train_seeds(config, seeds, splits=SPLITS)
+        log(f"{arm:40s} " + "  ".join(
+            f"{t} {stats.interval(runs.metric(f'{t}/{summary_metric(tasks_lib.get(t))}')).format(3)}"
+            for t in config.tasks))
+        return [_record(args.size, arm, coordinates, seed, runs, r, config, command) for r, seed in enumerate(seeds)]
+
+    records, partial = common.train_arms(
+        args, NAME, {"size": args.size, "seeds": seeds, "datasets": datasets},
+        [(arm, lambda a=(arm, coordinates, config): train(*a))
+         for dataset in datasets for arm, coordinates, config in dataset_arms(args.size, dataset)], log)
+    outcome = common.write_archived_outputs(args, NAME, records, summarize, report, plot, log)
+    partial.discard()
+    return outcome
 
 
 def _record(size: str, arm: str, coordinates: dict, seed: int, runs, r: int, config, command: str) -> dict:

@@ -240,22 +240,11 @@ def run(args) -> dict:
     log = common.Log()
     parts = PARTS if args.part == "all" else (args.part,)
     arms = [arm for part in parts for arm in ARMS[part](args.size)]
-    partial = common.PartialResults(args.workdir, {"size": args.size, "parts": parts})
-    done = partial.load().get("arms", {})
-    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=bool(done),
-                               owns=parts_folders(parts))
-    if done:
-        log(f"resuming from {partial.path}: {len(done)} arms finished")
     command = common.command_line()
-    for arm in arms:
-        if arm.label in done:
-            continue
-        records = train_arm(arm, args.size, command)
-        writer.write(records)
-        done[arm.label] = records
-        partial.save({"arms": done})
-        log(f"{arm.label}: {len(records)} runs, {sum(r['wall_seconds'] for r in records):.0f} s")
-    records = [r for arm_records in done.values() for r in arm_records]
+    records, partial = common.train_arms(
+        args, NAME, {"size": args.size, "parts": parts},
+        [(arm.label, lambda arm=arm: train_arm(arm, args.size, command)) for arm in arms], log,
+        owns=parts_folders(parts))
     plot(_chosen(records), args.workdir)
     common.write_outputs(args.workdir, NAME, args, report(records), {"parts": list(parts)}, log,
                          header=f"Archived runs: {args.workdir}/runs.", spread="mean ± 95% t-interval over seeds")

@@ -206,23 +206,12 @@ def run(args) -> dict:
     methods = (list(common.pick(args.size, TINY_METHODS, QUICK_METHODS, ZOO)) if args.methods == "all"
                else args.methods.split(","))
     learning_rates = LEARNING_RATES[args.size]
-    partial = common.PartialResults(args.workdir, {"size": args.size, "seeds": seeds, "methods": methods,
-                                                   "learning_rates": learning_rates})
-    done = partial.load().get("arms", {})
-    writer = archive.RunWriter(args.workdir, NAME, args.size, args.archive, resumed=bool(done))
-    if done:
-        log(f"resuming from {partial.path}: {len(done)} arms finished")
     command = common.command_line()
-    for arm in arms(args.size, methods):
-        key = f"{arm.kind}:{arm.label}"
-        if key in done:
-            continue
-        records = train_arm(arm, seeds, learning_rates, args.size, command)
-        writer.write(records)
-        done[key] = records
-        partial.save({"arms": done})
-        log(f"{key}: {len(records)} runs, {sum(r['wall_seconds'] for r in records):.0f} s")
-    records = [r for arm_records in done.values() for r in arm_records]
+    identity = {"size": args.size, "seeds": seeds, "methods": methods, "learning_rates": learning_rates}
+    records, partial = common.train_arms(
+        args, NAME, identity, [(f"{arm.kind}:{arm.label}",
+                                lambda arm=arm: train_arm(arm, seeds, learning_rates, args.size, command))
+                               for arm in arms(args.size, methods)], log)
     summary = common.write_archived_outputs(args, NAME, records, summarize, report, plot, log, seeds=seeds,
                                             learning_rates=learning_rates)
     partial.discard()

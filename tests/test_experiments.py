@@ -413,3 +413,31 @@ def test_retrieval_widths_are_read_only_against_a_learned_single_task_reference(
         assert "**No smallest width is given" in text and "0.000 ± 0.025), so it is no reference" in text
         assert "| task_tokens | 32 |" not in text
     assert "| task_tokens | 2 | 0.200 ± 0.000 | 0.720 ± 0.050 |" in text
+
+
+def test_train_arms_resumes_an_interrupted_sweep_arm_by_arm(tmp_path):
+    """The finished arms of an interrupted attempt are read back, not retrained; another identity (a
+    changed command) starts afresh."""
+    import argparse
+    from experiments import common
+    args = argparse.Namespace(workdir=str(tmp_path), size="tiny", archive=False)
+    trained = []
+
+    def arm(label, interrupted=False):
+        def train():
+            trained.append(label)
+            if interrupted:
+                raise KeyboardInterrupt
+            return [{"arm": label, "seed": seed, "wall_seconds": 1.0} for seed in range(2)]
+        return label, train
+    log = common.Log()
+    with pytest.raises(KeyboardInterrupt):
+        common.train_arms(args, "demo", {"seeds": 2}, [arm("a"), arm("b", interrupted=True)], log)
+    records, partial = common.train_arms(args, "demo", {"seeds": 2}, [arm("a"), arm("b")], log)
+    assert trained == ["a", "b", "b"]
+    assert [(r["arm"], r["seed"]) for r in records] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["a", "b"]
+    common.train_arms(args, "demo", {"seeds": 3}, [arm("a")], log)
+    assert trained == ["a", "b", "b", "a"]
+    partial.discard()
+    assert not (tmp_path / "results.partial.json").exists()
