@@ -29,6 +29,9 @@ its absolute accuracies are not comparable with the papers' (MNIST, 36x36 resize
 orderings are what can be compared. ``--source multimnist`` switches to the TFDS source
 (`configs/multimnist.py`: 28x28, patch 4) and needs ``tfds build mnist``; it was not run here.
 
+An interrupted run resumes when the same command is run again: the finished models are read back
+from ``WORKDIR/runs`` through ``results.partial.json`` (`experiments.common.train_arms`).
+
 Cost (multidigits). full: 10 models x 5 seeds x 1500 steps (d_model 64, 2 layers, batch 128): about
 55-65 minutes on 2 CPU cores (3081 s measured for 9 of them, before the validation split was scored
 too, which adds a few seconds per model). ``--quick``: 3 seeds x 500 steps (d_model 32, 1 layer,

@@ -30,6 +30,9 @@ vs + task encoder, + task-MoE FFN vs + task attention) on the paired differences
 task-attention map (eval mean on test, rows: task i's attention over tasks j, seed mean) is plotted in
 ``task_attention_<dataset>.png``.
 
+An interrupted run resumes when the same command is run again: the finished models are read back
+from ``WORKDIR/runs`` through ``results.partial.json`` (`experiments.common.train_arms`).
+
 Cost. full: 2 datasets x (T single-task + 4 multi-task models), 5 seeds x 1500 steps (d_model 64, 2
 layers): about 45-70 minutes on 2 CPU cores. ``--quick``: 3 seeds, 300 steps (seqtasks) / 500 steps
 (multidigits), d_model 32, 1 layer: about 2-4 minutes. ``--tiny`` runs multidigits only.

@@ -33,6 +33,9 @@ Every arm is trained at each learning rate of a small grid, 5 seeds each (one vm
 test split is reported once. Runs are archived (`experiments.archive`) and `report` renders the tables
 from the records alone.
 
+An interrupted run resumes when the same command is run again: the finished models are read back
+from ``WORKDIR/runs`` through ``results.partial.json`` (`experiments.common.train_arms`).
+
 Cost. full: about 2 hours per part on 2 CPU cores (see `FULL_COST`); ``--quick``, a smoke check of
 each part: one readout cell (heavy overlap, width 32, one layer), retrieval at T = 2 and widths 8 and
 32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 200 steps (300 for
