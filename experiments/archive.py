@@ -76,10 +76,10 @@ class RunWriter:
     """
 
     def __init__(self, workdir: str, experiment: str, size: str, archive: bool, resumed: bool,
-                 archive_root: str = ARCHIVE, owns: Callable[[str], bool] = lambda arm_folder: True):
+                 archive_root: str | None = None, owns: Callable[[str], bool] = lambda arm_folder: True):
         self.folders = [workdir_lib.join(workdir, "runs")]
-        if archive:
-            folder = archive_dir(experiment, size, archive_root)
+        if archive:  # archive_root None: the module's ARCHIVE when the writer is made
+            folder = archive_dir(experiment, size, archive_root or ARCHIVE)
             if not resumed and os.path.isdir(folder):
                 for name in sorted(os.listdir(folder)):
                     if owns(name):

@@ -79,7 +79,6 @@ def test_full_plan_resumes_after_an_interruption_and_reports_bf16_against_f32(tm
     args = common.argparse.Namespace(workdir=str(tmp_path), size="full", seeds=0, archive=True)
     root = tmp_path / "archive"
     monkeypatch.setattr(archive, "ARCHIVE", str(root))
-    monkeypatch.setattr(archive.RunWriter.__init__, "__defaults__", (str(root),))
     calls = []
     monkeypatch.setattr(reference_runs, "train", fake_train(calls, stop_after=4))
     with pytest.raises(KeyboardInterrupt):
