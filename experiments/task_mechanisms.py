@@ -14,7 +14,8 @@ information for another task, and every task sat at ceiling. Each part below has
   same plus task attention (``task_tokens+attention``), the additive task encoder
   (``additive``: task features added to every position, one trunk pass per task, T times the trunk's
   FLOPs), its FLOP-matched control (``flop_matched``: the plain trunk with T times the layers), and one
-  single-task model per task; at several widths and depths, with test accuracy along training.
+  single-task model per task; on heavy overlap at widths 16 and 64 (one layer), with test accuracy
+  along training.
 - ``retrieval`` (`mtt_jax.data.retrieval`): under a width bottleneck a task-agnostic pooled state must
   hold every queried group's value (about V T dimensions), a task-conditioned one only its own group's
   (V). For T in the grid and widths from narrow to wide: the smallest width whose test accuracy reaches
@@ -28,15 +29,18 @@ information for another task, and every task sat at ceiling. Each part below has
   task's rows shuffled independently (``shuffle_rows``), where the all-view accuracy equals the
   own-view one, so a real cross-task gain must vanish.
 
-Every arm is trained at each learning rate of a small grid, 5 seeds each (one vmapped program per arm,
+Every arm is trained with 5 seeds at each learning rate of a small grid (one vmapped program per arm,
 `mtt_jax.seed_runs`), and keeps the rate whose mean validation accuracy (over tasks) is highest; the
-test split is reported once. Runs are archived (`experiments.archive`) and `report` renders the tables
+test split is reported once. The grid is 1e-3 and 3e-3, except in retrieval, whose 52 arms all train
+at 2e-3. Runs are archived (`experiments.archive`) and `report` renders the tables
 from the records alone.
 
 An interrupted run resumes when the same command is run again: the finished models are read back
 from ``WORKDIR/runs`` through ``results.partial.json`` (`experiments.common.train_arms`).
 
-Cost. full: about 2 hours per part on 2 CPU cores (see `FULL_COST`); ``--quick``, a smoke check of
+Cost. full: under 2 hours per part on 2 CPU cores (`FULL_COST`). To fit, the grid first planned was
+cut: no depth-2 or standard-overlap readout cells, no width 128 or second learning rate in retrieval,
+width 32 in multiview. ``--quick``, a smoke check of
 each part: one readout cell (heavy overlap, width 32, one layer), retrieval at T = 2 and widths 8 and
 32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 200 steps (300 for
 retrieval, whose single-task reference learns nothing in 200): 78 runs, about 9 CPU-minutes, so under
@@ -59,8 +63,9 @@ from mtt_jax.run import config_check
 
 NAME = "task_mechanisms"
 PARTS = ("readout", "retrieval", "multiview")
-FULL_COST = ("about 2 hours per part on 2 CPU cores (readout: 32 arms; retrieval: 65 arms; multiview: 16 "
-             "arms; 5 seeds x 2 learning rates each).")
+FULL_COST = ("under 2 hours per part on 2 CPU cores: readout 16 arms x 10 runs, about 1.5-2 hours; retrieval "
+             "52 arms x 5 runs, about 8000 CPU-s (70 minutes); multiview 12 arms x 10 runs, about 2500 "
+             "CPU-s (20 minutes); estimated from 100- and 300-step probes of the costliest arms.")
 EVALS_ALONG_THE_CURVE = 5
 
 READOUT_MODELS = {
@@ -92,16 +97,19 @@ def grid(size: str) -> dict:
     """Every size-dependent choice in one place."""
     return {
         "seeds": common.pick(size, 2, 3, 5),
-        "learning_rates": common.pick(size, (2e-3,), (2e-3,), (1e-3, 3e-3)),
+        # full: retrieval's 52 arms train at one rate, the other parts' arms keep the better of two on
+        # validation (the cost cut, see FULL_COST)
+        "learning_rates": {"readout": common.pick(size, (2e-3,), (2e-3,), (1e-3, 3e-3)),
+                           "retrieval": (2e-3,),
+                           "multiview": common.pick(size, (2e-3,), (2e-3,), (1e-3, 3e-3))},
         "readout_cells": common.pick(size, (("heavy", 16, 1),), (("heavy", 32, 1),),
-                                     (("heavy", 16, 1), ("heavy", 64, 1), ("heavy", 64, 2),
-                                      ("standard", 64, 2))),
+                                     (("heavy", 16, 1), ("heavy", 64, 1))),
         "readout_steps": common.pick(size, 20, 200, 1000),
         "retrieval_tasks": common.pick(size, (2,), (2,), (2, 4, 8)),
-        "retrieval_widths": common.pick(size, (8,), (8, 32), (8, 16, 32, 64, 128)),
+        "retrieval_widths": common.pick(size, (8,), (8, 32), (8, 16, 32, 64)),
         "retrieval_steps": common.pick(size, 20, 300, 1000),
         "multiview_steps": common.pick(size, 20, 200, 1000),
-        "width": common.pick(size, 16, 32, 64),
+        "multiview_width": common.pick(size, 16, 32, 32),
         # --tiny (the tests): a corner of each part, to check the pipeline in seconds
         "readout_models": common.pick(size, ("mean_pool", "additive"), tuple(READOUT_MODELS),
                                       tuple(READOUT_MODELS)),
@@ -175,7 +183,7 @@ def _retrieval_config(size: str, num_tasks: int):
     c.tasks = tuple(f"retrieve_{t}" for t in range(num_tasks))
     c.data.options.num_eval_examples = common.pick(size, 64, 512, 2048)
     c.eval_batch_size = c.data.options.num_eval_examples
-    c.batch_size = common.pick(size, 16, 64, 128)
+    c.batch_size = common.pick(size, 16, 64, 64)
     _shorten(c, size, grid(size)["retrieval_steps"])
     return c
 
@@ -186,17 +194,17 @@ def multiview_arms(size: str) -> list[Arm]:
         base = multiview_config.get_config("shuffled" if shuffled else "")
         base.data.options.num_eval_examples = common.pick(size, 64, 512, 2048)
         base.eval_batch_size = base.data.options.num_eval_examples
-        base.batch_size = common.pick(size, 8, 32, 64)
+        base.batch_size = common.pick(size, 8, 32, 32)
         _shorten(base, size, g["multiview_steps"])
         rows = "shuffled" if shuffled else "aligned"
         for model in g["multiview_models"] if not shuffled or size != "tiny" else ("aligned",):
             c = base.copy_and_resolve_references()
-            _set_model(c, MULTIVIEW_MODELS[model], g["width"], 1)
+            _set_model(c, MULTIVIEW_MODELS[model], g["multiview_width"], 1)
             arms.append(Arm("multiview", f"multiview:{rows}:{model}", {"rows": rows, "model": model}, c))
         if not shuffled and g["single_task"]:  # one view only: shuffling the others' rows changes nothing
             for task in base.tasks:
                 c = seed_runs.single_task_config(base, task)
-                _set_model(c, {}, g["width"], 1)
+                _set_model(c, {}, g["multiview_width"], 1)
                 arms.append(Arm("multiview", f"multiview:single:{task}",
                                 {"rows": rows, "model": "single_task", "task": task}, c))
     return arms
@@ -210,7 +218,7 @@ ARMS = {"readout": readout_arms, "retrieval": retrieval_arms, "multiview": multi
 def train_arm(arm: Arm, size: str, command: str) -> list[dict]:
     """Every (learning rate, seed) run of ``arm`` in one program; one record per run."""
     g = grid(size)
-    runs_grid = [(lr, seed) for lr in g["learning_rates"] for seed in range(g["seeds"])]
+    runs_grid = [(lr, seed) for lr in g["learning_rates"][arm.part] for seed in range(g["seeds"])]
     c = arm.config
     runs = seed_runs.train_seeds(c, [s for _, s in runs_grid], learning_rates=[lr for lr, _ in runs_grid],
                                  splits=("validation", "test"), baselines=True,
