@@ -276,3 +276,18 @@ def test_readme_main_job_quotes_the_archived_seed0_float32_run():
     assert walls == [f"{record['wall_seconds']:.0f}"]
     loads = re.findall(r"load average\s+([0-9.]+) at the start", section)
     assert loads == [f"{record['curves']['load_average_at_start']:.1f}"]
+
+
+def test_readme_zoo_summary_quotes_the_archived_full_zoo():
+    """The README's one-line summary of the weighting zoo gives the archived full run's two counts."""
+    import re
+
+    from experiments import weighting_zoo
+    verdict = weighting_zoo.verdict(weighting_zoo.summarize(archive.load("weighting_zoo", "full")))
+    (ew_better, methods), (scal_better, _) = [
+        (int(a), int(b)) for a, b in re.findall(r"\*\*(\d+) of (\d+) methods score higher", verdict)]
+    with open(os.path.join(archive.REPOSITORY, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    scalarization = "no method beats" if scal_better == 0 else f"{scal_better} of {methods} beat"
+    assert (f"the archived full run (RESULTS §5): {scalarization} the tuned scalarization, "
+            f"{ew_better} of {methods} beat tuned EW") in readme
