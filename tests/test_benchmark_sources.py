@@ -381,6 +381,25 @@ def test_multiview_exact_bayes_accuracies_agree_with_monte_carlo(reveal, view_le
         assert all(row["all"] == row["own"] for row in shuffled.values())
 
 
+def test_multiview_bayes_rule_on_held_out_rows_scores_near_the_exact_expectation():
+    rows = 20_000
+    exact = multiview.reference_accuracies()
+    aligned = data.make_source("multiview", VIEWS, seed=0, num_eval_examples=rows)
+    shuffled = data.make_source("multiview", VIEWS, seed=0, num_eval_examples=rows, shuffle_rows=True)
+    on_rows, on_shuffled = aligned.bayes_rule_accuracies("test"), shuffled.bayes_rule_accuracies("test")
+    for task in VIEWS:
+        for views in ("own", "all"):
+            standard_error = np.sqrt(exact[task][views] * (1 - exact[task][views]) / rows)
+            assert abs(on_rows[task][views] - exact[task][views]) < 4 * standard_error
+        # whole blocks: each task's shuffled rows are its aligned rows in another order
+        assert on_shuffled[task]["own"] == on_shuffled[task]["all"] == on_rows[task]["own"]
+    assert on_rows["view_blind"]["all"] > exact["view_blind"]["own"] + 0.5  # the others' views carry it
+    pair = data.make_source("multiview", ("view_class", "view_blind"), seed=0, num_eval_examples=rows)
+    tokens, labels = pair.held_out("test")
+    from_both = multiview.bayes_predictions("view_blind", multiview.posterior(tokens, (0.15, 0.0)))
+    assert pair.bayes_rule_accuracies("test")["view_blind"]["all"] == np.mean(from_both == labels["view_blind"])
+
+
 def test_multiview_exact_bayes_refuses_an_intractable_sum_in_one_line():
     with pytest.raises(ValueError) as error:
         multiview.bayes_accuracy("view_blind", (0.1, 0.2, 0.3, 0.0), 16, VIEWS)

@@ -222,6 +222,25 @@ class MultiView(base.Source):
             exact = {task: {**values, "all": values["own"]} for task, values in exact.items()}
         return {task: exact[task] for task in self.task_names}
 
+    def bayes_rule_accuracies(self, split: str = "test") -> dict[str, dict[str, float]]:
+        """``{task: {"own", "all"}}``: the accuracy of the Bayes rule (`bayes_predictions` of the exact
+        `posterior`) on held-out set ``split``, from the task's own view and from the views of every
+        requested task in the row (with ``shuffle_rows``, "all" is the own view's: the other rows are
+        other instances).
+
+        `reference_accuracies` are expectations over rows; a held-out set is one fixed draw shared by
+        every run seed, so a model's accuracy on it is compared with the Bayes rule's on the same rows.
+        """
+        tokens_TxNxL, labels = self.held_out(split)
+        reveal = [self.reveal[TASK_NAMES.index(task)] for task in self.task_names]
+        all_views = None if self.shuffle_rows else posterior(tokens_TxNxL, reveal)
+        accuracies = {}
+        for t, task in enumerate(self.task_names):
+            own = posterior(tokens_TxNxL[t:t + 1], reveal[t:t + 1])
+            score = lambda posterior_NxK: float(np.mean(bayes_predictions(task, posterior_NxK) == labels[task]))
+            accuracies[task] = {"own": score(own), "all": score(own if all_views is None else all_views)}
+        return accuracies
+
     def num_examples(self, split: str = "test") -> int:
         return self._num_held_out[base.check_split(split)]
 
