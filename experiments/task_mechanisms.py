@@ -39,8 +39,8 @@ from the records alone.
 An interrupted run resumes when the same command is run again: the finished models are read back
 from ``WORKDIR/runs`` through ``results.partial.json`` (`experiments.common.train_arms`).
 
-Cost. full: see `FULL_COST` (measured on a shared machine: readout about 4.5 hours, retrieval 2.2,
-multiview half an hour). To fit, the grid first planned was cut: no depth-2 or standard-overlap readout
+Cost. full: see `FULL_COST` (measured on a shared machine: readout about 4.5 hours, its first 13 of
+16 arms 62 minutes alone; retrieval 2.2 hours; multiview half an hour). To fit, the grid first planned was cut: no depth-2 or standard-overlap readout
 cells, no width 128 or second learning rate in retrieval, width 32 in multiview. ``--quick``, a smoke
 check of each part: one readout cell (heavy overlap, width 32, one layer), retrieval at T = 2 and widths 8 and
 32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 200 steps (300 for
@@ -65,8 +65,8 @@ from mtt_jax.run import config_check
 NAME = "task_mechanisms"
 PARTS = ("readout", "retrieval", "multiview")
 FULL_COST = ("measured on 2 CPU cores shared with 1-3 other jobs, wall time summed over each part's arms: "
-             "readout 16 arms x 10 runs, about 4.5 hours (over the 2-hour target; its quiet cost is not "
-             "measured); retrieval 52 arms x 5 runs, 2.2 hours (its last 40 arms 84 minutes, 115 CPU-minutes; "
+             "readout 16 arms x 10 runs, about 4.5 hours (alone on the machine, its first 13 arms took 62 "
+             "minutes; the other 3 arms, cheaper, were not timed alone); retrieval 52 arms x 5 runs, 2.2 hours (its last 40 arms 84 minutes, 115 CPU-minutes; "
              "one early arm took 28 minutes while paused for another job); multiview 12 arms x 10 runs, "
              "33 minutes.")
 EVALS_ALONG_THE_CURVE = 5
