@@ -40,12 +40,13 @@ An interrupted run resumes when the same command is run again: the finished mode
 from ``WORKDIR/runs`` through ``results.partial.json`` (`experiments.common.train_arms`).
 
 Cost. full: see `FULL_COST` (measured on a shared machine: readout about 4.5 hours, its first 13 of
-16 arms 62 minutes alone; retrieval 2.2 hours; multiview half an hour). To fit, the grid first planned was cut: no depth-2 or standard-overlap readout
-cells, no width 128 or second learning rate in retrieval, width 32 in multiview. ``--quick``, a smoke
-check of each part: one readout cell (heavy overlap, width 32, one layer), retrieval at T = 2 and widths 8 and
-32, multiview without the memory and pooled variants; 3 seeds, one learning rate, 200 steps (300 for
-retrieval, whose single-task reference learns nothing in 200): 78 runs, about 9 CPU-minutes, so under
-10 minutes on 2 cores (`--part` runs one).
+16 arms 62 minutes alone; retrieval 2.2 hours; multiview half an hour). To fit, the grid first planned
+was cut: no depth-2 or standard-overlap readout cells, no width 128 or second learning rate in
+retrieval, width 32 in multiview. ``--quick``, a smoke check of each part: one readout cell (heavy
+overlap, width 32, one layer), retrieval at T = 2 and widths 8 and 32, multiview without the memory
+and pooled variants; 3 seeds, one learning rate, 200 steps (300 for retrieval, whose single-task
+reference learns nothing in 200): 78 runs, about 9 CPU-minutes, so under 10 minutes on 2 cores
+(`--part` runs one).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ NAME = "task_mechanisms"
 PARTS = ("readout", "retrieval", "multiview")
 FULL_COST = ("measured on 2 CPU cores shared with 1-3 other jobs, wall time summed over each part's arms: "
              "readout 16 arms x 10 runs, about 4.5 hours (alone on the machine, its first 13 arms took 62 "
-             "minutes; the other 3 arms, cheaper, were not timed alone); retrieval 52 arms x 5 runs, 2.2 hours (its last 40 arms 84 minutes, 115 CPU-minutes; "
-             "one early arm took 28 minutes while paused for another job); multiview 12 arms x 10 runs, "
+             "minutes; the other 3 arms, cheaper, were not timed alone); retrieval 52 arms x 5 runs, 2.2 "
+             "hours (its last 40 arms 84 minutes, 115 CPU-minutes; one early arm took 28 minutes while paused for another job); multiview 12 arms x 10 runs, "
              "33 minutes.")
 EVALS_ALONG_THE_CURVE = 5
 
@@ -450,7 +451,6 @@ def multiview_report(arms: dict[str, list[dict]]) -> str:
     on_rows = _multiview_bayes_rule(some_runs)
     rows = []
     for rows_kind in ("aligned", "shuffled"):
-        reachable = {t: {**v, "all": v["own"]} if rows_kind == "shuffled" else v for t, v in on_rows.items()}
         models = list(MULTIVIEW_MODELS) + (["single_task"] if rows_kind == "aligned" else [])
         for model in models:
             runs = _single_task_runs(arms, "multiview:") if model == "single_task" else \
@@ -459,7 +459,8 @@ def multiview_report(arms: dict[str, list[dict]]) -> str:
                 continue
             cells = []
             for t in tasks:
-                share = [(a - reachable[t]["own"]) / (on_rows[t]["all"] - reachable[t]["own"])
+                own, all_views = on_rows[t]["own"], on_rows[t]["all"]  # shuffling keeps each task's own rows
+                share = [(a - own) / (all_views - own) if all_views > own else float("nan")
                          for a in _accuracies(runs, "test", t)]
                 cells.append(f"{stats.interval(_accuracies(runs, 'test', t)).format(3)} "
                              f"({stats.interval(share).format(2)})")
